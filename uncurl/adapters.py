@@ -1,0 +1,179 @@
+"""Where each MoE family keeps its router and experts: one declarative table.
+
+    uncurl families            # lists this table
+
+transformers 5 keeps the experts of a MoE block fused at run time (``experts.gate_up_proj
+[E, ...]``, ``experts.down_proj [E, ...]``, sometimes ``*_bias [E, ...]``) and the router as a
+module with an ``[E, H]`` weight (plus, for some families, per-expert buffers). Every per-expert
+tensor has the expert axis first, so merging and slicing are the same operation for every family:
+only *names* differ, and those names live here. Facts come from ``../shared/TRANSFORMERS_MOE.md``.
+
+Adding a family is one entry in ``ADAPTERS`` (defaults fit the common layout) with a ``tiny``
+config that builds a small random instance; the test suite enrols every entry automatically.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from torch import nn
+
+from .errors import UncurlError
+
+
+@dataclass(frozen=True)
+class MoEAdapter:
+    """How one model family lays out its MoE blocks (defaults: the common transformers-5 layout)."""
+
+    model_type: str
+    expert_count_key: str  # config key holding E (the canonical one, not an attribute_map alias)
+    top_k_key: str = "num_experts_per_tok"
+    router_attr: str = "gate"  # the router module, an attribute of the MoE block
+    experts_attr: str = "experts"  # the fused experts module, an attribute of the MoE block
+    router_tensors: tuple[str, ...] = ("weight",)  # router tensors with one row per expert
+    shared_attrs: tuple[str, ...] = ()  # parts of the block that are not routed: never touched
+    group_keys: tuple[str, str] | None = None  # (n_group, topk_group) for grouped routing
+    tiny: Mapping[str, Any] = field(default_factory=dict)  # overrides for a small random instance
+
+
+# Shared by every tiny instance: small enough for CPU tests, big enough to route meaningfully.
+TINY_BASE: dict[str, Any] = dict(
+    hidden_size=64,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_experts_per_tok=2,
+    vocab_size=320,
+    max_position_embeddings=512,
+    tie_word_embeddings=False,
+)
+
+ADAPTERS: dict[str, MoEAdapter] = {
+    a.model_type: a
+    for a in (
+        MoEAdapter("mixtral", "num_local_experts", tiny=dict(num_local_experts=8)),
+        MoEAdapter(
+            "qwen2_moe",
+            "num_experts",
+            shared_attrs=("shared_expert", "shared_expert_gate"),
+            tiny=dict(num_experts=8, moe_intermediate_size=32, shared_expert_intermediate_size=64),
+        ),
+        MoEAdapter("qwen3_moe", "num_experts", tiny=dict(num_experts=8, moe_intermediate_size=32)),
+        MoEAdapter("olmoe", "num_experts", tiny=dict(num_experts=8, intermediate_size=32)),
+        MoEAdapter(
+            "deepseek_v3",
+            "n_routed_experts",
+            router_tensors=("weight", "e_score_correction_bias"),
+            shared_attrs=("shared_experts",),
+            group_keys=("n_group", "topk_group"),
+            tiny=dict(
+                n_routed_experts=8, moe_intermediate_size=32, n_shared_experts=1,
+                n_group=2, topk_group=1, first_k_dense_replace=1, num_hidden_layers=3,
+                num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=16,
+                qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+            ),
+        ),
+        MoEAdapter(
+            "gpt_oss",
+            "num_local_experts",
+            router_attr="router",
+            router_tensors=("weight", "bias"),
+            tiny=dict(num_local_experts=8, head_dim=16, max_position_embeddings=131072),
+        ),
+    )
+}
+
+
+@dataclass
+class MoELayer:
+    """One MoE block found in a model."""
+
+    name: str  # module path of the block, e.g. "model.layers.1.mlp"
+    index: int  # decoder layer index
+    block: nn.Module
+    router: nn.Module
+    experts: nn.Module
+    num_experts: int
+
+
+def supported() -> str:
+    return ", ".join(sorted(ADAPTERS))
+
+
+def get_adapter(model_type: str) -> MoEAdapter:
+    """The adapter for a config's ``model_type``; an unknown family is a clear error."""
+    try:
+        return ADAPTERS[model_type]
+    except KeyError:
+        raise UncurlError(
+            f"model family {model_type!r} is not supported; supported families: {supported()}"
+        ) from None
+
+
+def expert_count(config, adapter: MoEAdapter) -> int:
+    return int(getattr(config, adapter.expert_count_key))
+
+
+def top_k(config, adapter: MoEAdapter) -> int:
+    return int(getattr(config, adapter.top_k_key))
+
+
+def routing_groups(config, adapter: MoEAdapter) -> tuple[int, int]:
+    """(n_group, topk_group) for grouped routers; (1, 1) for plain top-k routing."""
+    if adapter.group_keys is None:
+        return 1, 1
+    n_group, topk_group = (getattr(config, k, None) for k in adapter.group_keys)
+    return int(n_group or 1), int(topk_group or 1)
+
+
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+
+def find_moe_layers(model: nn.Module, adapter: MoEAdapter) -> list[MoELayer]:
+    """Every MoE block of ``model``: a module holding both the router and the fused experts."""
+    num_experts = expert_count(model.config, adapter)
+    layers = []
+    for name, module in model.named_modules():
+        router = getattr(module, adapter.router_attr, None)
+        experts = getattr(module, adapter.experts_attr, None)
+        if not isinstance(router, nn.Module) or not isinstance(experts, nn.Module):
+            continue
+        match = _LAYER_INDEX.search(f".{name}.")
+        layers.append(
+            MoELayer(
+                name=name,
+                index=int(match.group(1)) if match else len(layers),
+                block=module,
+                router=router,
+                experts=experts,
+                num_experts=num_experts,
+            )
+        )
+    if not layers:
+        raise UncurlError(
+            f"no MoE layers found in this {model.config.model_type!r} model (looked for modules "
+            f"with '.{adapter.router_attr}' and '.{adapter.experts_attr}'); is it a dense model?"
+        )
+    return layers
+
+
+def per_expert_names(layer: MoELayer, adapter: MoEAdapter) -> tuple[list[str], list[str]]:
+    """(expert tensor names, router tensor names) of one layer, as full state-dict keys.
+
+    Every one of them has the expert axis first; a tensor whose first axis is not E is a bug in
+    the adapter entry, so it is reported rather than silently skipped.
+    """
+    experts = [f"{layer.name}.{adapter.experts_attr}.{n}" for n in layer.experts.state_dict()]
+    router = [f"{layer.name}.{adapter.router_attr}.{n}" for n in adapter.router_tensors]
+    return experts, router
+
+
+def tiny_config(model_type: str, **overrides):
+    """A small random-instance config for ``model_type`` (tests, the demo, benchmarks)."""
+    from transformers import AutoConfig
+
+    adapter = get_adapter(model_type)
+    return AutoConfig.for_model(model_type, **{**TINY_BASE, **adapter.tiny, **overrides})

@@ -1,0 +1,121 @@
+"""Step 1: load a pretrained SMoE (Hub id, local folder, or a built-in tiny model) and its tokenizer.
+
+    uncurl prune --model builtin:mixtral ...      # a seeded random tiny Mixtral, no files needed
+    uncurl prune --model ./my-olmoe ...           # a local transformers folder
+    uncurl prune --model allenai/OLMoE-1B-7B-0924 # the Hub (set HF_HUB_OFFLINE=1 to fail fast offline)
+
+The family is checked from the config alone, before any weight is read.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .adapters import MoEAdapter, get_adapter, tiny_config
+from .errors import UncurlError
+
+log = logging.getLogger(__name__)
+
+BUILTIN_PREFIX = "builtin:"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Loaded:
+    model: torch.nn.Module
+    tokenizer: object
+    adapter: MoEAdapter
+    model_id: str
+    source: Path | None  # the local folder the model came from (never written to), if any
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks CUDA when present, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UncurlError(f"--device {device}: CUDA is not available on this machine; use cpu or auto")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise UncurlError(f"--device {device!r} is not one of auto, cpu, cuda, cuda:N")
+    return torch.device(device)
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer with no merges (256 symbols + eos + pad): no files, no training.
+
+    Used for built-in tiny models; any text round-trips.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|endoftext|>", "<pad>"])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<pad>")
+
+
+def build_tiny(model_type: str, seed: int = 0, **overrides):
+    """A seeded random tiny model of ``model_type`` with the byte tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = byte_tokenizer()
+    config = tiny_config(
+        model_type,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+        **overrides,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    return model.eval(), tokenizer
+
+
+def _config(model_id: str):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model_id)
+    except (OSError, ValueError) as err:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+        hint = (
+            "it is not a local folder and the Hugging Face Hub is unreachable"
+            + (" (HF_HUB_OFFLINE is set)" if offline else "")
+            + "; pass a local transformers folder, or builtin:<family> for a tiny random model"
+        )
+        raise UncurlError(f"cannot load model {model_id!r}: {hint}. ({type(err).__name__}: {err})".strip()) from None
+
+
+def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto", seed: int = 0) -> Loaded:
+    """Load ``model_id`` for inference (eval mode, no gradients) on ``device``."""
+    dev = resolve_device(device)
+    if dtype != "auto" and dtype not in DTYPES:
+        raise UncurlError(f"--dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    if model_id.startswith(BUILTIN_PREFIX):
+        model, tokenizer = build_tiny(get_adapter(model_id[len(BUILTIN_PREFIX):]).model_type, seed=seed)
+        if dtype != "auto":
+            model = model.to(DTYPES[dtype])
+        return Loaded(model.to(dev), tokenizer, get_adapter(model.config.model_type), model_id, None)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = _config(model_id)
+    adapter = get_adapter(config.model_type)  # unknown family fails here, before the weights
+    log.info("loading %s (%s) on %s", model_id, config.model_type, dev)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_id, dtype=DTYPES.get(dtype, "auto"), device_map=None
+    ).to(dev)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_id)
+    except (OSError, ValueError, TypeError) as err:
+        raise UncurlError(f"model {model_id!r} has no usable tokenizer: {err}") from None
+    source = Path(model_id).resolve() if Path(model_id).is_dir() else None
+    return Loaded(model.eval(), tokenizer, adapter, model_id, source)

@@ -1,0 +1,93 @@
+"""Step 4: turn each layer's plan into physically fewer experts, and the model into a K-expert model.
+
+Every per-expert tensor (the fused expert weights and biases, the router rows and per-expert
+router buffers such as ``bias`` or ``e_score_correction_bias``) has the expert axis first, so one
+operation serves all: new expert k = sum over members e of M[k, e] * old expert e, computed in
+float32 per group and cast back to the tensor's dtype. A singleton group with weight 1 is copied
+bit for bit, which is why ``--keep E`` reproduces the original model exactly.
+
+Router rows (documented choice): by default (``--router-rows mean``) a group's router row and
+per-expert router buffers are the *same* frequency-weighted mean as its experts, so every
+per-expert tensor follows one rule; ``--router-rows dominant`` instead keeps the row of the
+group's most-used member (MC-SMoE's choice), which preserves that expert's routing scale.
+
+The rewritten model is built on the ``meta`` device from the new config and takes the tensors by
+assignment: unchanged tensors (attention, embeddings, dense layers, shared experts) are shared,
+not copied, so no second full copy of the model is ever held.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from .adapters import MoEAdapter, find_moe_layers, per_expert_names
+from .cluster import LayerPlan
+
+
+def merge_tensor(t: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Rows of ``m`` [K, E] applied along the first axis of ``t`` [E, ...] -> [K, ...]."""
+    out = torch.empty((m.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
+    for k, row in enumerate(m):
+        members = torch.nonzero(row).flatten().tolist()
+        if len(members) == 1 and row[members[0]] == 1.0:
+            out[k] = t[members[0]]
+            continue
+        acc = torch.zeros(t.shape[1:], dtype=torch.float32 if t.dtype != torch.float64 else t.dtype, device=t.device)
+        for e in members:
+            acc.add_(t[e].to(acc.dtype), alpha=float(row[e]))
+        out[k] = acc.to(t.dtype)
+    return out
+
+
+def rewrite_model(
+    model,
+    adapter: MoEAdapter,
+    plans: dict[str, LayerPlan],
+    *,
+    router_rule: str = "mean",
+    top_k: int | None = None,
+):
+    """A new model with each MoE layer reduced per ``plans``; ``model`` itself is left unchanged."""
+    layers = find_moe_layers(model, adapter)
+    keep = {plans[layer.name].keep for layer in layers}
+    if len(keep) != 1:
+        raise ValueError(f"every MoE layer must keep the same number of experts, got {sorted(keep)}")
+    state = dict(model.state_dict())
+    for layer in layers:
+        plan = plans[layer.name]
+        experts_m = plan.matrix(layer.num_experts)
+        router_m = plan.matrix(layer.num_experts, router_rule)
+        expert_names, router_names = per_expert_names(layer, adapter)
+        for names, m in ((expert_names, experts_m), (router_names, router_m)):
+            for name in names:
+                if state[name].shape[0] != layer.num_experts:
+                    raise ValueError(f"{name} has shape {tuple(state[name].shape)}; expected experts first")
+                state[name] = merge_tensor(state[name], m.to(state[name].device))
+
+    config = copy.deepcopy(model.config)
+    setattr(config, adapter.expert_count_key, keep.pop())
+    if top_k is not None:
+        setattr(config, adapter.top_k_key, top_k)
+    with torch.device("meta"):
+        new = type(model)(config)
+    new.load_state_dict(state, assign=True, strict=True)
+    persistent = set(state)
+    for name, buf in model.named_buffers():  # non-persistent buffers (rotary tables) are not in state
+        if name not in persistent:
+            owner, _, attr = name.rpartition(".")
+            new.get_submodule(owner)._buffers[attr] = buf
+    if getattr(model, "generation_config", None) is not None:
+        new.generation_config = copy.deepcopy(model.generation_config)
+    return new.eval()
+
+
+def parameter_count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the distinct tensors in the state dict (tied weights counted once)."""
+    seen = {t.data_ptr(): t.numel() * t.element_size() for t in model.state_dict().values()}
+    return sum(seen.values())

@@ -1,0 +1,157 @@
+"""Step 6: the pruning report: ``report.json`` (machines), ``report.md`` (people), PNG plots.
+
+``report.json`` carries ``schema_version``; a field is only ever added under the same version.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+REPORT_SCHEMA = 1
+
+
+def versions() -> dict[str, str]:
+    import numpy
+    import sklearn
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {
+        "uncurl": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "numpy": numpy.__version__,
+        "scikit-learn": sklearn.__version__,
+        "platform": platform.platform(),
+    }
+
+
+class Timings(dict):
+    """Seconds per pipeline stage, in the order the stages ran."""
+
+    @contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[name] = round(self.get(name, 0.0) + time.perf_counter() - start, 4)
+
+
+def layer_entries(profile, plans) -> list[dict]:
+    """Per-layer usage statistics and the groups chosen for it."""
+    rows = []
+    for name, stats in profile.layers.items():
+        plan = plans[name]
+        rows.append(
+            {
+                "name": name,
+                "index": profile.layer_index[name],
+                "tokens": stats.tokens,
+                "usage_counts": [int(c) for c in stats.counts.tolist()],
+                "frequency": [round(f, 6) for f in stats.frequency.tolist()],
+                "routing_mass": [round(m, 4) for m in stats.mass.tolist()],
+                "groups": [list(g) for g in plan.groups],
+                "merge_weights": [[round(w, 6) for w in ws] for ws in plan.weights],
+                "dropped": sorted(set(range(stats.num_experts)) - {e for g in plan.groups for e in g}),
+            }
+        )
+    return sorted(rows, key=lambda r: r["index"])
+
+
+def write_report(report: dict, folder: Path) -> dict[str, str]:
+    """Write report.json, report.md and the plots into ``folder``; returns their file names."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {"json": "report.json", "markdown": "report.md"}
+    files.update(plots(report["layers"], folder))
+    report = {**report, "files": files}
+    (folder / files["json"]).write_text(json.dumps(report, indent=2) + "\n")
+    (folder / files["markdown"]).write_text(markdown(report))
+    return files
+
+
+def markdown(r: dict) -> str:
+    m, t = r["model"], r["task"]
+    lines = [
+        f"# uncurl report: {m['id']} on {t['name']}",
+        "",
+        f"`{r['command']}`",
+        "",
+        "| | before | after |",
+        "|---|---|---|",
+        f"| experts per MoE layer | {m['experts_before']} | {m['experts_after']} |",
+        f"| top-k | {m['top_k_before']} | {m['top_k_after']} |",
+        f"| parameters | {m['params_before']:,} | {m['params_after']:,} |",
+        f"| weight bytes | {m['bytes_before']:,} | {m['bytes_after']:,} |",
+        "",
+        f"Method **{r['method']}** (router rows: {r['router_rows']}), seed {r['seed']}, "
+        f"{t['calibration_examples']} calibration examples ({t['tokens']:,} tokens, "
+        f"fingerprint `{t['fingerprint']}`, source {t['source']}).",
+        "",
+        "## Per layer",
+        "",
+        "| layer | tokens | most used (share) | groups (merged experts) | dropped |",
+        "|---|---|---|---|---|",
+    ]
+    for layer in r["layers"]:
+        freq = layer["frequency"]
+        top = max(range(len(freq)), key=freq.__getitem__)
+        groups = " ".join("{" + ",".join(map(str, g)) + "}" for g in layer["groups"])
+        lines.append(
+            f"| {layer['index']} | {layer['tokens']:,} | {top} ({freq[top]:.1%}) | {groups} | "
+            f"{', '.join(map(str, layer['dropped'])) or '-'} |"
+        )
+    lines += ["", "## Timings (s)", "", " · ".join(f"{k} {v:.2f}" for k, v in r["timings_s"].items()), ""]
+    for key, name in (("usage_plot", "Expert usage"), ("groups_plot", "Groups")):
+        if key in r.get("files", {}):
+            lines += [f"![{name}]({r['files'][key]})", ""]
+    lines += ["## Versions", "", ", ".join(f"{k} {v}" for k, v in r["versions"].items()), ""]
+    return "\n".join(lines)
+
+
+def plots(layers: list[dict], folder: Path) -> dict[str, str]:
+    """Expert-usage heatmap and group-assignment map, one row per MoE layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    usage = np.array([layer["frequency"] for layer in layers])
+    assign = np.full(usage.shape, np.nan)
+    for row, layer in enumerate(layers):
+        for k, members in enumerate(layer["groups"]):
+            assign[row, members] = k
+    ticks = [str(layer["index"]) for layer in layers]
+    out = {}
+    for key, data, title, cmap, label in (
+        ("usage_plot", usage, "Share of top-k slots per expert", "viridis", "share"),
+        ("groups_plot", assign, "New expert each old expert joins (blank: dropped)", "tab20", "new expert"),
+    ):
+        fig, ax = plt.subplots(figsize=(max(4, 0.5 * usage.shape[1] + 2), max(2.5, 0.4 * len(layers) + 1.5)))
+        im = ax.imshow(data, aspect="auto", cmap=cmap, interpolation="nearest")
+        ax.set(title=title, xlabel="expert", ylabel="layer", yticks=range(len(ticks)), yticklabels=ticks,
+               xticks=range(usage.shape[1]))
+        if key == "groups_plot" and usage.size <= 2048:  # label each cell with its new expert
+            for (row, col), k in np.ndenumerate(data):
+                if not np.isnan(k):
+                    ax.text(col, row, int(k), ha="center", va="center", fontsize=7)
+        fig.colorbar(im, ax=ax, label=label)
+        fig.tight_layout()
+        name = f"{key.removesuffix('_plot')}.png"
+        fig.savefig(folder / name, dpi=110)
+        plt.close(fig)
+        out[key] = name
+    return out
+
+
+def command_line() -> str:
+    return " ".join(["uncurl", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith("uncurl") else " ".join(sys.argv)
