@@ -207,7 +207,7 @@ def tasks():
     for col in ("task", "choices", "hub dataset", "local files (under --data-dir)", "description"):
         table.add_column(col)
     for t in describe_tasks():
-        table.add_row(t["name"], str(t["choices"]), str(t["hub"]), "\n".join(t["local_files"].values()), t["description"])
+        table.add_row(t["name"], str(t["choices"]), str(t["hub"]), "\n".join(dict.fromkeys(t["local_files"].values())), t["description"])
     Console().print(table)
 
 

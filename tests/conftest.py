@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny random models per registered family, the real task data, no network."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from uncurl.adapters import ADAPTERS  # noqa: E402
+from uncurl.load import build_tiny  # noqa: E402
+
+DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+FAMILIES = sorted(ADAPTERS)
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not (DATA_DIR / "superglue" / "rte" / "train.jsonl").is_file():
+        pytest.skip(f"real task data not found at {DATA_DIR}")
+    return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory):
+    """family -> a saved tiny model folder (built once per session, seed 0)."""
+    root = tmp_path_factory.mktemp("tiny")
+    cache = {}
+
+    def get(family: str) -> Path:
+        if family not in cache:
+            model, tok = build_tiny(family, seed=0)
+            path = root / family
+            model.save_pretrained(path)
+            tok.save_pretrained(path)
+            cache[family] = path
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture
+def ids():
+    """A fixed batch of token ids valid for every tiny model (byte tokenizer)."""
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 256, (2, 12), generator=g)
+
+
+@pytest.fixture
+def texts():
+    return [
+        "The cat sat on the mat.\nQuestion: A cat sat. True or False?\nAnswer: True",
+        "Paris is in France.",
+        "No weapons were found.\nQuestion: Weapons were found. True or False?\nAnswer: False",
+        "Short.",
+        "A somewhat longer sentence about mixtures of experts and their routers, for padding.",
+    ]

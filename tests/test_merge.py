@@ -1,0 +1,114 @@
+"""Merging: hand-computed weighted averages, exact selection, router rows, identical experts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from uncurl.adapters import ADAPTERS, find_moe_layers, per_expert_names
+from uncurl.cluster import LayerPlan
+from uncurl.load import build_tiny
+from uncurl.merge import merge_tensor, rewrite_model
+
+
+def test_merge_tensor_equals_hand_computed_weighted_average():
+    t = torch.randn(4, 3, 5)
+    plan = LayerPlan(groups=((0, 2), (1,), (3,)), weights=((0.25, 0.75), (1.0,), (1.0,)))
+    out = merge_tensor(t, plan.matrix(4))
+    assert out.shape == (3, 3, 5)
+    torch.testing.assert_close(out[0], 0.25 * t[0] + 0.75 * t[2])
+    assert torch.equal(out[1], t[1]) and torch.equal(out[2], t[3])  # singletons: bit for bit
+
+
+def test_merge_tensor_bf16_is_computed_in_fp32():
+    t = torch.randn(3, 64).to(torch.bfloat16)
+    m = torch.tensor([[1 / 3, 1 / 3, 1 / 3]], dtype=torch.float64)
+    expected = (t.float().sum(0) / 3).to(torch.bfloat16)
+    out = merge_tensor(t, m)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out[0], expected)
+
+
+def test_identical_experts_merge_to_that_expert():
+    row = torch.randn(7, 9)
+    t = row.expand(5, 7, 9).clone()
+    plan = LayerPlan(groups=((0, 1, 2, 3, 4),), weights=((0.1, 0.2, 0.3, 0.15, 0.25),))
+    torch.testing.assert_close(merge_tensor(t, plan.matrix(5))[0], row, rtol=0, atol=1e-6)
+
+
+def test_router_rule_matrices():
+    plan = LayerPlan(groups=((0, 3), (1, 2)), weights=((0.4, 0.6), (0.5, 0.5)))
+    mean = plan.matrix(4)
+    assert mean.tolist() == [[0.4, 0, 0, 0.6], [0, 0.5, 0.5, 0]]
+    dom = plan.matrix(4, "dominant")
+    assert dom.tolist() == [[0, 0, 0, 1], [0, 1, 0, 0]]  # tie -> lowest index
+
+
+@pytest.mark.parametrize("family", sorted(ADAPTERS))
+@pytest.mark.parametrize("rule", ["mean", "dominant"])
+def test_rewrite_applies_the_documented_functions(family, rule):
+    model, _ = build_tiny(family, seed=0)
+    adapter = ADAPTERS[family]
+    layers = find_moe_layers(model, adapter)
+    e = layers[0].num_experts
+    half = e // 2
+    groups = tuple((i, i + 1) for i in range(0, e, 2))  # pairs stay inside routing groups
+    weights = tuple((0.3, 0.7) for _ in groups)
+    plans = {layer.name: LayerPlan(groups, weights) for layer in layers}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    new = rewrite_model(model, adapter, plans, router_rule=rule)
+
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "input model was modified"
+    state = new.state_dict()
+    for layer in layers:
+        expert_names, router_names = per_expert_names(layer, adapter)
+        assert expert_names and set(router_names) >= {f"{layer.name}.{adapter.router_attr}.weight"}
+        for name in expert_names:
+            old = before[name]
+            want = torch.stack([0.3 * old[i] + 0.7 * old[i + 1] for i in range(0, e, 2)])
+            torch.testing.assert_close(state[name], want)
+        for name in router_names:
+            old = before[name]
+            if rule == "mean":
+                want = torch.stack([0.3 * old[i] + 0.7 * old[i + 1] for i in range(0, e, 2)])
+            else:
+                want = old[1::2]  # the heavier member of each pair
+            torch.testing.assert_close(state[name], want)
+            assert state[name].shape[0] == half
+    assert getattr(new.config, adapter.expert_count_key) == half
+
+
+def test_merging_identical_experts_leaves_outputs_unchanged(ids):
+    """Mixtral normalises its top-k weights, so a layer whose experts are all equal computes that
+    expert whatever the routing: merging any groups of them must not change the logits."""
+    model, _ = build_tiny("mixtral", seed=0)
+    adapter = ADAPTERS["mixtral"]
+    layers = find_moe_layers(model, adapter)
+    with torch.no_grad():
+        for layer in layers:
+            for p in layer.experts.parameters():
+                p.copy_(p[0:1].expand_as(p))
+    ref = model(ids).logits
+    plans = {layer.name: LayerPlan(((0, 3, 5), (1, 2), (4,), (6, 7)), ((0.2, 0.5, 0.3), (0.5, 0.5), (1.0,), (0.9, 0.1)))
+             for layer in layers}
+    new = rewrite_model(model, adapter, plans)
+    torch.testing.assert_close(new(ids).logits, ref, rtol=0, atol=1e-5)
+
+
+def test_keep_all_singletons_reproduces_logits_exactly(ids):
+    model, _ = build_tiny("olmoe", seed=0)
+    adapter = ADAPTERS["olmoe"]
+    layers = find_moe_layers(model, adapter)
+    plans = {layer.name: LayerPlan(tuple((i,) for i in range(8)), tuple((1.0,) for _ in range(8))) for layer in layers}
+    new = rewrite_model(model, adapter, plans)
+    assert torch.equal(new(ids).logits, model(ids).logits)
+
+
+def test_lower_top_k_is_written_to_config():
+    model, _ = build_tiny("qwen3_moe", seed=0)
+    adapter = ADAPTERS["qwen3_moe"]
+    layers = find_moe_layers(model, adapter)
+    plans = {layer.name: LayerPlan(((0,), (1,), (2,)), ((1.0,), (1.0,), (1.0,))) for layer in layers}
+    new = rewrite_model(model, adapter, plans, top_k=1)
+    assert new.config.num_experts_per_tok == 1 and new.config.num_experts == 3
+    assert find_moe_layers(new, adapter)[0].router.top_k == 1

@@ -1,0 +1,106 @@
+"""Profiling: online statistics equal a direct computation; padding is excluded; files round-trip."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from uncurl.adapters import ADAPTERS, find_moe_layers
+from uncurl.errors import UncurlError
+from uncurl.load import build_tiny
+from uncurl.profile import Profile, RouterStats, profile_model
+
+
+def test_online_stats_equal_direct_computation():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(300, 6, generator=g) * 2 + torch.arange(6.0)
+    weights = torch.rand(300, 2, generator=g)
+    idx = torch.stack([torch.randperm(6, generator=g)[:2] for _ in range(300)])
+    stats = RouterStats(6)
+    for lo in range(0, 300, 70):  # uneven chunks
+        stats.update(logits[lo : lo + 70], weights[lo : lo + 70], idx[lo : lo + 70])
+    assert stats.tokens == 300
+    assert stats.counts.tolist() == [float((idx == e).sum()) for e in range(6)]
+    np.testing.assert_allclose(stats.mass.numpy(), [float(weights[idx == e].sum()) for e in range(6)], rtol=1e-6)
+    np.testing.assert_allclose(stats.gram.numpy(), (logits.double().T @ logits.double()).numpy(), rtol=1e-9)
+    np.testing.assert_allclose(stats.correlation().numpy(), np.corrcoef(logits.double().numpy().T), atol=1e-9)
+    np.testing.assert_allclose(stats.frequency.sum().item(), 1.0)
+
+
+def test_hooks_see_the_routers_own_logits():
+    """Cross-check against transformers' output_router_logits on an unpadded batch."""
+    model, tok = build_tiny("mixtral", seed=0)
+    texts = ["twelve bytes", "other twelve"]  # equal lengths: no padding
+    ids = tok(texts, return_tensors="pt")["input_ids"]
+    layers = find_moe_layers(model, ADAPTERS["mixtral"])
+    with torch.no_grad():
+        ref = model(ids, output_router_logits=True).router_logits
+    stats = []
+    for layer, logits in zip(layers, ref):
+        s = RouterStats(8)
+        idx = logits.topk(2, dim=-1).indices
+        w = torch.softmax(logits, -1).gather(1, idx)
+        s.update(logits, w / w.sum(-1, keepdim=True), idx)
+        stats.append(s)
+    prof = profile_model(model, tok, ADAPTERS["mixtral"], texts, batch_size=2)
+    for layer, s in zip(layers, stats):
+        got = prof.layers[layer.name]
+        assert got.tokens == s.tokens == ids.numel()
+        assert torch.equal(got.counts, s.counts)
+        torch.testing.assert_close(got.gram, s.gram, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got.mass, s.mass, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "gpt_oss"])
+def test_padding_tokens_are_excluded(family, texts):
+    model, tok = build_tiny(family, seed=0)
+    adapter = ADAPTERS[family]
+    batched = profile_model(model, tok, adapter, texts, batch_size=5)
+    alone = profile_model(model, tok, adapter, texts, batch_size=1)
+    n_tokens = sum(len(tok(t)["input_ids"]) for t in texts)
+    for name, s in batched.layers.items():
+        assert s.tokens == alone.layers[name].tokens == n_tokens
+        assert torch.equal(s.counts, alone.layers[name].counts)
+        torch.testing.assert_close(s.gram, alone.layers[name].gram, rtol=1e-4, atol=1e-4)
+
+
+def test_profile_file_round_trip(tmp_path, texts):
+    model, tok = build_tiny("qwen2_moe", seed=0)
+    prof = profile_model(model, tok, ADAPTERS["qwen2_moe"], texts, meta={"model": "x", "task": {"name": "t"}})
+    path = prof.save(tmp_path / "p.safetensors")
+    back = Profile.load(path)
+    assert back.meta == {"model": "x", "task": {"name": "t"}}
+    assert back.layer_index == prof.layer_index
+    for name, s in prof.layers.items():
+        for f in ("counts", "mass", "logit_sum", "gram"):
+            assert torch.equal(getattr(back.layers[name], f), getattr(s, f))
+        assert back.layers[name].tokens == s.tokens
+
+
+def test_profile_load_errors(tmp_path):
+    with pytest.raises(UncurlError, match="no such file"):
+        Profile.load(tmp_path / "missing")
+    (tmp_path / "junk").write_text("not a profile")
+    with pytest.raises(UncurlError, match="not an uncurl profile"):
+        Profile.load(tmp_path / "junk")
+
+
+def test_empty_calibration_is_an_error():
+    model, tok = build_tiny("mixtral", seed=0)
+    with pytest.raises(UncurlError, match="no calibration text"):
+        profile_model(model, tok, ADAPTERS["mixtral"], [])
+
+
+def test_profile_on_real_rte_rows(data_dir):
+    from uncurl.tasks import get_task, load_examples
+
+    examples = load_examples(get_task("superglue-rte"), "calibration", data_dir, limit=12, seed=0)
+    model, tok = build_tiny("olmoe", seed=0)
+    texts = [e.text for e in examples]
+    prof = profile_model(model, tok, ADAPTERS["olmoe"], texts, batch_size=4, max_length=128)
+    expected_tokens = sum(min(len(tok(t)["input_ids"]), 128) for t in texts)
+    assert len(prof.layers) == 2
+    for s in prof.layers.values():
+        assert s.tokens == expected_tokens
+        assert s.counts.sum().item() == 2 * expected_tokens  # top-2: two slots per token
