@@ -21,12 +21,15 @@ def test_merge_tensor_equals_hand_computed_weighted_average():
 
 
 def test_merge_tensor_bf16_is_computed_in_fp32():
-    t = torch.randn(3, 64).to(torch.bfloat16)
+    t = torch.randn(3, 256).to(torch.bfloat16)
     m = torch.tensor([[1 / 3, 1 / 3, 1 / 3]], dtype=torch.float64)
-    expected = (t.float().sum(0) / 3).to(torch.bfloat16)
+    exact = t.double().mean(0)
     out = merge_tensor(t, m)
     assert out.dtype == torch.bfloat16
-    assert torch.equal(out[0], expected)
+    assert ((out[0].double() - exact).abs() <= exact.abs() * 2**-8).all()  # one rounding, to bf16
+    # bf16 arithmetic rounds after every step: its total error is clearly larger
+    in_bf16 = t[0] * (1 / 3) + t[1] * (1 / 3) + t[2] * (1 / 3)
+    assert (out[0].double() - exact).abs().sum() < 0.8 * (in_bf16.double() - exact).abs().sum()
 
 
 def test_identical_experts_merge_to_that_expert():
