@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import sys
 from typing import Annotated, Optional
 
 import typer
@@ -82,6 +81,20 @@ def _handled(fn):
     return wrapper
 
 
+def _command_line(ctx: typer.Context) -> str:
+    """The running command with every option spelled out (defaults included): rerunnable as is."""
+    import shlex
+
+    words = ["uncurl", ctx.info_name]
+    for name, value in ctx.params.items():
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            words.append(flag)
+        elif value not in (None, False):
+            words += [flag, shlex.quote(str(value))]
+    return " ".join(words)
+
+
 def _setup_logging(verbose: bool) -> None:
     from rich.logging import RichHandler
 
@@ -97,6 +110,7 @@ def _setup_logging(verbose: bool) -> None:
 @app.command()
 @_handled
 def prune(
+    ctx: typer.Context,
     model: Model = "builtin:mixtral",
     task: Task = "superglue-rte",
     keep: Annotated[int, typer.Option(
@@ -141,7 +155,7 @@ def prune(
     opts = PruneOptions(
         model=model, keep=keep, out=out, method=method, router_rows=router_rows, top_k=top_k, profile=profile,
         overwrite=overwrite, shard_size=shard_size, seed=seed, device=device, dtype=dtype, progress=err.is_terminal,
-        extra={"command": " ".join(["uncurl", *sys.argv[1:]])},
+        extra={"command": _command_line(ctx)},
         **_data_options(task, data_dir, samples, max_length, batch_size, template, choices, label_field),
     )
     result = run(opts)
