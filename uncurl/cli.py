@@ -46,8 +46,8 @@ DataDir = Annotated[Optional[str], typer.Option(
     help="Read tasks from local files laid out as ../shared/data instead of the Hub.")]
 Samples = Annotated[int, typer.Option(
     rich_help_panel=DATA, min=1,
-    help="Calibration examples to profile (a seeded random subset). 256 RTE examples is ~25k tokens: "
-         "enough for stable usage counts, minutes on a CPU for small models.")]
+    help="Calibration examples to profile: a seeded random subset of the task's calibration split "
+         "(all of it when smaller). Profiling time grows linearly with it; memory does not.")]
 MaxLength = Annotated[int, typer.Option(rich_help_panel=DATA, min=8, help="Truncate each example to this many tokens.")]
 BatchSize = Annotated[int, typer.Option(rich_help_panel=DATA, min=1, help="Examples per forward pass.")]
 Template = Annotated[Optional[str], typer.Option(
