@@ -205,11 +205,12 @@ class _progress:
     def __enter__(self):
         if not self.show:
             return lambda: None
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.bar = Progress(
             TextColumn("profiling routers"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-            transient=True,
+            transient=True, console=Console(stderr=True),  # stdout stays machine-readable
         )
         self.bar.__enter__()
         task = self.bar.add_task("profile", total=self.total)
