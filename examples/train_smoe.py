@@ -27,20 +27,16 @@ from pathlib import Path
 
 import torch
 
+from uncurl.tasks import split_corpus  # the held-out tail (CORPUS_HOLDOUT) is the corpus task's data
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data"
 DEFAULT_OUT = Path(os.environ.get("UNCURL_CACHE", Path.home() / ".cache" / "uncurl")) / "smoe-mixtral-8x"
-HOLDOUT = 0.02  # tail of each corpus file kept out of training
 TASKS = ("superglue-rte", "superglue-cb", "superglue-copa", "superglue-boolq")
 
 
 def corpus_files(data: Path) -> list[Path]:
     return sorted((data / "corpus").glob("*.txt"))
-
-
-def split_corpus(text: str) -> tuple[str, str]:
-    cut = int(len(text) * (1 - HOLDOUT))
-    return text[:cut], text[cut:]
 
 
 def training_texts(data: Path) -> list[str]:

@@ -11,15 +11,18 @@ import pytest
 
 from uncurl.errors import UncurlError
 from uncurl.tasks import (
+    CORPUS_HOLDOUT,
     DATA_DIR_ENV,
     TASKS,
     Example,
+    corpus_passages,
     custom_task,
     data_fingerprint,
     describe_tasks,
     get_task,
     load_examples,
     resolve_data_dir,
+    split_corpus,
 )
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -62,7 +65,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def test_registry_matches_expected_counts():
-    assert set(TASKS) == set(COUNTS)
+    assert set(TASKS) == set(COUNTS) | {"corpus"}  # corpus is text only: tested below
 
 
 @pytest.mark.parametrize("name", sorted(COUNTS))
@@ -146,6 +149,9 @@ def test_describe_tasks_lists_every_task():
     assert rte["choices"] == 2 and described["superglue-cb"]["choices"] == 3
     assert described["superglue-copa"]["choices"] == 2 and described["arc-easy"]["choices"] == "varies"
     assert "half" in described["arc-easy"]["description"]
+    corpus = described["corpus"]
+    assert corpus["hub"] == "" and corpus["choices"] == 0 and "loss" in corpus["description"]
+    assert set(corpus["local_files"].values()) == {"corpus/*.txt"}
 
 
 # --- label spellings and Hub row layouts ----------------------------------------------------
@@ -266,6 +272,79 @@ def test_resolve_data_dir(monkeypatch, tmp_path):
 def test_env_data_dir_is_used(monkeypatch, data_dir):
     monkeypatch.setenv(DATA_DIR_ENV, str(data_dir))
     assert len(load_examples(get_task("superglue-cb"), "evaluation")) == 56
+
+
+# --- the corpus task (held-out tail of corpus/*.txt) ----------------------------------------
+
+CORPUS_PASSAGES = 451  # pinned: the held-out tails of the 8 files in ../shared/data/corpus
+
+
+@pytest.fixture(scope="module")
+def corpus_splits(data_dir) -> list[tuple[str, str]]:
+    """(train, holdout) of every corpus file, read as the corpus task reads them."""
+    files = sorted((data_dir / "corpus").glob("*.txt"))
+    if not files:
+        pytest.skip(f"no corpus files in {data_dir / 'corpus'}")
+    return [split_corpus(f.read_text(encoding="utf-8", errors="replace")) for f in files]
+
+
+def test_split_corpus_cut_matches_holdout():
+    train, holdout = split_corpus("x" * 1000)
+    assert len(holdout) == 1000 * CORPUS_HOLDOUT == 20 and len(train) == 980
+    train, holdout = split_corpus("abc\n" * 333)
+    assert train + holdout == "abc\n" * 333 and len(train) == int(len("abc\n" * 333) * (1 - CORPUS_HOLDOUT))
+
+
+def test_corpus_passages_break_at_lines():
+    lines = [f"line {i} " + "w" * (i % 37) for i in range(300)]
+    text = "\n".join(lines) + "\n\n   \n"
+    passages = corpus_passages(text, size=200)
+    assert all(p and p == p.strip() and len(p) <= 200 and p in text for p in passages)
+    assert "\n".join(passages) == "\n".join(lines)  # nothing lost, nothing reordered, breaks at line ends
+    assert corpus_passages("short\n" + "L" * 50 + "\nend", size=10) == ["short", "L" * 50, "end"]
+    assert corpus_passages(" \n\n\t\n") == [] and corpus_passages("") == []
+
+
+def test_corpus_task_reads_held_out_tail(data_dir, corpus_splits):
+    task = get_task("corpus")
+    examples = load_examples(task, "calibration", data_dir)
+    assert len(examples) == CORPUS_PASSAGES
+    assert load_examples(task, "evaluation", data_dir) == examples  # both splits read all of it
+    assert all(e.choices == () and e.gold == -1 and e.text == e.prompt for e in examples)
+    assert all(e.prompt.strip() and (len(e.prompt) <= 1000 or "\n" not in e.prompt) for e in examples)
+    assert all(any(e.prompt in holdout for _, holdout in corpus_splits) for e in examples)
+    # held out: barely any passage occurs in a training part (2 duplicated reviews in movie_reviews)
+    in_train = sum(any(e.prompt in train for train, _ in corpus_splits) for e in examples)
+    assert in_train <= 2
+    expected = [p for _, holdout in corpus_splits for p in corpus_passages(holdout)]  # files by name
+    assert [e.prompt for e in examples] == expected
+
+
+def test_corpus_task_limit_and_seed(data_dir):
+    task = get_task("corpus")
+    full = load_examples(task, "calibration", data_dir)
+    a = load_examples(task, "calibration", data_dir, limit=16, seed=0)
+    assert len(a) == 16 and a == load_examples(task, "calibration", data_dir, limit=16, seed=0)
+    assert a != load_examples(task, "calibration", data_dir, limit=16, seed=1)
+    positions = [full.index(e) for e in a]
+    assert positions == sorted(positions)
+
+
+def test_corpus_task_needs_a_data_dir(tmp_path):
+    with pytest.raises(UncurlError, match=r"corpus.*--data-dir") as err:
+        load_examples(get_task("corpus"), "calibration")
+    assert DATA_DIR_ENV in str(err.value)
+    with pytest.raises(UncurlError, match=r"no files match .*corpus/\*\.txt"):
+        load_examples(get_task("corpus"), "calibration", tmp_path)
+
+
+def test_corpus_task_on_tiny_files(tmp_path):
+    (tmp_path / "corpus").mkdir()  # 11-character lines: the 2% tail is the last 2 (a) and 4 (b)
+    (tmp_path / "corpus" / "b.txt").write_text("".join(f"b line {i:03d}\n" for i in range(200)))
+    (tmp_path / "corpus" / "a.txt").write_text("".join(f"a line {i:03d}\n" for i in range(100)))
+    (tmp_path / "corpus" / "notes.md").write_text("not a corpus file")
+    examples = load_examples(get_task("corpus"), "evaluation", tmp_path)
+    assert [e.prompt for e in examples] == ["a line 098\na line 099", "b line 196\nb line 197\nb line 198\nb line 199"]
 
 
 # --- custom tasks ---------------------------------------------------------------------------

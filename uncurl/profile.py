@@ -183,7 +183,7 @@ def profile_model(
     device = next(model.parameters()).device
     n_batches = -(-len(texts) // batch_size)
     try:
-        with _progress(progress, n_batches) as advance:
+        with progress_bar(progress, n_batches, "profiling routers") as advance:
             for batch in batches(tokenizer, texts, batch_size=batch_size, max_length=max_length):
                 batch = batch.to(device)
                 recorder.mask = batch["attention_mask"].reshape(-1).bool()
@@ -196,11 +196,11 @@ def profile_model(
     return Profile(recorder.stats, index, dict(meta or {}))
 
 
-class _progress:
-    """A rich progress bar when asked for, a no-op otherwise."""
+class progress_bar:
+    """A rich progress bar (on stderr) when asked for, a no-op otherwise."""
 
-    def __init__(self, show: bool, total: int):
-        self.show, self.total, self.bar = show, total, None
+    def __init__(self, show: bool, total: int, label: str):
+        self.show, self.total, self.label, self.bar = show, total, label, None
 
     def __enter__(self):
         if not self.show:
@@ -209,7 +209,7 @@ class _progress:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.bar = Progress(
-            TextColumn("profiling routers"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+            TextColumn(self.label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
             transient=True, console=Console(stderr=True),  # stdout stays machine-readable
         )
         self.bar.__enter__()

@@ -5,12 +5,15 @@
 A task names where its rows live (a Hugging Face Hub dataset, and files under a local data dir
 laid out like ``../shared/data``) and how a row becomes an :class:`Example`: a ``str.format``
 template over the row's fields, the choices, and the label spellings. Odd preprocessing goes in
-one Python escape hatch, ``to_example``. Prompts follow lm-evaluation-harness.
+one Python escape hatch, ``to_example``; files that are not rows (plain text) in another,
+``read_local``. Prompts follow lm-evaluation-harness.
 
     load_examples(get_task("superglue-rte"), "calibration", "../shared/data", limit=128)
 
 With a data dir (``--data-dir DIR`` or ``$UNCURL_DATA_DIR``) rows come from local files;
-without one from ``datasets.load_dataset``.
+without one from ``datasets.load_dataset``. The ``corpus`` task (task-agnostic calibration) has no
+Hub copy: it reads the held-out tail of ``corpus/*.txt`` under the data dir, the text that
+``examples/train_smoe.py`` does not train on.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ log = logging.getLogger(__name__)
 DATA_DIR_ENV = "UNCURL_DATA_DIR"
 SPLITS = ("calibration", "evaluation")
 HALVES_SEED = 1234  # fixed on purpose: the calibration/evaluation halves must not move with --seed
+CORPUS_HOLDOUT = 0.02  # the tail of each corpus file that examples/train_smoe.py never trains on
 _SUPERGLUE_SPLITS = {"calibration": "train", "evaluation": "validation"}
 
 
@@ -67,6 +71,7 @@ class Task:
     to_example: Callable[[Mapping[str, Any]], Example] | None = None  # escape hatch
     n_choices: int | None = None  # for to_example tasks; None: varies by row
     halve_local: bool = False  # the local file holds one split: a fixed seeded half for each
+    read_local: Callable[[Path], list[dict[str, Any]]] | None = None  # escape hatch: local_files[split] -> rows
 
     def __post_init__(self) -> None:
         if (self.template is None) == (self.to_example is None):
@@ -158,6 +163,38 @@ def _multiple_choice(row: Mapping[str, Any]) -> Example:
     return Example(_field(row, "query").strip() + "\nAnswer:", choices, gold_index(_field(row, "gold"), choices))
 
 
+def split_corpus(text: str) -> tuple[str, str]:
+    """(train, holdout): the holdout is the last ``CORPUS_HOLDOUT`` of the characters."""
+    cut = int(len(text) * (1 - CORPUS_HOLDOUT))
+    return text[:cut], text[cut:]
+
+
+def corpus_passages(text: str, size: int = 1000) -> list[str]:
+    """``text`` in passages of about ``size`` characters, broken at line ends, stripped, blanks dropped.
+
+    Each passage is whole consecutive lines (longer than ``size`` only when one line is), so it
+    occurs verbatim in ``text``.
+    """
+    passages, current = [], ""
+    for line in text.splitlines(keepends=True):
+        if current and len(current) + len(line.rstrip()) > size:
+            passages.append(current)
+            current = ""
+        current += line
+    passages.append(current)
+    return [p.strip() for p in passages if p.strip()]
+
+
+def _corpus_rows(pattern: Path) -> list[dict[str, Any]]:
+    """``{"text": passage}`` rows from the held-out tail of every file matching ``pattern``, by file name."""
+    files = sorted(pattern.parent.glob(pattern.name))
+    if not files:
+        raise UncurlError(f"task corpus: no files match {pattern}; the data dir must be laid out like "
+                          f"../shared/data with corpus/*.txt under it")
+    return [{"text": passage} for path in files
+            for passage in corpus_passages(split_corpus(path.read_text(encoding="utf-8", errors="replace"))[1])]
+
+
 # --- the registry ---------------------------------------------------------------------------
 
 
@@ -196,6 +233,11 @@ TASKS: dict[str, Task] = {t.name: t for t in [
          **_mc("arc_challenge.jsonl", ("allenai/ai2_arc", "ARC-Challenge"), "train", "test", None)),
     Task("piqa", "PIQA: physical commonsense, pick the better of two solutions." + _HALVES,
          **_mc("piqa.jsonl", ("ybisk/piqa", None), "train", "validation", 2)),
+    Task("corpus", f"English corpus text (task-agnostic calibration; held-out tail of each ../shared/data "
+         f"corpus file, the last {CORPUS_HOLDOUT:.0%}, in ~1000-character passages; calibration and evaluation "
+         f"both read all of it); text only: evaluation gives loss, no accuracy",
+         hub=("", None), hub_splits={}, local_files=dict.fromkeys(SPLITS, "corpus/*.txt"),
+         template="{text}", read_local=_corpus_rows),
 ]}
 
 
@@ -263,7 +305,14 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
 
 
 def _local_rows(task: Task, split: str, data_dir: Path | None) -> tuple[list[dict[str, Any]], str]:
+    if data_dir is None and not Path(task.local_files[split]).is_absolute():
+        raise UncurlError(
+            f"task {task.name} has no Hugging Face Hub copy and reads {task.local_files[split]} under a data dir: "
+            f"pass --data-dir DIR (or set {DATA_DIR_ENV}=DIR), laid out like ../shared/data"
+        )
     path = (data_dir or Path()) / task.local_files[split]
+    if task.read_local is not None:
+        return task.read_local(path), str(path)
     if not path.is_file():
         raise UncurlError(
             f"task {task.name}: {split} file {path} does not exist; the data dir must be laid out like "
