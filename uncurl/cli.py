@@ -9,15 +9,17 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from .errors import UncurlError
+from .errors import EXIT_GATE, UncurlError
 
 app = typer.Typer(
     help=(
@@ -32,7 +34,7 @@ app = typer.Typer(
 )
 err = Console(stderr=True)
 
-MODEL, DATA, PRUNE, RUN = "Model", "Task data", "Pruning", "Run"
+MODEL, DATA, PRUNE, EVAL, RUN = "Model", "Task data", "Pruning", "Evaluation and gate", "Run"
 
 Model = Annotated[str, typer.Option(
     "--model", "-m", rich_help_panel=MODEL,
@@ -59,12 +61,35 @@ Seed = Annotated[int, typer.Option(rich_help_panel=RUN, help="Seed for sampling,
 Device = Annotated[str, typer.Option(rich_help_panel=RUN, help="auto (CUDA when present), cpu, cuda, cuda:N.")]
 Dtype = Annotated[str, typer.Option(rich_help_panel=RUN, help="auto (the checkpoint's own), float32, bfloat16, float16.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", rich_help_panel=RUN, help="Log each step.")]
+Json = Annotated[bool, typer.Option("--json", rich_help_panel=RUN,
+                                    help="Print a machine-readable summary on stdout (human output goes to stderr).")]
+EvalLimit = Annotated[Optional[int], typer.Option(
+    "--eval-limit", "--limit", rich_help_panel=EVAL, min=1,
+    help="Evaluation examples: a seeded subset of the evaluation split (default: all of it).")]
+Metric = Annotated[str, typer.Option(rich_help_panel=EVAL,
+                                     help="Metric a drop is measured on: acc, acc_norm (points of accuracy) or "
+                                          "loss (its increase in percent).")]
+CalibrateOn = Annotated[Optional[str], typer.Option(
+    rich_help_panel=DATA, help="Profile on another task's calibration split, e.g. corpus for task-agnostic "
+                               "calibration (default: --task itself).")]
 
 
-def _data_options(task, data_dir, samples, max_length, batch_size, template, choices, label_field) -> dict:
+def _data_options(task, data_dir, samples, max_length, batch_size, template, choices, label_field,
+                  calibrate_on=None) -> dict:
     return dict(task=task, data_dir=data_dir, samples=samples, max_length=max_length, batch_size=batch_size,
                 template=template, choices=tuple(c.strip() for c in choices.split(",")) if choices else None,
-                label_field=label_field)
+                label_field=label_field, calibrate_on=calibrate_on, progress=err.is_terminal)
+
+
+def _ints(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UncurlError(f"{flag} {text!r} must be comma-separated integers, e.g. 6,4,2") from None
+
+
+def _emit_json(payload: dict) -> None:
+    typer.echo(json.dumps(payload, indent=2, default=str))
 
 
 def _handled(fn):
@@ -140,9 +165,19 @@ def prune(
     template: Template = None,
     choices: Choices = None,
     label_field: LabelField = "label",
+    calibrate_on: CalibrateOn = None,
+    evaluate: Annotated[bool, typer.Option("--eval", rich_help_panel=EVAL,
+                                           help="Evaluate the task before and after pruning; both go in the report.")] = False,
+    eval_limit: EvalLimit = None,
+    metric: Metric = "acc",
+    max_drop: Annotated[Optional[float], typer.Option(
+        rich_help_panel=EVAL,
+        help="CI gate (implies --eval): exit 4 when --metric drops by more than this many points. "
+             "The checkpoint and report are still written.")] = None,
     seed: Seed = 0,
     device: Device = "auto",
     dtype: Dtype = "auto",
+    as_json: Json = False,
     verbose: Verbose = False,
 ):
     """Prune/merge a model's experts down to --keep per layer for one task, and write a report.
@@ -154,13 +189,25 @@ def prune(
     _setup_logging(verbose)
     opts = PruneOptions(
         model=model, keep=keep, out=out, method=method, router_rows=router_rows, top_k=top_k, profile=profile,
-        overwrite=overwrite, shard_size=shard_size, seed=seed, device=device, dtype=dtype, progress=err.is_terminal,
+        overwrite=overwrite, shard_size=shard_size, seed=seed, device=device, dtype=dtype,
+        eval=evaluate, eval_limit=eval_limit, metric=metric, max_drop=max_drop,
         extra={"command": _command_line(ctx)},
-        **_data_options(task, data_dir, samples, max_length, batch_size, template, choices, label_field),
+        **_data_options(task, data_dir, samples, max_length, batch_size, template, choices, label_field, calibrate_on),
     )
     result = run(opts)
     _summary(result.report)
-    typer.echo(str(result.out / "report" / "report.md"))
+    r = result.report
+    if as_json:
+        _emit_json({"output": r["output"], "report": str(result.out / "report" / "report.json"),
+                    "model": r["model"], "task": r["task"]["name"], "method": r["method"], "keep": r["keep"],
+                    "eval": r.get("eval"), "gate": r.get("gate"),
+                    "exit_code": 0 if result.gate_passed else EXIT_GATE})
+    else:
+        typer.echo(str(result.out / "report" / "report.md"))
+    if not result.gate_passed:
+        g = r["gate"]
+        err.print(f"[bold red]gate failed:[/] {g['metric']} dropped by {g['drop']} points (bound {g['max_drop']})")
+        raise typer.Exit(EXIT_GATE)
 
 
 def _summary(r: dict) -> None:
@@ -173,6 +220,13 @@ def _summary(r: dict) -> None:
     table.add_row("top-k", str(m["top_k_before"]), str(m["top_k_after"]))
     table.add_row("parameters", f"{m['params_before']:,}", f"{m['params_after']:,}")
     table.add_row("weight MB", f"{m['bytes_before'] / 1e6:.1f}", f"{m['bytes_after'] / 1e6:.1f}")
+    err.print(table)
+    if "eval" in r:
+        ev = r["eval"]
+        for metric in ("acc", "acc_norm", "loss"):
+            if metric in ev["before"]:
+                table.add_row(f"{ev['before']['task']} {metric}", f"{ev['before'][metric]:.4f}",
+                              f"{ev['after'][metric]:.4f}")
     err.print(table)
     err.print(f"{len(r['layers'])} MoE layers, {r['task']['tokens']:,} calibration tokens; "
               f"checkpoint reloaded and checked. Output: {r['output']}")
@@ -205,11 +259,114 @@ def profile_cmd(
 
     _setup_logging(verbose)
     opts = DataOptions(**_data_options(task, data_dir, samples, max_length, batch_size, template, choices, label_field))
-    opts.progress = err.is_terminal
     resolve_task(opts)
     loaded = load_model(model, device=device, dtype=dtype, seed=seed)
     path = run_profile(loaded, opts, seed).save(out)
     typer.echo(str(path))
+
+
+@app.command("eval")
+@_handled
+def eval_cmd(
+    model: Model = "builtin:mixtral",
+    task: Task = "superglue-rte",
+    data_dir: DataDir = None,
+    limit: EvalLimit = None,
+    max_length: Annotated[int, typer.Option(rich_help_panel=DATA, min=8,
+                                            help="Keep at most this many tokens of each sequence (from the right).")] = 1024,
+    batch_size: BatchSize = 8,
+    template: Template = None,
+    choices: Choices = None,
+    label_field: LabelField = "label",
+    seed: Seed = 0,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    as_json: Json = False,
+    verbose: Verbose = False,
+):
+    """Score a task's evaluation split as lm-evaluation-harness does: acc, acc_norm, loss, ppl.
+
+    Example: uncurl eval --model runs/k4 --task superglue-rte --data-dir ../shared/data --limit 200
+    """
+    from .load import load_model
+    from .pipeline import DataOptions, resolve_task, run_eval
+
+    _setup_logging(verbose)
+    opts = DataOptions(**_data_options(task, data_dir, 1, max_length, batch_size, template, choices, label_field))
+    resolve_task(opts)
+    loaded = load_model(model, device=device, dtype=dtype, seed=seed)
+    metrics = {"model": model, **run_eval(loaded.model, loaded.tokenizer, opts, limit, seed)}
+    if as_json:
+        _emit_json(metrics)
+    else:
+        typer.echo(" ".join(f"{k}={v}" for k, v in metrics.items()))
+
+
+@app.command("sweep")
+@_handled
+def sweep_cmd(
+    ctx: typer.Context,
+    model: Model = "builtin:mixtral",
+    task: Task = "superglue-rte",
+    keep: Annotated[str, typer.Option("--keep", "-k", rich_help_panel=PRUNE,
+                                      help="Comma-separated K values to try, e.g. 6,4,2.")] = "6,4,2",
+    method: Annotated[str, typer.Option(rich_help_panel=PRUNE,
+                                        help="Comma-separated methods: uncurl, frequency.")] = "uncurl,frequency",
+    out: Annotated[str, typer.Option("--out", "-o", rich_help_panel=PRUNE,
+                                     help="Output folder: sweep.json, sweep.md, sweep.png (+ checkpoints/).")] = "sweep",
+    router_rows: Annotated[str, typer.Option(rich_help_panel=PRUNE, help="mean or dominant (see prune).")] = "mean",
+    top_k: Annotated[Optional[int], typer.Option(rich_help_panel=PRUNE, help="Lower the router's top-k.")] = None,
+    profile: Annotated[Optional[str], typer.Option(rich_help_panel=PRUNE, help="Reuse a profile file.")] = None,
+    keep_checkpoints: Annotated[bool, typer.Option(rich_help_panel=PRUNE,
+                                                   help="Also save every pruned checkpoint (disk!).")] = False,
+    overwrite: Annotated[bool, typer.Option(rich_help_panel=PRUNE, help="Replace a non-empty --out.")] = False,
+    tolerance: Annotated[float, typer.Option(rich_help_panel=EVAL,
+                                             help="Largest acceptable drop in --metric, in points.")] = 1.0,
+    metric: Metric = "acc",
+    eval_limit: EvalLimit = None,
+    data_dir: DataDir = None,
+    samples: Samples = 256,
+    max_length: MaxLength = 512,
+    batch_size: BatchSize = 8,
+    template: Template = None,
+    choices: Choices = None,
+    label_field: LabelField = "label",
+    calibrate_on: CalibrateOn = None,
+    seed: Seed = 0,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    as_json: Json = False,
+    verbose: Verbose = False,
+):
+    """Profile once, then prune and evaluate every (method, K); name the threshold K per method.
+
+    Example: uncurl sweep --model DIR --task superglue-rte --keep 6,4,2 --method uncurl,frequency --data-dir ../shared/data
+    """
+    from .sweep import SweepOptions, sweep
+
+    _setup_logging(verbose)
+    opts = SweepOptions(
+        model=model, keeps=_ints(keep, "--keep"), methods=tuple(m.strip() for m in method.split(",") if m.strip()),
+        out=out, router_rows=router_rows, top_k=top_k, profile=profile, keep_checkpoints=keep_checkpoints,
+        overwrite=overwrite, tolerance=tolerance, metric=metric, eval_limit=eval_limit, seed=seed, device=device,
+        dtype=dtype, extra={"command": _command_line(ctx)},
+        **_data_options(task, data_dir, samples, max_length, batch_size, template, choices, label_field, calibrate_on),
+    )
+    s = sweep(opts)
+    table = Table(title=f"sweep: {model} on {s['unpruned']['task']} ({s['metric']})")
+    for col in ("method", "K", s["metric"], "loss", "drop"):
+        table.add_column(col, justify="right")
+    table.add_row("unpruned", str(s["unpruned"]["keep"]), str(s["unpruned"].get(s["metric"])),
+                  f"{s['unpruned']['loss']:.4f}", "-")
+    for r in s["results"]:
+        table.add_row(r["method"], str(r["keep"]), str(r.get(s["metric"])), f"{r['loss']:.4f}",
+                      str(r["drop"][s["metric"]]))
+    err.print(table)
+    err.print("threshold: " + ", ".join(f"{m} K={k}" for m, k in s["threshold"].items()))
+    if as_json:
+        _emit_json({k: s[k] for k in ("output", "metric", "tolerance", "threshold", "unpruned", "results")})
+    else:
+        typer.echo(str(Path(s["output"]) / "sweep.md"))
 
 
 @app.command()

@@ -5,6 +5,7 @@ Exit codes (documented in README):
   1  unexpected internal error (a bug: please report it)
   2  bad input: unknown family or task, --keep out of range, missing data, occupied --out, ...
   3  the written checkpoint failed its own checks (reload, keys, shapes, NaN/Inf, forward)
+  4  gate: the task metric dropped by more than --max-drop (the checkpoint and report are written)
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_BAD_INPUT = 2
 EXIT_CHECK_FAILED = 3
+EXIT_GATE = 4
 
 
 class UncurlError(Exception):

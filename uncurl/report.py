@@ -109,12 +109,29 @@ def markdown(r: dict) -> str:
             f"| {layer['index']} | {layer['tokens']:,} | {top} ({freq[top]:.1%}) | {groups} | "
             f"{', '.join(map(str, layer['dropped'])) or '-'} |"
         )
+    if "eval" in r:
+        lines += ["", "## Evaluation", "", eval_table(r["eval"])]
+    if "gate" in r:
+        g = r["gate"]
+        lines += ["", f"**Gate {'passed' if g['passed'] else 'FAILED'}**: {g['metric']} dropped by "
+                      f"{g['drop']} points (bound {g['max_drop']})."]
     lines += ["", "## Timings (s)", "", " · ".join(f"{k} {v:.2f}" for k, v in r["timings_s"].items()), ""]
     for key, name in (("usage_plot", "Expert usage"), ("groups_plot", "Groups")):
         if key in r.get("files", {}):
             lines += [f"![{name}]({r['files'][key]})", ""]
     lines += ["## Versions", "", ", ".join(f"{k} {v}" for k, v in r["versions"].items()), ""]
     return "\n".join(lines)
+
+
+def eval_table(ev: dict) -> str:
+    """Before/after/drop of each metric, as a Markdown table."""
+    before, after = ev["before"], ev["after"]
+    rows = [f"Task {before['task']}, {before['n']} evaluation examples (fingerprint `{before['fingerprint']}`).",
+            "", "| metric | before | after | drop (points) |", "|---|---|---|---|"]
+    for metric in ("acc", "acc_norm", "loss", "ppl"):
+        if metric in before:
+            rows.append(f"| {metric} | {before[metric]:.4f} | {after[metric]:.4f} | {ev['drop'].get(metric, '')} |")
+    return "\n".join(rows) + "\n\nDrop: 100 x accuracy lost; for loss, its increase in percent."
 
 
 def plots(layers: list[dict], folder: Path) -> dict[str, str]:

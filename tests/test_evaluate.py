@@ -1,0 +1,161 @@
+"""Evaluation against known answers and a direct transformers computation; sweep; the CI gate."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from uncurl import pipeline
+from uncurl.cli import app
+from uncurl.evaluate import drop, evaluate_examples
+from uncurl.load import build_tiny, byte_tokenizer
+from uncurl.sweep import threshold
+from uncurl.tasks import Example, get_task, load_examples
+
+runner = CliRunner()
+
+
+class UniformLM(torch.nn.Module):
+    """Every next token equally likely: log p = -log V for every token."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab = vocab
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, attention_mask=None):
+        return SimpleNamespace(logits=torch.zeros(*input_ids.shape, self.vocab))
+
+
+def test_uniform_model_has_known_scores():
+    tok = byte_tokenizer()
+    v = 300
+    examples = [Example("Is it so?\nAnswer:", (" True", " False"), 0),
+                Example("Is it not?\nAnswer:", (" True", " False"), 1),
+                Example("Pick:", (" a longer one", " short"), 1)]
+    m = evaluate_examples(UniformLM(v), tok, examples, batch_size=2)
+    # acc: fewer tokens wins (" True" 5 bytes < " False" 6; " short" < " a longer one"): right on 0 and 2
+    assert m["acc"] == pytest.approx(2 / 3)
+    # acc_norm: every choice scores -log V per character: a tie, the first choice wins: right on 0 only
+    assert m["acc_norm"] == pytest.approx(1 / 3)
+    assert m["loss"] == pytest.approx(math.log(v), rel=1e-6)
+    n_tokens = sum(len(tok(e.text)["input_ids"]) - 1 for e in examples)
+    assert m["tokens"] == n_tokens and m["n"] == 3
+
+
+def direct_scores(model, tok, ex: Example):
+    """Log-likelihood of each choice, and the mean NLL of prompt + gold, one sequence at a time."""
+    out = []
+    n_ctx = len(tok(ex.prompt)["input_ids"])
+    for choice in ex.choices:
+        ids = torch.tensor([tok(ex.prompt + choice)["input_ids"]])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
+        token_lp = logp.gather(-1, ids[0, 1:, None]).squeeze(-1)
+        out.append((float(token_lp[n_ctx - 1 :].sum()), float(token_lp.sum()), token_lp.numel()))
+    return out
+
+
+def test_matches_a_direct_transformers_computation(data_dir):
+    model, tok = build_tiny("qwen3_moe", seed=3)
+    examples = load_examples(get_task("superglue-cb"), "evaluation", data_dir, limit=10, seed=0)
+    got = evaluate_examples(model, tok, examples, batch_size=4)  # padded batches
+    correct = correct_norm = 0
+    nll = tokens = 0.0
+    for ex in examples:
+        scores = direct_scores(model, tok, ex)
+        ll = [s[0] for s in scores]
+        norm = [s[0] / len(c) for s, c in zip(scores, ex.choices)]
+        correct += ll.index(max(ll)) == ex.gold
+        correct_norm += norm.index(max(norm)) == ex.gold
+        nll -= scores[ex.gold][1]
+        tokens += scores[ex.gold][2]
+    assert got["acc"] == pytest.approx(correct / len(examples))
+    assert got["acc_norm"] == pytest.approx(correct_norm / len(examples))
+    assert got["loss"] == pytest.approx(nll / tokens, rel=1e-4)
+    assert got == evaluate_examples(model, tok, examples, batch_size=1)  # padding does not matter
+
+
+def test_text_only_examples_give_loss_only():
+    tok = byte_tokenizer()
+    m = evaluate_examples(UniformLM(260), tok, [Example("plain text here"), Example("and more")])
+    assert "acc" not in m and m["loss"] == pytest.approx(math.log(260), rel=1e-6)
+
+
+def test_drop_definition():
+    before, after = {"acc": 0.70, "loss": 2.0}, {"acc": 0.655, "loss": 2.1}
+    assert drop(before, after, "acc") == pytest.approx(4.5)
+    assert drop(before, after, "loss") == pytest.approx(5.0)
+    assert drop(before, after, "acc_norm") is None
+
+
+def test_threshold_needs_every_larger_k_within_tolerance():
+    rows = [{"keep": k, "drop": {"acc": d}} for k, d in ((6, 0.5), (4, 2.0), (2, 0.0))]
+    assert threshold(rows, "acc", 1.0) == 6  # K=2 happens to pass, but K=4 already failed
+    assert threshold(rows, "acc", 3.0) == 2
+    assert threshold([{"keep": 6, "drop": {"acc": 5.0}}], "acc", 1.0) is None
+
+
+def test_sweep_profiles_once_and_writes_results(tmp_path, data_dir, monkeypatch):
+    calls = []
+    real = pipeline.profile_model
+    monkeypatch.setattr(pipeline, "profile_model", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = tmp_path / "sw"
+    res = runner.invoke(app, ["sweep", "--model", "builtin:olmoe", "--keep", "6,4,2", "--method", "uncurl,frequency",
+                              "--data-dir", str(data_dir), "--samples", "8", "--eval-limit", "6", "--out", str(out),
+                              "--keep-checkpoints", "--json"])
+    assert res.exit_code == 0, res.output
+    assert len(calls) == 1
+    s = json.loads((out / "sweep.json").read_text())
+    assert s["schema_version"] == 1 and s["unpruned"]["keep"] == 8
+    assert [(r["method"], r["keep"]) for r in s["results"]] == [
+        (m, k) for m in ("uncurl", "frequency") for k in (6, 4, 2)]
+    for r in s["results"]:
+        assert {"acc", "acc_norm", "loss", "drop", "params", "checkpoint"} <= set(r)
+        assert (out / "checkpoints" / f"{r['method']}-k{r['keep']}" / "config.json").is_file()
+    assert set(s["threshold"]) == {"uncurl", "frequency"}
+    assert (out / "sweep.png").stat().st_size > 0 and "| uncurl | 4 |" in (out / "sweep.md").read_text()
+
+
+def prune_args(tmp_path, data_dir, *extra):
+    return ["prune", "--model", "builtin:mixtral", "--keep", "4", "--data-dir", str(data_dir), "--samples", "8",
+            "--eval-limit", "8", "--out", str(tmp_path / "out"), *extra]
+
+
+def test_gate_fails_with_exit_4_after_writing_the_report(tmp_path, data_dir):
+    # a negative bound cannot be met (the drop of a merge on a random model is ~0, never < -50 points)
+    res = runner.invoke(app, prune_args(tmp_path, data_dir, "--max-drop", "-50", "--metric", "loss", "--json"))
+    assert res.exit_code == 4, res.output
+    report = json.loads((tmp_path / "out" / "report" / "report.json").read_text())
+    assert report["gate"]["passed"] is False and report["gate"]["metric"] == "loss"
+    assert set(report["eval"]) == {"before", "after", "drop"}
+    summary = json.loads(res.stdout[res.stdout.index("{"):])
+    assert summary["exit_code"] == 4 and summary["gate"]["passed"] is False
+    assert "gate failed" in res.output
+
+
+def test_gate_passes_with_exit_0(tmp_path, data_dir):
+    res = runner.invoke(app, prune_args(tmp_path, data_dir, "--max-drop", "100", "--json"))
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout[res.stdout.index("{"):])
+    assert summary["gate"]["passed"] is True and summary["exit_code"] == 0
+    assert summary["eval"]["before"]["n"] == 8
+
+
+def test_accuracy_gate_on_a_text_only_task_is_refused(tmp_path, data_dir):
+    res = runner.invoke(app, prune_args(tmp_path, data_dir, "--task", "corpus", "--max-drop", "1"))
+    assert res.exit_code == 2 and "use --metric loss" in res.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_eval_command_json(data_dir):
+    res = runner.invoke(app, ["eval", "--model", "builtin:gpt_oss", "--task", "superglue-copa", "--data-dir",
+                              str(data_dir), "--limit", "6", "--json"])
+    assert res.exit_code == 0, res.output
+    m = json.loads(res.stdout[res.stdout.index("{"):])
+    assert m["n"] == 6 and 0 <= m["acc"] <= 1 and m["loss"] > 0 and m["task"] == "superglue-copa"

@@ -1,0 +1,135 @@
+"""Sweep --keep and --method to find where the task starts to suffer: profile once, evaluate each.
+
+    uncurl sweep --model DIR --task superglue-rte --keep 6,4,2 --method uncurl,frequency --out sweep-rte
+
+The model is loaded and profiled once (or the profile is read from --profile); every (method, K)
+pair is planned from that profile, merged from the untouched original in memory, and evaluated.
+The threshold of a method is the smallest K such that it and every larger K swept stay within
+--tolerance points of the unpruned model on --metric. Writes sweep.json, sweep.md and sweep.png;
+pruned checkpoints only with --keep-checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UncurlError
+from .evaluate import METRICS, drop
+from .merge import parameter_count, rewrite_model
+from .pipeline import RunOptions, base_report, check_options, plan_all, prepare, run_eval
+from .report import Timings
+from .save import check_out_dir, staged_dir, verify_checkpoint, write_checkpoint
+
+SWEEP_SCHEMA = 1
+
+
+@dataclass
+class SweepOptions(RunOptions):
+    keeps: tuple[int, ...] = (6, 4, 2)
+    methods: tuple[str, ...] = ("uncurl", "frequency")
+    out: str = "sweep"
+    tolerance: float = 1.0  # points of --metric (see evaluate.drop)
+    keep_checkpoints: bool = False
+
+
+def threshold(rows: list[dict], metric: str, tolerance: float) -> int | None:
+    """Smallest K such that it and every larger K in ``rows`` drop by at most ``tolerance``."""
+    best = None
+    for row in sorted(rows, key=lambda r: -r["keep"]):
+        d = row["drop"].get(metric)
+        if d is None or d > tolerance:
+            break
+        best = row["keep"]
+    return best
+
+
+def sweep(opts: SweepOptions) -> dict:
+    if not opts.keeps or not opts.methods:
+        raise UncurlError("--keep and --method each need at least one value, e.g. --keep 6,4,2 --method uncurl")
+    opts.method = ",".join(opts.methods)
+    check_options(opts, evaluating=True)
+    out = check_out_dir(opts.out, overwrite=opts.overwrite)
+    timings = Timings()
+    prep = prepare(opts, list(opts.keeps), timings,
+                   source_check=lambda src: check_out_dir(out, overwrite=opts.overwrite, source=src))
+    model, tok = prep.loaded.model, prep.loaded.tokenizer
+    with timings.stage("eval_unpruned"):
+        base = run_eval(model, tok, opts, opts.eval_limit, opts.seed)
+    base = {"keep": prep.num_experts, "params": parameter_count(model), **base}
+    rows = []
+    with staged_dir(out) as tmp:
+        for method in opts.methods:
+            for keep in sorted(set(opts.keeps), reverse=True):
+                with timings.stage(f"{method}-k{keep}"):
+                    plans = plan_all(prep, keep, method, opts.seed)
+                    pruned = rewrite_model(model, prep.loaded.adapter, plans, router_rule=opts.router_rows,
+                                           top_k=opts.top_k)
+                    metrics = run_eval(pruned, tok, opts, opts.eval_limit, opts.seed)
+                    row = {"method": method, "keep": keep, "params": parameter_count(pruned), **metrics,
+                           "drop": {m: drop(base, metrics, m) for m in METRICS},
+                           "groups": {name: [list(g) for g in p.groups] for name, p in plans.items()}}
+                    if opts.keep_checkpoints:
+                        folder = tmp / "checkpoints" / f"{method}-k{keep}"
+                        write_checkpoint(pruned, tok, folder)
+                        verify_checkpoint(folder, prep.loaded.adapter, keep, prep.top_k_after, tok)
+                        row["checkpoint"] = str(out / "checkpoints" / folder.name)
+                    rows.append(row)
+                    del pruned
+        summary = {
+            "schema_version": SWEEP_SCHEMA,
+            **base_report(opts, prep, timings),
+            "model": {"id": opts.model, "model_type": model.config.model_type, "experts": prep.num_experts,
+                      "top_k": prep.top_k_after},
+            "metric": opts.metric,
+            "tolerance": opts.tolerance,
+            "unpruned": base,
+            "results": rows,
+            "threshold": {m: threshold([r for r in rows if r["method"] == m], opts.metric, opts.tolerance)
+                          for m in opts.methods},
+            "output": str(out),
+        }
+        (tmp / "sweep.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (tmp / "sweep.md").write_text(markdown(summary))
+        plot(summary, tmp / "sweep.png")
+    return summary
+
+
+def markdown(s: dict) -> str:
+    base, metric = s["unpruned"], s["metric"]
+    has_acc = "acc" in base
+    cols = ["acc", "acc_norm", "loss"] if has_acc else ["loss"]
+    lines = [f"# uncurl sweep: {s['model']['id']} on {base['task']}", "", f"`{s['command']}`", "",
+             f"{base['n']} evaluation examples; calibration: {s['task']['name']} "
+             f"({s['task']['calibration_examples']} examples, {s['task']['tokens']:,} tokens).", "",
+             "| method | K | " + " | ".join(cols) + f" | drop in {metric} (points) |",
+             "|---|---|" + "---|" * (len(cols) + 1),
+             f"| unpruned | {base['keep']} | " + " | ".join(f"{base[c]:.4f}" for c in cols) + " | - |"]
+    for r in s["results"]:
+        lines.append(f"| {r['method']} | {r['keep']} | " + " | ".join(f"{r[c]:.4f}" for c in cols)
+                     + f" | {r['drop'][metric]} |")
+    lines += ["", f"Threshold (smallest K with every K above it within {s['tolerance']} points of {metric}): "
+              + ", ".join(f"{m}: {'K=' + str(k) if k is not None else 'none'}" for m, k in s["threshold"].items()),
+              "", "![metric vs K](sweep.png)", ""]
+    return "\n".join(lines)
+
+
+def plot(s: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [s["metric"]] + (["loss"] if s["metric"] != "loss" else [])
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for method in dict.fromkeys(r["method"] for r in s["results"]):
+            rows = sorted((r for r in s["results"] if r["method"] == method), key=lambda r: r["keep"])
+            ax.plot([r["keep"] for r in rows], [r[metric] for r in rows], marker="o", label=method)
+        ax.axhline(s["unpruned"][metric], color="gray", linestyle="--", label=f"unpruned (K={s['unpruned']['keep']})")
+        ax.set(xlabel="experts kept per layer (K)", ylabel=metric, title=f"{s['unpruned']['task']}: {metric}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
