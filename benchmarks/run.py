@@ -8,7 +8,10 @@ on what the weights learned), then measures on the same batches:
   goal <= 1.05;
 - prune wall time (profile + cluster + merge + save + verify) / (one forward + save of the
   original); goal <= 1.5;
-- bytes of the pruned checkpoint / bytes its parameter count predicts; goal 1.00 +- 0.01.
+- bytes of the pruned checkpoint / bytes its parameter count predicts; goal 1.00 +- 0.01;
+- peak resident memory while profiling ~1k, 10k and 100k tokens (each in a fresh process, a
+  smaller model, after one full warm-up batch); goal: flat. (Growth over the warm-up RSS is also
+  recorded, but the allocator returns memory between batches, so it is noisier than the peak.)
 Each figure is the median of --repeats runs. Writes benchmarks/results/bench.json.
 """
 
@@ -49,6 +52,39 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def profile_memory_child(n_tokens: int) -> None:
+    """In a fresh process: resident-memory growth (MB) while profiling ``n_tokens`` tokens."""
+    import resource
+
+    model, tok = build_tiny("mixtral", hidden_size=256, intermediate_size=512, num_hidden_layers=4)
+    data = texts(max(1, n_tokens // 512) + 8)
+    profile_model(model, tok, ADAPTERS["mixtral"], data[:8], batch_size=8, max_length=512)  # one full batch
+    before = rss_mb()
+    prof = profile_model(model, tok, ADAPTERS["mixtral"], data[8:], batch_size=8, max_length=512)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"tokens": prof.tokens, "rss_before_mb": round(before, 1), "peak_mb": round(peak, 1),
+                      "growth_mb": round(max(peak - before, 0.0), 1)}))
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def profile_memory(token_counts=(1_000, 10_000, 100_000)) -> list[dict]:
+    import subprocess
+    import sys
+
+    rows = []
+    for n in token_counts:
+        out = subprocess.run([sys.executable, "-m", "benchmarks.run", "--profile-memory-child", str(n)],
+                             capture_output=True, text=True, check=True, cwd=ROOT).stdout
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hidden", type=int, default=512)
@@ -57,7 +93,10 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench.json")
+    ap.add_argument("--profile-memory-child", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.profile_memory_child:
+        return profile_memory_child(args.profile_memory_child)
 
     adapter = ADAPTERS["mixtral"]
     model, tok = build_tiny("mixtral", hidden_size=args.hidden, intermediate_size=2 * args.hidden,
@@ -114,11 +153,14 @@ def main() -> None:
         "goals": {"profile_over_forward": "<= 1.05", "prune_over_forward_plus_save": "<= 1.5",
                   "checkpoint_bytes_over_predicted": "1.00 +- 0.01"},
     }
+    result["profile_memory"] = profile_memory()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"model {result['model']['params']:,} parameters, {n_tokens:,} calibration tokens")
     for name, value in result["ratios"].items():
         print(f"{name:36s} {value:8.3f}   goal {result['goals'][name]}")
+    for row in result["profile_memory"]:
+        print(f"profile peak RSS at {row['tokens']:>7,} tokens   {row['peak_mb']:7.1f} MB   goal: flat")
     print(f"wrote {args.out}")
 
 

@@ -37,7 +37,7 @@ def test_hooks_see_the_routers_own_logits():
     with torch.no_grad():
         ref = model(ids, output_router_logits=True).router_logits
     stats = []
-    for layer, logits in zip(layers, ref):
+    for logits in ref:
         s = RouterStats(8)
         idx = logits.topk(2, dim=-1).indices
         w = torch.softmax(logits, -1).gather(1, idx)
