@@ -54,21 +54,19 @@ def timed(fn, repeats: int) -> float:
 
 def profile_memory_child(n_tokens: int) -> None:
     """In a fresh process: resident-memory growth (MB) while profiling ``n_tokens`` tokens."""
-    import resource
-
     model, tok = build_tiny("mixtral", hidden_size=256, intermediate_size=512, num_hidden_layers=4)
     data = texts(max(1, n_tokens // 512) + 8)
     profile_model(model, tok, ADAPTERS["mixtral"], data[:8], batch_size=8, max_length=512)  # one full batch
     before = rss_mb()
     prof = profile_model(model, tok, ADAPTERS["mixtral"], data[8:], batch_size=8, max_length=512)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = rss_mb("VmHWM:")  # this process's high-water mark (ru_maxrss would inherit the parent's)
     print(json.dumps({"tokens": prof.tokens, "rss_before_mb": round(before, 1), "peak_mb": round(peak, 1),
                       "growth_mb": round(max(peak - before, 0.0), 1)}))
 
 
-def rss_mb() -> float:
+def rss_mb(key: str = "VmRSS:") -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(key):
             return int(line.split()[1]) / 1024
     return float("nan")
 
