@@ -252,6 +252,7 @@ def prune(opts: PruneOptions) -> PruneResult:
     with staged_dir(out) as tmp:
         with timings.stage("save"):
             write_checkpoint(pruned, loaded.tokenizer, tmp, opts.shard_size)
+        del pruned  # the checks below reload from disk: never hold both copies
         with timings.stage("verify"):
             report["checks"] = verify_checkpoint(tmp, adapter, opts.keep, prep.top_k_after, loaded.tokenizer)
         with timings.stage("report"):
