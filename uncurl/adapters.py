@@ -93,7 +93,6 @@ class MoELayer:
 
     name: str  # module path of the block, e.g. "model.layers.1.mlp"
     index: int  # decoder layer index
-    block: nn.Module
     router: nn.Module
     experts: nn.Module
     num_experts: int
@@ -146,7 +145,6 @@ def find_moe_layers(model: nn.Module, adapter: MoEAdapter) -> list[MoELayer]:
             MoELayer(
                 name=name,
                 index=int(match.group(1)) if match else len(layers),
-                block=module,
                 router=router,
                 experts=experts,
                 num_experts=num_experts,
@@ -163,8 +161,8 @@ def find_moe_layers(model: nn.Module, adapter: MoEAdapter) -> list[MoELayer]:
 def per_expert_names(layer: MoELayer, adapter: MoEAdapter) -> tuple[list[str], list[str]]:
     """(expert tensor names, router tensor names) of one layer, as full state-dict keys.
 
-    Every one of them has the expert axis first; a tensor whose first axis is not E is a bug in
-    the adapter entry, so it is reported rather than silently skipped.
+    Every one of them has the expert axis first; ``merge.rewrite_model`` raises on a tensor whose
+    first axis is not E (a bug in the adapter entry) rather than skipping it.
     """
     experts = [f"{layer.name}.{adapter.experts_attr}.{n}" for n in layer.experts.state_dict()]
     router = [f"{layer.name}.{adapter.router_attr}.{n}" for n in adapter.router_tensors]

@@ -152,15 +152,18 @@ class _Recorder:
 
 
 def batches(tokenizer, texts: Sequence[str], *, batch_size: int, max_length: int):
-    """Tokenised batches, longest first (less padding, and an early out-of-memory)."""
+    """Tokenised batches, longest first (less padding, and an early out-of-memory).
+
+    Each text is tokenised once; a batch is only padded, one at a time.
+    """
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
-    lengths = [len(ids) for ids in tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]]
-    order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+    ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     for start in range(0, len(order), batch_size):
-        chunk = [texts[i] for i in order[start : start + batch_size]]
-        yield tokenizer(chunk, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+        chunk = [{"input_ids": ids[i]} for i in order[start : start + batch_size]]
+        yield tokenizer.pad(chunk, return_tensors="pt", padding=True)
 
 
 @torch.no_grad()
