@@ -5,6 +5,12 @@
     uncurl prune --model allenai/OLMoE-1B-7B-0924 # the Hub (set HF_HUB_OFFLINE=1 to fail fast offline)
 
 The family is checked from the config alone, before any weight is read.
+
+Memory: a local folder's safetensors shards are read with ``pread`` into the model's own tensors
+instead of being memory-mapped. With mmap (transformers' default) every page of the file stays
+mapped, and counted as resident, for as long as any unconverted tensor points into it, so loading a
+checkpoint whose experts are fused on load (Mixtral, Qwen-MoE, OLMoE, ...) peaked at ~2x the
+weights; with ``pread`` it is one copy plus the tensors being converted (benchmarks/run.py).
 """
 
 from __future__ import annotations
@@ -94,8 +100,69 @@ def _config(model_id: str):
         raise UncurlError(f"cannot load model {model_id!r}: {hint}. ({type(err).__name__}: {err})".strip()) from None
 
 
+def return_freed_memory() -> None:
+    """Let glibc give large freed buffers back to the OS at once (process-wide, idempotent).
+
+    By default glibc raises its mmap threshold after the first large free, so later tensors of a
+    few MB (converted expert slices, activations) are carved from the heap and stay resident after
+    they are freed. A fixed 1 MiB threshold keeps every large buffer in its own mapping.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None or not hasattr(os, "uname") or os.uname().sysname != "Linux":
+        return
+    try:
+        ctypes.CDLL(name).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD; not glibc -> no mallopt -> skip
+    except (OSError, AttributeError):
+        pass
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    """The safetensors shards transformers would load from ``folder`` (index first), else []."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        import json
+
+        return [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    single = folder / "model.safetensors"
+    return [single] if single.is_file() else []
+
+
+def from_folder(folder: Path, config, dtype, device_map=None, output_loading_info: bool = False):
+    """``from_pretrained(folder)`` with the shards read by ``pread`` instead of mmap (see above).
+
+    Falls back to plain ``from_pretrained`` for anything but safetensors shards.
+    """
+    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    files = checkpoint_files(folder)
+    if not files:
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device_map,
+                                                    output_loading_info=output_loading_info)
+    from safetensors import safe_open
+
+    handles = [safe_open(str(f), framework="pt", device="cpu", backend="pread") for f in files]
+    try:
+        state = {name: h.get_slice(name) for h in handles for name in h.keys()}
+        cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+        model = cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype, device_map=device_map,
+                                    output_loading_info=output_loading_info)
+    finally:
+        for h in handles:
+            h.__exit__(None, None, None)
+    loaded = model[0] if output_loading_info else model
+    loaded.config._name_or_path = loaded.name_or_path = str(folder)
+    if (folder / "generation_config.json").is_file():
+        loaded.generation_config = GenerationConfig.from_pretrained(folder)
+    return model
+
+
 def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto", seed: int = 0) -> Loaded:
     """Load ``model_id`` for inference (eval mode, no gradients) on ``device``."""
+    return_freed_memory()
     dev = resolve_device(device)
     if dtype != "auto" and dtype not in DTYPES:
         raise UncurlError(f"--dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
@@ -110,9 +177,10 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto", seed
     config = _config(model_id)
     adapter = get_adapter(config.model_type)  # unknown family fails here, before the weights
     log.info("loading %s (%s) on %s", model_id, config.model_type, dev)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_id, dtype=DTYPES.get(dtype, "auto"), device_map=None
-    ).to(dev)
+    if Path(model_id).is_dir():
+        model = from_folder(Path(model_id), config, DTYPES.get(dtype, "auto"), device_map={"": dev})
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=DTYPES.get(dtype, "auto"), device_map={"": dev})
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_id)
     except (OSError, ValueError, TypeError) as err:

@@ -13,7 +13,9 @@ group's most-used member (MC-SMoE's choice), which preserves that expert's routi
 
 The rewritten model is built on the ``meta`` device from the new config and takes the tensors by
 assignment: unchanged tensors (attention, embeddings, dense layers, shared experts) are shared,
-not copied, so no second full copy of the model is ever held.
+not copied, so no second full copy of the model is ever held. With ``consume=True`` (what
+``prune`` uses) each layer's original expert tensors are released as soon as that layer is merged,
+so the peak is the model plus one merged tensor, not the model plus all merged experts.
 """
 
 from __future__ import annotations
@@ -48,23 +50,32 @@ def rewrite_model(
     *,
     router_rule: str = "mean",
     top_k: int | None = None,
+    consume: bool = False,
 ):
-    """A new model with each MoE layer reduced per ``plans``; ``model`` itself is left unchanged."""
+    """A new model with each MoE layer reduced per ``plans``.
+
+    ``model`` is left unchanged unless ``consume``: then each merged tensor replaces the original
+    inside ``model`` as it is made (freeing the original), and ``model`` must not be used again.
+    """
     layers = find_moe_layers(model, adapter)
     keep = {plans[layer.name].keep for layer in layers}
     if len(keep) != 1:
         raise ValueError(f"every MoE layer must keep the same number of experts, got {sorted(keep)}")
     state = dict(model.state_dict())
-    for layer in layers:
+    work = []
+    for layer in layers:  # check every layer before touching any (consume must not half-merge)
         plan = plans[layer.name]
-        experts_m = plan.matrix(layer.num_experts)
-        router_m = plan.matrix(layer.num_experts, router_rule)
         expert_names, router_names = per_expert_names(layer, adapter)
-        for names, m in ((expert_names, experts_m), (router_names, router_m)):
+        for names, rule in ((expert_names, "mean"), (router_names, router_rule)):
+            m = plan.matrix(layer.num_experts, rule)
             for name in names:
                 if state[name].shape[0] != layer.num_experts:
                     raise ValueError(f"{name} has shape {tuple(state[name].shape)}; expected experts first")
-                state[name] = merge_tensor(state[name], m.to(state[name].device))
+                work.append((name, m))
+    for name, m in work:
+        state[name] = merge_tensor(state[name], m.to(state[name].device))
+        if consume:
+            _replace(model, name, state[name])
 
     config = copy.deepcopy(model.config)
     setattr(config, adapter.expert_count_key, keep.pop())
@@ -81,6 +92,16 @@ def rewrite_model(
     if getattr(model, "generation_config", None) is not None:
         new.generation_config = copy.deepcopy(model.generation_config)
     return new.eval()
+
+
+def _replace(model, name: str, tensor: torch.Tensor) -> None:
+    """Point ``model``'s parameter or buffer ``name`` at ``tensor``, dropping the old one."""
+    owner, _, attr = name.rpartition(".")
+    module = model.get_submodule(owner)
+    if attr in module._parameters:
+        module._parameters[attr] = torch.nn.Parameter(tensor, requires_grad=False)
+    else:
+        module._buffers[attr] = tensor
 
 
 def parameter_count(model) -> int:

@@ -222,8 +222,9 @@ def prune(opts: PruneOptions) -> PruneResult:
         plans = plan_all(prep, opts.keep, opts.method, opts.seed)
     before = {"params": parameter_count(loaded.model), "bytes": weight_bytes(loaded.model)}
     with timings.stage("merge"):
-        pruned = rewrite_model(loaded.model, adapter, plans, router_rule=opts.router_rows, top_k=opts.top_k)
-    loaded.model = None  # release the original expert tensors: never two full copies
+        pruned = rewrite_model(loaded.model, adapter, plans, router_rule=opts.router_rows, top_k=opts.top_k,
+                               consume=True)  # originals are freed layer by layer: never two copies
+    loaded.model = None
     if evaluating:
         with timings.stage("eval_after"):
             evaluation["after"] = run_eval(pruned, loaded.tokenizer, opts, opts.eval_limit, opts.seed)

@@ -67,9 +67,11 @@ def write_checkpoint(model, tokenizer, folder: Path, shard_size: str | int = SHA
 
 def verify_checkpoint(folder: Path, adapter: MoEAdapter, expected_experts: int, expected_top_k: int, tokenizer) -> dict:
     """Reload from disk and check keys, expert counts, router rows, finiteness and one forward."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True, dtype="auto")
+    from .load import from_folder
+
+    model, info = from_folder(folder, AutoConfig.from_pretrained(folder), "auto", output_loading_info=True)
     problems = [f"{k}: {sorted(v)}" for k, v in info.items() if k != "error_msgs" and v] + list(info["error_msgs"])
     if expert_count(model.config, adapter) != expected_experts:
         problems.append(f"config says {expert_count(model.config, adapter)} experts, expected {expected_experts}")

@@ -1,0 +1,131 @@
+"""The memory-lean paths give the same bytes as the simple ones.
+
+- ``from_folder`` (shards read with pread) == ``AutoModelForCausalLM.from_pretrained`` (mmap);
+- ``rewrite_model(consume=True)`` (originals freed layer by layer) == ``consume=False``;
+- the from-disk checks still catch a missing or an unexpected tensor;
+- bf16 / fp16 models stay in their dtype through prune, and the merge is the fp32 average.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from uncurl.adapters import ADAPTERS, find_moe_layers, per_expert_names
+from uncurl.cluster import LayerPlan
+from uncurl.errors import CheckpointCheckError
+from uncurl.load import build_tiny, from_folder
+from uncurl.merge import rewrite_model
+from uncurl.pipeline import PruneOptions, prune
+from uncurl.save import verify_checkpoint
+
+FAMILIES = sorted(ADAPTERS)
+
+
+def same_state(a, b) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("dtype", ["auto", torch.bfloat16])
+def test_pread_loader_equals_from_pretrained(family, dtype, tiny_dirs):
+    src = tiny_dirs(family)
+    lean, info = from_folder(src, AutoConfig.from_pretrained(src), dtype, output_loading_info=True)
+    ref = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    same_state(lean, ref)
+    assert lean.config.to_dict() == ref.config.to_dict()
+    assert lean.generation_config.to_dict() == ref.generation_config.to_dict()
+
+
+def halving_plans(model, adapter):
+    layers = find_moe_layers(model, adapter)
+    e = layers[0].num_experts
+    groups = tuple((i, i + 1) for i in range(0, e, 2))
+    return {layer.name: LayerPlan(groups, tuple((0.25, 0.75) for _ in groups)) for layer in layers}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_consuming_rewrite_is_byte_identical_and_frees_the_originals(family, ids):
+    adapter = ADAPTERS[family]
+    simple_src, _ = build_tiny(family, seed=0)
+    lean_src, _ = build_tiny(family, seed=0)
+    plans = halving_plans(simple_src, adapter)
+    simple = rewrite_model(simple_src, adapter, plans)
+    lean = rewrite_model(lean_src, adapter, plans, consume=True)
+    same_state(simple, lean)
+    with torch.no_grad():
+        assert torch.equal(simple(ids).logits, lean(ids).logits)
+    # the consumed model now holds the merged tensors, so the originals have no owner left
+    lean_state, consumed = lean.state_dict(), lean_src.state_dict()
+    for layer in find_moe_layers(lean_src, adapter):
+        for name in sum(per_expert_names(layer, adapter), []):
+            assert consumed[name].data_ptr() == lean_state[name].data_ptr(), name
+
+
+def damage_checkpoint(folder, damage: str) -> None:
+    """Drop one attention tensor from its shard and the index, or add a stray tensor."""
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    weight_map = index["weight_map"]
+    name = next(k for k in weight_map if "self_attn" in k)
+    shard = weight_map[name]
+    with safe_open(str(folder / shard), "pt") as fh:
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        metadata = fh.metadata()
+    if damage == "missing":
+        del tensors[name], weight_map[name]
+    else:
+        tensors["model.extra.weight"], weight_map["model.extra.weight"] = torch.zeros(2), shard
+    save_file(tensors, str(folder / shard), metadata=metadata)
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("damage", ["missing", "unexpected"])
+def test_checks_from_disk_catch_a_damaged_checkpoint(damage, tmp_path):
+    model, tok = build_tiny("mixtral", seed=0)
+    model.save_pretrained(tmp_path, max_shard_size="150KB")
+    tok.save_pretrained(tmp_path)
+    verify_checkpoint(tmp_path, ADAPTERS["mixtral"], 8, 2, tok)  # intact: passes
+    damage_checkpoint(tmp_path, damage)
+    with pytest.raises(CheckpointCheckError, match=f"{damage}_keys"):
+        verify_checkpoint(tmp_path, ADAPTERS["mixtral"], 8, 2, tok)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_stays_in_its_dtype_and_merges_in_fp32(dtype, tiny_dirs, data_dir, tmp_path):
+    src = tiny_dirs("qwen3_moe")
+    out = tmp_path / "out"
+    result = prune(PruneOptions(model=str(src), task="superglue-rte", keep=2, out=str(out), data_dir=str(data_dir),
+                                samples=8, max_length=64, dtype=dtype, device="cpu"))
+    want_dtype = getattr(torch, dtype)
+    with safe_open(str(out / "model.safetensors"), "pt") as fh:
+        disk = {k: fh.get_tensor(k) for k in fh.keys()}
+    assert {t.dtype for t in disk.values() if t.is_floating_point()} == {want_dtype}
+    assert AutoConfig.from_pretrained(out).dtype == want_dtype
+    # every merged expert is the weighted average of the originals, rounded once to the dtype
+    original = AutoModelForCausalLM.from_pretrained(src, dtype=want_dtype)
+    adapter = ADAPTERS["qwen3_moe"]
+    layer = find_moe_layers(original, adapter)[0]
+    entry = result.report["layers"][0]
+    name = per_expert_names(layer, adapter)[0][0]
+    old = original.state_dict()[name]
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=want_dtype).state_dict()[name]
+    eps = torch.finfo(want_dtype).eps
+    for k, (members, weights) in enumerate(zip(entry["groups"], entry["merge_weights"])):
+        if len(members) == 1:
+            assert torch.equal(merged[k], old[members[0]]), members  # a singleton is copied bit for bit
+            continue
+        exact = sum(w * old[e].double() for e, w in zip(members, weights))  # float64 reference
+        # one rounding to the dtype (subnormals included), plus the report's 6-decimal weights
+        finfo = torch.finfo(want_dtype)
+        bound = eps * exact.abs() + finfo.smallest_normal * eps + 1e-6 * sum(old[e].double().abs() for e in members)
+        err = (merged[k].double() - exact).abs()
+        assert (err <= bound).all(), (k, members, float((err - bound).max()))
