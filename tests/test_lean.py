@@ -22,7 +22,7 @@ from uncurl.errors import CheckpointCheckError
 from uncurl.load import build_tiny, from_folder
 from uncurl.merge import rewrite_model
 from uncurl.pipeline import PruneOptions, prune
-from uncurl.save import verify_checkpoint
+from uncurl.save import verify_checkpoint, write_checkpoint
 
 FAMILIES = sorted(ADAPTERS)
 
@@ -129,3 +129,30 @@ def test_half_precision_stays_in_its_dtype_and_merges_in_fp32(dtype, tiny_dirs, 
         bound = eps * exact.abs() + finfo.smallest_normal * eps + 1e-6 * sum(old[e].double().abs() for e in members)
         err = (merged[k].double() - exact).abs()
         assert (err <= bound).all(), (k, members, float((err - bound).max()))
+
+
+def files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("shard_size", ["5GB", "150KB"])
+def test_streaming_save_writes_the_files_save_pretrained_writes(family, shard_size, tiny_dirs, tmp_path):
+    src = tiny_dirs(family)  # loaded from disk, so the model carries its load-time weight conversions
+    for dtype in ("auto", torch.bfloat16):
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
+        simple, lean = tmp_path / f"simple-{dtype}", tmp_path / f"lean-{dtype}"
+        write_checkpoint(model, None, simple, shard_size, stream=False)
+        write_checkpoint(model, None, lean, shard_size, stream=True)
+        want, got = files(simple), files(lean)
+        assert sorted(got) == sorted(want)
+        for name in want:
+            assert got[name] == want[name], name
+        assert (len(want) > 3) == (shard_size == "150KB")  # the small size really shards
+
+
+def test_streaming_save_of_a_freshly_built_model(tmp_path):
+    model, _ = build_tiny("mixtral", seed=0)  # never loaded: transformers' default conversions apply
+    write_checkpoint(model, None, tmp_path / "simple", stream=False)
+    write_checkpoint(model, None, tmp_path / "lean", stream=True)
+    assert files(tmp_path / "simple") == files(tmp_path / "lean")

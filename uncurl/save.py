@@ -4,12 +4,22 @@ The output is assembled in a hidden temporary folder beside ``--out`` and rename
 when complete and checked: an interrupted or failed run leaves no half-written folder. An
 ``--out`` that already holds anything is refused unless ``--overwrite``; an ``--out`` inside (or
 equal to) the input model folder is always refused.
+
+Writing streams: ``save_pretrained`` first reverts transformers' load-time weight conversions for
+the *whole* model at once (e.g. splitting every fused ``gate_up_proj`` into per-expert ``w1``/``w3``
+copies, ~0.6x the weights for Mixtral), then writes. ``write_checkpoint`` reverts one decoder
+layer at a time and writes each tensor at its final offset in its shard, so the extra memory is one
+layer's converted tensors. The files are the ones ``save_pretrained`` writes, byte for byte (same
+names, shard split, index, safetensors header order and config; tests/test_lean.py checks it).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
+import struct
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -57,12 +67,122 @@ def staged_dir(out: Path):
         shutil.rmtree(old, ignore_errors=True)
 
 
-def write_checkpoint(model, tokenizer, folder: Path, shard_size: str | int = SHARD_SIZE) -> None:
+def write_checkpoint(model, tokenizer, folder: Path, shard_size: str | int = SHARD_SIZE, *, stream: bool = True) -> None:
     """Safetensors shards of at most ``shard_size`` + index (transformers' names), config,
-    generation config, tokenizer files."""
-    model.save_pretrained(folder, max_shard_size=shard_size)
+    generation config, tokenizer files. ``stream=False`` is plain ``save_pretrained``."""
+    if not (stream and stream_checkpoint(model, folder, shard_size)):
+        model.save_pretrained(folder, max_shard_size=shard_size)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
+
+
+# safetensors orders a file's tensors by dtype (this order), then by name
+_ST_DTYPES = {torch.int64: "I64", torch.float64: "F64", torch.float32: "F32", torch.int32: "I32",
+              torch.bfloat16: "BF16", torch.float16: "F16", torch.int16: "I16", torch.uint8: "U8",
+              torch.int8: "I8", torch.bool: "BOOL"}
+_ST_RANK = {d: i for i, d in enumerate(_ST_DTYPES)}
+
+
+def _layer_runs(state: dict) -> list[dict]:
+    """The state dict in transformers' revert order, cut where the decoder layer changes (weight
+    conversions never cross a layer)."""
+    from transformers.core_model_loading import dot_natural_key
+
+    runs, last = [], None
+    for name in sorted(state, key=dot_natural_key):
+        m = re.match(r"(.*?\.layers\.\d+)\.", name)
+        key = m.group(1) if m else None
+        if not runs or key != last:
+            runs.append({})
+        runs[-1][name] = state[name]
+        last = key
+    return runs
+
+
+def stream_checkpoint(model, folder: Path, shard_size: str | int) -> bool:
+    """Write what ``save_pretrained`` writes, one decoder layer at a time. False: not supported for
+    this model (quantized, offloaded to disk, an unusual dtype); the caller falls back."""
+    from huggingface_hub.serialization._base import split_state_dict_into_shards_factory
+    from transformers.core_model_loading import revert_weight_conversion
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    state = remove_tied_weights_from_state_dict(model.state_dict(), model)
+    if (getattr(model, "hf_quantizer", None) is not None
+            or any(t.device.type == "meta" or t.dtype not in _ST_DTYPES for t in state.values())):
+        return False
+    runs = _layer_runs(state)
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def converted():
+        for run in runs:
+            yield from revert_weight_conversion(model, run).items()
+
+    # pass 1: final names, shapes, dtypes and which outputs share storage (views of one model
+    # tensor, or of one converted copy), which is what transformers' shard split looks at
+    model_storages = {t.untyped_storage().data_ptr() for t in state.values()}
+    specs, storage = {}, {}
+    for i, run in enumerate(runs):
+        for name, t in revert_weight_conversion(model, run).items():
+            ptr = t.untyped_storage().data_ptr()
+            specs[name] = torch.empty(t.shape, dtype=t.dtype, device="meta")
+            storage[name] = (("model", ptr) if ptr in model_storages else ("converted", i, ptr),
+                             t.untyped_storage().nbytes())
+    split = split_state_dict_into_shards_factory(
+        {n: (n,) for n in specs}, get_storage_id=lambda v: storage[v[0]][0],  # (n,): a str would be skipped
+        get_storage_size=lambda v: storage[v[0]][1],
+        filename_pattern="model{suffix}.safetensors", max_shard_size=shard_size)
+    shards = {file: _ShardWriter(folder / file, {n: specs[n] for n in names})
+              for file, names in split.filename_to_tensors.items()}
+    where = {name: shards[file] for file, names in split.filename_to_tensors.items() for name in names}
+    try:  # pass 2: each tensor straight to its offset
+        for name, tensor in converted():
+            where[name].write(name, tensor)
+    finally:
+        for shard in shards.values():
+            shard.file.close()
+    unwritten = sorted(n for shard in shards.values() for n in shard.missing)
+    if unwritten:
+        raise RuntimeError(f"streaming save never wrote {unwritten[:5]}")
+    if split.is_sharded:
+        index = {"metadata": {"total_parameters": model.num_parameters(), **split.metadata},
+                 "weight_map": split.tensor_to_filename}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    model.config.dtype = str(model.dtype).split(".")[1]  # what save_pretrained records
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(folder)
+    if model.can_generate():
+        model.generation_config.save_pretrained(folder)
+    return True
+
+
+class _ShardWriter:
+    """One safetensors file whose header is fixed up front; tensors are written in any order."""
+
+    def __init__(self, path: Path, specs: dict[str, torch.Tensor]):
+        order = sorted(specs, key=lambda n: (_ST_RANK[specs[n].dtype], n))
+        header, offset, self.offsets = {"__metadata__": {"format": "pt"}}, 0, {}
+        for name in order:
+            t = specs[name]
+            size = t.numel() * t.element_size()
+            header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+            self.offsets[name] = (offset, size)
+            offset += size
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.base = 8 + len(raw)
+        self.missing = set(specs)
+        self.file = open(path, "wb")  # noqa: SIM115 - closed by stream_checkpoint
+        self.file.write(struct.pack("<Q", len(raw)) + raw)
+        self.file.truncate(self.base + offset)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        offset, size = self.offsets[name]
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        if data.numel() != size:
+            raise RuntimeError(f"{name}: {data.numel()} bytes, header says {size}")
+        self.file.seek(self.base + offset)
+        self.file.write(memoryview(data.numpy()))
+        self.missing.discard(name)
 
 
 def verify_checkpoint(folder: Path, adapter: MoEAdapter, expected_experts: int, expected_top_k: int, tokenizer) -> dict:
