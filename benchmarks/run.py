@@ -12,13 +12,22 @@ on what the weights learned), then measures on the same batches:
 - peak resident memory while profiling ~1k, 10k and 100k tokens (each in a fresh process, a
   smaller model, after one full warm-up batch); goal: flat. (Growth over the warm-up RSS is also
   recorded, but the allocator returns memory between batches, so it is noisier than the peak.)
-Each figure is the median of --repeats runs. Writes benchmarks/results/bench.json.
+- `uncurl prune` from a checkpoint on disk (--prune-hidden, default ~490 MB fp32), in a fresh
+  process: peak resident memory / weight bytes (goal <= 1.2), per stage; and its wall time /
+  (load + one forward over the same calibration batches + save), the latter timed in another
+  fresh process, which also gives the memory floor any forward-based tool needs. Memory is
+  VmHWM (reset per stage through /proc/self/clear_refs) minus the RSS after a warm-up run of the
+  same code on a tiny model, so interpreter and library pages are not counted as model memory.
+- how prune time grows with experts (8, 32, 128) and layers (2, 4, 8) at a fixed expert size:
+  seconds per stage and seconds per million parameters; goal: linear (flat per parameter).
+Each timing figure is the median of --repeats runs. Writes benchmarks/results/bench.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import tempfile
@@ -35,6 +44,7 @@ from uncurl.profile import batches, profile_model
 from uncurl.save import verify_checkpoint, write_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
 
 
 def texts(n: int) -> list[str]:
@@ -50,6 +60,17 @@ def timed(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def timed_alternating(fns: dict, repeats: int) -> dict:
+    """Median seconds of each function, run in alternation (a, b, a, b, ...) so drift hits all."""
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def profile_memory_child(n_tokens: int) -> None:
@@ -83,6 +104,150 @@ def profile_memory(token_counts=(1_000, 10_000, 100_000)) -> list[dict]:
     return rows
 
 
+def stage_peaks():
+    """Wrap report.Timings.stage so each pipeline stage also records its peak RSS (MB)."""
+    from contextlib import contextmanager
+
+    from uncurl import report
+
+    peaks, original = {}, report.Timings.stage
+
+    @contextmanager
+    def stage(self, name):
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+        with original(self, name):
+            yield
+        peaks[name] = rss_mb("VmHWM:")
+
+    report.Timings.stage = stage
+    return peaks
+
+
+def warm_up() -> float:
+    """Run the whole pipeline once on a tiny model (imports, kernels, allocator), then the RSS."""
+    from uncurl.pipeline import PruneOptions, prune
+
+    with tempfile.TemporaryDirectory() as d:
+        prune(PruneOptions(model="builtin:mixtral", task="corpus", data_dir=str(DATA), samples=2, max_length=32,
+                           keep=4, out=str(Path(d) / "out"), device="cpu"))
+    return rss_mb()
+
+
+PRUNE_ARGS = {"task": "corpus", "samples": 32, "max_length": 256, "batch_size": 8, "keep": 4, "device": "cpu"}
+
+
+def prune_memory_child(arg: str) -> None:
+    """In a fresh process: `prune` of the checkpoint in ``folder``; peak RSS per stage, wall time."""
+    from uncurl.pipeline import PruneOptions, prune
+
+    folder, batch = arg.split("::")
+    PRUNE_ARGS["batch_size"] = int(batch)
+    base = warm_up()
+    peaks = stage_peaks()
+    with tempfile.TemporaryDirectory(dir=Path(folder).parent) as d:
+        start = time.perf_counter()
+        result = prune(PruneOptions(model=folder, out=str(Path(d) / "out"), data_dir=str(DATA), **PRUNE_ARGS))
+        wall = time.perf_counter() - start
+    print(json.dumps({"baseline_mb": base, "stage_peak_mb": {k: round(v - base, 1) for k, v in peaks.items()},
+                      "peak_mb": round(max(peaks.values()) - base, 1), "seconds": wall,
+                      "stage_seconds": result.report["timings_s"], "weight_bytes": result.report["model"]["bytes_before"]}))
+
+
+def floor_child(arg: str) -> None:
+    """In a fresh process: load + one plain forward over the same batches + save: time and peak."""
+    from uncurl.load import load_model
+    from uncurl.pipeline import DataOptions, calibration_texts
+
+    folder, batch = arg.split("::")
+    PRUNE_ARGS["batch_size"] = int(batch)
+    base = warm_up()
+    Path("/proc/self/clear_refs").write_text("5")
+    start = time.perf_counter()
+    loaded = load_model(folder, device="cpu")
+    texts_, _ = calibration_texts(DataOptions(task="corpus", data_dir=str(DATA), samples=PRUNE_ARGS["samples"]), 0)
+    with torch.no_grad():
+        for b in batches(loaded.tokenizer, texts_, batch_size=PRUNE_ARGS["batch_size"], max_length=PRUNE_ARGS["max_length"]):
+            loaded.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], logits_to_keep=1)
+    with tempfile.TemporaryDirectory(dir=Path(folder).parent) as d:
+        write_checkpoint(loaded.model, loaded.tokenizer, Path(d))
+    wall = time.perf_counter() - start
+    print(json.dumps({"seconds": wall, "peak_mb": round(rss_mb("VmHWM:") - base, 1)}))
+
+
+def child(flag: str, arg: str) -> dict:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "benchmarks.run", flag, arg], capture_output=True, text=True,
+                         check=True, cwd=ROOT).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def prune_memory(hidden: int, repeats: int) -> dict:
+    """Save a Mixtral of ``hidden`` to disk, then prune it and run the floor, each in fresh processes."""
+    model, tok = build_tiny("mixtral", hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=4,
+                            num_local_experts=8, num_attention_heads=8, num_key_value_heads=8)
+    with tempfile.TemporaryDirectory(dir=ROOT / "benchmarks") as d:
+        folder = Path(d) / "model"
+        model.save_pretrained(folder)
+        tok.save_pretrained(folder)
+        del model
+        out = {"weight_mb": None, "prune_args": PRUNE_ARGS}
+        for batch in (8, 1):
+            prunes = [child("--prune-memory-child", f"{folder}::{batch}") for _ in range(repeats)]
+            floors = [child("--floor-child", f"{folder}::{batch}") for _ in range(repeats)]
+            weight_mb = prunes[0]["weight_bytes"] / 2**20
+            out["weight_mb"] = round(weight_mb, 1)
+            median = statistics.median
+            out[f"batch_{batch}"] = {
+                "runs": prunes, "floor_runs": floors,
+                "peak_over_weights": round(median(p["peak_mb"] for p in prunes) / weight_mb, 3),
+                "floor_peak_over_weights": round(median(f["peak_mb"] for f in floors) / weight_mb, 3),
+                "prune_over_load_forward_save": round(median(p["seconds"] for p in prunes)
+                                                      / median(f["seconds"] for f in floors), 3),
+            }
+    return out
+
+
+def scaling(repeats: int) -> list[dict]:
+    """Prune stages timed in-process at a fixed expert size, varying experts and then layers."""
+    adapter = ADAPTERS["mixtral"]
+    data = texts(16)
+    rows = []
+    for experts, layers in ((8, 4), (32, 4), (128, 4), (8, 2), (8, 8)):
+        model, tok = build_tiny("mixtral", hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
+                                num_local_experts=experts, num_attention_heads=4, num_key_value_heads=4)
+        seconds: dict[str, list[float]] = {}
+        for _ in range(repeats):
+            t = {}
+            start = time.perf_counter()
+            prof = profile_model(model, tok, adapter, data, batch_size=8, max_length=256)
+            t["profile"] = time.perf_counter() - start
+            start = time.perf_counter()
+            plans = {n: plan_layer(st, experts // 2, "uncurl") for n, st in prof.layers.items()}
+            t["cluster"] = time.perf_counter() - start
+            start = time.perf_counter()
+            new = rewrite_model(model, adapter, plans)
+            t["merge"] = time.perf_counter() - start
+            with tempfile.TemporaryDirectory() as d:
+                start = time.perf_counter()
+                write_checkpoint(new, tok, Path(d))
+                t["save"] = time.perf_counter() - start
+                del new
+                start = time.perf_counter()
+                verify_checkpoint(Path(d), adapter, experts // 2, 2, tok)
+                t["verify"] = time.perf_counter() - start
+            for k, v in t.items():
+                seconds.setdefault(k, []).append(v)
+        med = {k: round(statistics.median(v), 4) for k, v in seconds.items()}
+        params = parameter_count(model)
+        rows.append({"experts": experts, "layers": layers, "params": params, "seconds": med,
+                     "total_s": round(sum(med.values()), 4),
+                     "s_per_mparam": round(sum(med.values()) / (params / 1e6), 5),
+                     "s_per_mparam_without_profile": round((sum(med.values()) - med["profile"]) / (params / 1e6), 5)})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hidden", type=int, default=512)
@@ -91,11 +256,67 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench.json")
+    ap.add_argument("--prune-hidden", type=int, default=768, help="hidden size of the prune-memory model")
+    ap.add_argument("--only", choices=["ratios", "profile_memory", "prune_memory", "scaling"], help="run one part (others kept)")
     ap.add_argument("--profile-memory-child", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--prune-memory-child", help=argparse.SUPPRESS)
+    ap.add_argument("--floor-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.profile_memory_child:
         return profile_memory_child(args.profile_memory_child)
+    if args.prune_memory_child:
+        return prune_memory_child(args.prune_memory_child)
+    if args.floor_child:
+        return floor_child(args.floor_child)
 
+    parts = {
+        "ratios": lambda: ratios(args),
+        "profile_memory": profile_memory,
+        "prune_memory": lambda: prune_memory(args.prune_hidden, args.repeats),
+        "scaling": lambda: scaling(args.repeats),
+    }
+    result = json.loads(args.out.read_text()) if args.only and args.out.is_file() else {}
+    result["machine"] = {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+                         "threads": torch.get_num_threads(), "torch": torch.__version__,
+                         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    for name, run in parts.items():
+        if args.only in (None, name):
+            print(f"running {name} ...", flush=True)
+            result[name] = run()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    summarise(result)
+    print(f"wrote {args.out}")
+
+
+def summarise(result: dict) -> None:
+    r = result.get("ratios")
+    if r and "model" in r:
+        print(f"ratios: model {r['model']['params']:,} parameters, {r['calibration_tokens']:,} calibration tokens")
+        for name, value in r["ratios"].items():
+            print(f"  {name:36s} {value:8.3f}   goal {r['goals'][name]}")
+    for row in result.get("profile_memory", []):
+        print(f"  profile peak RSS at {row['tokens']:>7,} tokens   {row['peak_mb']:7.1f} MB   goal: flat")
+    pm = result.get("prune_memory")
+    if pm and "batch_8" in pm:
+        print(f"prune from disk, {pm['weight_mb']} MB of weights, {pm['prune_args']['samples']} examples:")
+        for batch in (8, 1):
+            b = pm[f"batch_{batch}"]
+            print(f"  --batch-size {batch}: peak RSS / weight bytes {b['peak_over_weights']:.3f} (goal <= 1.2); "
+                  f"floor (load + forward + save) {b['floor_peak_over_weights']:.3f}; "
+                  f"prune time / floor time {b['prune_over_load_forward_save']:.3f} (goal <= 1.5)")
+            stages = b["runs"][0]["stage_peak_mb"]
+            print("    stage peaks (MB): " + ", ".join(f"{k} {v:.0f}" for k, v in stages.items()))
+    rows = result.get("scaling")
+    if rows:
+        print("scaling (hidden 128, expert 256 wide): experts layers params  total_s  s/Mparam  s/Mparam w/o profile")
+        for row in rows:
+            print(f"  {row['experts']:>7} {row['layers']:>6} {row['params']:>11,} {row['total_s']:8.2f} "
+                  f"{row['s_per_mparam']:9.4f} {row['s_per_mparam_without_profile']:9.4f}")
+
+
+def ratios(args) -> dict:
+    """Profile / plain forward, prune / (forward + save), checkpoint bytes, all in this process."""
     adapter = ADAPTERS["mixtral"]
     model, tok = build_tiny("mixtral", hidden_size=args.hidden, intermediate_size=2 * args.hidden,
                             num_hidden_layers=args.layers, num_local_experts=args.experts,
@@ -112,7 +333,9 @@ def main() -> None:
     def profile():
         return profile_model(model, tok, adapter, data, batch_size=8, max_length=512)
 
-    t_plain, t_profile = timed(plain, args.repeats), timed(profile, args.repeats)
+    plain()  # warm-up
+    t = timed_alternating({"plain": plain, "profile": profile}, 2 * args.repeats + 1)
+    t_plain, t_profile = t["plain"], t["profile"]
     prof = profile()
 
     def save_original():
@@ -136,9 +359,7 @@ def main() -> None:
         on_disk = sum(f.stat().st_size for f in Path(d).glob("*.safetensors"))
     predicted = parameter_count(new) * 4
 
-    result = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "threads": torch.get_num_threads(), "torch": torch.__version__},
+    return {
         "model": {"params": parameter_count(model), "weight_mb": round(parameter_count(model) * 4 / 1e6, 1),
                   "experts": args.experts, "layers": args.layers, "hidden": args.hidden},
         "calibration_tokens": n_tokens,
@@ -151,15 +372,6 @@ def main() -> None:
         "goals": {"profile_over_forward": "<= 1.05", "prune_over_forward_plus_save": "<= 1.5",
                   "checkpoint_bytes_over_predicted": "1.00 +- 0.01"},
     }
-    result["profile_memory"] = profile_memory()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"model {result['model']['params']:,} parameters, {n_tokens:,} calibration tokens")
-    for name, value in result["ratios"].items():
-        print(f"{name:36s} {value:8.3f}   goal {result['goals'][name]}")
-    for row in result["profile_memory"]:
-        print(f"profile peak RSS at {row['tokens']:>7,} tokens   {row['peak_mb']:7.1f} MB   goal: flat")
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
