@@ -105,6 +105,8 @@ def odd_models(tmp_path_factory):
         (["--method", "reap"], "--method 'reap'"),
         (["--router-rows", "max"], "--router-rows 'max'"),
         (["--device", "tpu"], "--device 'tpu'"),
+        (["--device-map", "everywhere"], "--device-map 'everywhere'"),
+        (["--device-map", "auto", "--device", "cpu"], "leave --device at auto"),
         (["--profile", "{tmp}/missing.profile"], "no such file"),
     ],
 )

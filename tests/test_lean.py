@@ -156,3 +156,19 @@ def test_streaming_save_of_a_freshly_built_model(tmp_path):
     write_checkpoint(model, None, tmp_path / "simple", stream=False)
     write_checkpoint(model, None, tmp_path / "lean", stream=True)
     assert files(tmp_path / "simple") == files(tmp_path / "lean")
+
+
+def test_device_map_auto_writes_the_same_checkpoint(tiny_dirs, data_dir, tmp_path):
+    """On this CPU-only machine accelerate places every layer on the CPU; the path (accelerate
+    placement, hooks, per-device merge, streaming save from wherever tensors live) must not change
+    a byte. Multi-GPU placement itself needs GPUs and is not covered here."""
+    src = tiny_dirs("olmoe")
+    common = dict(model=str(src), task="superglue-rte", keep=4, data_dir=str(data_dir), samples=12, max_length=64,
+                  eval=True, eval_limit=8)
+    plain = prune(PruneOptions(out=str(tmp_path / "plain"), **common))
+    mapped = prune(PruneOptions(out=str(tmp_path / "mapped"), device_map="auto", **common))
+    weights = sorted(p.name for p in (tmp_path / "plain").glob("*.safetensors"))
+    assert weights and weights == sorted(p.name for p in (tmp_path / "mapped").glob("*.safetensors"))
+    for name in weights + ["config.json"]:
+        assert (tmp_path / "plain" / name).read_bytes() == (tmp_path / "mapped" / name).read_bytes(), name
+    assert plain.report["eval"] == mapped.report["eval"]

@@ -59,6 +59,11 @@ Choices = Annotated[Optional[str], typer.Option(
 LabelField = Annotated[str, typer.Option(rich_help_panel=DATA, help="Custom tasks: the field holding the gold choice.")]
 Seed = Annotated[int, typer.Option(rich_help_panel=RUN, help="Seed for sampling, tiny models and clustering.")]
 Device = Annotated[str, typer.Option(rich_help_panel=RUN, help="auto (CUDA when present), cpu, cuda, cuda:N.")]
+DeviceMap = Annotated[Optional[str], typer.Option(
+    rich_help_panel=RUN,
+    help="Spread a model too big for one GPU over every GPU and the CPU (accelerate): auto, balanced, "
+         "balanced_low_0 or sequential. Merging happens where each layer lives; weights offloaded to "
+         "disk are refused.")]
 Dtype = Annotated[str, typer.Option(rich_help_panel=RUN, help="auto (the checkpoint's own), float32, bfloat16, float16.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", rich_help_panel=RUN, help="Log each step.")]
 Json = Annotated[bool, typer.Option("--json", rich_help_panel=RUN,
@@ -176,6 +181,7 @@ def prune(
              "The checkpoint and report are still written.")] = None,
     seed: Seed = 0,
     device: Device = "auto",
+    device_map: DeviceMap = None,
     dtype: Dtype = "auto",
     as_json: Json = False,
     verbose: Verbose = False,
@@ -189,7 +195,7 @@ def prune(
     _setup_logging(verbose)
     opts = PruneOptions(
         model=model, keep=keep, out=out, method=method, router_rows=router_rows, top_k=top_k, profile=profile,
-        overwrite=overwrite, shard_size=shard_size, seed=seed, device=device, dtype=dtype,
+        overwrite=overwrite, shard_size=shard_size, seed=seed, device=device, device_map=device_map, dtype=dtype,
         eval=evaluate, eval_limit=eval_limit, metric=metric, max_drop=max_drop,
         extra={"command": _command_line(ctx)},
         **_data_options(task, data_dir, samples, max_length, batch_size, template, choices, label_field, calibrate_on),
@@ -247,6 +253,7 @@ def profile_cmd(
     label_field: LabelField = "label",
     seed: Seed = 0,
     device: Device = "auto",
+    device_map: DeviceMap = None,
     dtype: Dtype = "auto",
     verbose: Verbose = False,
 ):
@@ -260,7 +267,7 @@ def profile_cmd(
     _setup_logging(verbose)
     opts = DataOptions(**_data_options(task, data_dir, samples, max_length, batch_size, template, choices, label_field))
     resolve_task(opts)
-    loaded = load_model(model, device=device, dtype=dtype, seed=seed)
+    loaded = load_model(model, device=device, dtype=dtype, seed=seed, device_map=device_map)
     path = run_profile(loaded, opts, seed).save(out)
     typer.echo(str(path))
 
@@ -280,6 +287,7 @@ def eval_cmd(
     label_field: LabelField = "label",
     seed: Seed = 0,
     device: Device = "auto",
+    device_map: DeviceMap = None,
     dtype: Dtype = "auto",
     as_json: Json = False,
     verbose: Verbose = False,
@@ -294,7 +302,7 @@ def eval_cmd(
     _setup_logging(verbose)
     opts = DataOptions(**_data_options(task, data_dir, 1, max_length, batch_size, template, choices, label_field))
     resolve_task(opts)
-    loaded = load_model(model, device=device, dtype=dtype, seed=seed)
+    loaded = load_model(model, device=device, dtype=dtype, seed=seed, device_map=device_map)
     metrics = {"model": model, **run_eval(loaded.model, loaded.tokenizer, opts, limit, seed)}
     if as_json:
         _emit_json(metrics)
@@ -334,6 +342,7 @@ def sweep_cmd(
     calibrate_on: CalibrateOn = None,
     seed: Seed = 0,
     device: Device = "auto",
+    device_map: DeviceMap = None,
     dtype: Dtype = "auto",
     as_json: Json = False,
     verbose: Verbose = False,
@@ -349,7 +358,7 @@ def sweep_cmd(
         model=model, keeps=_ints(keep, "--keep"), methods=tuple(m.strip() for m in method.split(",") if m.strip()),
         out=out, router_rows=router_rows, top_k=top_k, profile=profile, keep_checkpoints=keep_checkpoints,
         overwrite=overwrite, tolerance=tolerance, metric=metric, eval_limit=eval_limit, seed=seed, device=device,
-        dtype=dtype, extra={"command": _command_line(ctx)},
+        device_map=device_map, dtype=dtype, extra={"command": _command_line(ctx)},
         **_data_options(task, data_dir, samples, max_length, batch_size, template, choices, label_field, calibrate_on),
     )
     s = sweep(opts)

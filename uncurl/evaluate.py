@@ -20,6 +20,7 @@ from typing import Sequence
 
 import torch
 
+from .load import input_device
 from .profile import progress_bar
 from .tasks import Example
 
@@ -50,7 +51,7 @@ def build_requests(tokenizer, examples: Sequence[Example], max_length: int) -> l
 @torch.no_grad()
 def score_requests(model, requests: Sequence[Request], *, batch_size: int, pad_id: int, progress: bool = False):
     """For each request: (sum log p of its continuation, sum log p of every predicted token, count)."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     order = sorted(range(len(requests)), key=lambda i: -len(requests[i].ids))
     results: list[tuple[float, float, int]] = [None] * len(requests)  # type: ignore[list-item]
     with progress_bar(progress, -(-len(order) // batch_size), "evaluating") as advance:

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's placement strategies
 
 
 @dataclass
@@ -49,6 +50,12 @@ def resolve_device(device: str) -> torch.device:
     if device not in ("cpu",) and not device.startswith("cuda"):
         raise UncurlError(f"--device {device!r} is not one of auto, cpu, cuda, cuda:N")
     return torch.device(device)
+
+
+def input_device(model) -> torch.device:
+    """Where inputs go: the embedding's device (the first one under --device-map)."""
+    embeddings = getattr(model, "get_input_embeddings", lambda: None)()
+    return embeddings.weight.device if embeddings is not None else next(model.parameters()).device
 
 
 def byte_tokenizer():
@@ -160,10 +167,17 @@ def from_folder(folder: Path, config, dtype, device_map=None, output_loading_inf
     return model
 
 
-def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto", seed: int = 0) -> Loaded:
-    """Load ``model_id`` for inference (eval mode, no gradients) on ``device``."""
+def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto", seed: int = 0,
+               device_map: str | None = None) -> Loaded:
+    """Load ``model_id`` for inference (eval mode, no gradients) on ``device``, or spread over every
+    GPU and the CPU by accelerate when ``device_map`` is given (``auto``: fill GPUs in order)."""
     return_freed_memory()
     dev = resolve_device(device)
+    if device_map is not None:
+        if device_map not in DEVICE_MAPS:
+            raise UncurlError(f"--device-map {device_map!r} is not one of {', '.join(DEVICE_MAPS)}")
+        if device != "auto":
+            raise UncurlError("--device-map places the model itself; leave --device at auto")
     if dtype != "auto" and dtype not in DTYPES:
         raise UncurlError(f"--dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
     if model_id.startswith(BUILTIN_PREFIX):
@@ -177,10 +191,16 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto", seed
     config = _config(model_id)
     adapter = get_adapter(config.model_type)  # unknown family fails here, before the weights
     log.info("loading %s (%s) on %s", model_id, config.model_type, dev)
+    placement = device_map or {"": dev}
     if Path(model_id).is_dir():
-        model = from_folder(Path(model_id), config, DTYPES.get(dtype, "auto"), device_map={"": dev})
+        model = from_folder(Path(model_id), config, DTYPES.get(dtype, "auto"), device_map=placement)
     else:
-        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=DTYPES.get(dtype, "auto"), device_map={"": dev})
+        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=DTYPES.get(dtype, "auto"), device_map=placement)
+    on_disk = [name for name, p in model.named_parameters() if p.device.type == "meta"]
+    if on_disk:
+        raise UncurlError(
+            f"--device-map {device_map} left {len(on_disk)} tensors offloaded to disk (e.g. {on_disk[0]}); "
+            "uncurl merges experts in GPU/CPU memory, so it needs the weights to fit in them")
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_id)
     except (OSError, ValueError, TypeError) as err:

@@ -59,6 +59,7 @@ class RunOptions(DataOptions):
     overwrite: bool = False
     seed: int = 0
     device: str = "auto"
+    device_map: str | None = None  # accelerate placement over GPUs and CPU (auto, balanced, sequential)
     dtype: str = "auto"
     eval_limit: int | None = None  # evaluation examples (a seeded subset); None: the whole split
     metric: str = "acc"  # the metric a drop is measured on: acc, acc_norm or loss
@@ -170,7 +171,8 @@ def check_options(opts: RunOptions, evaluating: bool) -> None:
 def prepare(opts: RunOptions, keeps: list[int], timings: Timings, *, source_check=None) -> Prepared:
     """Load the model, validate every K against it, then profile (or read --profile)."""
     with timings.stage("load"):
-        loaded = load_model(opts.model, device=opts.device, dtype=opts.dtype, seed=opts.seed)
+        loaded = load_model(opts.model, device=opts.device, dtype=opts.dtype, seed=opts.seed,
+                            device_map=opts.device_map)
     if source_check is not None:
         source_check(loaded.source)
     config, adapter = loaded.model.config, loaded.adapter
@@ -205,6 +207,16 @@ def base_report(opts: RunOptions, prep: Prepared, timings: Timings) -> dict:
     }
 
 
+def place_like(pruned, placement: dict | None):
+    """Under --device-map the merged tensors stay on their layer's device; give the rewritten model
+    accelerate's hooks too, so a forward (evaluation) moves activations between devices."""
+    if placement and len(set(placement.values())) > 1:
+        from accelerate import dispatch_model
+
+        return dispatch_model(pruned, device_map=placement)
+    return pruned
+
+
 def prune(opts: PruneOptions) -> PruneResult:
     """load -> (validate) -> profile -> cluster -> merge -> save + verify -> report (+ eval, gate)."""
     timings = Timings()
@@ -221,11 +233,13 @@ def prune(opts: PruneOptions) -> PruneResult:
     with timings.stage("cluster"):
         plans = plan_all(prep, opts.keep, opts.method, opts.seed)
     before = {"params": parameter_count(loaded.model), "bytes": weight_bytes(loaded.model)}
+    placement = getattr(loaded.model, "hf_device_map", None)
     with timings.stage("merge"):
         pruned = rewrite_model(loaded.model, adapter, plans, router_rule=opts.router_rows, top_k=opts.top_k,
                                consume=True)  # originals are freed layer by layer: never two copies
     loaded.model = None
     if evaluating:
+        pruned = place_like(pruned, placement)
         with timings.stage("eval_after"):
             evaluation["after"] = run_eval(pruned, loaded.tokenizer, opts, opts.eval_limit, opts.seed)
         evaluation["drop"] = {m: drop(evaluation["before"], evaluation["after"], m) for m in METRICS}

@@ -22,6 +22,7 @@ import torch
 
 from .adapters import MoEAdapter, find_moe_layers
 from .errors import UncurlError
+from .load import input_device
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,7 @@ def profile_model(
         raise UncurlError("no calibration text to profile: the task's calibration split is empty")
     moe_layers = find_moe_layers(model, adapter)
     recorder = _Recorder(moe_layers, moe_layers[0].num_experts)
-    device = next(model.parameters()).device
+    device = input_device(model)
     n_batches = -(-len(texts) // batch_size)
     try:
         with progress_bar(progress, n_batches, "profiling routers") as advance:
