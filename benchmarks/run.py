@@ -38,7 +38,7 @@ import torch
 
 from uncurl.adapters import ADAPTERS
 from uncurl.cluster import plan_layer
-from uncurl.load import build_tiny
+from uncurl.load import build_tiny, prefer_lean_experts
 from uncurl.merge import parameter_count, rewrite_model
 from uncurl.profile import batches, profile_model
 from uncurl.save import verify_checkpoint, write_checkpoint
@@ -167,7 +167,8 @@ def floor_child(arg: str) -> None:
     texts_, _ = calibration_texts(DataOptions(task="corpus", data_dir=str(DATA), samples=PRUNE_ARGS["samples"]), 0)
     with torch.no_grad():
         for b in batches(loaded.tokenizer, texts_, batch_size=PRUNE_ARGS["batch_size"], max_length=PRUNE_ARGS["max_length"]):
-            loaded.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], logits_to_keep=1)
+            loaded.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], logits_to_keep=1,
+                         use_cache=False)
     with tempfile.TemporaryDirectory(dir=Path(folder).parent) as d:
         write_checkpoint(loaded.model, loaded.tokenizer, Path(d))
     wall = time.perf_counter() - start
@@ -295,6 +296,11 @@ def summarise(result: dict) -> None:
         print(f"ratios: model {r['model']['params']:,} parameters, {r['calibration_tokens']:,} calibration tokens")
         for name, value in r["ratios"].items():
             print(f"  {name:36s} {value:8.3f}   goal {r['goals'][name]}")
+        ei = r.get("experts_implementation")
+        if ei:
+            print(f"  experts on CPU, one batch of {ei['tokens_per_batch']} tokens: " + "; ".join(
+                f"{k} {ei[k]['median_seconds']:.2f} s, +{ei[k]['median_peak_growth_mb']:.0f} MB"
+                for k in ("grouped_mm", "eager")))
     for row in result.get("profile_memory", []):
         print(f"  profile peak RSS at {row['tokens']:>7,} tokens   {row['peak_mb']:7.1f} MB   goal: flat")
     pm = result.get("prune_memory")
@@ -315,12 +321,37 @@ def summarise(result: dict) -> None:
                   f"{row['s_per_mparam']:9.4f} {row['s_per_mparam_without_profile']:9.4f}")
 
 
+def experts_implementations(model, batch, repeats: int = 3) -> dict:
+    """One batch through transformers' grouped_mm and eager experts: seconds and peak RSS growth."""
+    out = {}
+    for impl in ("grouped_mm", "eager") * repeats:
+        model.set_experts_implementation(impl)
+        with torch.no_grad():
+            before = rss_mb()
+            Path("/proc/self/clear_refs").write_text("5")
+            start = time.perf_counter()
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=1,
+                  use_cache=False)
+            seconds = time.perf_counter() - start
+            peak = rss_mb("VmHWM:") - before
+        row = out.setdefault(impl, {"seconds": [], "peak_growth_mb": []})
+        row["seconds"].append(round(seconds, 4))
+        row["peak_growth_mb"].append(round(peak, 1))
+    for row in out.values():
+        row["median_seconds"] = statistics.median(row["seconds"])
+        row["median_peak_growth_mb"] = statistics.median(row["peak_growth_mb"])
+    out["tokens_per_batch"] = int(batch["attention_mask"].sum())
+    return out
+
+
 def ratios(args) -> dict:
     """Profile / plain forward, prune / (forward + save), checkpoint bytes, all in this process."""
     adapter = ADAPTERS["mixtral"]
     model, tok = build_tiny("mixtral", hidden_size=args.hidden, intermediate_size=2 * args.hidden,
                             num_hidden_layers=args.layers, num_local_experts=args.experts,
                             num_attention_heads=8, num_key_value_heads=8)
+    experts_impl = experts_implementations(model, list(batches(tok, texts(8), batch_size=8, max_length=512))[0])
+    prefer_lean_experts(model, torch.device("cpu"))  # what uncurl runs on CPU
     data = texts(args.samples)
     enc = list(batches(tok, data, batch_size=8, max_length=512))
     n_tokens = sum(int(b["attention_mask"].sum()) for b in enc)
@@ -328,7 +359,7 @@ def ratios(args) -> dict:
     @torch.no_grad()
     def plain():
         for b in enc:
-            model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], logits_to_keep=1)
+            model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], logits_to_keep=1, use_cache=False)
 
     def profile():
         return profile_model(model, tok, adapter, data, batch_size=8, max_length=512)
@@ -363,6 +394,7 @@ def ratios(args) -> dict:
         "model": {"params": parameter_count(model), "weight_mb": round(parameter_count(model) * 4 / 1e6, 1),
                   "experts": args.experts, "layers": args.layers, "hidden": args.hidden},
         "calibration_tokens": n_tokens,
+        "experts_implementation": experts_impl,
         "seconds": {"plain_forward": t_plain, "profile": t_profile, "save_original": t_save, "prune": t_prune},
         "ratios": {
             "profile_over_forward": round(t_profile / t_plain, 3),

@@ -28,7 +28,7 @@ class UniformLM(torch.nn.Module):
         self.vocab = vocab
         self.dummy = torch.nn.Parameter(torch.zeros(1))
 
-    def forward(self, input_ids, attention_mask=None):
+    def forward(self, input_ids, attention_mask=None, **kwargs):
         return SimpleNamespace(logits=torch.zeros(*input_ids.shape, self.vocab))
 
 

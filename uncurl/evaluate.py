@@ -63,7 +63,7 @@ def score_requests(model, requests: Sequence[Request], *, batch_size: int, pad_i
             for row, r in enumerate(chunk):
                 ids[row, : len(r.ids)] = torch.tensor(r.ids)
                 mask[row, : len(r.ids)] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits.float()
             logp = torch.log_softmax(logits[:, :-1], dim=-1)
             token_lp = logp.gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1).cpu()
             for row, r in enumerate(chunk):

@@ -11,6 +11,11 @@ instead of being memory-mapped. With mmap (transformers' default) every page of 
 mapped, and counted as resident, for as long as any unconverted tensor points into it, so loading a
 checkpoint whose experts are fused on load (Mixtral, Qwen-MoE, OLMoE, ...) peaked at ~2x the
 weights; with ``pread`` it is one copy plus the tensors being converted (benchmarks/run.py).
+
+On CPU the experts run with transformers' ``eager`` implementation (a loop over the experts that
+were hit) instead of the default ``grouped_mm``: on a 2-core CPU it is as fast and needs about half
+the activation memory per batch (benchmarks/run.py, "experts_implementation"). On CUDA the default
+is kept.
 """
 
 from __future__ import annotations
@@ -126,6 +131,15 @@ def return_freed_memory() -> None:
         pass
 
 
+def prefer_lean_experts(model, device: torch.device) -> None:
+    """On CPU, run experts with the ``eager`` implementation (see the module doc)."""
+    if device.type == "cpu" and getattr(model.config, "_experts_implementation", None) not in (None, "eager"):
+        try:
+            model.set_experts_implementation("eager")
+        except (AttributeError, ValueError):  # a model without switchable experts keeps its own
+            pass
+
+
 def checkpoint_files(folder: Path) -> list[Path]:
     """The safetensors shards transformers would load from ``folder`` (index first), else []."""
     index = folder / "model.safetensors.index.json"
@@ -184,6 +198,7 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto", seed
         model, tokenizer = build_tiny(get_adapter(model_id[len(BUILTIN_PREFIX):]).model_type, seed=seed)
         if dtype != "auto":
             model = model.to(DTYPES[dtype])
+        prefer_lean_experts(model, dev)
         return Loaded(model.to(dev), tokenizer, get_adapter(model.config.model_type), model_id, None)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -196,6 +211,8 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto", seed
         model = from_folder(Path(model_id), config, DTYPES.get(dtype, "auto"), device_map=placement)
     else:
         model = AutoModelForCausalLM.from_pretrained(model_id, dtype=DTYPES.get(dtype, "auto"), device_map=placement)
+    if device_map is None:
+        prefer_lean_experts(model, dev)
     on_disk = [name for name, p in model.named_parameters() if p.device.type == "meta"]
     if on_disk:
         raise UncurlError(

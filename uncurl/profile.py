@@ -191,8 +191,9 @@ def profile_model(
             for batch in batches(tokenizer, texts, batch_size=batch_size, max_length=max_length):
                 batch = batch.to(device)
                 recorder.mask = batch["attention_mask"].reshape(-1).bool()
-                # logits_to_keep=1: the router statistics need no vocabulary projection
-                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=1)
+                # logits_to_keep=1: the router statistics need no vocabulary projection; no KV cache
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=1,
+                      use_cache=False)
                 advance()
     finally:
         recorder.close()
