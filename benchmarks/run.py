@@ -38,7 +38,7 @@ import torch
 
 from uncurl.adapters import ADAPTERS
 from uncurl.cluster import plan_layer
-from uncurl.load import build_tiny, prefer_lean_experts
+from uncurl.load import build_tiny, prefer_lean_experts, return_freed_memory
 from uncurl.merge import parameter_count, rewrite_model
 from uncurl.profile import batches, profile_model
 from uncurl.save import verify_checkpoint, write_checkpoint
@@ -75,8 +75,10 @@ def timed_alternating(fns: dict, repeats: int) -> dict:
 
 def profile_memory_child(n_tokens: int) -> None:
     """In a fresh process: resident-memory growth (MB) while profiling ``n_tokens`` tokens."""
+    return_freed_memory()  # as load_model does
     model, tok = build_tiny("mixtral", hidden_size=256, intermediate_size=512, num_hidden_layers=4)
-    data = texts(max(1, n_tokens // 512) + 8)
+    prefer_lean_experts(model, torch.device("cpu"))
+    data = texts(max(1, round(n_tokens / 512)) + 8)  # texts are truncated at 512 tokens
     profile_model(model, tok, ADAPTERS["mixtral"], data[:8], batch_size=8, max_length=512)  # one full batch
     before = rss_mb()
     prof = profile_model(model, tok, ADAPTERS["mixtral"], data[8:], batch_size=8, max_length=512)
@@ -215,9 +217,11 @@ def scaling(repeats: int) -> list[dict]:
     adapter = ADAPTERS["mixtral"]
     data = texts(16)
     rows = []
-    for experts, layers in ((8, 4), (32, 4), (128, 4), (8, 2), (8, 8)):
+    configs = ((8, 4), (32, 4), (128, 4), (8, 2), (8, 8))
+    for i, (experts, layers) in enumerate(((8, 2), *configs)):  # the first is a warm-up, not reported
         model, tok = build_tiny("mixtral", hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
                                 num_local_experts=experts, num_attention_heads=4, num_key_value_heads=4)
+        prefer_lean_experts(model, torch.device("cpu"))
         seconds: dict[str, list[float]] = {}
         for _ in range(repeats):
             t = {}
@@ -240,6 +244,8 @@ def scaling(repeats: int) -> list[dict]:
                 t["verify"] = time.perf_counter() - start
             for k, v in t.items():
                 seconds.setdefault(k, []).append(v)
+        if i == 0:
+            continue
         med = {k: round(statistics.median(v), 4) for k, v in seconds.items()}
         params = parameter_count(model)
         rows.append({"experts": experts, "layers": layers, "params": params, "seconds": med,

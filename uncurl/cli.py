@@ -61,9 +61,9 @@ Seed = Annotated[int, typer.Option(rich_help_panel=RUN, help="Seed for sampling,
 Device = Annotated[str, typer.Option(rich_help_panel=RUN, help="auto (CUDA when present), cpu, cuda, cuda:N.")]
 DeviceMap = Annotated[Optional[str], typer.Option(
     rich_help_panel=RUN,
-    help="Spread a model too big for one GPU over every GPU and the CPU (accelerate): auto, balanced, "
-         "balanced_low_0 or sequential. Merging happens where each layer lives; weights offloaded to "
-         "disk are refused.")]
+    help="Spread a model too big for one GPU over several GPUs (accelerate): auto, balanced, "
+         "balanced_low_0 or sequential. Each layer is merged on its own GPU. Weights that accelerate would "
+         "offload to CPU or disk are refused (exit 2); use --device cpu when they fit in RAM.")]
 Dtype = Annotated[str, typer.Option(rich_help_panel=RUN, help="auto (the checkpoint's own), float32, bfloat16, float16.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", rich_help_panel=RUN, help="Log each step.")]
 Json = Annotated[bool, typer.Option("--json", rich_help_panel=RUN,

@@ -213,11 +213,12 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto", seed
         model = AutoModelForCausalLM.from_pretrained(model_id, dtype=DTYPES.get(dtype, "auto"), device_map=placement)
     if device_map is None:
         prefer_lean_experts(model, dev)
-    on_disk = [name for name, p in model.named_parameters() if p.device.type == "meta"]
+    on_disk = [name for name, p in model.named_parameters() if p.device.type == "meta"]  # accelerate offload
     if on_disk:
         raise UncurlError(
-            f"--device-map {device_map} left {len(on_disk)} tensors offloaded to disk (e.g. {on_disk[0]}); "
-            "uncurl merges experts in GPU/CPU memory, so it needs the weights to fit in them")
+            f"--device-map {device_map} offloaded {len(on_disk)} tensors (e.g. {on_disk[0]}) to be streamed in "
+            "from CPU or disk at each forward; uncurl merges experts where they live, so it needs every weight "
+            "resident on a GPU, or use --device cpu when the weights fit in RAM")
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_id)
     except (OSError, ValueError, TypeError) as err:
