@@ -107,6 +107,9 @@ def odd_models(tmp_path_factory):
         (["--device", "tpu"], "--device 'tpu'"),
         (["--device-map", "everywhere"], "--device-map 'everywhere'"),
         (["--device-map", "auto", "--device", "cpu"], "leave --device at auto"),
+        (["--max-memory", "cpu=1GB"], "--max-memory only applies with --device-map"),
+        (["--device-map", "auto", "--max-memory", "gpu0=1GB"], "device 'gpu0' is not a GPU index"),
+        (["--device-map", "auto", "--max-memory", "lots"], "expected DEVICE=AMOUNT pairs"),
         (["--profile", "{tmp}/missing.profile"], "no such file"),
     ],
 )

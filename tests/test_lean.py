@@ -23,6 +23,7 @@ from uncurl.load import build_tiny, from_folder
 from uncurl.merge import rewrite_model
 from uncurl.pipeline import PruneOptions, prune
 from uncurl.save import verify_checkpoint, write_checkpoint
+from uncurl.sweep import SweepOptions, sweep
 
 FAMILIES = sorted(ADAPTERS)
 
@@ -158,17 +159,52 @@ def test_streaming_save_of_a_freshly_built_model(tmp_path):
     assert files(tmp_path / "simple") == files(tmp_path / "lean")
 
 
-def test_device_map_auto_writes_the_same_checkpoint(tiny_dirs, data_dir, tmp_path):
-    """On this CPU-only machine accelerate places every layer on the CPU; the path (accelerate
-    placement, hooks, per-device merge, streaming save from wherever tensors live) must not change
-    a byte. Multi-GPU placement itself needs GPUs and is not covered here."""
-    src = tiny_dirs("olmoe")
-    common = dict(model=str(src), task="superglue-rte", keep=4, data_dir=str(data_dir), samples=12, max_length=64,
-                  eval=True, eval_limit=8)
-    plain = prune(PruneOptions(out=str(tmp_path / "plain"), **common))
-    mapped = prune(PruneOptions(out=str(tmp_path / "mapped"), device_map="auto", **common))
-    weights = sorted(p.name for p in (tmp_path / "plain").glob("*.safetensors"))
+@pytest.fixture(scope="module")
+def plain_runs(tiny_dirs, data_dir, tmp_path_factory):
+    """family -> (options, output folder, report) of an ordinary prune with --eval."""
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            out = tmp_path_factory.mktemp("plain") / family
+            common = dict(model=str(tiny_dirs(family)), task="superglue-rte", keep=4, data_dir=str(data_dir),
+                          samples=12, max_length=64, eval=True, eval_limit=8)
+            cache[family] = (common, out, prune(PruneOptions(out=str(out), **common)).report)
+        return cache[family]
+
+    return get
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("max_memory", [None, "cpu=30KB"], ids=["resident", "offloaded-to-disk"])
+def test_device_map_writes_the_same_checkpoint(family, max_memory, plain_runs, tmp_path):
+    """--device-map through accelerate, with every layer resident, or with most of the model
+    offloaded to disk (memory-mapped, read one tensor at a time to merge and save, the rewritten
+    model dispatched with the same hooks): the checkpoint and both evaluations must not change.
+    On this CPU-only machine accelerate's CPU-offload and multi-GPU placements cannot be made."""
+    common, plain_out, plain_report = plain_runs(family)
+    mapped = prune(PruneOptions(out=str(tmp_path / "mapped"), device_map="auto", max_memory=max_memory, **common))
+    placement = mapped.report["model"]["placement"]
+    assert ("disk" in placement) == bool(max_memory), placement
+    weights = sorted(p.name for p in plain_out.glob("*.safetensors"))
     assert weights and weights == sorted(p.name for p in (tmp_path / "mapped").glob("*.safetensors"))
     for name in weights + ["config.json"]:
-        assert (tmp_path / "plain" / name).read_bytes() == (tmp_path / "mapped" / name).read_bytes(), name
-    assert plain.report["eval"] == mapped.report["eval"]
+        assert (plain_out / name).read_bytes() == (tmp_path / "mapped" / name).read_bytes(), name
+    assert mapped.report["eval"] == plain_report["eval"]
+    assert mapped.report["model"]["bytes_before"] == plain_report["model"]["bytes_before"]
+
+
+def test_sweep_offloaded_to_disk_matches_the_resident_sweep(tiny_dirs, data_dir, tmp_path):
+    """A sweep keeps the original model for every K: rewriting must leave its offloaded weights
+    (and hooks) intact, so every row matches the sweep of a resident model."""
+    common = dict(model=str(tiny_dirs("mixtral")), task="superglue-rte", keeps=(6, 4, 2), methods=("uncurl",),
+                  data_dir=str(data_dir), samples=12, max_length=64, eval_limit=8, keep_checkpoints=True)
+    plain = sweep(SweepOptions(out=str(tmp_path / "plain"), **common))
+    mapped = sweep(SweepOptions(out=str(tmp_path / "mapped"), device_map="auto", max_memory="cpu=30KB", **common))
+    assert mapped["unpruned"] == plain["unpruned"]
+    strip = ("checkpoint",)
+    assert [{k: v for k, v in r.items() if k not in strip} for r in mapped["results"]] == [
+        {k: v for k, v in r.items() if k not in strip} for r in plain["results"]]
+    for row in plain["results"]:
+        name = f"uncurl-k{row['keep']}"
+        assert files(tmp_path / "plain" / "checkpoints" / name) == files(tmp_path / "mapped" / "checkpoints" / name)

@@ -61,9 +61,13 @@ Seed = Annotated[int, typer.Option(rich_help_panel=RUN, help="Seed for sampling,
 Device = Annotated[str, typer.Option(rich_help_panel=RUN, help="auto (CUDA when present), cpu, cuda, cuda:N.")]
 DeviceMap = Annotated[Optional[str], typer.Option(
     rich_help_panel=RUN,
-    help="Spread a model too big for one GPU over several GPUs (accelerate): auto, balanced, "
-         "balanced_low_0 or sequential. Each layer is merged on its own GPU. Weights that accelerate would "
-         "offload to CPU or disk are refused (exit 2); use --device cpu when they fit in RAM.")]
+    help="Place a model too big for one GPU with accelerate: auto, balanced, balanced_low_0 or "
+         "sequential. Layers fill the GPUs, then CPU memory, then disk; each layer is merged where it "
+         "lives, offloaded ones one tensor at a time. See --max-memory.")]
+MaxMemory = Annotated[Optional[str], typer.Option(
+    rich_help_panel=RUN,
+    help="With --device-map: memory per device, e.g. '0=20GiB,1=20GiB,cpu=60GiB'. What does not fit is "
+         "offloaded to CPU memory, then to a temporary folder on disk (deleted at exit).")]
 Dtype = Annotated[str, typer.Option(rich_help_panel=RUN, help="auto (the checkpoint's own), float32, bfloat16, float16.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", rich_help_panel=RUN, help="Log each step.")]
 Json = Annotated[bool, typer.Option("--json", rich_help_panel=RUN,
@@ -182,6 +186,7 @@ def prune(
     seed: Seed = 0,
     device: Device = "auto",
     device_map: DeviceMap = None,
+    max_memory: MaxMemory = None,
     dtype: Dtype = "auto",
     as_json: Json = False,
     verbose: Verbose = False,
@@ -195,7 +200,7 @@ def prune(
     _setup_logging(verbose)
     opts = PruneOptions(
         model=model, keep=keep, out=out, method=method, router_rows=router_rows, top_k=top_k, profile=profile,
-        overwrite=overwrite, shard_size=shard_size, seed=seed, device=device, device_map=device_map, dtype=dtype,
+        overwrite=overwrite, shard_size=shard_size, seed=seed, device=device, device_map=device_map, max_memory=max_memory, dtype=dtype,
         eval=evaluate, eval_limit=eval_limit, metric=metric, max_drop=max_drop,
         extra={"command": _command_line(ctx)},
         **_data_options(task, data_dir, samples, max_length, batch_size, template, choices, label_field, calibrate_on),
@@ -254,6 +259,7 @@ def profile_cmd(
     seed: Seed = 0,
     device: Device = "auto",
     device_map: DeviceMap = None,
+    max_memory: MaxMemory = None,
     dtype: Dtype = "auto",
     verbose: Verbose = False,
 ):
@@ -267,7 +273,7 @@ def profile_cmd(
     _setup_logging(verbose)
     opts = DataOptions(**_data_options(task, data_dir, samples, max_length, batch_size, template, choices, label_field))
     resolve_task(opts)
-    loaded = load_model(model, device=device, dtype=dtype, seed=seed, device_map=device_map)
+    loaded = load_model(model, device=device, dtype=dtype, seed=seed, device_map=device_map, max_memory=max_memory)
     path = run_profile(loaded, opts, seed).save(out)
     typer.echo(str(path))
 
@@ -288,6 +294,7 @@ def eval_cmd(
     seed: Seed = 0,
     device: Device = "auto",
     device_map: DeviceMap = None,
+    max_memory: MaxMemory = None,
     dtype: Dtype = "auto",
     as_json: Json = False,
     verbose: Verbose = False,
@@ -302,7 +309,7 @@ def eval_cmd(
     _setup_logging(verbose)
     opts = DataOptions(**_data_options(task, data_dir, 1, max_length, batch_size, template, choices, label_field))
     resolve_task(opts)
-    loaded = load_model(model, device=device, dtype=dtype, seed=seed, device_map=device_map)
+    loaded = load_model(model, device=device, dtype=dtype, seed=seed, device_map=device_map, max_memory=max_memory)
     metrics = {"model": model, **run_eval(loaded.model, loaded.tokenizer, opts, limit, seed)}
     if as_json:
         _emit_json(metrics)
@@ -343,6 +350,7 @@ def sweep_cmd(
     seed: Seed = 0,
     device: Device = "auto",
     device_map: DeviceMap = None,
+    max_memory: MaxMemory = None,
     dtype: Dtype = "auto",
     as_json: Json = False,
     verbose: Verbose = False,
@@ -358,7 +366,7 @@ def sweep_cmd(
         model=model, keeps=_ints(keep, "--keep"), methods=tuple(m.strip() for m in method.split(",") if m.strip()),
         out=out, router_rows=router_rows, top_k=top_k, profile=profile, keep_checkpoints=keep_checkpoints,
         overwrite=overwrite, tolerance=tolerance, metric=metric, eval_limit=eval_limit, seed=seed, device=device,
-        device_map=device_map, dtype=dtype, extra={"command": _command_line(ctx)},
+        device_map=device_map, max_memory=max_memory, dtype=dtype, extra={"command": _command_line(ctx)},
         **_data_options(task, data_dir, samples, max_length, batch_size, template, choices, label_field, calibrate_on),
     )
     s = sweep(opts)

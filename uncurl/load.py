@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -44,6 +44,7 @@ class Loaded:
     adapter: MoEAdapter
     model_id: str
     source: Path | None  # the local folder the model came from (never written to), if any
+    placement: dict = field(default_factory=dict)  # device_map and max_memory, for reloading alike
 
 
 def resolve_device(device: str) -> torch.device:
@@ -58,9 +59,14 @@ def resolve_device(device: str) -> torch.device:
 
 
 def input_device(model) -> torch.device:
-    """Where inputs go: the embedding's device (the first one under --device-map)."""
+    """Where inputs go: the embedding's device (the first one under --device-map; for an offloaded
+    embedding, the device its accelerate hook runs it on)."""
     embeddings = getattr(model, "get_input_embeddings", lambda: None)()
-    return embeddings.weight.device if embeddings is not None else next(model.parameters()).device
+    if embeddings is None:
+        return next(model.parameters()).device
+    if embeddings.weight.device.type == "meta" and hasattr(embeddings, "_hf_hook"):
+        return torch.device(embeddings._hf_hook.execution_device)
+    return embeddings.weight.device
 
 
 def byte_tokenizer():
@@ -151,10 +157,43 @@ def checkpoint_files(folder: Path) -> list[Path]:
     return [single] if single.is_file() else []
 
 
-def from_folder(folder: Path, config, dtype, device_map=None, output_loading_info: bool = False):
+def parse_max_memory(text: str | None) -> dict | None:
+    """``0=20GiB,cpu=60GiB`` -> ``{0: "20GiB", "cpu": "60GiB"}`` (accelerate's max_memory)."""
+    if not text:
+        return None
+    out = {}
+    for item in text.split(","):
+        device, sep, amount = item.strip().partition("=")
+        if not sep or not amount:
+            raise UncurlError(f"--max-memory {text!r}: expected DEVICE=AMOUNT pairs, e.g. 0=20GiB,cpu=60GiB")
+        if device.isdigit():
+            out[int(device)] = amount
+        elif device in ("cpu", "mps"):
+            out[device] = amount
+        else:
+            raise UncurlError(f"--max-memory {text!r}: device {device!r} is not a GPU index, cpu or mps")
+    return out
+
+
+def placement_kwargs(device_map: str | None, max_memory: dict | None) -> dict:
+    """from_pretrained's placement arguments; what does not fit goes to a private offload folder
+    that is deleted when the process exits."""
+    if device_map is None:
+        return {}
+    import atexit
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="uncurl-offload-")
+    atexit.register(shutil.rmtree, folder, True)
+    return {"device_map": device_map, "max_memory": max_memory, "offload_folder": folder}
+
+
+def from_folder(folder: Path, config, dtype, device_map=None, output_loading_info: bool = False, **placement):
     """``from_pretrained(folder)`` with the shards read by ``pread`` instead of mmap (see above).
 
-    Falls back to plain ``from_pretrained`` for anything but safetensors shards.
+    Falls back to plain ``from_pretrained`` for anything but safetensors shards. ``placement``:
+    ``max_memory``/``offload_folder`` for a ``device_map``.
     """
     from transformers import AutoModelForCausalLM, GenerationConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
@@ -162,7 +201,7 @@ def from_folder(folder: Path, config, dtype, device_map=None, output_loading_inf
     files = checkpoint_files(folder)
     if not files:
         return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device_map,
-                                                    output_loading_info=output_loading_info)
+                                                    output_loading_info=output_loading_info, **placement)
     from safetensors import safe_open
 
     handles = [safe_open(str(f), framework="pt", device="cpu", backend="pread") for f in files]
@@ -170,7 +209,7 @@ def from_folder(folder: Path, config, dtype, device_map=None, output_loading_inf
         state = {name: h.get_slice(name) for h in handles for name in h.keys()}
         cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
         model = cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype, device_map=device_map,
-                                    output_loading_info=output_loading_info)
+                                    output_loading_info=output_loading_info, **placement)
     finally:
         for h in handles:
             h.__exit__(None, None, None)
@@ -182,9 +221,10 @@ def from_folder(folder: Path, config, dtype, device_map=None, output_loading_inf
 
 
 def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto", seed: int = 0,
-               device_map: str | None = None) -> Loaded:
-    """Load ``model_id`` for inference (eval mode, no gradients) on ``device``, or spread over every
-    GPU and the CPU by accelerate when ``device_map`` is given (``auto``: fill GPUs in order)."""
+               device_map: str | None = None, max_memory: str | None = None) -> Loaded:
+    """Load ``model_id`` for inference (eval mode, no gradients) on ``device``, or spread over the
+    GPUs by accelerate when ``device_map`` is given (``auto``: fill GPUs in order), with what does not
+    fit (or exceeds ``max_memory``, e.g. ``0=20GiB,cpu=60GiB``) offloaded to CPU memory, then disk."""
     return_freed_memory()
     dev = resolve_device(device)
     if device_map is not None:
@@ -192,6 +232,9 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto", seed
             raise UncurlError(f"--device-map {device_map!r} is not one of {', '.join(DEVICE_MAPS)}")
         if device != "auto":
             raise UncurlError("--device-map places the model itself; leave --device at auto")
+    elif max_memory:
+        raise UncurlError("--max-memory only applies with --device-map")
+    limits = parse_max_memory(max_memory)
     if dtype != "auto" and dtype not in DTYPES:
         raise UncurlError(f"--dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
     if model_id.startswith(BUILTIN_PREFIX):
@@ -206,22 +249,17 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto", seed
     config = _config(model_id)
     adapter = get_adapter(config.model_type)  # unknown family fails here, before the weights
     log.info("loading %s (%s) on %s", model_id, config.model_type, dev)
-    placement = device_map or {"": dev}
+    placement = placement_kwargs(device_map, limits) or {"device_map": {"": dev}}
     if Path(model_id).is_dir():
-        model = from_folder(Path(model_id), config, DTYPES.get(dtype, "auto"), device_map=placement)
+        model = from_folder(Path(model_id), config, DTYPES.get(dtype, "auto"), **placement)
     else:
-        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=DTYPES.get(dtype, "auto"), device_map=placement)
+        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=DTYPES.get(dtype, "auto"), **placement)
     if device_map is None:
         prefer_lean_experts(model, dev)
-    on_disk = [name for name, p in model.named_parameters() if p.device.type == "meta"]  # accelerate offload
-    if on_disk:
-        raise UncurlError(
-            f"--device-map {device_map} offloaded {len(on_disk)} tensors (e.g. {on_disk[0]}) to be streamed in "
-            "from CPU or disk at each forward; uncurl merges experts where they live, so it needs every weight "
-            "resident on a GPU, or use --device cpu when the weights fit in RAM")
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_id)
     except (OSError, ValueError, TypeError) as err:
         raise UncurlError(f"model {model_id!r} has no usable tokenizer: {err}") from None
     source = Path(model_id).resolve() if Path(model_id).is_dir() else None
-    return Loaded(model.eval(), tokenizer, adapter, model_id, source)
+    again = {"device_map": device_map, "max_memory": limits} if device_map else {}
+    return Loaded(model.eval(), tokenizer, adapter, model_id, source, again)

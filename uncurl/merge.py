@@ -16,6 +16,10 @@ assignment: unchanged tensors (attention, embeddings, dense layers, shared exper
 not copied, so no second full copy of the model is ever held. With ``consume=True`` (what
 ``prune`` uses) each layer's original expert tensors are released as soon as that layer is merged,
 so the peak is the model plus one merged tensor, not the model plus all merged experts.
+
+Under ``--device-map`` each tensor is merged on the device it lives on; tensors accelerate offloaded
+to CPU or disk are read one at a time, and the rewritten model gets the original's placement
+(``offload.py``).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch
 
 from .adapters import MoEAdapter, find_moe_layers, per_expert_names
 from .cluster import LayerPlan
+from .offload import drop_offloaded, read_tensor, transplant_hooks
 
 
 def merge_tensor(t: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -73,9 +78,12 @@ def rewrite_model(
                     raise ValueError(f"{name} has shape {tuple(state[name].shape)}; expected experts first")
                 work.append((name, m))
     for name, m in work:
-        state[name] = merge_tensor(state[name], m.to(state[name].device))
+        source = read_tensor(model, name, state[name])  # from accelerate's offload if need be
+        state[name] = merge_tensor(source, m.to(source.device))
+        del source
         if consume:
             _replace(model, name, state[name])
+            drop_offloaded(model, name)
 
     config = copy.deepcopy(model.config)
     setattr(config, adapter.expert_count_key, keep.pop())
@@ -91,6 +99,8 @@ def rewrite_model(
             new.get_submodule(owner)._buffers[attr] = buf
     if getattr(model, "generation_config", None) is not None:
         new.generation_config = copy.deepcopy(model.generation_config)
+    if any(hasattr(module, "_hf_hook") for module in model.modules()):  # dispatched by accelerate
+        transplant_hooks(model, new, {name.rpartition(".")[0] for name, _ in work})
     return new.eval()
 
 
@@ -109,6 +119,8 @@ def parameter_count(model) -> int:
 
 
 def weight_bytes(model) -> int:
-    """Bytes of the distinct tensors in the state dict (tied weights counted once)."""
-    seen = {t.data_ptr(): t.numel() * t.element_size() for t in model.state_dict().values()}
+    """Bytes of the distinct tensors in the state dict (tied weights counted once; offloaded tensors,
+    which all sit at address 0 on ``meta``, by name)."""
+    seen = {(t.data_ptr() if t.device.type != "meta" else name): t.numel() * t.element_size()
+            for name, t in model.state_dict().items()}
     return sum(seen.values())

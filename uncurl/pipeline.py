@@ -22,7 +22,7 @@ from .adapters import expert_count, find_moe_layers, routing_groups, top_k
 from .cluster import METHODS, ROUTER_RULES, LayerPlan, plan_layer, validate_keep
 from .errors import UncurlError
 from .evaluate import METRICS, drop, evaluate_examples
-from .load import Loaded, load_model
+from .load import Loaded, input_device, load_model
 from .merge import parameter_count, rewrite_model, weight_bytes
 from .profile import Profile, profile_model
 from .report import REPORT_SCHEMA, Timings, command_line, layer_entries, versions, write_report
@@ -60,6 +60,7 @@ class RunOptions(DataOptions):
     seed: int = 0
     device: str = "auto"
     device_map: str | None = None  # accelerate placement over GPUs and CPU (auto, balanced, sequential)
+    max_memory: str | None = None  # with device_map: per-device limits, e.g. "0=20GiB,cpu=60GiB"
     dtype: str = "auto"
     eval_limit: int | None = None  # evaluation examples (a seeded subset); None: the whole split
     metric: str = "acc"  # the metric a drop is measured on: acc, acc_norm or loss
@@ -172,7 +173,7 @@ def prepare(opts: RunOptions, keeps: list[int], timings: Timings, *, source_chec
     """Load the model, validate every K against it, then profile (or read --profile)."""
     with timings.stage("load"):
         loaded = load_model(opts.model, device=opts.device, dtype=opts.dtype, seed=opts.seed,
-                            device_map=opts.device_map)
+                            device_map=opts.device_map, max_memory=opts.max_memory)
     if source_check is not None:
         source_check(loaded.source)
     config, adapter = loaded.model.config, loaded.adapter
@@ -207,16 +208,6 @@ def base_report(opts: RunOptions, prep: Prepared, timings: Timings) -> dict:
     }
 
 
-def place_like(pruned, placement: dict | None):
-    """Under --device-map the merged tensors stay on their layer's device; give the rewritten model
-    accelerate's hooks too, so a forward (evaluation) moves activations between devices."""
-    if placement and len(set(placement.values())) > 1:
-        from accelerate import dispatch_model
-
-        return dispatch_model(pruned, device_map=placement)
-    return pruned
-
-
 def prune(opts: PruneOptions) -> PruneResult:
     """load -> (validate) -> profile -> cluster -> merge -> save + verify -> report (+ eval, gate)."""
     timings = Timings()
@@ -233,13 +224,15 @@ def prune(opts: PruneOptions) -> PruneResult:
     with timings.stage("cluster"):
         plans = plan_all(prep, opts.keep, opts.method, opts.seed)
     before = {"params": parameter_count(loaded.model), "bytes": weight_bytes(loaded.model)}
-    placement = getattr(loaded.model, "hf_device_map", None)
+    placement = getattr(loaded.model, "hf_device_map", None) or {"": str(input_device(loaded.model))}
+    modules_per_device = {}
+    for device in placement.values():  # accelerate's map: module name -> GPU index, "cpu" or "disk"
+        modules_per_device[str(device)] = modules_per_device.get(str(device), 0) + 1
     with timings.stage("merge"):
         pruned = rewrite_model(loaded.model, adapter, plans, router_rule=opts.router_rows, top_k=opts.top_k,
                                consume=True)  # originals are freed layer by layer: never two copies
     loaded.model = None
     if evaluating:
-        pruned = place_like(pruned, placement)
         with timings.stage("eval_after"):
             evaluation["after"] = run_eval(pruned, loaded.tokenizer, opts, opts.eval_limit, opts.seed)
         evaluation["drop"] = {m: drop(evaluation["before"], evaluation["after"], m) for m in METRICS}
@@ -251,6 +244,7 @@ def prune(opts: PruneOptions) -> PruneResult:
             "top_k_before": prep.top_k_before, "top_k_after": prep.top_k_after,
             "params_before": before["params"], "params_after": parameter_count(pruned),
             "bytes_before": before["bytes"], "bytes_after": weight_bytes(pruned),
+            "placement": modules_per_device,
         },
         "method": opts.method,
         "router_rows": opts.router_rows,
@@ -269,7 +263,8 @@ def prune(opts: PruneOptions) -> PruneResult:
             write_checkpoint(pruned, loaded.tokenizer, tmp, opts.shard_size)
         del pruned  # the checks below reload from disk: never hold both copies
         with timings.stage("verify"):
-            report["checks"] = verify_checkpoint(tmp, adapter, opts.keep, prep.top_k_after, loaded.tokenizer)
+            report["checks"] = verify_checkpoint(tmp, adapter, opts.keep, prep.top_k_after, loaded.tokenizer,
+                                                 loaded.placement)
         with timings.stage("report"):
             report["files"] = write_report(report, tmp / "report")
     log.info("wrote %s", out)

@@ -101,28 +101,33 @@ def _layer_runs(state: dict) -> list[dict]:
 
 def stream_checkpoint(model, folder: Path, shard_size: str | int) -> bool:
     """Write what ``save_pretrained`` writes, one decoder layer at a time. False: not supported for
-    this model (quantized, offloaded to disk, an unusual dtype); the caller falls back."""
+    this model (quantized, an unusual dtype); the caller falls back. Offloaded tensors are read
+    from accelerate's offload one decoder layer at a time."""
     from huggingface_hub.serialization._base import split_state_dict_into_shards_factory
     from transformers.core_model_loading import revert_weight_conversion
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
+    from .offload import read_tensor
+
     state = remove_tied_weights_from_state_dict(model.state_dict(), model)
-    if (getattr(model, "hf_quantizer", None) is not None
-            or any(t.device.type == "meta" or t.dtype not in _ST_DTYPES for t in state.values())):
+    if getattr(model, "hf_quantizer", None) is not None or any(t.dtype not in _ST_DTYPES for t in state.values()):
         return False
     runs = _layer_runs(state)
     folder.mkdir(parents=True, exist_ok=True)
 
+    def materialised(run: dict) -> dict:  # tensors accelerate offloaded are read one layer at a time
+        return {name: read_tensor(model, name, t) for name, t in run.items()}
+
     def converted():
         for run in runs:
-            yield from revert_weight_conversion(model, run).items()
+            yield from revert_weight_conversion(model, materialised(run)).items()
 
     # pass 1: final names, shapes, dtypes and which outputs share storage (views of one model
     # tensor, or of one converted copy), which is what transformers' shard split looks at
     model_storages = {t.untyped_storage().data_ptr() for t in state.values()}
     specs, storage = {}, {}
     for i, run in enumerate(runs):
-        for name, t in revert_weight_conversion(model, run).items():
+        for name, t in revert_weight_conversion(model, materialised(run)).items():
             ptr = t.untyped_storage().data_ptr()
             specs[name] = torch.empty(t.shape, dtype=t.dtype, device="meta")
             storage[name] = (("model", ptr) if ptr in model_storages else ("converted", i, ptr),
@@ -185,13 +190,28 @@ class _ShardWriter:
         self.missing.discard(name)
 
 
-def verify_checkpoint(folder: Path, adapter: MoEAdapter, expected_experts: int, expected_top_k: int, tokenizer) -> dict:
-    """Reload from disk and check keys, expert counts, router rows, finiteness and one forward."""
+def verify_checkpoint(folder: Path, adapter: MoEAdapter, expected_experts: int, expected_top_k: int, tokenizer,
+                      placement: dict | None = None) -> dict:
+    """Reload from disk (placed like the run's model: ``placement``) and check keys, expert counts,
+    router rows, finiteness and one forward."""
     from transformers import AutoConfig
 
-    from .load import from_folder
+    from .load import from_folder, placement_kwargs
 
-    model, info = from_folder(folder, AutoConfig.from_pretrained(folder), "auto", output_loading_info=True)
+    where = placement_kwargs(**placement) if placement else {}  # a fresh offload folder, not the run's
+    try:
+        return _verify(from_folder(folder, AutoConfig.from_pretrained(folder), "auto", output_loading_info=True,
+                                   **where), folder, adapter, expected_experts, expected_top_k, tokenizer)
+    finally:
+        if where:
+            shutil.rmtree(where["offload_folder"], ignore_errors=True)
+
+
+def _verify(loaded, folder, adapter, expected_experts, expected_top_k, tokenizer) -> dict:
+    from .load import input_device
+    from .offload import read_tensor
+
+    model, info = loaded
     problems = [f"{k}: {sorted(v)}" for k, v in info.items() if k != "error_msgs" and v] + list(info["error_msgs"])
     if expert_count(model.config, adapter) != expected_experts:
         problems.append(f"config says {expert_count(model.config, adapter)} experts, expected {expected_experts}")
@@ -204,12 +224,13 @@ def verify_checkpoint(folder: Path, adapter: MoEAdapter, expected_experts: int, 
         for name, t in tensors:
             if t.shape[0] != expected_experts:
                 problems.append(f"{layer.name}: {name} has {t.shape[0]} experts, expected {expected_experts}")
-    bad = [n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    bad = [n for n, t in model.state_dict().items()
+           if t.is_floating_point() and not torch.isfinite(read_tensor(model, n, t)).all()]
     if bad:
         problems.append(f"non-finite values in {bad[:5]}")
     ids = tokenizer("uncurl checks the pruned model.", return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        logits = model(input_ids=ids).logits
+        logits = model(input_ids=ids.to(input_device(model))).logits
     if not torch.isfinite(logits).all():
         problems.append("forward pass produced non-finite logits")
     if problems:

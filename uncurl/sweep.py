@@ -18,7 +18,7 @@ from pathlib import Path
 from .errors import UncurlError
 from .evaluate import METRICS, drop
 from .merge import parameter_count, rewrite_model
-from .pipeline import RunOptions, base_report, check_options, place_like, plan_all, prepare, run_eval
+from .pipeline import RunOptions, base_report, check_options, plan_all, prepare, run_eval
 from .report import Timings
 from .save import check_out_dir, staged_dir, verify_checkpoint, write_checkpoint
 
@@ -66,15 +66,15 @@ def sweep(opts: SweepOptions) -> dict:
                     plans = plan_all(prep, keep, method, opts.seed)
                     pruned = rewrite_model(model, prep.loaded.adapter, plans, router_rule=opts.router_rows,
                                            top_k=opts.top_k)
-                    placement = getattr(model, "hf_device_map", None)
-                    metrics = run_eval(place_like(pruned, placement), tok, opts, opts.eval_limit, opts.seed)
+                    metrics = run_eval(pruned, tok, opts, opts.eval_limit, opts.seed)
                     row = {"method": method, "keep": keep, "params": parameter_count(pruned), **metrics,
                            "drop": {m: drop(base, metrics, m) for m in METRICS},
                            "groups": {name: [list(g) for g in p.groups] for name, p in plans.items()}}
                     if opts.keep_checkpoints:
                         folder = tmp / "checkpoints" / f"{method}-k{keep}"
                         write_checkpoint(pruned, tok, folder)
-                        verify_checkpoint(folder, prep.loaded.adapter, keep, prep.top_k_after, tok)
+                        verify_checkpoint(folder, prep.loaded.adapter, keep, prep.top_k_after, tok,
+                                          prep.loaded.placement)
                         row["checkpoint"] = str(out / "checkpoints" / folder.name)
                     rows.append(row)
                     del pruned
