@@ -30,7 +30,7 @@ import torch
 
 from .adapters import MoEAdapter, find_moe_layers, per_expert_names
 from .cluster import LayerPlan
-from .offload import drop_offloaded, read_tensor, transplant_hooks
+from .offload import Spill, drop_offloaded, on_disk, read_tensor, transplant_hooks
 
 
 def merge_tensor(t: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -77,10 +77,13 @@ def rewrite_model(
                 if state[name].shape[0] != layer.num_experts:
                     raise ValueError(f"{name} has shape {tuple(state[name].shape)}; expected experts first")
                 work.append((name, m))
+    spill = Spill()
     for name, m in work:
         source = read_tensor(model, name, state[name])  # from accelerate's offload if need be
         state[name] = merge_tensor(source, m.to(source.device))
         del source
+        if on_disk(model, name):  # its layer lives on disk: so does the merged tensor
+            state[name] = spill.put(name, state[name])
         if consume:
             _replace(model, name, state[name])
             drop_offloaded(model, name)
@@ -100,7 +103,7 @@ def rewrite_model(
     if getattr(model, "generation_config", None) is not None:
         new.generation_config = copy.deepcopy(model.generation_config)
     if any(hasattr(module, "_hf_hook") for module in model.modules()):  # dispatched by accelerate
-        transplant_hooks(model, new, {name.rpartition(".")[0] for name, _ in work})
+        transplant_hooks(model, new, {name.rpartition(".")[0] for name, _ in work}, spill)
     return new.eval()
 
 

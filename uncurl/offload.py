@@ -7,14 +7,20 @@ Profiling and evaluation therefore just work. Merging and saving need the tensor
 
 - ``read_tensor`` fetches one tensor by state-dict name, from the module or from its hook, so a
   layer's experts are read (and, from disk, paged in) one tensor at a time;
+- ``Spill`` writes the merged tensors of a layer that was offloaded to disk to a private folder
+  as they are made (accelerate's own format), so they never accumulate in memory;
 - ``transplant_hooks`` gives a rewritten model the original's placement: unchanged modules get a
-  hook over the same offloaded weights (nothing is copied), merged modules get a hook that offloads
-  their new, smaller tensors to CPU memory.
+  hook over the same offloaded weights (nothing is copied), merged modules a hook over their new,
+  smaller tensors (spilled to disk, or kept in CPU memory when the original was there).
 
 Without offload (one device, or every layer on some GPU) these functions are pass-throughs.
 """
 
 from __future__ import annotations
+
+import shutil
+import tempfile
+import weakref
 
 import torch
 
@@ -26,6 +32,21 @@ def _owner(model, name: str):
 
 def is_offloaded(model) -> bool:
     return any(t.device.type == "meta" for t in model.state_dict().values())
+
+
+def _store(model, name: str):
+    """(loader, full key) of accelerate's offloaded weights holding ``name``, or (None, None)."""
+    module, attr = _owner(model, name)
+    weights = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
+    loader = getattr(weights, "dataset", None)  # PrefixedDataset -> OffloadedWeightsLoader
+    if loader is None:
+        return None, None
+    return loader, f"{weights.prefix}{attr}"
+
+
+def on_disk(model, name: str) -> bool:
+    loader, key = _store(model, name)
+    return loader is not None and key not in loader.state_dict and key in loader.index
 
 
 def read_tensor(model, name: str, tensor: torch.Tensor | None = None) -> torch.Tensor:
@@ -44,14 +65,43 @@ def read_tensor(model, name: str, tensor: torch.Tensor | None = None) -> torch.T
 
 def drop_offloaded(model, name: str) -> None:
     """Forget the offloaded copy of ``name`` when it lives in CPU memory (frees it once merged)."""
-    module, attr = _owner(model, name)
-    weights = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
-    store = getattr(getattr(weights, "dataset", None), "state_dict", None)  # PrefixedDataset -> loader
-    if isinstance(store, dict):
-        store.pop(f"{weights.prefix}{attr}", None)
+    loader, key = _store(model, name)
+    if loader is not None:
+        loader.state_dict.pop(key, None)
 
 
-def transplant_hooks(original, new, merged_modules: set[str]) -> None:
+class Spill:
+    """Merged tensors of disk-offloaded layers, written to a private folder instead of kept in RAM.
+
+    The folder goes away with the model that reads from it (``attach``), or at exit."""
+
+    def __init__(self):
+        self.folder: str | None = None
+        self.index: dict = {}
+
+    def put(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """Write ``tensor`` under ``name``; return a ``meta`` stand-in of the same shape and dtype."""
+        from accelerate.utils import offload_weight
+
+        if self.folder is None:
+            self.folder = tempfile.mkdtemp(prefix="uncurl-merged-")
+        offload_weight(tensor, name, self.folder, index=self.index)
+        return torch.empty_like(tensor, device="meta")
+
+    def weights_map(self, module_name: str):
+        from accelerate.utils import OffloadedWeightsLoader, PrefixedDataset
+
+        prefix = f"{module_name}."
+        if not any(key.startswith(prefix) for key in self.index):
+            return None
+        return PrefixedDataset(OffloadedWeightsLoader(save_folder=self.folder, index=self.index), prefix)
+
+    def attach(self, model) -> None:
+        if self.folder is not None:
+            weakref.finalize(model, shutil.rmtree, self.folder, True)
+
+
+def transplant_hooks(original, new, merged_modules: set[str], spill: Spill | None = None) -> None:
     """Give ``new`` the device placement of ``original`` (module names are the same)."""
     from accelerate.hooks import AlignDevicesHook, add_hook_to_module
 
@@ -67,8 +117,8 @@ def transplant_hooks(original, new, merged_modules: set[str]) -> None:
             execution_device=hook.execution_device,
             offload=hook.offload,
             io_same_device=hook.io_same_device,
-            # merged tensors are real: the new hook moves them into its own CPU weights map
-            weights_map=None if merged else hook.weights_map,
+            # merged: spilled to disk, else real tensors the new hook moves into its own CPU weights map
+            weights_map=(spill.weights_map(name) if spill else None) if merged else hook.weights_map,
             offload_buffers=hook.offload_buffers,
             place_submodules=hook.place_submodules,
             skip_keys=hook.skip_keys,
@@ -76,3 +126,5 @@ def transplant_hooks(original, new, merged_modules: set[str]) -> None:
         ))
     if getattr(original, "hf_device_map", None) is not None:
         new.hf_device_map = dict(original.hf_device_map)
+    if spill is not None:
+        spill.attach(new)

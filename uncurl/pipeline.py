@@ -11,6 +11,7 @@ the same preparation once for many (method, K) pairs.
 
 from __future__ import annotations
 
+import gc
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -232,6 +233,7 @@ def prune(opts: PruneOptions) -> PruneResult:
         pruned = rewrite_model(loaded.model, adapter, plans, router_rule=opts.router_rows, top_k=opts.top_k,
                                consume=True)  # originals are freed layer by layer: never two copies
     loaded.model = None
+    gc.collect()  # accelerate's hooks make modules self-referencing: free the original now
     if evaluating:
         with timings.stage("eval_after"):
             evaluation["after"] = run_eval(pruned, loaded.tokenizer, opts, opts.eval_limit, opts.seed)
@@ -262,6 +264,7 @@ def prune(opts: PruneOptions) -> PruneResult:
         with timings.stage("save"):
             write_checkpoint(pruned, loaded.tokenizer, tmp, opts.shard_size)
         del pruned  # the checks below reload from disk: never hold both copies
+        gc.collect()
         with timings.stage("verify"):
             report["checks"] = verify_checkpoint(tmp, adapter, opts.keep, prep.top_k_after, loaded.tokenizer,
                                                  loaded.placement)
