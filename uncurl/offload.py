@@ -2,7 +2,7 @@
 
 accelerate leaves an offloaded parameter on the ``meta`` device and attaches an
 ``AlignDevicesHook`` to its module; the hook's ``weights_map`` holds the real tensor (in CPU memory,
-or memory-mapped from the offload folder) and copies it to the execution device for each forward.
+or in the offload folder, read on demand) and copies it to the execution device for each forward.
 Profiling and evaluation therefore just work. Merging and saving need the tensors themselves:
 
 - ``read_tensor`` fetches one tensor by state-dict name, from the module or from its hook, so a
@@ -28,10 +28,6 @@ import torch
 def _owner(model, name: str):
     owner, _, attr = name.rpartition(".")
     return model.get_submodule(owner), attr
-
-
-def is_offloaded(model) -> bool:
-    return any(t.device.type == "meta" for t in model.state_dict().values())
 
 
 def _store(model, name: str):
