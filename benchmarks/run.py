@@ -334,6 +334,10 @@ def main() -> None:
     print(f"wrote {args.out}")
 
 
+def stage_line(run: dict) -> str:
+    return "    stage peaks (MB): " + ", ".join(f"{k} {v:.0f}" for k, v in run["stage_peak_mb"].items())
+
+
 def summarise(result: dict) -> None:
     r = result.get("ratios")
     if r and "model" in r:
@@ -356,16 +360,14 @@ def summarise(result: dict) -> None:
                   f"anonymous only {b['anon_peak_over_weights']:.3f}; "
                   f"floor (load + forward + save) {b['floor_peak_over_weights']:.3f}; "
                   f"prune time / floor time {b['prune_over_load_forward_save']:.3f} (goal <= 1.5)")
-            stages = b["runs"][0]["stage_peak_mb"]
-            print("    stage peaks (MB): " + ", ".join(f"{k} {v:.0f}" for k, v in stages.items()))
+            print(stage_line(b["runs"][0]))
         off = pm.get("offloaded")
         if off:
             print(f"  --device-map auto --max-memory {off['max_memory']}: peak RSS / weight bytes "
                   f"{off['peak_over_weights']:.3f} (anonymous only {off['anon_peak_over_weights']:.3f}), "
                   f"time / resident time {off['time_over_resident']:.3f}, "
                   f"placement {off['runs'][0]['placement']}")
-            stages = off["runs"][0]["stage_peak_mb"]
-            print("    stage peaks (MB): " + ", ".join(f"{k} {v:.0f}" for k, v in stages.items()))
+            print(stage_line(off["runs"][0]))
     rows = result.get("scaling")
     if rows:
         print("scaling (hidden 128, expert 256 wide): experts layers params  total_s  s/Mparam  s/Mparam w/o profile")
