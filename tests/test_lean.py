@@ -175,8 +175,10 @@ def plain_runs(tiny_dirs, data_dir, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize(("family", "max_memory"), [("mixtral", None)] + [(f, "cpu=30KB") for f in FAMILIES],
-                         ids=["resident-mixtral"] + [f"offloaded-to-disk-{f}" for f in FAMILIES])
+@pytest.mark.parametrize(
+    ("family", "max_memory"),
+    [("mixtral", None), ("deepseek_v3", "cpu=700KB")] + [(f, "cpu=30KB") for f in FAMILIES],
+    ids=["resident-mixtral", "split-cpu-disk-deepseek_v3"] + [f"offloaded-to-disk-{f}" for f in FAMILIES])
 def test_device_map_writes_the_same_checkpoint(family, max_memory, plain_runs, tmp_path):
     """--device-map through accelerate, with every layer resident, or with most of the model
     offloaded to disk (memory-mapped, read one tensor at a time to merge and save, the rewritten
@@ -186,6 +188,8 @@ def test_device_map_writes_the_same_checkpoint(family, max_memory, plain_runs, t
     mapped = prune(PruneOptions(out=str(tmp_path / "mapped"), device_map="auto", max_memory=max_memory, **common))
     placement = mapped.report["model"]["placement"]
     assert ("disk" in placement) == bool(max_memory), placement
+    if max_memory == "cpu=700KB":  # embeddings, the dense layer and MoE layer 1 stay; MoE layer 2 goes to disk
+        assert placement.get("cpu", 0) == 3, placement
     weights = sorted(p.name for p in plain_out.glob("*.safetensors"))
     assert weights and weights == sorted(p.name for p in (tmp_path / "mapped").glob("*.safetensors"))
     for name in weights + ["config.json"]:
