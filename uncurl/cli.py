@@ -67,7 +67,7 @@ DeviceMap = Annotated[Optional[str], typer.Option(
 MaxMemory = Annotated[Optional[str], typer.Option(
     rich_help_panel=RUN,
     help="With --device-map: memory per device, e.g. '0=20GiB,1=20GiB,cpu=60GiB'. What does not fit is "
-         "offloaded to CPU memory, then to a temporary folder on disk (deleted at exit).")]
+         "offloaded to CPU memory, then to a temporary folder on disk (under $TMPDIR; deleted at exit).")]
 Dtype = Annotated[str, typer.Option(rich_help_panel=RUN, help="auto (the checkpoint's own), float32, bfloat16, float16.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", rich_help_panel=RUN, help="Log each step.")]
 Json = Annotated[bool, typer.Option("--json", rich_help_panel=RUN,
