@@ -1,6 +1,7 @@
 """make bench: uncurl's own cost, as ratios measured side by side in one run.
 
     make bench                         # or: .venv/bin/python -m benchmarks.run --hidden 512
+    make bench BENCH_ARGS="--device cuda"   # on a GPU machine: benchmarks/results/bench-cuda.json
 
 Builds a Mixtral in-process (default ~60M parameters, fp32, random weights: speed does not depend
 on what the weights learned), then measures on the same batches:
@@ -45,6 +46,17 @@ from uncurl.save import verify_checkpoint, write_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
+DEVICE = torch.device("cpu")  # --device; children get it on their command line
+
+
+def sync() -> None:
+    """Wait for queued GPU work, so a timing covers it."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def gpu_peak_mb() -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**20 if DEVICE.type == "cuda" else None
 
 
 def texts(n: int) -> list[str]:
@@ -58,6 +70,7 @@ def timed(fn, repeats: int) -> float:
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -69,6 +82,7 @@ def timed_alternating(fns: dict, repeats: int) -> dict:
         for name, fn in fns.items():
             start = time.perf_counter()
             fn()
+            sync()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
@@ -154,7 +168,7 @@ def warm_up() -> float:
 
     with tempfile.TemporaryDirectory() as d:
         prune(PruneOptions(model="builtin:mixtral", task="corpus", data_dir=str(DATA), samples=2, max_length=32,
-                           keep=4, out=str(Path(d) / "out"), device="cpu"))
+                           keep=4, out=str(Path(d) / "out"), device=str(DEVICE)))
     return rss_mb()
 
 
@@ -167,6 +181,7 @@ def prune_memory_child(arg: str) -> None:
 
     folder, batch, max_memory = arg.split("::")
     PRUNE_ARGS["batch_size"] = int(batch)
+    PRUNE_ARGS["device"] = str(DEVICE)
     placement = {"device_map": "auto", "max_memory": max_memory, "device": "auto"} if max_memory else {}
     base = warm_up()
     base_anon = rss_mb("RssAnon:")
@@ -180,7 +195,7 @@ def prune_memory_child(arg: str) -> None:
                       "peak_mb": round(max(peaks.values()) - base, 1), "seconds": wall,
                       "peak_anon_mb": round(anon.peak - base_anon, 1),
                       "stage_seconds": result.report["timings_s"], "weight_bytes": result.report["model"]["bytes_before"],
-                      "placement": result.report["model"]["placement"]}))
+                      "placement": result.report["model"]["placement"], "gpu_peak_mb": gpu_peak_mb()}))
 
 
 def floor_child(arg: str) -> None:
@@ -193,24 +208,26 @@ def floor_child(arg: str) -> None:
     base = warm_up()
     Path("/proc/self/clear_refs").write_text("5")
     start = time.perf_counter()
-    loaded = load_model(folder, device="cpu")
+    loaded = load_model(folder, device=str(DEVICE))
     texts_, _ = calibration_texts(DataOptions(task="corpus", data_dir=str(DATA), samples=PRUNE_ARGS["samples"]), 0)
     with torch.no_grad():
         for b in batches(loaded.tokenizer, texts_, batch_size=PRUNE_ARGS["batch_size"], max_length=PRUNE_ARGS["max_length"]):
+            b = b.to(DEVICE)
             loaded.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], logits_to_keep=1,
                          use_cache=False)
     with tempfile.TemporaryDirectory(dir=Path(folder).parent) as d:
         write_checkpoint(loaded.model, loaded.tokenizer, Path(d))
+    sync()
     wall = time.perf_counter() - start
-    print(json.dumps({"seconds": wall, "peak_mb": round(rss_mb("VmHWM:") - base, 1)}))
+    print(json.dumps({"seconds": wall, "peak_mb": round(rss_mb("VmHWM:") - base, 1), "gpu_peak_mb": gpu_peak_mb()}))
 
 
 def child(flag: str, arg: str) -> dict:
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "benchmarks.run", flag, arg], capture_output=True, text=True,
-                         check=True, cwd=ROOT).stdout
+    out = subprocess.run([sys.executable, "-m", "benchmarks.run", "--device", str(DEVICE), flag, arg],
+                         capture_output=True, text=True, check=True, cwd=ROOT).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -259,7 +276,8 @@ def scaling(repeats: int) -> list[dict]:
     for i, (experts, layers) in enumerate(((8, 2), *configs)):  # the first is a warm-up, not reported
         model, tok = build_tiny("mixtral", hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
                                 num_local_experts=experts, num_attention_heads=4, num_key_value_heads=4)
-        prefer_lean_experts(model, torch.device("cpu"))
+        model = model.to(DEVICE)
+        prefer_lean_experts(model, DEVICE)
         seconds: dict[str, list[float]] = {}
         for _ in range(repeats):
             t = {}
@@ -300,13 +318,22 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench.json")
+    ap.add_argument("--out", type=Path, help="default: benchmarks/results/bench.json (bench-cuda.json on a GPU)")
     ap.add_argument("--prune-hidden", type=int, default=768, help="hidden size of the prune-memory model")
     ap.add_argument("--only", choices=["ratios", "profile_memory", "prune_memory", "scaling"], help="run one part (others kept)")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda[:N] to benchmark on a GPU (host RSS is "
+                    "still measured; GPU peaks are added as gpu_peak_mb)")
     ap.add_argument("--profile-memory-child", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--prune-memory-child", help=argparse.SUPPRESS)
     ap.add_argument("--floor-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device here")
+    if args.out is None:
+        name = "bench.json" if DEVICE.type == "cpu" else f"bench-{DEVICE.type}.json"
+        args.out = ROOT / "benchmarks" / "results" / name
     if args.profile_memory_child:
         return profile_memory_child(args.profile_memory_child)
     if args.prune_memory_child:
@@ -324,6 +351,7 @@ def main() -> None:
     result["machine"] = {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
                          "threads": torch.get_num_threads(), "torch": torch.__version__,
                          "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    result["device"] = str(DEVICE)
     for name, run in parts.items():
         if args.only in (None, name):
             print(f"running {name} ...", flush=True)
@@ -346,7 +374,7 @@ def summarise(result: dict) -> None:
             print(f"  {name:36s} {value:8.3f}   goal {r['goals'][name]}")
         ei = r.get("experts_implementation")
         if ei:
-            print(f"  experts on CPU, one batch of {ei['tokens_per_batch']} tokens: " + "; ".join(
+            print(f"  experts on {result.get('device', 'cpu')}, one batch of {ei['tokens_per_batch']} tokens: " + "; ".join(
                 f"{k} {ei[k]['median_seconds']:.2f} s, +{ei[k]['median_peak_growth_mb']:.0f} MB"
                 for k in ("grouped_mm", "eager")))
     for row in result.get("profile_memory", []):
@@ -379,16 +407,20 @@ def summarise(result: dict) -> None:
 def experts_implementations(model, batch, repeats: int = 3) -> dict:
     """One batch through transformers' grouped_mm and eager experts: seconds and peak RSS growth."""
     out = {}
+    batch = batch.to(DEVICE)
     for impl in ("grouped_mm", "eager") * repeats:
         model.set_experts_implementation(impl)
         with torch.no_grad():
-            before = rss_mb()
+            before = rss_mb() if DEVICE.type == "cpu" else torch.cuda.memory_allocated() / 2**20
             Path("/proc/self/clear_refs").write_text("5")
+            if DEVICE.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=1,
                   use_cache=False)
+            sync()
             seconds = time.perf_counter() - start
-            peak = rss_mb("VmHWM:") - before
+            peak = (rss_mb("VmHWM:") if DEVICE.type == "cpu" else gpu_peak_mb()) - before
         row = out.setdefault(impl, {"seconds": [], "peak_growth_mb": []})
         row["seconds"].append(round(seconds, 4))
         row["peak_growth_mb"].append(round(peak, 1))
@@ -405,10 +437,11 @@ def ratios(args) -> dict:
     model, tok = build_tiny("mixtral", hidden_size=args.hidden, intermediate_size=2 * args.hidden,
                             num_hidden_layers=args.layers, num_local_experts=args.experts,
                             num_attention_heads=8, num_key_value_heads=8)
+    model = model.to(DEVICE)
     experts_impl = experts_implementations(model, list(batches(tok, texts(8), batch_size=8, max_length=512))[0])
-    prefer_lean_experts(model, torch.device("cpu"))  # what uncurl runs on CPU
+    prefer_lean_experts(model, DEVICE)  # what uncurl runs: eager experts on CPU, transformers' default on CUDA
     data = texts(args.samples)
-    enc = list(batches(tok, data, batch_size=8, max_length=512))
+    enc = [b.to(DEVICE) for b in batches(tok, data, batch_size=8, max_length=512)]
     n_tokens = sum(int(b["attention_mask"].sum()) for b in enc)
 
     @torch.no_grad()
