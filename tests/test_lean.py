@@ -212,3 +212,14 @@ def test_sweep_offloaded_to_disk_matches_the_resident_sweep(tiny_dirs, data_dir,
     for row in plain["results"]:
         name = f"uncurl-k{row['keep']}"
         assert files(tmp_path / "plain" / "checkpoints" / name) == files(tmp_path / "mapped" / "checkpoints" / name)
+
+
+def test_tied_embeddings_load_and_stream_like_transformers(tmp_path):
+    model, tok = build_tiny("qwen3_moe", seed=0, tie_word_embeddings=True)
+    model.save_pretrained(tmp_path / "src")
+    lean = from_folder(tmp_path / "src", AutoConfig.from_pretrained(tmp_path / "src"), "auto")
+    assert lean.lm_head.weight.data_ptr() == lean.model.embed_tokens.weight.data_ptr()
+    same_state(lean, AutoModelForCausalLM.from_pretrained(tmp_path / "src"))
+    write_checkpoint(lean, None, tmp_path / "simple", stream=False)
+    write_checkpoint(lean, None, tmp_path / "lean", stream=True)
+    assert files(tmp_path / "simple") == files(tmp_path / "lean")
