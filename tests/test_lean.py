@@ -223,3 +223,27 @@ def test_tied_embeddings_load_and_stream_like_transformers(tmp_path):
     write_checkpoint(lean, None, tmp_path / "simple", stream=False)
     write_checkpoint(lean, None, tmp_path / "lean", stream=True)
     assert files(tmp_path / "simple") == files(tmp_path / "lean")
+
+
+def test_cpu_offloaded_model_merges_and_saves_the_same(ids, tmp_path):
+    """accelerate's CPU offload (what a GPU run uses for layers that do not fit on the GPUs; here the
+    execution device is the CPU too): every weight on meta, the real ones in the hooks' maps."""
+    from accelerate import cpu_offload
+
+    adapter = ADAPTERS["mixtral"]
+    plain, _ = build_tiny("mixtral", seed=0)
+    offloaded, _ = build_tiny("mixtral", seed=0)
+    cpu_offload(offloaded, execution_device=torch.device("cpu"))
+    assert all(p.device.type == "meta" for p in offloaded.parameters())
+    plans = halving_plans(plain, adapter)
+    simple = rewrite_model(plain, adapter, plans)
+    store = offloaded.model.layers[0].mlp.experts._hf_hook.weights_map.dataset  # the CPU copies
+    assert "model.layers.0.mlp.experts.gate_up_proj" in store
+    lean = rewrite_model(offloaded, adapter, plans, consume=True)
+    assert "model.layers.0.mlp.experts.gate_up_proj" not in store  # the original was released
+    assert all(p.device.type == "meta" for p in lean.parameters())  # the placement carried over
+    with torch.no_grad():
+        assert torch.equal(simple(ids).logits, lean(ids).logits)
+    write_checkpoint(simple, None, tmp_path / "simple")
+    write_checkpoint(lean, None, tmp_path / "lean")
+    assert files(tmp_path / "simple") == files(tmp_path / "lean")

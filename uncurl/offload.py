@@ -40,9 +40,15 @@ def _store(model, name: str):
     return loader, f"{weights.prefix}{attr}"
 
 
+def _in_memory(loader) -> dict:
+    """The CPU-memory part of a weights store: an OffloadedWeightsLoader's state dict, or the
+    plain dict ``cpu_offload`` uses."""
+    return loader if isinstance(loader, dict) else getattr(loader, "state_dict", {})
+
+
 def on_disk(model, name: str) -> bool:
     loader, key = _store(model, name)
-    return loader is not None and key not in loader.state_dict and key in loader.index
+    return loader is not None and key not in _in_memory(loader) and key in getattr(loader, "index", {})
 
 
 def read_tensor(model, name: str, tensor: torch.Tensor | None = None) -> torch.Tensor:
@@ -63,7 +69,7 @@ def drop_offloaded(model, name: str) -> None:
     """Forget the offloaded copy of ``name`` when it lives in CPU memory (frees it once merged)."""
     loader, key = _store(model, name)
     if loader is not None:
-        loader.state_dict.pop(key, None)
+        _in_memory(loader).pop(key, None)
 
 
 class Spill:
