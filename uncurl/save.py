@@ -122,16 +122,14 @@ def stream_checkpoint(model, folder: Path, shard_size: str | int) -> bool:
         for run in runs:
             yield from revert_weight_conversion(model, materialised(run)).items()
 
-    # pass 1: final names, shapes, dtypes and which outputs share storage (views of one model
-    # tensor, or of one converted copy), which is what transformers' shard split looks at
-    model_storages = {t.untyped_storage().data_ptr() for t in state.values()}
+    # pass 1, on meta stand-ins (no data read or copied): final names, shapes, dtypes and which
+    # outputs share storage (views of one tensor), which is what transformers' shard split looks at
     specs, storage = {}, {}
     for i, run in enumerate(runs):
-        for name, t in revert_weight_conversion(model, materialised(run)).items():
-            ptr = t.untyped_storage().data_ptr()
-            specs[name] = torch.empty(t.shape, dtype=t.dtype, device="meta")
-            storage[name] = (("model", ptr) if ptr in model_storages else ("converted", i, ptr),
-                             t.untyped_storage().nbytes())
+        stand_ins = {name: torch.empty_like(t, device="meta") for name, t in run.items()}
+        for name, t in revert_weight_conversion(model, stand_ins).items():
+            specs[name] = t
+            storage[name] = (i, t.untyped_storage()._cdata), t.untyped_storage().nbytes()
     split = split_state_dict_into_shards_factory(
         {n: (n,) for n in specs}, get_storage_id=lambda v: storage[v[0]][0],  # (n,): a str would be skipped
         get_storage_size=lambda v: storage[v[0]][1],
