@@ -108,6 +108,7 @@ def odd_models(tmp_path_factory):
         (["--device-map", "everywhere"], "--device-map 'everywhere'"),
         (["--device-map", "auto", "--device", "cpu"], "leave --device at auto"),
         (["--max-memory", "cpu=1GB"], "--max-memory only applies with --device-map"),
+        (["--device-map", "auto"], "--device-map is for checkpoints on disk or the Hub"),
         (["--device-map", "auto", "--max-memory", "gpu0=1GB"], "device 'gpu0' is not a GPU index"),
         (["--device-map", "auto", "--max-memory", "lots"], "expected DEVICE=AMOUNT pairs"),
         (["--profile", "{tmp}/missing.profile"], "no such file"),

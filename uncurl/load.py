@@ -238,6 +238,9 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto", seed
     if dtype != "auto" and dtype not in DTYPES:
         raise UncurlError(f"--dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
     if model_id.startswith(BUILTIN_PREFIX):
+        if device_map is not None:
+            raise UncurlError(f"--device-map is for checkpoints on disk or the Hub; {model_id} is built in memory "
+                              "(save it with save_pretrained to place it)")
         model, tokenizer = build_tiny(get_adapter(model_id[len(BUILTIN_PREFIX):]).model_type, seed=seed)
         if dtype != "auto":
             model = model.to(DTYPES[dtype])

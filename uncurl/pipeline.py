@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import logging
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -225,10 +226,9 @@ def prune(opts: PruneOptions) -> PruneResult:
     with timings.stage("cluster"):
         plans = plan_all(prep, opts.keep, opts.method, opts.seed)
     before = {"params": parameter_count(loaded.model), "bytes": weight_bytes(loaded.model)}
-    placement = getattr(loaded.model, "hf_device_map", None) or {"": str(input_device(loaded.model))}
-    modules_per_device = {}
-    for device in placement.values():  # accelerate's map: module name -> GPU index, "cpu" or "disk"
-        modules_per_device[str(device)] = modules_per_device.get(str(device), 0) + 1
+    # accelerate's map: module name -> GPU index, "cpu" or "disk"; else the one device
+    device_map = getattr(loaded.model, "hf_device_map", None) or {"": input_device(loaded.model)}
+    modules_per_device = dict(Counter(str(device) for device in device_map.values()))
     with timings.stage("merge"):
         pruned = rewrite_model(loaded.model, adapter, plans, router_rule=opts.router_rows, top_k=opts.top_k,
                                consume=True)  # originals are freed layer by layer: never two copies
