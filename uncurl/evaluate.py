@@ -63,12 +63,14 @@ def score_requests(model, requests: Sequence[Request], *, batch_size: int, pad_i
             for row, r in enumerate(chunk):
                 ids[row, : len(r.ids)] = torch.tensor(r.ids)
                 mask[row, : len(r.ids)] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits.float()
-            logp = torch.log_softmax(logits[:, :-1], dim=-1)
-            token_lp = logp.gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1).cpu()
-            for row, r in enumerate(chunk):
-                lp = token_lp[row, : len(r.ids) - 1]
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+            targets = ids[:, 1:].to(device)
+            for row, r in enumerate(chunk):  # one row at a time: no float32 copy of the whole [B, T, V]
+                n = len(r.ids) - 1
+                logp = torch.log_softmax(logits[row, :n].float(), dim=-1)
+                lp = logp.gather(-1, targets[row, :n].unsqueeze(-1)).squeeze(-1).cpu()
                 results[order[start + row]] = (float(lp[-r.n_cont :].sum()), float(lp.sum()), len(lp))
+            del logits
             advance()
     return results
 
