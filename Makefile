@@ -6,7 +6,7 @@ DATA   ?= ../shared/data
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-newest bench clean
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,23 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest
+
+# The family tests against the newest transformers 5.x that pyproject allows (users get it; CI
+# stays pinned): a separate venv, everything else as constraints.txt pins it, transformers
+# upgraded on every run (its own new requirements come along).
+NEWEST ?= .venv-newest
+test-newest: $(NEWEST)/.installed
+	$(NEWEST)/bin/pip install -q --upgrade 'transformers>=5,<6'
+	$(NEWEST)/bin/python -c 'import transformers; print("transformers", transformers.__version__)'
+	$(NEWEST)/bin/python -m pytest tests/test_families.py $(PYTEST_ARGS)
+
+$(NEWEST)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(NEWEST)
+	$(NEWEST)/bin/pip install -q --upgrade pip
+	$(NEWEST)/bin/pip install -q torch==2.13.0
+	grep -v '^transformers==' constraints.txt > $(NEWEST)/constraints.txt
+	$(NEWEST)/bin/pip install -q -c $(NEWEST)/constraints.txt -e '.[test]'
+	touch $@
 
 bench: setup
 	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)

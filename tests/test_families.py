@@ -1,6 +1,10 @@
 """Every family in the adapter table, end to end: prune -> save -> reload -> check from disk.
 
-A new entry in uncurl.adapters.ADAPTERS is enrolled here automatically.
+A new entry in uncurl.adapters.ADAPTERS is enrolled here automatically. Per family, on a tiny
+random instance: prune to E/2 and reload with no missing, unexpected or mismatched keys; keep all
+E experts and get the original logits bit for bit; every tensor outside the routed experts and
+routers (attention, dense layers, shared experts, hybrid mixers) byte-identical. The refused
+families exit 2 with their reason. Each family is built, profiled and pruned once per session.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from uncurl.adapters import ADAPTERS, expert_count, find_moe_layers, per_expert_names
+from uncurl.adapters import ADAPTERS, REFUSED, expert_count, find_moe_layers, per_expert_names
 from uncurl.pipeline import PruneOptions, prune
 
 FAMILIES = sorted(ADAPTERS)
@@ -44,7 +48,7 @@ def pruned(tiny_dirs, data_dir, tmp_path_factory):
             e = expert_count(AutoModelForCausalLM.from_pretrained(src).config, ADAPTERS[family])
             out = tmp_path_factory.mktemp("pruned") / family
             result = prune(PruneOptions(model=str(src), task="superglue-rte", keep=e // 2, out=str(out),
-                                        data_dir=str(data_dir), samples=24, max_length=128, shard_size="150KB"))
+                                        data_dir=str(data_dir), samples=8, max_length=64, shard_size="150KB"))
             assert digest(src) == before, "the input model folder was modified"
             cache[family] = (src, out, result.report, e)
         return cache[family]
@@ -94,9 +98,8 @@ def test_dense_layers_and_shared_experts_unchanged(family, pruned):
         assert torch.equal(got[name], tensor), name
     for attr in adapter.shared_attrs:  # the comparison above covered the shared experts
         assert any(f".{attr}." in k for k in untouched), attr
-    if family == "deepseek_v3":  # first_k_dense_replace=1: layer 0 is a dense MLP
-        assert any(k.startswith("model.layers.0.mlp.") for k in untouched)
-        assert not any(layer.index == 0 for layer in find_moe_layers(reloaded, adapter))
+    # dense layers (first_k_dense_replace, mlp_layer_types, ...) stay dense, MoE layers stay MoE
+    assert [m.index for m in find_moe_layers(reloaded, adapter)] == [m.index for m in find_moe_layers(original, adapter)]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -104,11 +107,59 @@ def test_keep_all_experts_reproduces_logits(family, tiny_dirs, data_dir, tmp_pat
     src = tiny_dirs(family)
     original = AutoModelForCausalLM.from_pretrained(src)
     e = expert_count(original.config, ADAPTERS[family])
-    prune(PruneOptions(model=str(src), keep=e, out=str(tmp_path / "same"), data_dir=str(data_dir), samples=8,
-                       max_length=64))
+    prune(PruneOptions(model=str(src), keep=e, out=str(tmp_path / "same"), data_dir=str(data_dir), samples=4,
+                       max_length=32))
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "same")
-    with torch.no_grad():
+    with torch.no_grad():  # bit for bit: both are read from disk, so not even save/reload noise is allowed
         torch.testing.assert_close(again(ids).logits, original(ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", sorted(REFUSED))
+def test_refused_families_exit_2_with_the_reason(family, tmp_path):
+    """A checkpoint folder of each refused MoE family: exit 2, the reason named, nothing written."""
+    from transformers import AutoConfig
+    from typer.testing import CliRunner
+
+    from uncurl.cli import app
+
+    AutoConfig.for_model(family).save_pretrained(tmp_path / "model")
+    res = CliRunner().invoke(app, ["prune", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 2, res.output
+    assert f"model family {family!r} cannot be pruned by uncurl: {REFUSED[family]}" in " ".join(res.output.split())
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_family_newer_than_the_installed_transformers_says_so(tmp_path, monkeypatch):
+    """A checkpoint of a family in the table that this transformers cannot read: exit 2, upgrade."""
+    from typer.testing import CliRunner
+
+    from uncurl.cli import app
+
+    monkeypatch.setitem(ADAPTERS, "future_moe", ADAPTERS["mixtral"])
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps({"model_type": "future_moe"}))
+    res = CliRunner().invoke(app, ["prune", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 2, res.output
+    assert "'future_moe' is not in the installed transformers" in res.output and "upgrade" in res.output
+
+
+@pytest.mark.parametrize("family", ["glm4_moe", "qwen3_next"])  # grouped routing; DeltaNet hybrid
+def test_cli_end_to_end_with_eval(family, tiny_dirs, data_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from uncurl.cli import app
+
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["prune", "--model", str(tiny_dirs(family)), "--keep", "4", "--eval", "--eval-limit",
+                                   "8", "--data-dir", str(data_dir), "--samples", "8", "--max-length", "64",
+                                   "--out", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout[res.stdout.index("{"):])
+    assert summary["keep"] == 4 and summary["model"]["experts_after"] == 4 and summary["exit_code"] == 0
+    for when in ("before", "after"):
+        assert summary["eval"][when]["n"] == 8 and 0 <= summary["eval"][when]["acc"] <= 1
+    _, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
 
 
 @pytest.mark.parametrize("method", ["uncurl", "frequency"])

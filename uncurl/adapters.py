@@ -35,6 +35,7 @@ class MoEAdapter:
     router_tensors: tuple[str, ...] = ("weight",)  # router tensors with one row per expert
     shared_attrs: tuple[str, ...] = ()  # parts of the block that are not routed: never touched
     group_keys: tuple[str, str] | None = None  # (n_group, topk_group) for grouped routing
+    hybrid: str = ""  # the other token mixers the stack interleaves (Mamba, linear attention, ...)
     tiny: Mapping[str, Any] = field(default_factory=dict)  # overrides for a small random instance
 
 
@@ -86,6 +87,174 @@ ADAPTERS: dict[str, MoEAdapter] = {
     )
 }
 
+# Shared pieces of the tiny configs below (facts: ../shared/FAMILIES.md, section A).
+_ECB = ("weight", "e_score_correction_bias")  # router rows + DeepSeek-style correction bias
+_GROUPS = ("n_group", "topk_group")
+_MLA = dict(num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+            v_head_dim=8)  # DeepSeek-style latent attention
+_INDEXER = dict(index_topk=8, index_head_dim=16, index_n_heads=2)  # sparse-attention indexer
+_DEEPSEEK = dict(n_routed_experts=8, moe_intermediate_size=32, n_shared_experts=1, n_group=2, topk_group=1)
+
+# Section A: one entry each, ordered by model_type (families-b's shared mechanisms live apart).
+ADAPTERS.update({
+    a.model_type: a
+    for a in (
+        MoEAdapter("aria_text", "moe_num_experts", top_k_key="moe_topk", router_attr="router",
+                   shared_attrs=("shared_experts",),
+                   tiny=dict(moe_num_experts=8, moe_topk=2, moe_num_shared_experts=1, head_dim=16)),
+        MoEAdapter("axk1", "n_routed_experts", router_tensors=_ECB, shared_attrs=("shared_experts",),
+                   group_keys=_GROUPS, tiny=dict(**_DEEPSEEK, **_MLA, num_hidden_layers=3)),
+        MoEAdapter("axk2", "n_routed_experts", router_tensors=_ECB, shared_attrs=("shared_experts",),
+                   group_keys=_GROUPS,
+                   tiny=dict(**_DEEPSEEK, **_MLA, **_INDEXER, gated_norm_rank=4, num_hidden_layers=3)),
+        MoEAdapter("bailing_hybrid", "num_experts", top_k_key="num_experts_per_token", router_tensors=_ECB,
+                   hybrid="linear attention",
+                   shared_attrs=("shared_experts",), group_keys=("num_expert_group", "topk_group"),
+                   tiny=dict(_MLA, num_experts=8, moe_intermediate_size=32, num_shared_experts=1,
+                             num_expert_group=2, topk_group=1, first_k_dense_replace=1, layer_group_size=2,
+                             linear_head_dim=16, linear_num_heads=4, num_hidden_layers=3)),
+        MoEAdapter("beam", "num_experts", router_tensors=_ECB, group_keys=_GROUPS,
+                   tiny=dict(num_experts=8, moe_intermediate_size=32, n_group=2, topk_group=1, head_dim=16,
+                             sliding_window=32, num_hidden_layers=3,
+                             mlp_layer_types=["dense", "sparse", "sparse"])),
+        MoEAdapter("cohere2_moe", "num_experts", tiny=dict(num_experts=8, head_dim=16)),
+        MoEAdapter("deepseek_v2", "n_routed_experts", shared_attrs=("shared_experts",), group_keys=_GROUPS,
+                   tiny=dict(_MLA, n_routed_experts=8, moe_intermediate_size=32, n_shared_experts=1,
+                             q_lora_rank=None, first_k_dense_replace=1, num_hidden_layers=3)),
+        MoEAdapter("deepseek_v32", "n_routed_experts", router_tensors=_ECB, shared_attrs=("shared_experts",),
+                   group_keys=_GROUPS,
+                   tiny=dict(**_DEEPSEEK, **_MLA, **_INDEXER, first_k_dense_replace=1, num_hidden_layers=3)),
+        MoEAdapter("dots1", "n_routed_experts", router_tensors=_ECB, shared_attrs=("shared_experts",),
+                   group_keys=_GROUPS,
+                   tiny=dict(_DEEPSEEK, first_k_dense_replace=1, head_dim=16, num_hidden_layers=3)),
+        MoEAdapter("dots3_note_text", "n_routed_experts", router_tensors=_ECB, shared_attrs=("shared_experts",),
+                   group_keys=_GROUPS,
+                   tiny=dict(**_DEEPSEEK, **_MLA, **_INDEXER, shared_experts_intermediate_size=32,
+                             use_sliding_window=False, num_hidden_layers=3)),
+        MoEAdapter("exaone_moe", "num_experts", router_tensors=_ECB, shared_attrs=("shared_experts",),
+                   group_keys=_GROUPS,
+                   tiny=dict(num_experts=8, moe_intermediate_size=32, num_shared_experts=1, n_group=2,
+                             topk_group=1, first_k_dense_replace=1, head_dim=16, num_hidden_layers=3)),
+        MoEAdapter("flex_olmo", "num_experts", tiny=dict(num_experts=8)),
+        MoEAdapter("flint", "num_experts", shared_attrs=("shared_expert",),
+                   tiny=dict(num_experts=8, moe_intermediate_size=32, shared_expert_intermediate_size=64,
+                             mlp_only_layers=[0], head_dim=16, num_hidden_layers=3)),
+        MoEAdapter("gemma4_text", "num_experts", top_k_key="top_k_experts", router_attr="router",
+                   router_tensors=("proj.weight", "per_expert_scale"), shared_attrs=("mlp",),
+                   tiny=dict(num_experts=8, top_k_experts=2, moe_intermediate_size=32, enable_moe_block=True,
+                             head_dim=16, global_head_dim=16, vocab_size_per_layer_input=320,
+                             hidden_size_per_layer_input=8)),
+        MoEAdapter("glm4_moe", "n_routed_experts", router_tensors=_ECB, shared_attrs=("shared_experts",),
+                   group_keys=_GROUPS, tiny=dict(_DEEPSEEK, first_k_dense_replace=1, head_dim=16,
+                                                 num_hidden_layers=3)),
+        MoEAdapter("glm4_moe_lite", "n_routed_experts", router_tensors=_ECB, shared_attrs=("shared_experts",),
+                   group_keys=_GROUPS, tiny=dict(**_DEEPSEEK, **_MLA, first_k_dense_replace=1,
+                                                 num_hidden_layers=3)),
+        MoEAdapter("glm_moe_dsa", "n_routed_experts", router_tensors=_ECB, shared_attrs=("shared_experts",),
+                   group_keys=_GROUPS, tiny=dict(**_DEEPSEEK, **_MLA, **_INDEXER, first_k_dense_replace=1,
+                                                 num_hidden_layers=3)),
+        MoEAdapter("granitemoe", "num_local_experts", router_attr="router", tiny=dict(num_local_experts=8)),
+        MoEAdapter("granitemoe_swa", "num_local_experts", router_attr="router",
+                   tiny=dict(num_local_experts=8, sliding_window=32)),
+        MoEAdapter("granitemoehybrid", "num_local_experts", router_attr="router", hybrid="Mamba-2",
+                   tiny=dict(num_local_experts=8, shared_intermediate_size=64, mamba_n_heads=8, mamba_d_head=16,
+                             mamba_d_state=16, mamba_chunk_size=16,
+                             layer_types=["linear_attention", "full_attention"])),
+        MoEAdapter("granitemoeshared", "num_local_experts", router_attr="router",
+                   tiny=dict(num_local_experts=8, shared_intermediate_size=64)),
+        MoEAdapter("hunyuan_v1_moe", "num_experts", top_k_key="moe_topk", router_tensors=("wg.weight",),
+                   shared_attrs=("shared_mlp",), tiny=dict(num_experts=8, moe_topk=2, head_dim=16)),
+        MoEAdapter("hy_v4", "n_routed_experts", router_tensors=_ECB, shared_attrs=("shared_experts",),
+                   group_keys=_GROUPS, tiny=dict(**_DEEPSEEK, **_MLA, **_INDEXER, num_hidden_layers=3,
+                                                 mlp_layer_types=["dense", "sparse", "sparse"])),
+        MoEAdapter("inkling2_loop_text", "n_routed_experts", router_tensors=_ECB,
+                   tiny=dict(n_routed_experts=8, head_dim=16, swa_head_dim=16, swa_num_attention_heads=4,
+                             swa_num_key_value_heads=2, unpadded_vocab_size=320, n_layers_per_attn_res_block=1,
+                             loop_layer_index_start=1, loop_layer_index_end=2, loop_num_passes=2, loop_gate_rank=4,
+                             layer_types=["hybrid_sliding", "hybrid"])),
+        MoEAdapter("inkling2_text", "n_routed_experts", router_tensors=_ECB,
+                   tiny=dict(n_routed_experts=8, head_dim=16, swa_head_dim=16, swa_num_attention_heads=4,
+                             swa_num_key_value_heads=2, unpadded_vocab_size=320,
+                             layer_types=["hybrid_sliding", "hybrid"])),
+        MoEAdapter("jamba", "num_experts", router_attr="router", hybrid="Mamba",
+                   tiny=dict(num_experts=8, use_mamba_kernels=False, mamba_dt_rank=8, mamba_d_state=8,
+                             attn_layer_period=2, attn_layer_offset=1, expert_layer_period=1,
+                             expert_layer_offset=0)),
+        MoEAdapter("kimi_linear", "num_experts", hybrid="Kimi delta attention", top_k_key="num_experts_per_token", router_tensors=_ECB,
+                   shared_attrs=("shared_experts",), group_keys=("num_expert_group", "topk_group"),
+                   tiny=dict(_MLA, num_experts=8, moe_intermediate_size=32, num_shared_experts=1,
+                             num_expert_group=2, topk_group=1, q_lora_rank=None, linear_head_dim=16,
+                             linear_num_heads=4, num_hidden_layers=3,
+                             layer_types=["linear_attention", "full_attention", "linear_attention"])),
+        MoEAdapter("kolibri1", "num_local_experts", router_tensors=_ECB, shared_attrs=("shared_experts",),
+                   tiny=dict(num_local_experts=8, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+                             head_dim=16)),
+        MoEAdapter("laguna", "num_experts", router_tensors=_ECB, shared_attrs=("shared_experts",),
+                   tiny=dict(num_experts=8, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+                             head_dim=16, num_hidden_layers=3)),
+        MoEAdapter("lara_mini", "num_experts", shared_attrs=("shared_expert",), hybrid="gated DeltaNet",
+                   tiny=dict(num_experts=8, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+                             head_dim=16, linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
+                             linear_num_value_heads=4, layer_types=["linear_attention", "full_attention"])),
+        MoEAdapter("mellum", "num_local_experts", tiny=dict(num_local_experts=8, moe_intermediate_size=32,
+                                                            head_dim=16)),
+        MoEAdapter("mimo_v2_flash", "n_routed_experts", router_tensors=_ECB, group_keys=_GROUPS,
+                   tiny=dict(n_routed_experts=8, moe_intermediate_size=32, n_group=2, topk_group=1, head_dim=16,
+                             v_head_dim=16, num_hidden_layers=3)),
+        MoEAdapter("minimax", "num_local_experts", hybrid="lightning attention", tiny=dict(num_local_experts=8, head_dim=16, block_size=16)),
+        MoEAdapter("minimax_m3_vl_text", "num_local_experts", router_tensors=_ECB, shared_attrs=("shared_experts",),
+                   tiny=dict(num_local_experts=8, intermediate_size=32, shared_intermediate_size=32, head_dim=16,
+                             dense_intermediate_size=64)),
+        MoEAdapter("nemotron_h", "n_routed_experts", hybrid="Mamba-2", router_tensors=_ECB, shared_attrs=("shared_experts",),
+                   group_keys=_GROUPS,
+                   tiny=dict(n_routed_experts=8, moe_intermediate_size=32, moe_shared_expert_intermediate_size=32,
+                             n_group=2, topk_group=1, head_dim=16, use_mamba_kernels=False, mamba_num_heads=8,
+                             mamba_head_dim=16, ssm_state_size=16, n_groups=2, chunk_size=16,
+                             layers_block_type=["mamba", "moe", "attention", "moe"])),
+        MoEAdapter("phimoe", "num_local_experts", router_attr="router", tiny=dict(num_local_experts=8)),
+        MoEAdapter("qwen3_5_moe_text", "num_experts", hybrid="gated DeltaNet", shared_attrs=("shared_expert", "shared_expert_gate"),
+                   tiny=dict(num_experts=8, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+                             head_dim=16, linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
+                             linear_num_value_heads=4, layer_types=["linear_attention", "full_attention"])),
+        MoEAdapter("qwen3_next", "num_experts", hybrid="gated DeltaNet", shared_attrs=("shared_expert", "shared_expert_gate"),
+                   tiny=dict(num_experts=8, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+                             head_dim=16, linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
+                             linear_num_value_heads=4, layer_types=["linear_attention", "full_attention"])),
+        MoEAdapter("qwen4_exp_text", "num_experts", hybrid="gated DeltaNet", shared_attrs=("shared_expert", "shared_expert_gate"),
+                   tiny=dict(num_experts=8, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+                             head_dim=16, linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
+                             linear_num_value_heads=4, hc_lowrank=8, indexer_n_heads=2, indexer_kv_heads=1,
+                             indexer_head_dim=16, indexer_budget=8, indexer_compress_ratio=4,
+                             layer_types=["linear_attention", "indexed_attention"])),
+        MoEAdapter("sarvam_mla", "n_routed_experts", router_tensors=_ECB, shared_attrs=("shared_experts",),
+                   group_keys=_GROUPS, tiny=dict({**_DEEPSEEK, **_MLA}, q_lora_rank=None, first_k_dense_replace=1,
+                                                 num_hidden_layers=3)),
+        MoEAdapter("sarvam_moe", "n_routed_experts", router_tensors=_ECB, shared_attrs=("shared_experts",),
+                   group_keys=_GROUPS, tiny=dict(_DEEPSEEK, first_k_dense_replace=1, head_dim=16,
+                                                 num_hidden_layers=3)),
+        MoEAdapter("solar_open", "n_routed_experts", router_tensors=_ECB, shared_attrs=("shared_experts",),
+                   group_keys=_GROUPS, tiny=dict(_DEEPSEEK, head_dim=16)),
+    )
+})
+
+
+# FAMILIES.md section C: MoE model types this design cannot prune, and why. Loading one exits 2
+# with the reason (``get_adapter``); ``uncurl families`` lists them.
+REFUSED: dict[str, str] = {
+    "dbrx": "its experts are 2-D [E*I, H] matrices with the MoE keys inside ffn_config, and its router returns "
+            "logits only, not the experts it chose",
+    "diffusion_gemma": "it is a diffusion model, not a causal LM: routing on causal calibration text says nothing "
+                       "about how it generates",
+    "doge": "its ~16k 'experts' are single neurons picked by product keys, not expert MLPs to cluster and merge",
+    "jetmoe": "its attention is a mixture of experts too (mixture of attention heads) sharing the expert count "
+              "with the MLP experts: one cannot shrink without the other",
+    "nllb-moe": "it is an encoder-decoder with its experts in a ModuleDict; uncurl prunes decoder-only causal LMs",
+    "openai_privacy_filter": "it is a token classifier, not a causal LM: there is no next-token likelihood to "
+                             "calibrate or evaluate on",
+    "switch_transformers": "it is an encoder-decoder with its experts in a ModuleDict; uncurl prunes decoder-only "
+                           "causal LMs",
+}
+
 
 @dataclass
 class MoELayer:
@@ -103,13 +272,55 @@ def supported() -> str:
 
 
 def get_adapter(model_type: str) -> MoEAdapter:
-    """The adapter for a config's ``model_type``; an unknown family is a clear error."""
+    """The adapter for a config's ``model_type``; an unknown or refused family is a clear error."""
+    if model_type in REFUSED:
+        raise UncurlError(f"model family {model_type!r} cannot be pruned by uncurl: {REFUSED[model_type]}")
     try:
         return ADAPTERS[model_type]
     except KeyError:
         raise UncurlError(
             f"model family {model_type!r} is not supported; supported families: {supported()}"
         ) from None
+
+
+def installed(model_type: str) -> bool:
+    """Whether the installed transformers knows ``model_type`` (newer families need a newer one)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    return model_type in CONFIG_MAPPING_NAMES
+
+
+def needs_newer_transformers(model_type: str) -> str:
+    """The error for a family in the table that the installed transformers does not know yet."""
+    import transformers
+
+    return (f"model family {model_type!r} is not in the installed transformers {transformers.__version__}; "
+            "upgrade it (pip install -U 'transformers>=5,<6')")
+
+
+def family_class(model_type: str) -> str | None:
+    """The transformers class uncurl loads ``model_type`` with (None: not in this transformers)."""
+    from transformers.models.auto import modeling_auto
+
+    for mapping in ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES",
+                    "MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES", "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",
+                    "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "MODEL_MAPPING_NAMES"):
+        name = getattr(modeling_auto, mapping, {}).get(model_type)
+        if name:
+            return name
+    return None
+
+
+def special(adapter: MoEAdapter) -> list[str]:
+    """What sets a family apart from the plain layout, for ``uncurl families``."""
+    out = []
+    if adapter.group_keys is not None:
+        out.append(f"grouped routing ({'/'.join(adapter.group_keys)})")
+    if adapter.shared_attrs:
+        out.append(f"shared: {', '.join(adapter.shared_attrs)}")
+    if adapter.hybrid:
+        out.append(f"hybrid: {adapter.hybrid}")
+    return out
 
 
 def expert_count(config, adapter: MoEAdapter) -> int:
@@ -174,4 +385,6 @@ def tiny_config(model_type: str, **overrides):
     from transformers import AutoConfig
 
     adapter = get_adapter(model_type)
+    if not installed(model_type):
+        raise UncurlError(needs_newer_transformers(model_type))
     return AutoConfig.for_model(model_type, **{**TINY_BASE, **adapter.tiny, **overrides})

@@ -401,16 +401,28 @@ def tasks():
 
 @app.command()
 def families():
-    """List the supported MoE families and where each keeps its router and experts."""
-    from .adapters import ADAPTERS
+    """List the supported MoE families (transformers class, config keys, router, what is special)
+    and the MoE families uncurl refuses, with the reason."""
+    import transformers
 
-    table = Table(show_header=True)
-    for col in ("model_type", "expert count key", "router", "per-expert router tensors", "left untouched"):
+    from .adapters import ADAPTERS, REFUSED, family_class, special
+
+    table = Table(show_header=True, title=f"{len(ADAPTERS)} supported MoE families")
+    for col in ("model_type", "transformers class", "experts / top-k keys", "router: per-expert tensors", "special"):
         table.add_column(col)
-    for a in ADAPTERS.values():
-        table.add_row(a.model_type, a.expert_count_key, a.router_attr, ", ".join(a.router_tensors),
-                      ", ".join(a.shared_attrs) or "-")
-    Console().print(table)
+    for name in sorted(ADAPTERS):
+        a = ADAPTERS[name]
+        table.add_row(name, family_class(name) or f"(not in transformers {transformers.__version__})",
+                      f"{a.expert_count_key} / {a.top_k_key}", f"{a.router_attr}: {', '.join(a.router_tensors)}",
+                      "; ".join(special(a)) or "-")
+    refused = Table(show_header=True, title=f"{len(REFUSED)} MoE families uncurl refuses (exit 2)")
+    for col in ("model_type", "why"):
+        refused.add_column(col)
+    for name in sorted(REFUSED):
+        refused.add_row(name, REFUSED[name])
+    console = Console()
+    console.print(table)
+    console.print(refused)
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .adapters import MoEAdapter, get_adapter, tiny_config
+from .adapters import ADAPTERS, MoEAdapter, get_adapter, installed, needs_newer_transformers, tiny_config
 from .errors import UncurlError
 
 log = logging.getLogger(__name__)
@@ -109,6 +109,15 @@ def _config(model_id: str):
     try:
         return AutoConfig.from_pretrained(model_id)
     except (OSError, ValueError) as err:
+        local = Path(model_id) / "config.json"
+        if local.is_file():  # a local folder whose config this transformers cannot read
+            import json
+
+            model_type = json.loads(local.read_text()).get("model_type")
+            if model_type in ADAPTERS and not installed(model_type):
+                raise UncurlError(needs_newer_transformers(model_type)) from None
+            get_adapter(model_type)  # a refused or unknown family says so
+            raise UncurlError(f"cannot read the config of {model_id!r}: {err}") from None
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
         hint = (
             "it is not a local folder and the Hugging Face Hub is unreachable"
