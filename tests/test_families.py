@@ -99,7 +99,8 @@ def test_dense_layers_and_shared_experts_unchanged(family, pruned):
     for attr in adapter.shared_attrs:  # the comparison above covered the shared experts
         assert any(f".{attr}." in k for k in untouched), attr
     # dense layers (first_k_dense_replace, mlp_layer_types, ...) stay dense, MoE layers stay MoE
-    assert [m.index for m in find_moe_layers(reloaded, adapter)] == [m.index for m in find_moe_layers(original, adapter)]
+    moe_indices = [[m.index for m in find_moe_layers(model, adapter)] for model in (original, reloaded)]
+    assert moe_indices[0] == moe_indices[1]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -180,3 +181,24 @@ def test_report_records_groups_that_match_the_checkpoint(method, tiny_dirs, data
             assert all(len(g) == 1 for g in layer["groups"])
             kept = sorted(range(8), key=lambda e: (-layer["usage_counts"][e], e))[:3]
             assert [g[0] for g in layer["groups"]] == sorted(kept)
+
+
+def test_a_router_returning_probabilities_is_profiled_on_its_logits(texts):
+    """gemma4_text's router returns softmax probabilities; the profile must see the logits its
+    ``proj`` computes (adapter.router_logits), which a hook of our own records independently."""
+    from uncurl.load import build_tiny
+    from uncurl.profile import profile_model
+
+    model, tok = build_tiny("gemma4_text", seed=0)
+    adapter = ADAPTERS["gemma4_text"]
+    seen = {}
+    handles = [layer.router.proj.register_forward_hook(
+        lambda m, a, out, name=layer.name: seen.setdefault(name, []).append(out.reshape(-1, out.shape[-1])))
+        for layer in find_moe_layers(model, adapter)]
+    prof = profile_model(model, tok, adapter, texts[:1], batch_size=1)
+    for h in handles:
+        h.remove()
+    for name, stats in prof.layers.items():
+        logits = torch.cat(seen[name]).double()
+        torch.testing.assert_close(stats.logit_sum, logits.sum(0))
+        assert abs(float(stats.logit_sum.sum()) - stats.tokens) > 1e-3  # probabilities would sum to 1 per token

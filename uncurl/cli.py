@@ -400,29 +400,37 @@ def tasks():
 
 
 @app.command()
-def families():
+def families(
+    markdown: Annotated[bool, typer.Option("--markdown", help="print the tables as Markdown (README's family "
+                                           "table is this output)")] = False,
+):
     """List the supported MoE families (transformers class, config keys, router, what is special)
     and the MoE families uncurl refuses, with the reason."""
     import transformers
 
     from .adapters import ADAPTERS, REFUSED, family_class, special
 
-    table = Table(show_header=True, title=f"{len(ADAPTERS)} supported MoE families")
-    for col in ("model_type", "transformers class", "experts / top-k keys", "router: per-expert tensors", "special"):
-        table.add_column(col)
-    for name in sorted(ADAPTERS):
-        a = ADAPTERS[name]
-        table.add_row(name, family_class(name) or f"(not in transformers {transformers.__version__})",
-                      f"{a.expert_count_key} / {a.top_k_key}", f"{a.router_attr}: {', '.join(a.router_tensors)}",
-                      "; ".join(special(a)) or "-")
-    refused = Table(show_header=True, title=f"{len(REFUSED)} MoE families uncurl refuses (exit 2)")
-    for col in ("model_type", "why"):
-        refused.add_column(col)
-    for name in sorted(REFUSED):
-        refused.add_row(name, REFUSED[name])
-    console = Console()
-    console.print(table)
-    console.print(refused)
+    supported = (
+        f"{len(ADAPTERS)} supported MoE families",
+        ("model_type", "transformers class", "experts / top-k keys", "router: per-expert tensors", "special"),
+        [(name, family_class(name) or f"(not in transformers {transformers.__version__})",
+          f"{a.expert_count_key} / {a.top_k_key}", f"{a.router_attr}: {', '.join(a.router_tensors)}",
+          "; ".join(special(a)) or "-") for name, a in sorted(ADAPTERS.items())],
+    )
+    refused = (f"{len(REFUSED)} MoE families uncurl refuses (exit 2)", ("model_type", "why"), sorted(REFUSED.items()))
+    for title, columns, rows in (supported, refused):
+        if markdown:
+            typer.echo(f"{title}:\n\n| {' | '.join(columns)} |\n|{'---|' * len(columns)}")
+            for row in rows:
+                typer.echo("| " + " | ".join(f"`{row[0]}`" if i == 0 else cell for i, cell in enumerate(row)) + " |")
+            typer.echo("")
+            continue
+        table = Table(show_header=True, title=title)
+        for col in columns:
+            table.add_column(col)
+        for row in rows:
+            table.add_row(*row)
+        Console().print(table)
 
 
 def main() -> None:

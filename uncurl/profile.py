@@ -125,12 +125,25 @@ class Profile:
 
 
 class _Recorder:
-    """Forward hooks on every router; `mask` selects the non-padding rows of the current batch."""
+    """Forward hooks on every router; `mask` selects the non-padding rows of the current batch.
 
-    def __init__(self, moe_layers, num_experts: int):
+    A router that returns probabilities instead of logits (``adapter.router_logits``) gets a second
+    hook on the submodule that computes its logits, which runs first, inside the router's forward."""
+
+    def __init__(self, moe_layers, num_experts: int, router_logits: str | None = None):
         self.stats = {layer.name: RouterStats(num_experts) for layer in moe_layers}
         self.mask: torch.Tensor | None = None
+        self.logits: dict[str, torch.Tensor] = {}
         self.handles = [layer.router.register_forward_hook(self._hook(layer.name)) for layer in moe_layers]
+        if router_logits is not None:
+            self.handles += [layer.router.get_submodule(router_logits).register_forward_hook(self._logits(layer.name))
+                             for layer in moe_layers]
+
+    def _logits(self, name: str):
+        def hook(module, args, output):
+            self.logits[name] = output
+
+        return hook
 
     def _hook(self, name: str):
         def hook(module, args, output):
@@ -139,7 +152,8 @@ class _Recorder:
                     f"router {type(module).__name__} returned {type(output).__name__}; expected "
                     "(logits, top-k weights, top-k indices) as transformers-5 routers do"
                 )
-            logits, weights, indices = (t.reshape(-1, t.shape[-1]) for t in output[:3])
+            first = self.logits.pop(name, output[0])
+            logits, weights, indices = (t.reshape(-1, t.shape[-1]) for t in (first, *output[1:3]))
             keep = self.mask
             if keep is not None and keep.numel() == logits.shape[0]:
                 logits, weights, indices = logits[keep], weights[keep], indices[keep]
@@ -190,7 +204,7 @@ def profile_model(
     if not texts:
         raise UncurlError("no calibration text to profile: the task's calibration split is empty")
     moe_layers = find_moe_layers(model, adapter)
-    recorder = _Recorder(moe_layers, moe_layers[0].num_experts)
+    recorder = _Recorder(moe_layers, moe_layers[0].num_experts, adapter.router_logits)
     device = input_device(model)
     n_batches = -(-len(texts) // batch_size)
     try:
