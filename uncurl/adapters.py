@@ -24,6 +24,31 @@ from .errors import UncurlError
 
 
 @dataclass(frozen=True)
+class NeuronAxis:
+    """Where one fused expert tensor keeps the intermediate neurons (the axis a permutation moves).
+
+    ``axis`` counts in the per-expert tensor (expert axis removed). ``packing``: ``single`` (I
+    entries), ``concat`` (gate rows then up rows, 2I) or ``interleaved`` (gate, up, gate, up, ...).
+    """
+
+    tensor: str  # name under the experts module, e.g. "gate_up_proj"
+    axis: int
+    packing: str = "single"
+
+
+# The layout of the experts' intermediate neurons; expert tensors not listed (output biases) have
+# none and are merged without permutation. One permutation of the neurons, applied to every listed
+# tensor, leaves an expert's function unchanged (tests/test_align.py checks this per family).
+FUSED_GATED = (NeuronAxis("gate_up_proj", 0, "concat"), NeuronAxis("down_proj", 1))  # [E,2I,H], [E,H,I]
+FUSED_NON_GATED = (NeuronAxis("up_proj", 0), NeuronAxis("down_proj", 1))  # [E,I,H], [E,H,I] (nemotron_h)
+TRANSPOSED_GATED = (NeuronAxis("gate_up_proj", 1, "concat"), NeuronAxis("down_proj", 0))  # [E,H,2I], [E,I,H] (aria)
+TRANSPOSED_INTERLEAVED = (  # gpt_oss: [E,H,2I] gate/up interleaved (+ bias [E,2I]), down [E,I,H]
+    NeuronAxis("gate_up_proj", 1, "interleaved"), NeuronAxis("gate_up_proj_bias", 0, "interleaved"),
+    NeuronAxis("down_proj", 0),
+)
+
+
+@dataclass(frozen=True)
 class MoEAdapter:
     """How one model family lays out its MoE blocks (defaults: the common transformers-5 layout)."""
 
@@ -39,6 +64,8 @@ class MoEAdapter:
     router_logits: str | None = None
     hybrid: str = ""  # the other token mixers the stack interleaves (Mamba, linear attention, ...)
     tiny: Mapping[str, Any] = field(default_factory=dict)  # overrides for a small random instance
+    neurons: tuple[NeuronAxis, ...] = FUSED_GATED  # intermediate-neuron layout (--merge aligned)
+    router_logit_bias: str | None = None  # router tensor added to the logits (--router refit fits it)
 
 
 # Shared by every tiny instance: small enough for CPU tests, big enough to route meaningfully.
@@ -84,6 +111,8 @@ ADAPTERS: dict[str, MoEAdapter] = {
             "num_local_experts",
             router_attr="router",
             router_tensors=("weight", "bias"),
+            neurons=TRANSPOSED_INTERLEAVED,
+            router_logit_bias="bias",
             tiny=dict(num_local_experts=8, head_dim=16, max_position_embeddings=131072),
         ),
     )
@@ -102,7 +131,7 @@ ADAPTERS.update({
     a.model_type: a
     for a in (
         MoEAdapter("aria_text", "moe_num_experts", top_k_key="moe_topk", router_attr="router",
-                   shared_attrs=("shared_experts",),
+                   shared_attrs=("shared_experts",), neurons=TRANSPOSED_GATED,
                    tiny=dict(moe_num_experts=8, moe_topk=2, moe_num_shared_experts=1, head_dim=16)),
         MoEAdapter("axk1", "n_routed_experts", router_tensors=_ECB, shared_attrs=("shared_experts",),
                    group_keys=_GROUPS, tiny=dict(**_DEEPSEEK, **_MLA, num_hidden_layers=3)),
@@ -210,7 +239,7 @@ ADAPTERS.update({
                    tiny=dict(num_local_experts=8, intermediate_size=32, shared_intermediate_size=32, head_dim=16,
                              dense_intermediate_size=64)),
         MoEAdapter("nemotron_h", "n_routed_experts", router_tensors=_ECB, shared_attrs=("shared_experts",),
-                   group_keys=_GROUPS, hybrid="Mamba-2",
+                   group_keys=_GROUPS, hybrid="Mamba-2", neurons=FUSED_NON_GATED,
                    tiny=dict(n_routed_experts=8, moe_intermediate_size=32, moe_shared_expert_intermediate_size=32,
                              n_group=2, topk_group=1, head_dim=16, use_mamba_kernels=False, mamba_num_heads=8,
                              mamba_head_dim=16, ssm_state_size=16, n_groups=2, chunk_size=16,
