@@ -74,6 +74,22 @@ def test_listing_commands_and_help():
         assert text in res.output
 
 
+def test_readme_family_table_is_uncurl_families():
+    """README's family tables are `uncurl families --markdown`, as the pinned transformers prints it."""
+    from pathlib import Path
+
+    import transformers
+
+    root = Path(__file__).resolve().parents[1]
+    pinned = next(line.split("==")[1].strip() for line in (root / "constraints.txt").read_text().splitlines()
+                  if line.startswith("transformers=="))
+    if transformers.__version__ != pinned:
+        pytest.skip(f"README's table is written with transformers {pinned}, this is {transformers.__version__}")
+    res = run("families", "--markdown")
+    assert res.exit_code == 0, res.output
+    assert res.output.strip() in (root / "README.md").read_text()
+
+
 @pytest.fixture(scope="module")
 def odd_models(tmp_path_factory):
     """A folder of an unsupported family and one of a MoE family with every layer dense."""

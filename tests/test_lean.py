@@ -28,7 +28,9 @@ from uncurl.save import verify_checkpoint, write_checkpoint
 from uncurl.sweep import SweepOptions, sweep
 
 FAMILIES = sorted(ADAPTERS)
-LAYOUTS = representatives()  # one family per adapter layout: the costly per-family paths (offload, consume)
+# one family per adapter layout: the per-family paths that cost most (offload, consume) and the
+# variants of the cheaper ones (bf16 loading, the unsharded save); every family runs the rest
+LAYOUTS = representatives()
 
 
 def same_state(a, b) -> None:
@@ -38,8 +40,7 @@ def same_state(a, b) -> None:
         assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("dtype", ["auto", torch.bfloat16])
+@pytest.mark.parametrize(("family", "dtype"), [(f, "auto") for f in FAMILIES] + [(f, torch.bfloat16) for f in LAYOUTS])
 def test_pread_loader_equals_from_pretrained(family, dtype, tiny_dirs):
     src = tiny_dirs(family)
     lean, info = from_folder(src, AutoConfig.from_pretrained(src), dtype, output_loading_info=True)
@@ -139,8 +140,7 @@ def files(folder):
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("shard_size", ["5GB", "150KB"])
+@pytest.mark.parametrize(("family", "shard_size"), [(f, "150KB") for f in FAMILIES] + [(f, "5GB") for f in LAYOUTS])
 def test_streaming_save_writes_the_files_save_pretrained_writes(family, shard_size, tiny_dirs, tmp_path):
     src = tiny_dirs(family)  # loaded from disk, so the model carries its load-time weight conversions
     for dtype in ("auto", torch.bfloat16):
