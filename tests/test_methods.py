@@ -4,6 +4,8 @@ combination reloads clean."""
 
 from __future__ import annotations
 
+import inspect
+
 import json
 
 import numpy as np
@@ -35,6 +37,8 @@ def hand_expert_output(experts, adapter, config, e: int, x: torch.Tensor) -> tor
     gate, up = x @ experts.gate_up_proj[e][:i].T, x @ experts.gate_up_proj[e][i:].T
     if not hasattr(experts, "act_fn"):  # a clamped GLU (hy_v4, minimax_m3_vl_text): the family's own
         return experts._apply_gate(torch.cat([gate, up], dim=-1)) @ experts.down_proj[e].T
+    if len(inspect.signature(experts.act_fn.forward).parameters) == 2:  # act(gate, up): inkling2 softcaps
+        return experts.act_fn(gate, up) @ experts.down_proj[e].T
     return (experts.act_fn(gate) * up) @ experts.down_proj[e].T
 
 

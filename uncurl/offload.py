@@ -21,6 +21,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import weakref
+from collections.abc import Mapping
 
 import torch
 
@@ -103,6 +104,22 @@ class Spill:
             weakref.finalize(model, shutil.rmtree, self.folder, True)
 
 
+class _Overlay(Mapping):
+    """A merged module's weights map: its merged tensors first, the rest from the original's."""
+
+    def __init__(self, merged, original):
+        self.merged, self.original = merged, original
+
+    def __getitem__(self, key):
+        return self.merged[key] if key in self.merged else self.original[key]
+
+    def __iter__(self):
+        return iter(dict.fromkeys([*self.merged, *(self.original or ())]))
+
+    def __len__(self):
+        return sum(1 for _ in self)
+
+
 def transplant_hooks(original, new, merged_modules: set[str], spill: Spill | None = None) -> None:
     """Give ``new`` the device placement of ``original`` (module names are the same)."""
     from accelerate.hooks import AlignDevicesHook, add_hook_to_module
@@ -114,13 +131,19 @@ def transplant_hooks(original, new, merged_modules: set[str], spill: Spill | Non
         if not isinstance(hook, AlignDevicesHook):
             raise RuntimeError(f"unsupported accelerate hook {type(hook).__name__} on {name or 'the model'}")
         target = new.get_submodule(name) if name else new
-        merged = name in merged_modules and hook.offload
+        weights = hook.weights_map
+        if name in merged_modules and hook.offload:
+            # merged tensors: spilled to disk, else the module's real tensors (kept in CPU memory);
+            # the module's other tensors (gemma4's router.scale beside per_expert_scale) stay where they were
+            own = spill.weights_map(name) if spill else None
+            if own is None:
+                own = {n: t.to("cpu") for n, t in target.state_dict(keep_vars=True).items() if t.device.type != "meta"}
+            weights = _Overlay(own, hook.weights_map)
         add_hook_to_module(target, AlignDevicesHook(
             execution_device=hook.execution_device,
             offload=hook.offload,
             io_same_device=hook.io_same_device,
-            # merged: spilled to disk, else real tensors the new hook moves into its own CPU weights map
-            weights_map=(spill.weights_map(name) if spill else None) if merged else hook.weights_map,
+            weights_map=weights,
             offload_buffers=hook.offload_buffers,
             place_submodules=hook.place_submodules,
             skip_keys=hook.skip_keys,
