@@ -102,13 +102,14 @@ def test_cb_first_eval_example(data_dir):
 def test_copa_renders_because_and_therefore(data_dir):
     task = get_task("superglue-copa")
     cause = load_examples(task, "calibration", data_dir)[0]
+    # lm-eval's super_glue/copa: the choice carries its own leading space after the " " delimiter
     assert cause == Example(
-        "My body cast a shadow over the grass because", (" the sun was rising.", " the grass was cut."), 0
+        "My body cast a shadow over the grass because", ("  the sun was rising.", "  the grass was cut."), 0
     )
     effect = load_examples(task, "evaluation", data_dir)[0]
     assert effect.prompt == "The man turned on the faucet therefore"
-    assert effect.choices == (" the toilet filled with water.", " water flowed from the spout.")
-    assert effect.text == "The man turned on the faucet therefore water flowed from the spout."
+    assert effect.choices == ("  the toilet filled with water.", "  water flowed from the spout.")
+    assert effect.text == "The man turned on the faucet therefore  water flowed from the spout."
 
 
 def test_boolq_true_is_yes(data_dir):

@@ -309,7 +309,8 @@ def eval_cmd(
     _setup_logging(verbose)
     opts = DataOptions(**_data_options(task, data_dir, 1, max_length, batch_size, template, choices, label_field))
     resolve_task(opts)
-    loaded = load_model(model, device=device, dtype=dtype, seed=seed, device_map=device_map, max_memory=max_memory)
+    loaded = load_model(model, device=device, dtype=dtype, seed=seed, device_map=device_map, max_memory=max_memory,
+                        moe=False)  # any causal LM: evaluation needs no MoE
     metrics = {"model": model, **run_eval(loaded.model, loaded.tokenizer, opts, limit, seed)}
     if as_json:
         _emit_json(metrics)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .adapters import MoEAdapter, get_adapter, tiny_config
+from .adapters import ADAPTERS, MoEAdapter, get_adapter, tiny_config
 from .errors import UncurlError
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate
 class Loaded:
     model: torch.nn.Module
     tokenizer: object
-    adapter: MoEAdapter
+    adapter: MoEAdapter | None  # None: a causal LM uncurl can evaluate but not prune (load_model(moe=False))
     model_id: str
     source: Path | None  # the local folder the model came from (never written to), if any
     placement: dict = field(default_factory=dict)  # device_map and max_memory, for reloading alike
@@ -221,10 +221,13 @@ def from_folder(folder: Path, config, dtype, device_map=None, output_loading_inf
 
 
 def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto", seed: int = 0,
-               device_map: str | None = None, max_memory: str | None = None) -> Loaded:
+               device_map: str | None = None, max_memory: str | None = None, moe: bool = True) -> Loaded:
     """Load ``model_id`` for inference (eval mode, no gradients) on ``device``, or spread over the
     GPUs by accelerate when ``device_map`` is given (``auto``: fill GPUs in order), with what does not
-    fit (or exceeds ``max_memory``, e.g. ``0=20GiB,cpu=60GiB``) offloaded to CPU memory, then disk."""
+    fit (or exceeds ``max_memory``, e.g. ``0=20GiB,cpu=60GiB``) offloaded to CPU memory, then disk.
+
+    ``moe=False`` (evaluation only) accepts any causal LM transformers can load, dense ones included;
+    ``adapter`` is then the family's when uncurl knows it, else None."""
     return_freed_memory()
     dev = resolve_device(device)
     if device_map is not None:
@@ -250,7 +253,8 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto", seed
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     config = _config(model_id)
-    adapter = get_adapter(config.model_type)  # unknown family fails here, before the weights
+    # an unknown family fails here, before the weights, unless only evaluating
+    adapter = get_adapter(config.model_type) if moe else ADAPTERS.get(config.model_type)
     log.info("loading %s (%s) on %s", model_id, config.model_type, dev)
     placement = placement_kwargs(device_map, limits) or {"device_map": {"": dev}}
     if Path(model_id).is_dir():

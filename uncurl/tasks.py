@@ -38,12 +38,16 @@ DATA_DIR_ENV = "UNCURL_DATA_DIR"
 SPLITS = ("calibration", "evaluation")
 HALVES_SEED = 1234  # fixed on purpose: the calibration/evaluation halves must not move with --seed
 CORPUS_HOLDOUT = 0.02  # the tail of each corpus file that examples/train_smoe.py never trains on
+# lm-eval joins a prompt and a choice with this (its ``target_delimiter``): every continuation below
+# starts with it, and acc_norm divides by the choice's length without it (evaluate.completion_length).
+TARGET_DELIMITER = " "
 _SUPERGLUE_SPLITS = {"calibration": "train", "evaluation": "validation"}
 
 
 @dataclass(frozen=True)
 class Example:
-    """One scored item: a prompt and its continuations, each starting with a space."""
+    """One scored item: a prompt and its continuations, each ``TARGET_DELIMITER`` + a choice, as
+    lm-eval requests them."""
 
     prompt: str
     choices: tuple[str, ...] = ()
@@ -130,12 +134,14 @@ def _field(row: Mapping[str, Any], name: str) -> Any:
 
 
 def _copa(row: Mapping[str, Any]) -> Example:
-    """COPA: "premise because/therefore" + the choice with its first letter lower-cased."""
+    """COPA as lm-eval's super_glue/copa: "premise because/therefore", and each choice with its first
+    letter lower-cased *and* a leading space of its own (lm-eval's ``doc_to_choice``), after the target
+    delimiter: the continuation starts with two spaces, and acc_norm counts one of them."""
     question = _field(row, "question")
     if question not in ("cause", "effect"):
         raise UncurlError(f"COPA question {question!r} is neither 'cause' nor 'effect'")
     prompt = _field(row, "premise").strip().removesuffix(".") + (" because" if question == "cause" else " therefore")
-    choices = tuple(" " + c[:1].lower() + c[1:] for c in (_field(row, "choice1"), _field(row, "choice2")))
+    choices = tuple(TARGET_DELIMITER + " " + c[:1].lower() + c[1:] for c in (_field(row, "choice1"), _field(row, "choice2")))
     return Example(prompt, choices, gold_index(_field(row, "label"), choices))
 
 
