@@ -22,6 +22,7 @@ from rich.table import Table
 from .cluster import METHODS
 from .errors import EXIT_GATE, UncurlError
 from .merge import MERGE_RULES, ROUTER_RULES
+from .pipeline import DEFAULT_MERGE, DEFAULT_METHOD, DEFAULT_ROUTER, STUDY_EVIDENCE
 
 app = typer.Typer(
     help=(
@@ -93,7 +94,7 @@ def _choices(registry: dict, extra=lambda spec: "") -> str:
 
 METHOD_HELP = ("How experts are chosen or grouped. " + _choices(
     METHODS, lambda m: " (pruning: each kept expert alone)" if m.kind == "criterion" else " (groups, merged by --merge)")
-    + " Default uncurl: unchanged until the methods study sets it (see README).")
+    + " " + STUDY_EVIDENCE)
 MERGE_HELP = ("How a group of several experts becomes one (pruning criteria keep singletons, which are "
               "copied as they are). " + _choices(MERGE_RULES))
 ROUTER_HELP = "A merged expert's router row. " + _choices(ROUTER_RULES)
@@ -173,10 +174,10 @@ def prune(
              "Equal to the expert count reproduces the model exactly.")] = 4,
     out: Annotated[str, typer.Option("--out", "-o", rich_help_panel=PRUNE,
                                      help="Output folder: checkpoint + report/. Written whole or not at all.")] = "pruned",
-    method: Annotated[str, typer.Option(rich_help_panel=PRUNE, help=METHOD_HELP)] = "uncurl",
-    merge: Annotated[str, typer.Option(rich_help_panel=PRUNE, help=MERGE_HELP)] = "average",
+    method: Annotated[str, typer.Option(rich_help_panel=PRUNE, help=METHOD_HELP)] = DEFAULT_METHOD,
+    merge: Annotated[str, typer.Option(rich_help_panel=PRUNE, help=MERGE_HELP)] = DEFAULT_MERGE,
     router_rows: Annotated[str, typer.Option("--router", "--router-rows", rich_help_panel=PRUNE,
-                                             help=ROUTER_HELP)] = "mean",
+                                             help=ROUTER_HELP)] = DEFAULT_ROUTER,
     top_k: Annotated[Optional[int], typer.Option(rich_help_panel=PRUNE,
                                                  help="Lower the router's top-k explicitly (default: unchanged).")] = None,
     profile: Annotated[Optional[str], typer.Option(rich_help_panel=PRUNE,
@@ -347,15 +348,15 @@ def sweep_cmd(
                                       help="Comma-separated K values to try, e.g. 6,4,2.")] = "6,4,2",
     method: Annotated[str, typer.Option(rich_help_panel=PRUNE,
                                         help="Comma-separated methods (see prune --help): "
-                                             + ", ".join(METHODS) + ".")] = "uncurl,frequency",
+                                             + ", ".join(METHODS) + ".")] = f"{DEFAULT_METHOD},frequency",
     merge: Annotated[str, typer.Option(rich_help_panel=PRUNE,
                                        help="Comma-separated merge rules for grouping methods: "
-                                            + ", ".join(MERGE_RULES) + ".")] = "average",
+                                            + ", ".join(MERGE_RULES) + ".")] = DEFAULT_MERGE,
     out: Annotated[str, typer.Option("--out", "-o", rich_help_panel=PRUNE,
                                      help="Output folder: sweep.json, sweep.md, sweep.png (+ checkpoints/).")] = "sweep",
     router_rows: Annotated[str, typer.Option("--router", "--router-rows", rich_help_panel=PRUNE,
                                              help="Comma-separated router rules for grouping methods: "
-                                                  + ", ".join(ROUTER_RULES) + ".")] = "mean",
+                                                  + ", ".join(ROUTER_RULES) + ".")] = DEFAULT_ROUTER,
     top_k: Annotated[Optional[int], typer.Option(rich_help_panel=PRUNE, help="Lower the router's top-k.")] = None,
     profile: Annotated[Optional[str], typer.Option(rich_help_panel=PRUNE, help="Reuse a profile file.")] = None,
     keep_checkpoints: Annotated[bool, typer.Option(rich_help_panel=PRUNE,
