@@ -123,8 +123,9 @@ def test_sweep_profiles_once_and_writes_results(tmp_path, data_dir, monkeypatch)
         assert {"acc", "acc_norm", "loss", "drop", "params", "checkpoint"} <= set(r)
         assert (out / "checkpoints" / Path(r["checkpoint"]).name / "config.json").is_file()
     # a grouping is labelled with its merge and router rules; a pruning criterion by its name alone
-    assert set(s["threshold"]) == {"uncurl/average/mean", "frequency"}
-    assert (out / "sweep.png").stat().st_size > 0 and "| uncurl/average/mean | 4 |" in (out / "sweep.md").read_text()
+    grouping = f"uncurl/{pipeline.DEFAULT_MERGE}/{pipeline.DEFAULT_ROUTER}"  # the default merge and router rules
+    assert set(s["threshold"]) == {grouping, "frequency"}
+    assert (out / "sweep.png").stat().st_size > 0 and f"| {grouping} | 4 |" in (out / "sweep.md").read_text()
 
 
 def prune_args(tmp_path, data_dir, *extra):
