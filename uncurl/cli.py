@@ -50,7 +50,12 @@ Samples = Annotated[int, typer.Option(
     rich_help_panel=DATA, min=1,
     help="Calibration examples to profile: a seeded random subset of the task's calibration split "
          "(all of it when smaller). Profiling time grows linearly with it; memory does not.")]
-MaxLength = Annotated[int, typer.Option(rich_help_panel=DATA, min=8, help="Truncate each example to this many tokens.")]
+MaxLength = Annotated[int, typer.Option(
+    rich_help_panel=DATA, min=8,
+    help="Calibration: truncate each example to this many tokens (evaluation has --eval-max-length).")]
+EvalMaxLength = Annotated[int, typer.Option(
+    rich_help_panel=EVAL, min=8,
+    help="Evaluation: keep at most this many tokens of each sequence (from the right; the answer is never cut).")]
 BatchSize = Annotated[int, typer.Option(rich_help_panel=DATA, min=1, help="Examples per forward pass.")]
 Template = Annotated[Optional[str], typer.Option(
     rich_help_panel=DATA, help="Custom tasks: a Python format string over a row's fields, e.g. '{question}\\nAnswer:'.")]
@@ -83,11 +88,17 @@ CalibrateOn = Annotated[Optional[str], typer.Option(
                                "calibration (default: --task itself).")]
 
 
-def _data_options(task, data_dir, samples, max_length, batch_size, template, choices, label_field,
-                  calibrate_on=None) -> dict:
-    return dict(task=task, data_dir=data_dir, samples=samples, max_length=max_length, batch_size=batch_size,
-                template=template, choices=tuple(c.strip() for c in choices.split(",")) if choices else None,
-                label_field=label_field, calibrate_on=calibrate_on, progress=err.is_terminal)
+def _data_options(params: dict) -> dict:
+    """The command's parameters that are :class:`~uncurl.pipeline.DataOptions` fields (by name)."""
+    from dataclasses import fields
+
+    from .pipeline import DataOptions
+
+    names = {f.name for f in fields(DataOptions)}
+    out = {k: v for k, v in params.items() if k in names}
+    if out.get("choices"):
+        out["choices"] = tuple(c.strip() for c in out["choices"].split(","))
+    return {**out, "progress": err.is_terminal}
 
 
 def _ints(text: str, flag: str) -> tuple[int, ...]:
@@ -116,15 +127,25 @@ def _handled(fn):
 
 
 def _command_line(ctx: typer.Context) -> str:
-    """The running command with every option spelled out (defaults included): rerunnable as is."""
+    """The running command with every option spelled out (defaults included): rerunnable as is.
+
+    Spelled with the CLI's own option names (click's declarations), so ``--eval`` and ``--json``
+    come out as typed, never as the Python parameter names behind them.
+    """
     import shlex
 
     words = ["uncurl", ctx.info_name]
-    for name, value in ctx.params.items():
-        flag = "--" + name.replace("_", "-")
-        if value is True:
-            words.append(flag)
-        elif value not in (None, False):
+    for param in ctx.command.params:
+        if getattr(param, "param_type_name", "") != "option" or param.name not in ctx.params:
+            continue
+        value = ctx.params[param.name]
+        flag = next((o for o in param.opts if o.startswith("--")), param.opts[0])
+        if param.is_flag:
+            if value is True:
+                words.append(flag)
+            elif value is False and param.default is True and param.secondary_opts:
+                words.append(param.secondary_opts[0])
+        elif value is not None:
             words += [flag, shlex.quote(str(value))]
     return " ".join(words)
 
@@ -178,6 +199,7 @@ def prune(
     evaluate: Annotated[bool, typer.Option("--eval", rich_help_panel=EVAL,
                                            help="Evaluate the task before and after pruning; both go in the report.")] = False,
     eval_limit: EvalLimit = None,
+    eval_max_length: EvalMaxLength = 1024,
     metric: Metric = "acc",
     max_drop: Annotated[Optional[float], typer.Option(
         rich_help_panel=EVAL,
@@ -203,7 +225,7 @@ def prune(
         overwrite=overwrite, shard_size=shard_size, seed=seed, device=device, device_map=device_map, max_memory=max_memory, dtype=dtype,
         eval=evaluate, eval_limit=eval_limit, metric=metric, max_drop=max_drop,
         extra={"command": _command_line(ctx)},
-        **_data_options(task, data_dir, samples, max_length, batch_size, template, choices, label_field, calibrate_on),
+        **_data_options(locals()),
     )
     result = run(opts)
     _summary(result.report)
@@ -231,7 +253,6 @@ def _summary(r: dict) -> None:
     table.add_row("top-k", str(m["top_k_before"]), str(m["top_k_after"]))
     table.add_row("parameters", f"{m['params_before']:,}", f"{m['params_after']:,}")
     table.add_row("weight MB", f"{m['bytes_before'] / 1e6:.1f}", f"{m['bytes_after'] / 1e6:.1f}")
-    err.print(table)
     if "eval" in r:
         ev = r["eval"]
         for metric in ("acc", "acc_norm", "loss"):
@@ -271,7 +292,7 @@ def profile_cmd(
     from .pipeline import DataOptions, resolve_task, run_profile
 
     _setup_logging(verbose)
-    opts = DataOptions(**_data_options(task, data_dir, samples, max_length, batch_size, template, choices, label_field))
+    opts = DataOptions(**_data_options(locals()))
     resolve_task(opts)
     loaded = load_model(model, device=device, dtype=dtype, seed=seed, device_map=device_map, max_memory=max_memory)
     path = run_profile(loaded, opts, seed).save(out)
@@ -307,7 +328,7 @@ def eval_cmd(
     from .pipeline import DataOptions, resolve_task, run_eval
 
     _setup_logging(verbose)
-    opts = DataOptions(**_data_options(task, data_dir, 1, max_length, batch_size, template, choices, label_field))
+    opts = DataOptions(**_data_options(locals()), samples=1, eval_max_length=max_length)
     resolve_task(opts)
     loaded = load_model(model, device=device, dtype=dtype, seed=seed, device_map=device_map, max_memory=max_memory)
     metrics = {"model": model, **run_eval(loaded.model, loaded.tokenizer, opts, limit, seed)}
@@ -339,6 +360,7 @@ def sweep_cmd(
                                              help="Largest acceptable drop in --metric, in points.")] = 1.0,
     metric: Metric = "acc",
     eval_limit: EvalLimit = None,
+    eval_max_length: EvalMaxLength = 1024,
     data_dir: DataDir = None,
     samples: Samples = 256,
     max_length: MaxLength = 512,
@@ -367,7 +389,7 @@ def sweep_cmd(
         out=out, router_rows=router_rows, top_k=top_k, profile=profile, keep_checkpoints=keep_checkpoints,
         overwrite=overwrite, tolerance=tolerance, metric=metric, eval_limit=eval_limit, seed=seed, device=device,
         device_map=device_map, max_memory=max_memory, dtype=dtype, extra={"command": _command_line(ctx)},
-        **_data_options(task, data_dir, samples, max_length, batch_size, template, choices, label_field, calibrate_on),
+        **_data_options(locals()),
     )
     s = sweep(opts)
     table = Table(title=f"sweep: {model} on {s['unpruned']['task']} ({s['metric']})")

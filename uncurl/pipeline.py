@@ -40,7 +40,8 @@ class DataOptions:
     task: str = "superglue-rte"
     data_dir: str | None = None  # local files laid out as ../shared/data; else $UNCURL_DATA_DIR; else the Hub
     samples: int = 256  # calibration examples (a seeded random subset when the split is larger)
-    max_length: int = 512
+    max_length: int = 512  # calibration: tokens kept per example (profiling)
+    eval_max_length: int = 1024  # evaluation: tokens kept per sequence, from the right
     batch_size: int = 8
     template: str | None = None  # custom tasks only: str.format template over a row's fields
     choices: tuple[str, ...] | None = None  # custom tasks only
@@ -132,8 +133,13 @@ def run_profile(loaded: Loaded, opts: DataOptions, seed: int = 0) -> Profile:
     meta = {"model": loaded.model_id, "model_type": loaded.model.config.model_type, "task": info,
             "seed": seed, "max_length": opts.max_length, "versions": versions()}
     torch.manual_seed(seed)
-    return profile_model(loaded.model, loaded.tokenizer, loaded.adapter, texts, batch_size=opts.batch_size,
-                         max_length=opts.max_length, progress=opts.progress, meta=meta)
+    profile = profile_model(loaded.model, loaded.tokenizer, loaded.adapter, texts, batch_size=opts.batch_size,
+                            max_length=opts.max_length, progress=opts.progress, meta=meta)
+    for name, stats in profile.layers.items():  # finite weights can still overflow (e.g. float16)
+        if not all(bool(torch.isfinite(getattr(stats, f)).all()) for f in ("mass", "logit_sum", "gram")):
+            raise UncurlError(f"the router of {name} gave NaN/Inf logits on the calibration text; the weights are "
+                              f"finite, so the activations overflowed: try --dtype float32 or bfloat16")
+    return profile
 
 
 def run_eval(model, tokenizer, opts: DataOptions, limit: int | None, seed: int = 0) -> dict:
@@ -141,7 +147,7 @@ def run_eval(model, tokenizer, opts: DataOptions, limit: int | None, seed: int =
     task = resolve_task(opts)
     examples = T.load_examples(task, "evaluation", opts.data_dir, limit=limit, seed=seed)
     metrics = evaluate_examples(model, tokenizer, examples, batch_size=opts.batch_size,
-                                max_length=max(opts.max_length, 1024), progress=opts.progress)
+                                max_length=opts.eval_max_length, progress=opts.progress)
     return {"task": task.name, "fingerprint": T.data_fingerprint(examples), **metrics}
 
 
