@@ -42,7 +42,11 @@ Model = Annotated[str, typer.Option(
          "model (no files, no network; see `uncurl families`).")]
 Task = Annotated[str, typer.Option(
     "--task", "-t", rich_help_panel=DATA,
-    help="Registered task (see `uncurl tasks`) or a local .jsonl/.csv file used with --template.")]
+    help="What to calibrate and evaluate on: a registered task (see `uncurl tasks`); hf:ORG/NAME[:CONFIG], a "
+         "Hub dataset read with datasets.load_dataset (with --template; splits: --calibration-split, "
+         "--evaluation-split); a task file (.yaml/.json: template, choices, label field, files or Hub id; see "
+         "README); or a .jsonl/.csv file with --template (one file: fixed seeded disjoint halves calibrate "
+         "and evaluate; see --eval-file).")]
 DataDir = Annotated[Optional[str], typer.Option(
     "--data-dir", rich_help_panel=DATA, envvar="UNCURL_DATA_DIR",
     help="Read tasks from local files laid out as ../shared/data instead of the Hub.")]
@@ -58,10 +62,27 @@ EvalMaxLength = Annotated[int, typer.Option(
     help="Evaluation: keep at most this many tokens of each sequence (from the right; the answer is never cut).")]
 BatchSize = Annotated[int, typer.Option(rich_help_panel=DATA, min=1, help="Examples per forward pass.")]
 Template = Annotated[Optional[str], typer.Option(
-    rich_help_panel=DATA, help="Custom tasks: a Python format string over a row's fields, e.g. '{question}\\nAnswer:'.")]
+    rich_help_panel=DATA, help="Custom and hf: tasks: a Python format string over a row's fields, e.g. '{question}\\nAnswer:'.")]
 Choices = Annotated[Optional[str], typer.Option(
-    rich_help_panel=DATA, help="Custom tasks: comma-separated answer choices, e.g. 'yes,no'.")]
-LabelField = Annotated[str, typer.Option(rich_help_panel=DATA, help="Custom tasks: the field holding the gold choice.")]
+    rich_help_panel=DATA, help="Custom and hf: tasks: comma-separated answer choices, the same for every row, e.g. 'yes,no'.")]
+ChoicesField = Annotated[Optional[str], typer.Option(
+    rich_help_panel=DATA, help="Custom and hf: tasks: the field holding each row's own list of choices "
+                               "(in a .csv cell, a JSON array), instead of --choices.")]
+LabelField = Annotated[str, typer.Option(
+    rich_help_panel=DATA, help="Custom and hf: tasks: the field holding the gold answer: an index, one of the "
+                               "choices, or a JSON boolean (a choice spelled true/false, else false=0, true=1).")]
+EvalFile = Annotated[Optional[str], typer.Option(
+    rich_help_panel=DATA, help="Custom .jsonl/.csv tasks: evaluate on this file and calibrate on all of --task's "
+                               "(default: fixed seeded disjoint halves of the one file; the same file: both read all).")]
+CalibrationSplit = Annotated[Optional[str], typer.Option(
+    rich_help_panel=DATA, help="hf: tasks: the Hub split to calibrate on (default train).")]
+EvaluationSplit = Annotated[Optional[str], typer.Option(
+    rich_help_panel=DATA, help="hf: tasks: the Hub split to evaluate on (default validation; the same as "
+                               "--calibration-split: fixed seeded disjoint halves of it).")]
+ChatTemplate = Annotated[bool, typer.Option(
+    rich_help_panel=DATA, help="Wrap each calibration and evaluation prompt as a user turn in the tokenizer's chat "
+                               "template (instruction-tuned models); the answer follows the template directly, "
+                               "as in lm-evaluation-harness. Recorded in the report.")]
 Seed = Annotated[int, typer.Option(rich_help_panel=RUN, help="Seed for sampling, tiny models and clustering.")]
 Device = Annotated[str, typer.Option(rich_help_panel=RUN, help="auto (CUDA when present), cpu, cuda, cuda:N.")]
 DeviceMap = Annotated[Optional[str], typer.Option(
@@ -84,8 +105,10 @@ Metric = Annotated[str, typer.Option(rich_help_panel=EVAL,
                                      help="Metric a drop is measured on: acc, acc_norm (points of accuracy) or "
                                           "loss (its increase in percent).")]
 CalibrateOn = Annotated[Optional[str], typer.Option(
-    rich_help_panel=DATA, help="Profile on another task's calibration split, e.g. corpus for task-agnostic "
-                               "calibration (default: --task itself).")]
+    rich_help_panel=DATA,
+    help="Profile on other tasks' calibration splits instead of --task's: one task (e.g. corpus, for "
+         "task-agnostic calibration) or a weighted mix, e.g. 'superglue-rte=3,corpus=1' (--samples split "
+         "3:1). Each part is recorded in the report and the profile.")]
 
 
 def _data_options(params: dict) -> dict:
@@ -194,7 +217,12 @@ def prune(
     batch_size: BatchSize = 8,
     template: Template = None,
     choices: Choices = None,
+    choices_field: ChoicesField = None,
     label_field: LabelField = "label",
+    eval_file: EvalFile = None,
+    calibration_split: CalibrationSplit = None,
+    evaluation_split: EvaluationSplit = None,
+    chat_template: ChatTemplate = False,
     calibrate_on: CalibrateOn = None,
     evaluate: Annotated[bool, typer.Option("--eval", rich_help_panel=EVAL,
                                            help="Evaluate the task before and after pruning; both go in the report.")] = False,
@@ -276,7 +304,13 @@ def profile_cmd(
     batch_size: BatchSize = 8,
     template: Template = None,
     choices: Choices = None,
+    choices_field: ChoicesField = None,
     label_field: LabelField = "label",
+    eval_file: EvalFile = None,
+    calibration_split: CalibrationSplit = None,
+    evaluation_split: EvaluationSplit = None,
+    chat_template: ChatTemplate = False,
+    calibrate_on: CalibrateOn = None,
     seed: Seed = 0,
     device: Device = "auto",
     device_map: DeviceMap = None,
@@ -289,11 +323,12 @@ def profile_cmd(
     Example: uncurl profile --model builtin:mixtral --task superglue-rte --data-dir ../shared/data --out rte.profile
     """
     from .load import load_model
-    from .pipeline import DataOptions, resolve_task, run_profile
+    from .pipeline import DataOptions, calibration_mix, resolve_task, run_profile
 
     _setup_logging(verbose)
     opts = DataOptions(**_data_options(locals()))
-    resolve_task(opts)
+    for name, _ in calibration_mix(opts):  # every task resolves before the model is loaded
+        resolve_task(opts, name)
     loaded = load_model(model, device=device, dtype=dtype, seed=seed, device_map=device_map, max_memory=max_memory)
     path = run_profile(loaded, opts, seed).save(out)
     typer.echo(str(path))
@@ -311,7 +346,12 @@ def eval_cmd(
     batch_size: BatchSize = 8,
     template: Template = None,
     choices: Choices = None,
+    choices_field: ChoicesField = None,
     label_field: LabelField = "label",
+    eval_file: EvalFile = None,
+    calibration_split: CalibrationSplit = None,
+    evaluation_split: EvaluationSplit = None,
+    chat_template: ChatTemplate = False,
     seed: Seed = 0,
     device: Device = "auto",
     device_map: DeviceMap = None,
@@ -367,7 +407,12 @@ def sweep_cmd(
     batch_size: BatchSize = 8,
     template: Template = None,
     choices: Choices = None,
+    choices_field: ChoicesField = None,
     label_field: LabelField = "label",
+    eval_file: EvalFile = None,
+    calibration_split: CalibrationSplit = None,
+    evaluation_split: EvaluationSplit = None,
+    chat_template: ChatTemplate = False,
     calibrate_on: CalibrateOn = None,
     seed: Seed = 0,
     device: Device = "auto",
