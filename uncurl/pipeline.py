@@ -163,6 +163,8 @@ def chat_wrap(examples: list[T.Example], tokenizer) -> list[T.Example]:
 
 
 def _source(task: T.Task, data_dir: str | None) -> str:
+    if task.read_docs is not None:
+        return task.name
     local = T.resolve_data_dir(data_dir)
     if task.hub[0] and (local is None or not task.local_files):
         return f"hub:{task.hub[0]}" + (f":{task.hub[1]}" if task.hub[1] else "")

@@ -74,11 +74,13 @@ class Task:
     read_local: Callable[[Path], list[dict[str, Any]]] | None = None  # escape hatch: local_files[split] -> rows
     choices_field: str | None = None  # each row's own choices (a list) instead of fixed ``choices``
     halve_hub: bool = False  # the Hub split is the same for both: a fixed seeded half for each
+    read_docs: Callable[[str], list[tuple[str, dict[str, Any]]]] | None = None  # escape hatch: split -> rows (lm-eval)
+    halve_docs: bool = False  # read_docs gives the same rows for both: a fixed seeded half for each
 
     @property
     def split_note(self) -> str:
         """How calibration and evaluation rows are kept apart (stated in reports)."""
-        if self.halve_local or self.halve_hub:
+        if self.halve_local or self.halve_hub or self.halve_docs:
             return (f"one source split in two fixed disjoint halves (seed {HALVES_SEED}): calibration and "
                     f"evaluation never share a row")
         if self.local_files and len(set(self.local_files.values())) == 1 and not self.hub_splits:
@@ -283,8 +285,8 @@ TASKS: dict[str, Task] = {t.name: t for t in [
 def get_task(name: str) -> Task:
     """The registered task called ``name``."""
     if name not in TASKS:
-        raise UncurlError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)} (or hf:ORG/NAME[:CONFIG], a task "
-                          f"file .yaml/.json, or a custom .jsonl/.csv file)")
+        raise UncurlError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)} (or hf:ORG/NAME[:CONFIG], lm-eval:TASK, "
+                          f"a task file .yaml/.json, or a custom .jsonl/.csv file)")
     return TASKS[name]
 
 
@@ -468,6 +470,10 @@ def resolve_task(name: str, *, template: str | None = None, choices: Sequence[st
         raise UncurlError(f"--eval-file is for a .jsonl/.csv --task file; --task {name} is not one")
     if name in TASKS:
         return TASKS[name]
+    if name.startswith("lm-eval:"):
+        from .lmeval import lmeval_task
+
+        return lmeval_task(name)
     if name.startswith(HUB_PREFIX):
         return hub_task(name, template, choices, label_field, choices_field=choices_field,
                         splits={"calibration": calibration_split, "evaluation": evaluation_split})
@@ -574,7 +580,10 @@ def load_examples(task: Task, split: str, data_dir: str | Path | None = None, *,
     if limit is not None and limit < 1:
         raise UncurlError(f"limit {limit} must be a positive number of examples (or None for all)")
     data_dir = resolve_data_dir(data_dir)
-    if task.hub[0] and (data_dir is None or not task.local_files):
+    if task.read_docs is not None:
+        rows, source = task.read_docs(split), task.name
+        rows = halves(rows, split) if task.halve_docs else rows
+    elif task.hub[0] and (data_dir is None or not task.local_files):
         rows, source = _hub_rows(task, split)
     else:
         rows, source = _local_rows(task, split, data_dir)
