@@ -24,6 +24,30 @@ from .errors import UncurlError
 
 
 @dataclass(frozen=True)
+class NeuronAxis:
+    """Where one fused expert tensor keeps the intermediate neurons (the axis a permutation moves).
+
+    ``axis`` counts in the per-expert tensor (expert axis removed). ``packing``: ``single`` (I
+    entries), ``concat`` (gate rows then up rows, 2I) or ``interleaved`` (gate, up, gate, up, ...).
+    """
+
+    tensor: str  # name under the experts module, e.g. "gate_up_proj"
+    axis: int
+    packing: str = "single"
+
+
+# The layout of the experts' intermediate neurons; expert tensors not listed (output biases) have
+# none and are merged without permutation. One permutation of the neurons, applied to every listed
+# tensor, leaves an expert's function unchanged (tests/test_align.py checks this per family).
+FUSED_GATED = (NeuronAxis("gate_up_proj", 0, "concat"), NeuronAxis("down_proj", 1))  # [E,2I,H], [E,H,I]
+FUSED_NON_GATED = (NeuronAxis("up_proj", 0), NeuronAxis("down_proj", 1))  # [E,I,H], [E,H,I] (nemotron_h)
+TRANSPOSED_INTERLEAVED = (  # gpt_oss: [E,H,2I] gate/up interleaved (+ bias [E,2I]), down [E,I,H]
+    NeuronAxis("gate_up_proj", 1, "interleaved"), NeuronAxis("gate_up_proj_bias", 0, "interleaved"),
+    NeuronAxis("down_proj", 0),
+)
+
+
+@dataclass(frozen=True)
 class MoEAdapter:
     """How one model family lays out its MoE blocks (defaults: the common transformers-5 layout)."""
 
@@ -36,6 +60,8 @@ class MoEAdapter:
     shared_attrs: tuple[str, ...] = ()  # parts of the block that are not routed: never touched
     group_keys: tuple[str, str] | None = None  # (n_group, topk_group) for grouped routing
     tiny: Mapping[str, Any] = field(default_factory=dict)  # overrides for a small random instance
+    neurons: tuple[NeuronAxis, ...] = FUSED_GATED  # intermediate-neuron layout (--merge aligned)
+    router_logit_bias: str | None = None  # router tensor added to the logits (--router refit fits it)
 
 
 # Shared by every tiny instance: small enough for CPU tests, big enough to route meaningfully.
@@ -81,6 +107,8 @@ ADAPTERS: dict[str, MoEAdapter] = {
             "num_local_experts",
             router_attr="router",
             router_tensors=("weight", "bias"),
+            neurons=TRANSPOSED_INTERLEAVED,
+            router_logit_bias="bias",
             tiny=dict(num_local_experts=8, head_dim=16, max_position_embeddings=131072),
         ),
     )
