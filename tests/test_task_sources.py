@@ -299,3 +299,21 @@ def test_chat_template_through_the_cli(tmp_path, tiny_dirs, data_dir):
     assert report["task"]["fingerprint"] == data_fingerprint(chat_wrap(rte, tok))
     res = run("eval", "--data-dir", data_dir, "--chat-template", "--limit", 2)
     assert res.exit_code == 2 and "no chat template" in res.output
+
+
+def test_bad_rows_and_unreachable_data_fail_before_the_model_is_loaded(tmp_path, monkeypatch):
+    import uncurl.load
+
+    def no_model(*a, **k):
+        raise AssertionError("the data must be checked before the model is loaded")
+
+    monkeypatch.setattr(pipeline, "load_model", no_model)
+    monkeypatch.setattr(uncurl.load, "load_model", no_model)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    path = write_jsonl(tmp_path / "r.jsonl", [{"q": "a", "label": 0}] * 5 + [{"q": "b", "label": 7}] * 5)
+    for command, extra in (("prune", ["--eval", "--out", tmp_path / "o"]), ("profile", ["--out", tmp_path / "p"]),
+                           ("eval", [])):
+        res = run(command, "--task", path, "--template", "{q}", "--choices", "no,yes", "--eval-file", path, *extra)
+        assert res.exit_code == 2 and "line 6" in res.output and "field 'label'" in res.output, res.output
+        res = run(command, "--task", "hf:nobody/nothing", "--template", "{q}", *extra)
+        assert res.exit_code == 2 and "could not load nobody/nothing" in " ".join(res.output.split()), res.output

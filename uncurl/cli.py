@@ -48,7 +48,7 @@ Task = Annotated[str, typer.Option(
     help="What to calibrate and evaluate on: a registered task (see `uncurl tasks`); hf:ORG/NAME[:CONFIG], a "
          "Hub dataset read with datasets.load_dataset (with --template; splits: --calibration-split, "
          "--evaluation-split); lm-eval:TASK or lm-eval:FILE.yaml, an lm-evaluation-harness task (optional "
-         "extra: pip install 'uncurl[lm-eval]'); a task file (.yaml/.json: template, choices, label field, files or Hub id; see "
+         "extra: pip install 'uncurl\\[lm-eval]'); a task file (.yaml/.json: template, choices, label field, files or Hub id; see "
          "README); or a .jsonl/.csv file with --template (one file: fixed seeded disjoint halves calibrate "
          "and evaluate; see --eval-file).")]
 DataDir = Annotated[Optional[str], typer.Option(
@@ -343,12 +343,11 @@ def profile_cmd(
     Example: uncurl profile --model builtin:mixtral --task superglue-rte --data-dir ../shared/data --out rte.profile
     """
     from .load import load_model
-    from .pipeline import DataOptions, calibration_mix, resolve_task, run_profile
+    from .pipeline import DataOptions, check_data, run_profile
 
     _setup_logging(verbose)
     opts = DataOptions(**_data_options(locals()))
-    for name, _ in calibration_mix(opts):  # every task resolves before the model is loaded
-        resolve_task(opts, name)
+    check_data(opts, calibrating=True, evaluating=False, seed=seed)  # before the model is loaded
     loaded = load_model(model, device=device, dtype=dtype, seed=seed, device_map=device_map, max_memory=max_memory)
     path = run_profile(loaded, opts, seed).save(out)
     typer.echo(str(path))
@@ -385,11 +384,11 @@ def eval_cmd(
     Example: uncurl eval --model runs/k4 --task superglue-rte --data-dir ../shared/data --limit 200
     """
     from .load import load_model
-    from .pipeline import DataOptions, resolve_task, run_eval
+    from .pipeline import DataOptions, check_data, run_eval
 
     _setup_logging(verbose)
     opts = DataOptions(**_data_options(locals()), samples=1, eval_max_length=max_length)
-    resolve_task(opts)
+    check_data(opts, calibrating=False, evaluating=True, eval_limit=limit, seed=seed)  # before the model
     loaded = load_model(model, device=device, dtype=dtype, seed=seed, device_map=device_map, max_memory=max_memory)
     metrics = {"model": model, **run_eval(loaded.model, loaded.tokenizer, opts, limit, seed)}
     if as_json:
@@ -490,6 +489,8 @@ def tasks():
     for t in describe_tasks():
         table.add_row(t["name"], str(t["choices"]), str(t["hub"]), "\n".join(dict.fromkeys(t["local_files"].values())), t["description"])
     Console().print(table)
+    Console().print("--task also takes: a .jsonl/.csv file with --template; a task file (.yaml/.json); "
+                    "hf:ORG/NAME[:CONFIG] (a Hub dataset); lm-eval:TASK (lm-evaluation-harness, optional). See README.")
 
 
 @app.command()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import gc
 import logging
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -166,6 +166,9 @@ def chat_wrap(examples: list[T.Example], tokenizer) -> list[T.Example]:
 def _source(task: T.Task, data_dir: str | None) -> str:
     if task.read_docs is not None:
         return task.name
+    files = sorted(set(task.local_files.values()))
+    if files and all(Path(f).is_absolute() for f in files):  # custom files: themselves
+        return ", ".join(files)
     local = T.resolve_data_dir(data_dir)
     if task.hub[0] and (local is None or not task.local_files):
         return f"hub:{task.hub[0]}" + (f":{task.hub[1]}" if task.hub[1] else "")
@@ -232,6 +235,20 @@ def _check_profile(profile: Profile, loaded: Loaded, path: str) -> None:
         )
 
 
+def check_data(opts: DataOptions, *, calibrating: bool, evaluating: bool, eval_limit: int | None = None,
+               seed: int = 0) -> T.Task:
+    """Resolve every task and read the rows a run will use, before the model is loaded: an unknown
+    task, a missing or malformed file or row, an unreachable Hub fail in seconds, not after loading."""
+    task = resolve_task(opts)
+    for name, _ in calibration_mix(opts):
+        resolve_task(opts, name)
+    if calibrating:
+        calibration_texts(replace(opts, chat_template=False), seed)  # the chat template needs the tokenizer
+    if evaluating:
+        T.load_examples(task, "evaluation", opts.data_dir, limit=eval_limit, seed=seed)
+    return task
+
+
 def check_options(opts: RunOptions, evaluating: bool) -> None:
     """Cheap checks of everything that does not need the model, before loading it."""
     for method in opts.method.split(","):
@@ -242,9 +259,8 @@ def check_options(opts: RunOptions, evaluating: bool) -> None:
         get_rule(ROUTER_RULES, rule, "--router")
     if opts.metric not in METRICS:
         raise UncurlError(f"--metric {opts.metric!r} is not one of {', '.join(METRICS)}")
-    task = resolve_task(opts)  # an unknown task fails before the model is loaded
-    for name, _ in calibration_mix(opts):
-        resolve_task(opts, name)
+    task = check_data(opts, calibrating=not opts.profile, evaluating=evaluating, eval_limit=opts.eval_limit,
+                      seed=opts.seed)
     if evaluating and opts.metric != "loss" and task.num_choices == 0:
         raise UncurlError(f"task {task.name} has no answer choices, so no {opts.metric}; use --metric loss")
 
