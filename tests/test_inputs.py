@@ -66,6 +66,12 @@ def damaged(tiny_dirs, tmp_path_factory):
     (copy("bad-config") / "config.json").write_text('{"model_type": "mixtral",')
     header = copy("bad-header") / "model.safetensors"
     header.write_bytes(header.read_bytes()[:8] + b"{oops" + header.read_bytes()[13:])
+    from uncurl.load import build_tiny
+
+    model, tok = build_tiny("mixtral", seed=0)
+    model.save_pretrained(root / "missing-shard", max_shard_size="100KB")
+    tok.save_pretrained(root / "missing-shard")
+    sorted((root / "missing-shard").glob("model-*.safetensors"))[-1].unlink()
     nan = copy("nan") / "model.safetensors"
     state = load_file(nan)
     state[next(k for k in state if "layers.1" in k and "experts" in k)].view(-1)[3] = float("nan")
@@ -79,6 +85,7 @@ def damaged(tiny_dirs, tmp_path_factory):
     ("bad-config", ["config.json is not valid JSON"]),
     ("bad-header", ["model.safetensors: the safetensors header is not valid JSON"]),
     ("nan", ["NaN", "layer 1, tensor model.layers.1.", "experts"]),
+    ("missing-shard", ["-of-0", "is missing (named by the checkpoint's index)"]),
 ])
 @pytest.mark.parametrize("command", ["prune", "eval"])
 def test_damaged_model_folder_exits_2_naming_the_file(damaged, case, needles, command, tmp_path, data_dir):
