@@ -62,9 +62,11 @@ def hand_scores(model, tok, adapter):
     return out
 
 
+@pytest.mark.parametrize("experts", ["eager", "grouped_mm"])  # uncurl's own loop; the model's kernel
 @pytest.mark.parametrize("family", sorted(ADAPTERS))
-def test_reap_and_ean_equal_a_hand_computation(family):
+def test_reap_and_ean_equal_a_hand_computation(family, experts):
     model, tok = build_tiny(family, seed=0)
+    model.set_experts_implementation(experts)
     adapter = ADAPTERS[family]
     expected = hand_scores(model, tok, adapter)
     prof = profile_model(model, tok, adapter, TEXTS, batch_size=1)

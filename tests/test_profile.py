@@ -141,3 +141,23 @@ def test_batches_tokenise_each_text_once_in_windows(monkeypatch):
     for w, window in enumerate(per_window):
         assert [k for k, _ in window] == sorted((k for k, _ in window), reverse=True)
         assert {r for _, r in window} == set(texts[w * 6 : (w + 1) * 6])
+
+
+@pytest.mark.parametrize("experts", ["eager", "grouped_mm"])
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "gpt_oss"])
+def test_recording_experts_compute_what_the_model_computes(family, experts, ids):
+    from uncurl.profile import _Recorder
+
+    model, _ = build_tiny(family, seed=0)
+    model.set_experts_implementation(experts)
+    layers = find_moe_layers(model, ADAPTERS[family])
+    with torch.no_grad():
+        reference = model(ids).logits
+        recorder = _Recorder(layers, layers[0].num_experts)
+        try:
+            recorded = model(ids).logits
+        finally:
+            recorder.close()
+    torch.testing.assert_close(recorded, reference, rtol=1e-5, atol=1e-5)
+    assert model.config._experts_implementation == experts  # switched back
+    assert all(s.ean_sum.sum() > 0 for s in recorder.stats.values())
