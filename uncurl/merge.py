@@ -28,7 +28,7 @@ import copy
 
 import torch
 
-from .adapters import MoEAdapter, find_moe_layers, per_expert_names
+from .adapters import MoEAdapter, find_moe_layers, per_expert_names, set_moe_keys
 from .cluster import LayerPlan
 from .offload import Spill, drop_offloaded, on_disk, read_tensor, transplant_hooks
 
@@ -89,9 +89,7 @@ def rewrite_model(
             drop_offloaded(model, name)
 
     config = copy.deepcopy(model.config)
-    setattr(config, adapter.expert_count_key, keep.pop())
-    if top_k is not None:
-        setattr(config, adapter.top_k_key, top_k)
+    set_moe_keys(config, adapter, keep.pop(), top_k)
     with torch.device("meta"):
         new = type(model)(config)
     new.load_state_dict(state, assign=True, strict=True)

@@ -67,13 +67,18 @@ def staged_dir(out: Path):
         shutil.rmtree(old, ignore_errors=True)
 
 
-def write_checkpoint(model, tokenizer, folder: Path, shard_size: str | int = SHARD_SIZE, *, stream: bool = True) -> None:
+def write_checkpoint(model, tokenizer, folder: Path, shard_size: str | int = SHARD_SIZE, *, stream: bool = True,
+                     extra_files=()) -> None:
     """Safetensors shards of at most ``shard_size`` + index (transformers' names), config,
-    generation config, tokenizer files. ``stream=False`` is plain ``save_pretrained``."""
+    generation config, tokenizer files, and ``extra_files`` (the input's processor files, see
+    ``load.PROCESSOR_FILES``) copied as they are. ``stream=False`` is plain ``save_pretrained``."""
     if not (stream and stream_checkpoint(model, folder, shard_size)):
         model.save_pretrained(folder, max_shard_size=shard_size)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
+    for path in map(Path, extra_files):
+        if not (folder / path.name).exists():  # the tokenizer may have written the chat template
+            shutil.copyfile(path, folder / path.name)
 
 
 # safetensors orders a file's tensors by dtype (this order), then by name
