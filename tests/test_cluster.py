@@ -105,5 +105,5 @@ def test_validate_keep_accepts():
 
 
 def test_unknown_method():
-    with pytest.raises(UncurlError, match="--method 'reap'"):
-        plan_layer(RouterStats(4), 2, "reap")
+    with pytest.raises(UncurlError, match="--method 'magic'"):
+        plan_layer(RouterStats(4), 2, "magic")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -117,9 +118,10 @@ def test_sweep_profiles_once_and_writes_results(tmp_path, data_dir, monkeypatch)
         (m, k) for m in ("uncurl", "frequency") for k in (6, 4, 2)]
     for r in s["results"]:
         assert {"acc", "acc_norm", "loss", "drop", "params", "checkpoint"} <= set(r)
-        assert (out / "checkpoints" / f"{r['method']}-k{r['keep']}" / "config.json").is_file()
-    assert set(s["threshold"]) == {"uncurl", "frequency"}
-    assert (out / "sweep.png").stat().st_size > 0 and "| uncurl | 4 |" in (out / "sweep.md").read_text()
+        assert (out / "checkpoints" / Path(r["checkpoint"]).name / "config.json").is_file()
+    # a grouping is labelled with its merge and router rules; a pruning criterion by its name alone
+    assert set(s["threshold"]) == {"uncurl/average/mean", "frequency"}
+    assert (out / "sweep.png").stat().st_size > 0 and "| uncurl/average/mean | 4 |" in (out / "sweep.md").read_text()
 
 
 def prune_args(tmp_path, data_dir, *extra):

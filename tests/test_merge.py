@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from uncurl.adapters import ADAPTERS, find_moe_layers, per_expert_names
+from uncurl.adapters import ADAPTERS, expert_count, find_moe_layers, per_expert_names
 from uncurl.cluster import LayerPlan
 from uncurl.load import build_tiny
 from uncurl.merge import merge_tensor, rewrite_model
@@ -78,7 +78,7 @@ def test_rewrite_applies_the_documented_functions(family, rule):
                 want = old[1::2]  # the heavier member of each pair
             torch.testing.assert_close(state[name], want)
             assert state[name].shape[0] == half
-    assert getattr(new.config, adapter.expert_count_key) == half
+    assert expert_count(new.config, adapter) == half
 
 
 def test_merging_identical_experts_leaves_outputs_unchanged(ids):

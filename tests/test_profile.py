@@ -9,7 +9,7 @@ import torch
 from uncurl.adapters import ADAPTERS, find_moe_layers
 from uncurl.errors import UncurlError
 from uncurl.load import build_tiny
-from uncurl.profile import Profile, RouterStats, profile_model
+from uncurl.profile import STATISTICS, Profile, RouterStats, profile_model
 
 
 def test_online_stats_equal_direct_computation():
@@ -63,6 +63,8 @@ def test_padding_tokens_are_excluded(family, texts):
         assert s.tokens == alone.layers[name].tokens == n_tokens
         assert torch.equal(s.counts, alone.layers[name].counts)
         torch.testing.assert_close(s.gram, alone.layers[name].gram, rtol=1e-4, atol=1e-4)
+        for stat in ("ean_sum", "reap_sum"):  # expert outputs of padding tokens are left out too
+            torch.testing.assert_close(getattr(s, stat), getattr(alone.layers[name], stat), rtol=1e-4, atol=1e-5)
 
 
 def test_profile_file_round_trip(tmp_path, texts):
@@ -73,8 +75,8 @@ def test_profile_file_round_trip(tmp_path, texts):
     assert back.meta == {"model": "x", "task": {"name": "t"}}
     assert back.layer_index == prof.layer_index
     for name, s in prof.layers.items():
-        for f in ("counts", "mass", "logit_sum", "gram"):
-            assert torch.equal(getattr(back.layers[name], f), getattr(s, f))
+        for f in STATISTICS:  # every registered statistic is in the file
+            assert torch.equal(getattr(back.layers[name], f), getattr(s, f)), f
         assert back.layers[name].tokens == s.tokens
 
 
@@ -84,6 +86,18 @@ def test_profile_load_errors(tmp_path):
     (tmp_path / "junk").write_text("not a profile")
     with pytest.raises(UncurlError, match="not an uncurl profile"):
         Profile.load(tmp_path / "junk")
+
+
+def test_old_schema_profile_is_refused_with_a_way_out(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    header = {"schema": 1, "layers": {"model.layers.0.mlp": {"index": 0, "tokens": 3}}}
+    save_file({"model.layers.0.mlp/counts": torch.zeros(4)}, str(tmp_path / "old"),
+              metadata={"uncurl": json.dumps(header)})
+    with pytest.raises(UncurlError, match="schema 1.*schema 2.*profile again"):
+        Profile.load(tmp_path / "old")
 
 
 def test_empty_calibration_is_an_error():

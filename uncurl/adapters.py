@@ -24,6 +24,31 @@ from .errors import UncurlError
 
 
 @dataclass(frozen=True)
+class NeuronAxis:
+    """Where one fused expert tensor keeps the intermediate neurons (the axis a permutation moves).
+
+    ``axis`` counts in the per-expert tensor (expert axis removed). ``packing``: ``single`` (I
+    entries), ``concat`` (gate rows then up rows, 2I) or ``interleaved`` (gate, up, gate, up, ...).
+    """
+
+    tensor: str  # name under the experts module, e.g. "gate_up_proj"
+    axis: int
+    packing: str = "single"
+
+
+# The layout of the experts' intermediate neurons; expert tensors not listed (output biases) have
+# none and are merged without permutation. One permutation of the neurons, applied to every listed
+# tensor, leaves an expert's function unchanged (tests/test_align.py checks this per family).
+FUSED_GATED = (NeuronAxis("gate_up_proj", 0, "concat"), NeuronAxis("down_proj", 1))  # [E,2I,H], [E,H,I]
+FUSED_NON_GATED = (NeuronAxis("up_proj", 0), NeuronAxis("down_proj", 1))  # [E,I,H], [E,H,I] (nemotron_h)
+TRANSPOSED_INTERLEAVED = (  # gpt_oss: [E,H,2I] gate/up interleaved (+ bias [E,2I]), down [E,I,H]
+    NeuronAxis("gate_up_proj", 1, "interleaved"), NeuronAxis("gate_up_proj_bias", 0, "interleaved"),
+    NeuronAxis("down_proj", 0),
+)
+TRANSPOSED_GATED = (NeuronAxis("gate_up_proj", 1, "concat"), NeuronAxis("down_proj", 0))  # [E,H,2I], [E,I,H] (aria)
+
+
+@dataclass(frozen=True)
 class MoEAdapter:
     """How one model family lays out its MoE blocks (defaults: the common transformers-5 layout)."""
 
@@ -44,6 +69,8 @@ class MoEAdapter:
     # the module whose MoE blocks are pruned; None: the model's language stack (get_decoder()), so
     # a vision or audio tower's own MoE blocks are never touched
     language_stack: str | None = None
+    neurons: tuple[NeuronAxis, ...] = FUSED_GATED  # intermediate-neuron layout (--merge aligned)
+    router_logit_bias: str | None = None  # router tensor added to the logits (--router refit fits it)
 
 
 # Shared by every tiny instance: small enough for CPU tests, big enough to route meaningfully.
@@ -96,11 +123,12 @@ ADAPTERS: dict[str, MoEAdapter] = {
             "num_local_experts",
             router_attr="router",
             router_tensors=("weight", "bias"),
+            neurons=TRANSPOSED_INTERLEAVED,
+            router_logit_bias="bias",
             tiny=dict(num_local_experts=8, head_dim=16, max_position_embeddings=131072),
         ),
     )
 }
-
 
 
 def _wrapper(model_type: str, text_type: str, **fields) -> MoEAdapter:
@@ -117,7 +145,7 @@ ADAPTERS.update({a.model_type: a for a in (
     # qkv (pattern "attn.q_proj") would also hit a language-stack q_proj when the checkpoint is read
     _wrapper("kimi_k25", "deepseek_v3", tiny={**ADAPTERS["deepseek_v3"].tiny, "q_lora_rank": 16}),
     MoEAdapter("aria", "moe_num_experts", top_k_key="moe_topk", router_attr="router", shared_attrs=("shared_experts",),
-               tiny=dict(moe_num_experts=8, moe_topk=2, moe_num_shared_experts=1, head_dim=16)),
+               neurons=TRANSPOSED_GATED, tiny=dict(moe_num_experts=8, moe_topk=2, moe_num_shared_experts=1, head_dim=16)),
     MoEAdapter("glm4v_moe", "n_routed_experts", router_tensors=("weight", "e_score_correction_bias"),
                shared_attrs=("shared_experts",), group_keys=("n_group", "topk_group"),
                tiny=dict(n_routed_experts=8, moe_intermediate_size=32, n_shared_experts=1, n_group=2, topk_group=1,
@@ -129,6 +157,7 @@ ADAPTERS.update({a.model_type: a for a in (
                          linear_key_head_dim=16, linear_value_head_dim=16,
                          layer_types=["linear_attention", "full_attention"])),
 )})
+
 
 @dataclass
 class MoELayer:

@@ -19,14 +19,17 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .cluster import METHODS
 from .errors import EXIT_GATE, UncurlError
+from .merge import MERGE_RULES, ROUTER_RULES
 
 app = typer.Typer(
     help=(
-        "Make a smaller sparse Mixture-of-Experts model for one task: profile the routers on the "
-        "task's data, cluster experts by routing behaviour and merge each cluster into one expert "
-        "(UNCURL), then save a checkpoint that transformers loads. Exit codes: 0 ok, 1 internal "
-        "error, 2 bad input, 3 the written checkpoint failed its checks."
+        "Make a smaller sparse Mixture-of-Experts model for one task: profile routers and experts on "
+        "the task's data, then keep the best-scoring experts (REAP, EAN, frequency) or cluster them by "
+        "routing behaviour and merge each cluster into one expert (UNCURL), then save a checkpoint "
+        "that transformers loads. Exit codes: 0 ok, 1 internal error, 2 bad input, 3 the written "
+        "checkpoint failed its checks."
     ),
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -83,6 +86,19 @@ CalibrateOn = Annotated[Optional[str], typer.Option(
                                "calibration (default: --task itself).")]
 
 
+def _choices(registry: dict, extra=lambda spec: "") -> str:
+    """The help text of a registry-backed option: every name with its one-line description."""
+    return " ".join(f"[bold]{name}[/]: {spec.help}{extra(spec)}." for name, spec in registry.items())
+
+
+METHOD_HELP = ("How experts are chosen or grouped. " + _choices(
+    METHODS, lambda m: " (pruning: each kept expert alone)" if m.kind == "criterion" else " (groups, merged by --merge)")
+    + " Default uncurl: unchanged until the methods study sets it (see README).")
+MERGE_HELP = ("How a group of several experts becomes one (pruning criteria keep singletons, which are "
+              "copied as they are). " + _choices(MERGE_RULES))
+ROUTER_HELP = "A merged expert's router row. " + _choices(ROUTER_RULES)
+
+
 def _data_options(task, data_dir, samples, max_length, batch_size, template, choices, label_field,
                   calibrate_on=None) -> dict:
     return dict(task=task, data_dir=data_dir, samples=samples, max_length=max_length, batch_size=batch_size,
@@ -95,6 +111,10 @@ def _ints(text: str, flag: str) -> tuple[int, ...]:
         return tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise UncurlError(f"{flag} {text!r} must be comma-separated integers, e.g. 6,4,2") from None
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip())
 
 
 def _emit_json(payload: dict) -> None:
@@ -153,12 +173,10 @@ def prune(
              "Equal to the expert count reproduces the model exactly.")] = 4,
     out: Annotated[str, typer.Option("--out", "-o", rich_help_panel=PRUNE,
                                      help="Output folder: checkpoint + report/. Written whole or not at all.")] = "pruned",
-    method: Annotated[str, typer.Option(rich_help_panel=PRUNE,
-                                        help="uncurl: spectral clustering on router-logit similarity, then "
-                                             "frequency-weighted merging. frequency: keep the K most-used experts.")] = "uncurl",
-    router_rows: Annotated[str, typer.Option(rich_help_panel=PRUNE,
-                                             help="A merged expert's router row: mean (same frequency-weighted "
-                                                  "mean as its experts) or dominant (its most-used member's row).")] = "mean",
+    method: Annotated[str, typer.Option(rich_help_panel=PRUNE, help=METHOD_HELP)] = "uncurl",
+    merge: Annotated[str, typer.Option(rich_help_panel=PRUNE, help=MERGE_HELP)] = "average",
+    router_rows: Annotated[str, typer.Option("--router", "--router-rows", rich_help_panel=PRUNE,
+                                             help=ROUTER_HELP)] = "mean",
     top_k: Annotated[Optional[int], typer.Option(rich_help_panel=PRUNE,
                                                  help="Lower the router's top-k explicitly (default: unchanged).")] = None,
     profile: Annotated[Optional[str], typer.Option(rich_help_panel=PRUNE,
@@ -199,7 +217,8 @@ def prune(
 
     _setup_logging(verbose)
     opts = PruneOptions(
-        model=model, keep=keep, out=out, method=method, router_rows=router_rows, top_k=top_k, profile=profile,
+        model=model, keep=keep, out=out, method=method, merge=merge, router_rows=router_rows, top_k=top_k,
+        profile=profile,
         overwrite=overwrite, shard_size=shard_size, seed=seed, device=device, device_map=device_map, max_memory=max_memory, dtype=dtype,
         eval=evaluate, eval_limit=eval_limit, metric=metric, max_drop=max_drop,
         extra={"command": _command_line(ctx)},
@@ -326,10 +345,16 @@ def sweep_cmd(
     keep: Annotated[str, typer.Option("--keep", "-k", rich_help_panel=PRUNE,
                                       help="Comma-separated K values to try, e.g. 6,4,2.")] = "6,4,2",
     method: Annotated[str, typer.Option(rich_help_panel=PRUNE,
-                                        help="Comma-separated methods: uncurl, frequency.")] = "uncurl,frequency",
+                                        help="Comma-separated methods (see prune --help): "
+                                             + ", ".join(METHODS) + ".")] = "uncurl,frequency",
+    merge: Annotated[str, typer.Option(rich_help_panel=PRUNE,
+                                       help="Comma-separated merge rules for grouping methods: "
+                                            + ", ".join(MERGE_RULES) + ".")] = "average",
     out: Annotated[str, typer.Option("--out", "-o", rich_help_panel=PRUNE,
                                      help="Output folder: sweep.json, sweep.md, sweep.png (+ checkpoints/).")] = "sweep",
-    router_rows: Annotated[str, typer.Option(rich_help_panel=PRUNE, help="mean or dominant (see prune).")] = "mean",
+    router_rows: Annotated[str, typer.Option("--router", "--router-rows", rich_help_panel=PRUNE,
+                                             help="Comma-separated router rules for grouping methods: "
+                                                  + ", ".join(ROUTER_RULES) + ".")] = "mean",
     top_k: Annotated[Optional[int], typer.Option(rich_help_panel=PRUNE, help="Lower the router's top-k.")] = None,
     profile: Annotated[Optional[str], typer.Option(rich_help_panel=PRUNE, help="Reuse a profile file.")] = None,
     keep_checkpoints: Annotated[bool, typer.Option(rich_help_panel=PRUNE,
@@ -363,8 +388,8 @@ def sweep_cmd(
 
     _setup_logging(verbose)
     opts = SweepOptions(
-        model=model, keeps=_ints(keep, "--keep"), methods=tuple(m.strip() for m in method.split(",") if m.strip()),
-        out=out, router_rows=router_rows, top_k=top_k, profile=profile, keep_checkpoints=keep_checkpoints,
+        model=model, keeps=_ints(keep, "--keep"), methods=_names(method), merges=_names(merge),
+        routers=_names(router_rows), out=out, top_k=top_k, profile=profile, keep_checkpoints=keep_checkpoints,
         overwrite=overwrite, tolerance=tolerance, metric=metric, eval_limit=eval_limit, seed=seed, device=device,
         device_map=device_map, max_memory=max_memory, dtype=dtype, extra={"command": _command_line(ctx)},
         **_data_options(task, data_dir, samples, max_length, batch_size, template, choices, label_field, calibrate_on),
@@ -376,7 +401,7 @@ def sweep_cmd(
     table.add_row("unpruned", str(s["unpruned"]["keep"]), str(s["unpruned"].get(s["metric"])),
                   f"{s['unpruned']['loss']:.4f}", "-")
     for r in s["results"]:
-        table.add_row(r["method"], str(r["keep"]), str(r.get(s["metric"])), f"{r['loss']:.4f}",
+        table.add_row(r["label"], str(r["keep"]), str(r.get(s["metric"])), f"{r['loss']:.4f}",
                       str(r["drop"][s["metric"]]))
     err.print(table)
     err.print("threshold: " + ", ".join(f"{m} K={k}" for m, k in s["threshold"].items()))

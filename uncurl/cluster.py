@@ -1,51 +1,145 @@
-"""Step 3: decide, per MoE layer, which experts become one (pure functions on profile tensors).
+"""Step 3: decide, per MoE layer, which experts become one (pure functions on profile statistics).
 
     uncurl prune --method uncurl ...     # spectral clustering on router-logit similarity (default)
-    uncurl prune --method frequency ...  # baseline: keep the K most-used experts, drop the rest
+    uncurl prune --method reap ...       # keep the K experts with the highest REAP score
 
-A decision is a ``LayerPlan``: K groups of original expert indices and, per group, the merge
-weights (usage frequency of each member inside its group; uniform when no member was used).
-Grouped routers (DeepSeek-V3's ``n_group``) cluster inside each routing group, K / n_group per
-group, so every new expert stays in the routing group of its members.
+Methods live in one registry, ``METHODS``: a *criterion* scores every expert from the profile and
+keeps the K best, each alone (frequency, reap, ean, ean-mean, random); a *grouping* returns K
+groups of experts (uncurl, uncurl-cosine, centred). Adding a method is one decorated function.
+
+A decision is a ``LayerPlan``: K groups of original expert indices, per group the merge weights
+(usage frequency of each member inside its group; uniform when no member was used) and the
+group's reference member (its most-used one, or the centre a method chose). Grouped routers
+(DeepSeek-V3's ``n_group``) are planned inside each routing group, K / n_group per group, so every
+new expert stays in the routing group of its members.
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 
 from .errors import UncurlError
-from .profile import RouterStats
-
-METHODS = ("uncurl", "frequency")
-ROUTER_RULES = ("mean", "dominant")
+from .profile import LayerStats
 
 
 @dataclass(frozen=True)
 class LayerPlan:
     groups: tuple[tuple[int, ...], ...]  # K groups of original expert indices
     weights: tuple[tuple[float, ...], ...]  # merge weights, one per member, each group sums to 1
+    centres: tuple[int, ...] | None = None  # each group's reference member; default: its most used
 
     @property
     def keep(self) -> int:
         return len(self.groups)
 
+    def dominant(self, k: int) -> int:
+        """Position (within group ``k``) of its reference member: the chosen centre, else the most
+        used member (ties: lowest index)."""
+        if self.centres is not None:
+            return self.groups[k].index(self.centres[k])
+        return int(np.argmax(self.weights[k]))
+
     def matrix(self, num_experts: int, rule: str = "mean") -> torch.Tensor:
         """[K, E] float64 map from old to new experts: new_k = sum_e M[k, e] * old_e.
 
-        ``rule="mean"`` uses the merge weights; ``"dominant"`` puts 1 on each group's most-used
-        member (ties: lowest index). For singleton groups both are a plain selection.
+        ``rule="mean"`` uses the merge weights; ``"dominant"`` puts 1 on each group's reference
+        member. For singleton groups both are a plain selection.
         """
         m = torch.zeros(self.keep, num_experts, dtype=torch.float64)
         for k, (members, weights) in enumerate(zip(self.groups, self.weights)):
             if rule == "dominant":
-                m[k, members[int(np.argmax(weights))]] = 1.0
+                m[k, members[self.dominant(k)]] = 1.0
             else:
                 m[k, list(members)] = torch.tensor(weights, dtype=torch.float64)
         return m
+
+
+@dataclass(frozen=True)
+class Method:
+    """One --method: ``select(stats, block, k, seed)`` returns k groups of experts of ``block`` (a
+    routing group's expert indices), as lists of positions in ``block``."""
+
+    name: str
+    kind: str  # "criterion" (keeps K experts, each alone) or "grouping" (K groups to merge)
+    select: Callable[[LayerStats, list[int], int, int], list[list[int]]]
+    help: str
+    centred: bool = False  # groups carry a chosen centre (the first member of each group)
+
+
+METHODS: dict[str, Method] = {}
+
+
+def method(name: str, kind: str, help: str, centred: bool = False):
+    def register(fn):
+        METHODS[name] = Method(name, kind, fn, help, centred)
+        return fn
+
+    return register
+
+
+def criterion(name: str, help: str):
+    """Register a pruning criterion: ``score(stats) -> [E]``; the K best-scoring experts are kept."""
+
+    def register(score):
+        def select(stats, block, k, seed):
+            return best(score(stats, seed)[block], k)
+
+        METHODS[name] = Method(name, "criterion", select, help)
+        return score
+
+    return register
+
+
+def method_names(kind: str | None = None) -> list[str]:
+    return [n for n, m in METHODS.items() if kind is None or m.kind == kind]
+
+
+def get_method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise UncurlError(f"--method {name!r} is not one of {', '.join(METHODS)}") from None
+
+
+def best(scores: np.ndarray, k: int) -> list[list[int]]:
+    """The ``k`` highest scores, each alone (ties: lower index first), in original order."""
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    return sorted([i] for i in order[:k])
+
+
+def _per_token(total: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    return torch.where(counts > 0, total / counts.clamp_min(1), torch.zeros_like(total))
+
+
+@criterion("frequency", "keep the K experts chosen most often (top-k selections on the task)")
+def _frequency(stats: LayerStats, seed: int) -> np.ndarray:
+    return stats.counts.numpy()
+
+
+@criterion("reap", "keep the K experts with the highest REAP score: mean over the tokens routed to "
+                   "j of gate x ||expert output|| (Cerebras REAP)")
+def _reap(stats: LayerStats, seed: int) -> np.ndarray:
+    return _per_token(stats.require("reap_sum", "--method reap"), stats.counts).numpy()
+
+
+@criterion("ean", "keep the K experts with the largest summed output norm over their tokens (EAN)")
+def _ean(stats: LayerStats, seed: int) -> np.ndarray:
+    return stats.require("ean_sum", "--method ean").numpy()
+
+
+@criterion("ean-mean", "EAN divided by the expert's token count (mean output norm; ignores frequency)")
+def _ean_mean(stats: LayerStats, seed: int) -> np.ndarray:
+    return _per_token(stats.require("ean_sum", "--method ean-mean"), stats.counts).numpy()
+
+
+@criterion("random", "keep K experts drawn at random (seeded by --seed): the floor any method must beat")
+def _random(stats: LayerStats, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).random(stats.num_experts)
 
 
 def validate_keep(num_experts: int, keep: int, top_k: int, n_group: int = 1, topk_group: int = 1) -> None:
@@ -73,9 +167,15 @@ def validate_keep(num_experts: int, keep: int, top_k: int, n_group: int = 1, top
             )
 
 
-def affinity(stats: RouterStats) -> np.ndarray:
-    """Router-logit similarity mapped to [0, 1]: (1 + Pearson correlation of logit columns) / 2."""
-    return ((1.0 + stats.correlation()) / 2.0).numpy()
+SIMILARITIES = {
+    "pearson": lambda stats: stats.correlation(),
+    "cosine": lambda stats: stats.cosine(),
+}
+
+
+def affinity(stats: LayerStats, similarity: str = "pearson") -> np.ndarray:
+    """Router-logit similarity of expert columns over the task's tokens, mapped to [0, 1] as (1+S)/2."""
+    return ((1.0 + SIMILARITIES[similarity](stats)) / 2.0).numpy()
 
 
 def spectral_groups(aff: np.ndarray, k: int, seed: int = 0) -> list[list[int]]:
@@ -110,28 +210,49 @@ def _exactly(groups: list[list[int]], k: int, aff: np.ndarray) -> list[list[int]
 
 def frequency_groups(frequency: np.ndarray, k: int) -> list[list[int]]:
     """The ``k`` most-used experts, each alone (ties: lower index first), in original order."""
-    order = sorted(range(len(frequency)), key=lambda i: (-frequency[i], i))
-    return sorted([i] for i in order[:k])
+    return best(frequency, k)
 
 
-def plan_layer(stats: RouterStats, keep: int, method: str = "uncurl", n_group: int = 1, seed: int = 0) -> LayerPlan:
-    """Groups and merge weights for one layer (within each routing group when ``n_group > 1``)."""
-    if method not in METHODS:
-        raise UncurlError(f"--method {method!r} is not one of {', '.join(METHODS)}")
+@method("uncurl", "grouping", "spectral clustering on the Pearson correlation of router-logit columns "
+                              "(UNCURL; centring removes each expert's mean logit, which the plain cosine "
+                              "lets dominate)")
+def _uncurl(stats, block, k, seed):
+    return spectral_groups(affinity(stats)[np.ix_(block, block)], k, seed)
+
+
+@method("uncurl-cosine", "grouping", "spectral clustering on the plain cosine of router-logit columns "
+                                     "(the UNCURL paper's form)")
+def _uncurl_cosine(stats, block, k, seed):
+    return spectral_groups(affinity(stats, "cosine")[np.ix_(block, block)], k, seed)
+
+
+@method("centred", "grouping", "the K best experts by REAP are centres; every other expert joins the "
+                               "centre whose router logits correlate most with its own (REAM-style), and "
+                               "the centre is the group's reference member", centred=True)
+def _centred(stats, block, k, seed):
+    centres = [g[0] for g in best(_reap(stats, seed)[block], k)]
+    aff = affinity(stats)[np.ix_(block, block)]
+    groups = {c: [c] for c in centres}
+    for i in range(len(block)):
+        if i not in groups:
+            groups[max(centres, key=lambda c: (aff[i, c], -c))].append(i)
+    return [groups[c] for c in sorted(centres)]  # the centre first in each group
+
+
+def plan_layer(stats: LayerStats, keep: int, method: str = "uncurl", n_group: int = 1, seed: int = 0) -> LayerPlan:
+    """Groups, merge weights and centres for one layer (within each routing group when ``n_group > 1``)."""
+    spec = get_method(method)
     e = stats.num_experts
     size, per_group = e // n_group, keep // n_group
     counts = stats.counts.numpy()
-    aff = affinity(stats) if method == "uncurl" else None
     groups: list[list[int]] = []
     for g in range(n_group):
         block = list(range(g * size, (g + 1) * size))
-        if method == "uncurl":
-            local = spectral_groups(aff[np.ix_(block, block)], per_group, seed)
-        else:
-            local = frequency_groups(counts[block], per_group)
-        groups += [[block[i] for i in members] for members in local]
+        groups += [[block[i] for i in members] for members in spec.select(stats, block, per_group, seed)]
+    centres = tuple(members[0] for members in groups) if spec.centred else None
+    groups = [sorted(members) for members in groups]
     weights = []
     for members in groups:
         c = counts[members]
         weights.append(tuple((c / c.sum()).tolist() if c.sum() > 0 else [1.0 / len(members)] * len(members)))
-    return LayerPlan(tuple(tuple(m) for m in groups), tuple(weights))
+    return LayerPlan(tuple(tuple(m) for m in groups), tuple(weights), centres)

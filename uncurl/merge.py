@@ -1,35 +1,49 @@
 """Step 4: turn each layer's plan into physically fewer experts, and the model into a K-expert model.
 
 Every per-expert tensor (the fused expert weights and biases, the router rows and per-expert
-router buffers such as ``bias`` or ``e_score_correction_bias``) has the expert axis first, so one
-operation serves all: new expert k = sum over members e of M[k, e] * old expert e, computed in
-float32 per group and cast back to the tensor's dtype. A singleton group with weight 1 is copied
-bit for bit, which is why ``--keep E`` reproduces the original model exactly.
+router buffers such as ``bias`` or ``e_score_correction_bias``) has the expert axis first. A
+layer is rewritten group by group: the group's members' slices of every expert tensor of the
+layer (its *coupled* tensors: gate_up, down and their biases, which must move together) go to a
+**merge rule**, and the router tensors to a **router rule**. Both are registries of small
+functions (``MERGE_RULES``, ``ROUTER_RULES``):
 
-Router rows (documented choice): by default (``--router-rows mean``) a group's router row and
-per-expert router buffers are the *same* frequency-weighted mean as its experts, so every
-per-expert tensor follows one rule; ``--router-rows dominant`` instead keeps the row of the
-group's most-used member (MC-SMoE's choice), which preserves that expert's routing scale.
+- ``average``: new expert = sum_e w_e * expert e (w: usage shares within the group);
+- ``aligned``: first permute each member's intermediate neurons onto the group's reference member
+  (Hungarian weight matching over gate/up rows and down columns jointly,
+  ``scipy.optimize.linear_sum_assignment``), then the same weighted average. Where the neurons sit
+  in each tensor is the family's ``neurons`` layout in the adapter table (fused gated, gpt_oss's
+  transposed interleaved one, non-gated);
+- ``select``: the group's reference member alone (its most-used one, or the method's centre).
+- router ``mean`` (the merge weights' mean of the rows), ``dominant`` (the reference member's row)
+  and ``refit`` (a least-squares fit, per layer, of the K new rows: see ``refit_router``).
+
+Merging is computed in float32 (float64 for float64 tensors) per group and cast back to the
+tensor's dtype. A singleton group is copied bit for bit, which is why ``--keep E`` reproduces the
+original model exactly whatever the rules.
 
 The rewritten model is built on the ``meta`` device from the new config and takes the tensors by
 assignment: unchanged tensors (attention, embeddings, dense layers, shared experts) are shared,
 not copied, so no second full copy of the model is ever held. With ``consume=True`` (what
 ``prune`` uses) each layer's original expert tensors are released as soon as that layer is merged,
-so the peak is the model plus one merged tensor, not the model plus all merged experts.
+so the peak is the model plus one merged layer, not the model plus all merged experts.
 
 Under ``--device-map`` each tensor is merged on the device it lives on; tensors accelerate offloaded
-to CPU or disk are read one at a time, and the rewritten model gets the original's placement
+to CPU or disk are read one layer at a time, and the rewritten model gets the original's placement
 (``offload.py``).
 """
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
+from typing import Callable
 
+import numpy as np
 import torch
 
-from .adapters import MoEAdapter, find_moe_layers, per_expert_names, set_moe_keys
+from .adapters import MoEAdapter, NeuronAxis, find_moe_layers, per_expert_names, set_moe_keys
 from .cluster import LayerPlan
+from .errors import UncurlError
 from .offload import Spill, drop_offloaded, on_disk, read_tensor, transplant_hooks
 
 
@@ -41,10 +55,235 @@ def merge_tensor(t: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         if len(members) == 1 and row[members[0]] == 1.0:
             out[k] = t[members[0]]
             continue
-        acc = torch.zeros(t.shape[1:], dtype=torch.float32 if t.dtype != torch.float64 else t.dtype, device=t.device)
+        acc = torch.zeros(t.shape[1:], dtype=_work_dtype(t), device=t.device)
         for e in members:
             acc.add_(t[e].to(acc.dtype), alpha=float(row[e]))
         out[k] = acc.to(t.dtype)
+    return out
+
+
+def _work_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+# ---- neuron alignment ------------------------------------------------------------------------
+
+def neuron_index(perm: torch.Tensor, packing: str) -> torch.Tensor:
+    """The indices along a tensor's neuron axis that permutation ``perm`` (of I neurons) selects."""
+    n = perm.numel()
+    if packing == "concat":  # [gate_0..gate_I-1, up_0..up_I-1]
+        return torch.cat([perm, perm + n])
+    if packing == "interleaved":  # [gate_0, up_0, gate_1, up_1, ...]
+        return torch.stack([2 * perm, 2 * perm + 1], 1).reshape(-1)
+    return perm
+
+
+def permute_neurons(tensors: dict[str, torch.Tensor], neurons: tuple[NeuronAxis, ...], perm: torch.Tensor,
+                    expert_axis: bool = False) -> dict[str, torch.Tensor]:
+    """One expert's tensors (by name) with its neurons reordered: new neuron i = old neuron perm[i].
+    ``expert_axis``: the tensors still carry a leading member axis."""
+    out = dict(tensors)
+    shift = 1 if expert_axis else 0
+    for spec in neurons:
+        if spec.tensor in tensors:
+            t = tensors[spec.tensor]
+            out[spec.tensor] = t.index_select(spec.axis + shift, neuron_index(perm.to(t.device), spec.packing))
+    return out
+
+
+def neuron_features(tensors: dict[str, torch.Tensor], neurons: tuple[NeuronAxis, ...]) -> torch.Tensor:
+    """[I, D]: every weight that belongs to each intermediate neuron (its gate and up rows, its down
+    column, its biases), concatenated: the rows weight matching compares."""
+    parts = []
+    for spec in neurons:
+        if spec.tensor not in tensors:
+            continue
+        t = tensors[spec.tensor].movedim(spec.axis, 0)
+        per = 2 if spec.packing in ("concat", "interleaved") else 1
+        n = t.shape[0] // per
+        t = t.reshape(per, n, -1).transpose(0, 1) if spec.packing == "concat" else t.reshape(n, per, -1)
+        parts.append(t.reshape(n, -1))
+    if not parts:
+        raise UncurlError("this family's adapter entry names no neuron layout its experts have; "
+                          "use --merge average or select")
+    sizes = {p.shape[0] for p in parts}
+    if len(sizes) != 1:
+        raise UncurlError(f"the neuron layout disagrees with the expert tensors (intermediate sizes {sorted(sizes)})")
+    return torch.cat(parts, 1)
+
+
+def match_neurons(reference: dict[str, torch.Tensor], member: dict[str, torch.Tensor],
+                  neurons: tuple[NeuronAxis, ...]) -> torch.Tensor:
+    """The permutation of ``member``'s neurons that best matches ``reference``'s: maximises
+    sum_i <features_ref[i], features_member[perm[i]]> (Hungarian, exact)."""
+    from scipy.optimize import linear_sum_assignment
+
+    ref, mem = (neuron_features(t, neurons).double() for t in (reference, member))
+    score = (ref @ mem.T).cpu().numpy()
+    rows, cols = linear_sum_assignment(score, maximize=True)
+    perm = np.empty(len(rows), dtype=np.int64)
+    perm[rows] = cols
+    return torch.from_numpy(perm)
+
+
+# ---- merge rules: one group's coupled tensors -> one expert ----------------------------------
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """One group of a layer: its members, merge weights and reference member (index into members)."""
+
+    members: tuple[int, ...]
+    weights: torch.Tensor  # [m], sums to 1
+    reference: int
+
+
+MergeFn = Callable[[dict[str, torch.Tensor], GroupSpec, tuple[NeuronAxis, ...]], dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class MergeRule:
+    name: str
+    fn: MergeFn  # ({tensor name: [m, ...] members' slices}, group, neuron layout) -> {name: [...]}
+    help: str
+
+
+MERGE_RULES: dict[str, MergeRule] = {}
+
+
+def merge_rule(name: str, help: str):
+    def register(fn: MergeFn) -> MergeFn:
+        MERGE_RULES[name] = MergeRule(name, fn, help)
+        return fn
+
+    return register
+
+
+def _weighted(tensors: dict[str, torch.Tensor], w: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {n: torch.tensordot(w.to(t), t, dims=1) for n, t in tensors.items()}
+
+
+@merge_rule("average", "usage-weighted average of the members' weights, as they are")
+def _average(tensors, group, neurons):
+    return _weighted(tensors, group.weights)
+
+
+@merge_rule("aligned", "permute each member's neurons onto the reference member (Hungarian weight "
+                       "matching), then the usage-weighted average")
+def _aligned(tensors, group, neurons):
+    ref = {n: t[group.reference] for n, t in tensors.items()}
+    aligned = {n: t.clone() for n, t in tensors.items()}
+    for i in range(len(group.members)):
+        if i == group.reference:
+            continue
+        member = {n: t[i] for n, t in tensors.items()}
+        for n, t in permute_neurons(member, neurons, match_neurons(ref, member, neurons)).items():
+            aligned[n][i] = t
+    return _weighted(aligned, group.weights)
+
+
+@merge_rule("select", "keep the group's reference member (most used, or the centre) and drop the rest")
+def _select(tensors, group, neurons):
+    return {n: t[group.reference] for n, t in tensors.items()}
+
+
+def get_rule(registry: dict, name: str, flag: str):
+    try:
+        return registry[name]
+    except KeyError:
+        raise UncurlError(f"{flag} {name!r} is not one of {', '.join(registry)}") from None
+
+
+def merge_experts(tensors: dict[str, torch.Tensor], plan: LayerPlan, rule: str,
+                  neurons: tuple[NeuronAxis, ...]) -> dict[str, torch.Tensor]:
+    """A layer's expert tensors {name: [E, ...]} -> {name: [K, ...]} under merge rule ``rule``."""
+    fn = get_rule(MERGE_RULES, rule, "--merge").fn
+    out = {n: torch.empty((plan.keep, *t.shape[1:]), dtype=t.dtype, device=t.device) for n, t in tensors.items()}
+    for k, members in enumerate(plan.groups):
+        if len(members) == 1:  # bit for bit
+            for n, t in tensors.items():
+                out[n][k] = t[members[0]]
+            continue
+        group = GroupSpec(members, torch.tensor(plan.weights[k], dtype=torch.float64), plan.dominant(k))
+        index = torch.tensor(members, device=next(iter(tensors.values())).device)
+        merged = fn({n: t.index_select(0, index).to(_work_dtype(t)) for n, t in tensors.items()}, group, neurons)
+        for n, t in merged.items():
+            out[n][k] = t.to(out[n].dtype)
+    return out
+
+
+# ---- router rules: a layer's router tensors -> K rows ----------------------------------------
+
+RouterFn = Callable[[dict[str, torch.Tensor], LayerPlan, object, MoEAdapter], dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class RouterRule:
+    name: str
+    fn: RouterFn  # ({router tensor name: [E, ...]}, plan, layer statistics, adapter) -> {name: [K, ...]}
+    help: str
+
+
+ROUTER_RULES: dict[str, RouterRule] = {}
+
+
+def router_rule(name: str, help: str):
+    def register(fn: RouterFn) -> RouterFn:
+        ROUTER_RULES[name] = RouterRule(name, fn, help)
+        return fn
+
+    return register
+
+
+@router_rule("mean", "a merged expert's router row (and per-expert router buffers) is the same "
+                     "usage-weighted mean as its experts")
+def _router_mean(tensors, plan, stats, adapter):
+    m = plan.matrix(next(iter(tensors.values())).shape[0], "mean")
+    return {n: merge_tensor(t, m.to(t.device)) for n, t in tensors.items()}
+
+
+@router_rule("dominant", "a merged expert keeps its reference member's router row (MC-SMoE's choice)")
+def _router_dominant(tensors, plan, stats, adapter):
+    m = plan.matrix(next(iter(tensors.values())).shape[0], "dominant")
+    return {n: merge_tensor(t, m.to(t.device)) for n, t in tensors.items()}
+
+
+def refit_solution(logits: torch.Tensor, plan: LayerPlan, with_bias: bool) -> torch.Tensor:
+    """A [(E or E+1), K]: least-squares coefficients of the K new logits on the original ones.
+
+    Target of group k on token x: log sum_{e in k} exp(l_e(x)), the log of the group's summed
+    (unnormalised) routing probability; for a singleton group that is l_e itself, so nothing merged
+    means nothing changes. Features: the original logits [n, E] (plus a constant when the router
+    has a logit bias to absorb it).
+    """
+    z = logits.double()
+    if with_bias:
+        z = torch.cat([z, torch.ones(z.shape[0], 1, dtype=z.dtype, device=z.device)], 1)
+    target = torch.stack([torch.logsumexp(logits.double()[:, list(g)], 1) for g in plan.groups], 1)
+    return torch.linalg.lstsq(z.cpu(), target.cpu(), driver="gelsd").solution
+
+
+@router_rule("refit", "re-fit the K router rows by least squares so each new expert's logit "
+                      "reproduces the log of its group's summed routing probability on the calibration "
+                      "tokens (a seeded sample of up to 4096 per layer); other router buffers: mean")
+def _router_refit(tensors, plan, stats, adapter):
+    if stats is None:
+        raise UncurlError("--router refit needs the profile's router-logit sample (pass the profile)")
+    out = _router_mean(tensors, plan, stats, adapter)
+    weight_name = adapter.router_tensors[0]
+    bias_name = adapter.router_logit_bias
+    a = refit_solution(stats.logit_rows(), plan, bias_name is not None)
+    e = tensors[weight_name].shape[0]
+    w = tensors[weight_name]
+    coef = a[:e].T.to(w.device)  # [K, E]
+    out[weight_name] = (coef @ w.double()).to(w.dtype)
+    if bias_name is not None:
+        b = tensors[bias_name]
+        out[bias_name] = (coef @ b.double() + a[e].to(b.device)).to(b.dtype)
+    for k, members in enumerate(plan.groups):  # a singleton's row is its own, bit for bit
+        if len(members) == 1:
+            for n in (weight_name, bias_name):
+                if n is not None:
+                    out[n][k] = tensors[n][members[0]]
     return out
 
 
@@ -54,14 +293,19 @@ def rewrite_model(
     plans: dict[str, LayerPlan],
     *,
     router_rule: str = "mean",
+    merge: str = "average",
+    stats: dict | None = None,
     top_k: int | None = None,
     consume: bool = False,
 ):
-    """A new model with each MoE layer reduced per ``plans``.
+    """A new model with each MoE layer reduced per ``plans``, merge rule ``merge`` and router rule
+    ``router_rule`` (``stats``: the profile's per-layer statistics, which ``refit`` needs).
 
     ``model`` is left unchanged unless ``consume``: then each merged tensor replaces the original
     inside ``model`` as it is made (freeing the original), and ``model`` must not be used again.
     """
+    get_rule(MERGE_RULES, merge, "--merge")
+    router_fn = get_rule(ROUTER_RULES, router_rule, "--router").fn
     layers = find_moe_layers(model, adapter)
     keep = {plans[layer.name].keep for layer in layers}
     if len(keep) != 1:
@@ -69,40 +313,50 @@ def rewrite_model(
     state = dict(model.state_dict())
     work = []
     for layer in layers:  # check every layer before touching any (consume must not half-merge)
-        plan = plans[layer.name]
         expert_names, router_names = per_expert_names(layer, adapter)
-        for names, rule in ((expert_names, "mean"), (router_names, router_rule)):
-            m = plan.matrix(layer.num_experts, rule)
-            for name in names:
-                if state[name].shape[0] != layer.num_experts:
-                    raise ValueError(f"{name} has shape {tuple(state[name].shape)}; expected experts first")
-                work.append((name, m))
+        for name in expert_names + router_names:
+            if state[name].shape[0] != layer.num_experts:
+                raise ValueError(f"{name} has shape {tuple(state[name].shape)}; expected experts first")
+        work.append((layer, expert_names, router_names))
     spill = Spill()
-    for name, m in work:
-        source = read_tensor(model, name, state[name])  # from accelerate's offload if need be
-        state[name] = merge_tensor(source, m.to(source.device))
-        del source
-        if on_disk(model, name):  # its layer lives on disk: so does the merged tensor
-            state[name] = spill.put(name, state[name])
-        if consume:
-            _replace(model, name, state[name])
-            drop_offloaded(model, name)
+    merged_names = []
+    for layer, expert_names, router_names in work:
+        plan = plans[layer.name]
+        new = {}
+        for names, attr, rewrite in (
+            (expert_names, adapter.experts_attr, lambda ts: merge_experts(ts, plan, merge, adapter.neurons)),
+            (router_names, adapter.router_attr,
+             lambda ts: router_fn(ts, plan, (stats or {}).get(layer.name), adapter)),
+        ):
+            short = {name[len(f"{layer.name}.{attr}."):]: name for name in names}
+            sources = {s: read_tensor(model, full, state[full]) for s, full in short.items()}  # offload too
+            new.update({short[s]: t for s, t in rewrite(sources).items()})
+            del sources
+        for name, tensor in new.items():
+            state[name] = tensor
+            if on_disk(model, name):  # its layer lives on disk: so does the merged tensor
+                state[name] = spill.put(name, state[name])
+            if consume:
+                _replace(model, name, state[name])
+                drop_offloaded(model, name)
+            merged_names.append(name)
+        del new
 
     config = copy.deepcopy(model.config)
     set_moe_keys(config, adapter, keep.pop(), top_k)
     with torch.device("meta"):
-        new = type(model)(config)
-    new.load_state_dict(state, assign=True, strict=True)
+        new_model = type(model)(config)
+    new_model.load_state_dict(state, assign=True, strict=True)
     persistent = set(state)
     for name, buf in model.named_buffers():  # non-persistent buffers (rotary tables) are not in state
         if name not in persistent:
             owner, _, attr = name.rpartition(".")
-            new.get_submodule(owner)._buffers[attr] = buf
+            new_model.get_submodule(owner)._buffers[attr] = buf
     if getattr(model, "generation_config", None) is not None:
-        new.generation_config = copy.deepcopy(model.generation_config)
+        new_model.generation_config = copy.deepcopy(model.generation_config)
     if any(hasattr(module, "_hf_hook") for module in model.modules()):  # dispatched by accelerate
-        transplant_hooks(model, new, {name.rpartition(".")[0] for name, _ in work}, spill)
-    return new.eval()
+        transplant_hooks(model, new_model, {name.rpartition(".")[0] for name in merged_names}, spill)
+    return new_model.eval()
 
 
 def _replace(model, name: str, tensor: torch.Tensor) -> None:

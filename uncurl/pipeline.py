@@ -21,11 +21,11 @@ import torch
 
 from . import tasks as T
 from .adapters import expert_count, find_moe_layers, routing_groups, top_k
-from .cluster import METHODS, ROUTER_RULES, LayerPlan, plan_layer, validate_keep
+from .cluster import LayerPlan, get_method, plan_layer, validate_keep
 from .errors import UncurlError
 from .evaluate import METRICS, drop, evaluate_examples
 from .load import Loaded, input_device, load_model
-from .merge import parameter_count, rewrite_model, weight_bytes
+from .merge import MERGE_RULES, ROUTER_RULES, get_rule, parameter_count, rewrite_model, weight_bytes
 from .profile import Profile, profile_model
 from .report import REPORT_SCHEMA, Timings, command_line, layer_entries, versions, write_report
 from .save import check_out_dir, staged_dir, verify_checkpoint, write_checkpoint
@@ -54,8 +54,9 @@ class RunOptions(DataOptions):
     """Everything a pruning run shares with a sweep."""
 
     model: str = "builtin:mixtral"
-    method: str = "uncurl"
-    router_rows: str = "mean"
+    method: str = "uncurl"  # see cluster.METHODS
+    merge: str = "average"  # see merge.MERGE_RULES
+    router_rows: str = "mean"  # --router; see merge.ROUTER_RULES
     top_k: int | None = None  # lower the router's top-k explicitly (must be <= keep)
     profile: str | None = None  # reuse a profile written by `uncurl profile`
     overwrite: bool = False
@@ -133,7 +134,7 @@ def run_profile(loaded: Loaded, opts: DataOptions, seed: int = 0) -> Profile:
             "seed": seed, "max_length": opts.max_length, "versions": versions()}
     torch.manual_seed(seed)
     return profile_model(loaded.model, loaded.tokenizer, loaded.adapter, texts, batch_size=opts.batch_size,
-                         max_length=opts.max_length, progress=opts.progress, meta=meta)
+                         max_length=opts.max_length, progress=opts.progress, meta=meta, seed=seed)
 
 
 def run_eval(model, tokenizer, opts: DataOptions, limit: int | None, seed: int = 0) -> dict:
@@ -157,11 +158,12 @@ def _check_profile(profile: Profile, loaded: Loaded, path: str) -> None:
 
 def check_options(opts: RunOptions, evaluating: bool) -> None:
     """Cheap checks of everything that does not need the model, before loading it."""
-    if opts.router_rows not in ROUTER_RULES:
-        raise UncurlError(f"--router-rows {opts.router_rows!r} is not one of {', '.join(ROUTER_RULES)}")
     for method in opts.method.split(","):
-        if method not in METHODS:
-            raise UncurlError(f"--method {method!r} is not one of {', '.join(METHODS)}")
+        get_method(method)
+    for merge in opts.merge.split(","):
+        get_rule(MERGE_RULES, merge, "--merge")
+    for rule in opts.router_rows.split(","):
+        get_rule(ROUTER_RULES, rule, "--router")
     if opts.metric not in METRICS:
         raise UncurlError(f"--metric {opts.metric!r} is not one of {', '.join(METRICS)}")
     task = resolve_task(opts)  # an unknown task fails before the model is loaded
@@ -230,7 +232,8 @@ def prune(opts: PruneOptions) -> PruneResult:
     device_map = getattr(loaded.model, "hf_device_map", None) or {"": input_device(loaded.model)}
     modules_per_device = dict(Counter(str(device) for device in device_map.values()))
     with timings.stage("merge"):
-        pruned = rewrite_model(loaded.model, adapter, plans, router_rule=opts.router_rows, top_k=opts.top_k,
+        pruned = rewrite_model(loaded.model, adapter, plans, router_rule=opts.router_rows, merge=opts.merge,
+                               stats=prep.profile.layers, top_k=opts.top_k,
                                consume=True)  # originals are freed layer by layer: never two copies
     loaded.model = None
     gc.collect()  # accelerate's hooks make modules self-referencing: free the original now
@@ -249,6 +252,7 @@ def prune(opts: PruneOptions) -> PruneResult:
             "placement": modules_per_device,
         },
         "method": opts.method,
+        "merge": opts.merge,
         "router_rows": opts.router_rows,
         "keep": opts.keep,
         "layers": layer_entries(prep.profile, plans),

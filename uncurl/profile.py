@@ -1,13 +1,19 @@
-"""Step 2: record what every router does on the task's calibration text.
+"""Step 2: record what every router and expert does on the task's calibration text.
 
     uncurl profile --model builtin:mixtral --task superglue-rte --data-dir ../shared/data --out rte.profile
 
-One ordinary forward pass per batch under ``torch.no_grad()``, with a forward hook on each router
-module. Statistics are accumulated online per MoE layer (``RouterStats``), so memory does not grow
-with the number of calibration tokens: top-k selection counts, routing-weight mass, the sum of
-router logits and the E x E Gram matrix of router-logit columns (enough for their covariance,
-correlation and cosine). Padding tokens are excluded. The profile is a safetensors file with the
-model id, task, data fingerprint and versions in its metadata; ``prune --profile FILE`` reuses it.
+One ordinary forward pass per batch under ``torch.no_grad()``. A forward hook on each router sees
+``(logits, top-k weights, top-k indices)``; the experts run under uncurl's recording experts
+implementation (``uncurl_record``, registered in transformers' ``ExpertsInterface``), the same
+per-expert loop as transformers' eager one that also hands over ||f_j(x)|| of every (token, chosen
+expert) pair and the gate the family applied. Nothing is computed twice and no expert runs on a
+token that was not routed to it.
+
+Statistics are named accumulators in ``STATISTICS`` (a registry): each declares its shape, its
+source (router or experts) and an in-place update, and is accumulated online per MoE layer in
+float64, so memory does not grow with the number of calibration tokens. Padding tokens are
+excluded. The profile is a safetensors file with the model id, task, data fingerprint and versions
+in its metadata; ``prune --profile FILE`` reuses it, and a file of an older schema is refused.
 """
 
 from __future__ import annotations
@@ -16,9 +22,10 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from .adapters import MoEAdapter, find_moe_layers
 from .errors import UncurlError
@@ -26,36 +33,143 @@ from .load import input_device
 
 log = logging.getLogger(__name__)
 
-PROFILE_SCHEMA = 1
-_FIELDS = ("counts", "mass", "logit_sum", "gram")
+PROFILE_SCHEMA = 2
+SAMPLE_TOKENS = 4096  # router-logit rows kept per layer (a seeded uniform sample) for --router refit
 
 
 @dataclass
-class RouterStats:
-    """Online statistics of one router over the tokens it has seen (float64 accumulators)."""
+class RouterBatch:
+    """What a router hook sees, padding removed: logits [N, E], top-k weights and indices [N, k]."""
 
-    num_experts: int
-    tokens: int = 0
-    counts: torch.Tensor = None  # [E] times each expert was in a token's top-k
-    mass: torch.Tensor = None  # [E] sum of the routing weights each expert received
-    logit_sum: torch.Tensor = None  # [E] sum of router logits
-    gram: torch.Tensor = None  # [E, E] sum over tokens of logits^T logits
+    logits: torch.Tensor
+    weights: torch.Tensor
+    indices: torch.Tensor
 
-    def __post_init__(self):
-        e = self.num_experts
-        for name, shape in (("counts", (e,)), ("mass", (e,)), ("logit_sum", (e,)), ("gram", (e, e))):
-            if getattr(self, name) is None:
-                setattr(self, name, torch.zeros(shape, dtype=torch.float64))
+
+@dataclass
+class ExpertBatch:
+    """What the recording experts see, one entry per (token, chosen expert) pair, padding removed."""
+
+    expert: torch.Tensor  # [S] expert index
+    gate: torch.Tensor  # [S] the weight the family applied to this expert's output
+    norm: torch.Tensor  # [S] ||f_j(x)||_2 of the expert's output (before the gate)
+
+
+@dataclass(frozen=True)
+class Statistic:
+    """A named per-layer accumulator: ``update(stats, acc, batch)`` adds one batch in place."""
+
+    name: str
+    shape: Callable[[int], tuple[int, ...]]  # from the expert count E
+    source: str  # "router" (RouterBatch) or "experts" (ExpertBatch)
+    update: Callable[["LayerStats", torch.Tensor, object], None]
+    doc: str
+    fill: float = 0.0
+
+
+STATISTICS: dict[str, Statistic] = {}
+
+
+def statistic(name: str, shape, source: str, doc: str, fill: float = 0.0):
+    """Register an accumulator: a new statistic is one decorated function here."""
+
+    def register(update):
+        STATISTICS[name] = Statistic(name, shape, source, update, doc, fill)
+        return update
+
+    return register
+
+
+def _vec(e: int) -> tuple[int, ...]:
+    return (e,)
+
+
+@statistic("counts", _vec, "router", "times each expert was in a token's top-k (frequency)")
+def _counts(stats, acc, b: RouterBatch):
+    acc += torch.bincount(b.indices.reshape(-1), minlength=acc.numel()).to(acc)
+
+
+@statistic("mass", _vec, "router", "sum of the routing weights each expert received")
+def _mass(stats, acc, b: RouterBatch):
+    acc.index_add_(0, b.indices.reshape(-1), b.weights.reshape(-1).to(acc))
+
+
+@statistic("logit_sum", _vec, "router", "sum of router logits")
+def _logit_sum(stats, acc, b: RouterBatch):
+    acc += b.logits.sum(0)
+
+
+@statistic("gram", lambda e: (e, e), "router", "sum over tokens of logits^T logits (covariance, cosine)")
+def _gram(stats, acc, b: RouterBatch):
+    acc += b.logits.T @ b.logits
+
+
+@statistic("ean_sum", _vec, "experts", "sum of ||f_j(x)|| over the tokens routed to j (EAN)")
+def _ean_sum(stats, acc, b: ExpertBatch):
+    acc.index_add_(0, b.expert, b.norm)
+
+
+@statistic("reap_sum", _vec, "experts", "sum of g_j(x) ||f_j(x)|| over the tokens routed to j (REAP)")
+def _reap_sum(stats, acc, b: ExpertBatch):
+    acc.index_add_(0, b.expert, b.gate * b.norm)
+
+
+@statistic("logit_sample", lambda e: (SAMPLE_TOKENS, e + 1), "router",
+           "a seeded uniform sample of tokens' router logits (column 0: sort key; inf = empty)", fill=float("inf"))
+def _logit_sample(stats, acc, b: RouterBatch):
+    # priority sampling: every token draws a uniform key; the SAMPLE_TOKENS smallest keys are a
+    # uniform sample without replacement of all tokens seen, whatever the batch sizes
+    keys = torch.rand(b.logits.shape[0], generator=stats.generator, dtype=torch.float64).to(acc.device)
+    rows = torch.cat([acc, torch.cat([keys[:, None], b.logits], 1)])
+    acc.copy_(rows[torch.argsort(rows[:, 0])[: acc.shape[0]]])
+
+
+class LayerStats:
+    """The accumulators of one MoE layer (float64), by statistic name; see ``STATISTICS``."""
+
+    def __init__(self, num_experts: int, tokens: int = 0, seed: int = 0, **tensors: torch.Tensor):
+        self.num_experts, self.tokens = num_experts, tokens
+        self.generator = torch.Generator().manual_seed(seed)
+        self.tensors: dict[str, torch.Tensor] = {}
+        for name, spec in STATISTICS.items():
+            given = tensors.get(name)
+            self.tensors[name] = (given.to(torch.float64) if given is not None
+                                  else torch.full(spec.shape(num_experts), spec.fill, dtype=torch.float64))
+        self.missing = {name for name in STATISTICS if name not in tensors} if tensors else set()
+
+    def __getattr__(self, name: str) -> torch.Tensor:
+        tensors = self.__dict__.get("tensors", {})
+        if name in tensors:
+            return tensors[name]
+        raise AttributeError(name)
+
+    def require(self, name: str, why: str) -> torch.Tensor:
+        if name in self.missing:
+            raise UncurlError(f"{why} needs the profile statistic {name!r}, which this profile lacks; "
+                              f"profile again with this version of uncurl")
+        return self.tensors[name]
+
+    def _add(self, source: str, batch) -> None:
+        for name, spec in STATISTICS.items():
+            if spec.source == source:
+                acc = self.tensors[name]
+                if acc.device != batch_device(batch):
+                    acc = self.tensors[name] = acc.to(batch_device(batch))
+                spec.update(self, acc, batch)
 
     def update(self, logits: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> None:
-        """Add a batch: logits [N, E], top-k routing weights [N, k] and expert indices [N, k]."""
-        logits = logits.detach().to("cpu", torch.float64)
-        idx = indices.detach().to("cpu").reshape(-1).long()
+        """Add a router batch: logits [N, E], top-k routing weights [N, k] and expert indices [N, k]."""
         self.tokens += logits.shape[0]
-        self.counts += torch.bincount(idx, minlength=self.num_experts).to(torch.float64)
-        self.mass.index_add_(0, idx, weights.detach().to("cpu", torch.float64).reshape(-1))
-        self.logit_sum += logits.sum(0)
-        self.gram += logits.T @ logits
+        self._add("router", RouterBatch(logits.detach().to(torch.float64), weights.detach(),
+                                        indices.detach().long()))
+
+    def update_experts(self, expert: torch.Tensor, gate: torch.Tensor, norm: torch.Tensor) -> None:
+        self._add("experts", ExpertBatch(expert.long(), gate.detach().to(torch.float64),
+                                         norm.detach().to(torch.float64)))
+
+    def cpu(self) -> "LayerStats":
+        self.tensors = {k: v.cpu() for k, v in self.tensors.items()}
+        return self
 
     @property
     def frequency(self) -> torch.Tensor:
@@ -71,12 +185,29 @@ class RouterStats:
         std = cov.diagonal().clamp_min(1e-12).sqrt()
         return (cov / torch.outer(std, std)).clamp(-1.0, 1.0)
 
+    def cosine(self) -> torch.Tensor:
+        """Cosine similarity of router-logit columns over tokens (UNCURL paper's form), [E, E]."""
+        norm = self.gram.diagonal().clamp_min(1e-12).sqrt()
+        return (self.gram / torch.outer(norm, norm)).clamp(-1.0, 1.0)
+
+    def logit_rows(self) -> torch.Tensor:
+        """The sampled tokens' router logits [n, E] (n <= SAMPLE_TOKENS), in sampling order."""
+        sample = self.require("logit_sample", "--router refit")
+        return sample[torch.isfinite(sample[:, 0]), 1:]
+
+
+RouterStats = LayerStats  # the name before statistics became a registry
+
+
+def batch_device(batch) -> torch.device:
+    return (batch.logits if isinstance(batch, RouterBatch) else batch.norm).device
+
 
 @dataclass
 class Profile:
-    """Per-layer router statistics plus where they came from."""
+    """Per-layer statistics plus where they came from."""
 
-    layers: dict[str, RouterStats]  # keyed by MoE block name
+    layers: dict[str, LayerStats]  # keyed by MoE block name
     layer_index: dict[str, int]
     meta: dict = field(default_factory=dict)
 
@@ -88,9 +219,11 @@ class Profile:
         from safetensors.torch import save_file
 
         path = Path(path)
-        tensors = {f"{name}/{f}": getattr(s, f).contiguous() for name, s in self.layers.items() for f in _FIELDS}
+        tensors = {f"{name}/{f}": t.contiguous().cpu() for name, s in self.layers.items()
+                   for f, t in s.tensors.items() if f not in s.missing}
         header = {
             "schema": PROFILE_SCHEMA,
+            "statistics": {name: spec.doc for name, spec in STATISTICS.items()},
             "layers": {n: {"index": self.layer_index[n], "tokens": s.tokens} for n, s in self.layers.items()},
             **self.meta,
         }
@@ -114,23 +247,103 @@ class Profile:
         except Exception as err:  # noqa: BLE001 - any parse failure means "not a profile"
             raise UncurlError(f"--profile {path} is not an uncurl profile file ({err})") from None
         if header.get("schema") != PROFILE_SCHEMA:
-            raise UncurlError(f"--profile {path} has schema {header.get('schema')}, expected {PROFILE_SCHEMA}")
+            raise UncurlError(
+                f"--profile {path} has schema {header.get('schema')}, this uncurl reads schema {PROFILE_SCHEMA} "
+                f"(it holds the expert-output statistics REAP and EAN need); profile again with `uncurl profile`"
+            )
         layers, index = {}, {}
         for name, info in header.pop("layers").items():
-            fields = {f: tensors[f"{name}/{f}"] for f in _FIELDS}
-            layers[name] = RouterStats(fields["counts"].numel(), info["tokens"], **fields)
+            fields = {k.split("/", 1)[1]: t for k, t in tensors.items() if k.rsplit("/", 1)[0] == name}
+            layers[name] = LayerStats(fields["counts"].numel(), info["tokens"], **fields)
             index[name] = info["index"]
         header.pop("schema")
+        header.pop("statistics", None)
         return cls(layers, index, header)
 
 
-class _Recorder:
-    """Forward hooks on every router; `mask` selects the non-padding rows of the current batch."""
+def _expert_output(module, e: int, x: torch.Tensor) -> torch.Tensor:
+    """f_e(x) of one fused expert, as transformers' eager experts compute it (flags of the
+    ``use_experts_implementation`` decorator say how the family's tensors are laid out)."""
+    proj = module.gate_up_proj if module.has_gate else module.up_proj
+    h = x @ proj[e] if module.is_transposed else F.linear(x, proj[e])
+    if module.has_bias:
+        h = h + (module.gate_up_proj_bias if module.has_gate else module.up_proj_bias)[e]
+    h = module._apply_gate(h) if module.has_gate else module.act_fn(h)
+    y = h @ module.down_proj[e] if module.is_transposed else F.linear(h, module.down_proj[e])
+    if module.has_bias:
+        y = y + module.down_proj_bias[e]
+    if getattr(module, "has_post_expert_norm", False):
+        y = module.post_expert_norm(y)
+    return y
 
-    def __init__(self, moe_layers, num_experts: int):
-        self.stats = {layer.name: RouterStats(num_experts) for layer in moe_layers}
+
+def recording_experts_forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs):
+    """transformers' eager expert loop, also reporting ||f_j(x)|| and g_j(x) of each routed pair to
+    ``self._uncurl_record`` (set by the profiler; absent, this is a plain eager forward)."""
+    k = top_k_index.shape[-1]
+    flat = top_k_index.reshape(-1)
+    gates = top_k_weights.reshape(-1)
+    out = torch.zeros_like(hidden_states)
+    norms = torch.zeros(flat.shape[0], dtype=torch.float32, device=hidden_states.device)
+    order = torch.argsort(flat, stable=True)
+    sizes = torch.bincount(flat, minlength=self.num_experts).tolist()
+    start = 0
+    for e, size in enumerate(sizes):
+        if size == 0 or e >= self.num_experts:
+            start += size
+            continue
+        pairs = order[start : start + size]
+        start += size
+        tokens = pairs // k
+        y = _expert_output(self, e, hidden_states[tokens])
+        norms[pairs] = torch.linalg.vector_norm(y.float(), dim=-1)
+        out.index_add_(0, tokens, (y * gates[pairs, None]).to(out.dtype))
+    record = getattr(self, "_uncurl_record", None)
+    if record is not None:
+        record(flat, gates, norms)
+    return out
+
+
+RECORDING = "uncurl_record"
+
+
+def _register_recording() -> bool:
+    try:
+        from transformers.integrations.moe import ExpertsInterface
+    except ImportError:  # pragma: no cover - transformers without switchable experts
+        return False
+    ExpertsInterface.register(RECORDING, recording_experts_forward)
+    return True
+
+
+class _Recorder:
+    """Router hooks plus the recording experts implementation on every MoE layer; ``mask`` selects
+    the non-padding rows of the current batch."""
+
+    def __init__(self, moe_layers, num_experts: int, seed: int = 0):
+        self.stats = {layer.name: LayerStats(num_experts, seed=seed + layer.index) for layer in moe_layers}
         self.mask: torch.Tensor | None = None
         self.handles = [layer.router.register_forward_hook(self._hook(layer.name)) for layer in moe_layers]
+        self.switched: list[tuple[object, object]] = []
+        recordable = _register_recording()
+        self.missing_outputs = []
+        for layer in moe_layers:
+            experts = layer.experts
+            config = getattr(experts, "config", None)
+            if not (recordable and config is not None and hasattr(experts, "has_gate")):
+                self.missing_outputs.append(layer.name)
+                continue
+            experts._uncurl_record = self._record(layer.name)
+            if config._experts_implementation != RECORDING:
+                self.switched.append((config, config._experts_implementation))
+                config._experts_implementation = RECORDING
+        if self.missing_outputs:
+            log.warning("%d MoE layers do not use transformers' switchable experts: no REAP/EAN statistics "
+                        "for them", len(self.missing_outputs))
+
+    def _keep(self, n: int) -> torch.Tensor | None:
+        keep = self.mask
+        return keep if keep is not None and keep.numel() == n else None
 
     def _hook(self, name: str):
         def hook(module, args, output):
@@ -140,16 +353,32 @@ class _Recorder:
                     "(logits, top-k weights, top-k indices) as transformers-5 routers do"
                 )
             logits, weights, indices = (t.reshape(-1, t.shape[-1]) for t in output[:3])
-            keep = self.mask
-            if keep is not None and keep.numel() == logits.shape[0]:
+            keep = self._keep(logits.shape[0])
+            if keep is not None:
                 logits, weights, indices = logits[keep], weights[keep], indices[keep]
             self.stats[name].update(logits, weights, indices)
 
         return hook
 
+    def _record(self, name: str):
+        def record(expert, gate, norm):
+            keep = self.mask
+            if keep is not None and keep.numel() and expert.shape[0] % keep.numel() == 0:
+                pairs = keep.repeat_interleave(expert.shape[0] // keep.numel())  # token-major pairs
+                expert, gate, norm = expert[pairs], gate[pairs], norm[pairs]
+            self.stats[name].update_experts(expert, gate, norm)
+
+        return record
+
     def close(self):
         for h in self.handles:
             h.remove()
+        for config, previous in reversed(self.switched):
+            config._experts_implementation = previous
+        for name, stats in self.stats.items():
+            if name in self.missing_outputs:
+                stats.missing = {n for n, spec in STATISTICS.items() if spec.source == "experts"}
+            stats.cpu()
 
 
 WINDOW_BATCHES = 8  # batches tokenised (and sorted by length) together
@@ -185,16 +414,17 @@ def profile_model(
     max_length: int = 512,
     progress: bool = False,
     meta: dict | None = None,
+    seed: int = 0,
 ) -> Profile:
-    """Forward ``texts`` through ``model`` and return the routers' statistics."""
+    """Forward ``texts`` through ``model`` and return every registered statistic, per MoE layer."""
     if not texts:
         raise UncurlError("no calibration text to profile: the task's calibration split is empty")
     moe_layers = find_moe_layers(model, adapter)
-    recorder = _Recorder(moe_layers, moe_layers[0].num_experts)
+    recorder = _Recorder(moe_layers, moe_layers[0].num_experts, seed)
     device = input_device(model)
     n_batches = -(-len(texts) // batch_size)
     try:
-        with progress_bar(progress, n_batches, "profiling routers") as advance:
+        with progress_bar(progress, n_batches, "profiling") as advance:
             for batch in batches(tokenizer, texts, batch_size=batch_size, max_length=max_length):
                 batch = batch.to(device)
                 recorder.mask = batch["attention_mask"].reshape(-1).bool()

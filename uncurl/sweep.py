@@ -1,9 +1,11 @@
-"""Sweep --keep and --method to find where the task starts to suffer: profile once, evaluate each.
+"""Sweep --keep, --method, --merge and --router to find where the task starts to suffer: profile once.
 
-    uncurl sweep --model DIR --task superglue-rte --keep 6,4,2 --method uncurl,frequency --out sweep-rte
+    uncurl sweep --model DIR --task superglue-rte --keep 6,4,2 --method uncurl,reap --merge aligned,select
 
-The model is loaded and profiled once (or the profile is read from --profile); every (method, K)
-pair is planned from that profile, merged from the untouched original in memory, and evaluated.
+The model is loaded and profiled once (or the profile is read from --profile): the profile holds
+every statistic, so every (method, merge, router, K) cell is planned from it, merged from the
+untouched original in memory, and evaluated. Pruning criteria keep experts alone, so merge and
+router rules cannot change them: they are run once, shown with merge and router "-".
 The threshold of a method is the smallest K such that it and every larger K swept stay within
 --tolerance points of the unpruned model on --metric. Writes sweep.json, sweep.md and sweep.png;
 pruned checkpoints only with --keep-checkpoints.
@@ -15,6 +17,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .cluster import get_method
 from .errors import UncurlError
 from .evaluate import METRICS, drop
 from .merge import parameter_count, rewrite_model
@@ -29,6 +32,8 @@ SWEEP_SCHEMA = 1
 class SweepOptions(RunOptions):
     keeps: tuple[int, ...] = (6, 4, 2)
     methods: tuple[str, ...] = ("uncurl", "frequency")
+    merges: tuple[str, ...] = ("average",)
+    routers: tuple[str, ...] = ("mean",)
     out: str = "sweep"
     tolerance: float = 1.0  # points of --metric (see evaluate.drop)
     keep_checkpoints: bool = False
@@ -45,10 +50,29 @@ def threshold(rows: list[dict], metric: str, tolerance: float) -> int | None:
     return best
 
 
-def sweep(opts: SweepOptions) -> dict:
-    if not opts.keeps or not opts.methods:
-        raise UncurlError("--keep and --method each need at least one value, e.g. --keep 6,4,2 --method uncurl")
-    opts.method = ",".join(opts.methods)
+def cells(opts: SweepOptions) -> list[tuple[str, str, str]]:
+    """Every (method, merge, router) to run; a pruning criterion once, with merge/router "-"."""
+    out = []
+    for method in opts.methods:
+        if get_method(method).kind == "criterion":
+            out.append((method, "-", "-"))
+        else:
+            out += [(method, merge, router) for merge in opts.merges for router in opts.routers]
+    return list(dict.fromkeys(out))
+
+
+def label(method: str, merge: str, router: str) -> str:
+    return method if merge == "-" else f"{method}/{merge}/{router}"
+
+
+def sweep(opts: SweepOptions, on_row=None, skip=None) -> dict:
+    """Run the sweep. ``on_row(row, unpruned)`` is called as each cell finishes (e.g. to save
+    results as they come); ``skip(method, merge, router, keep)`` -> True leaves a cell out (e.g.
+    one a resumed study already has)."""
+    if not opts.keeps or not opts.methods or not opts.merges or not opts.routers:
+        raise UncurlError("--keep, --method, --merge and --router each need at least one value, "
+                          "e.g. --keep 6,4,2 --method uncurl")
+    opts.method, opts.merge, opts.router_rows = (",".join(v) for v in (opts.methods, opts.merges, opts.routers))
     check_options(opts, evaluating=True)
     out = check_out_dir(opts.out, overwrite=opts.overwrite)
     timings = Timings()
@@ -60,23 +84,31 @@ def sweep(opts: SweepOptions) -> dict:
     base = {"keep": prep.num_experts, "params": parameter_count(model), **base}
     rows = []
     with staged_dir(out) as tmp:
-        for method in opts.methods:
+        for method, merge, router in cells(opts):
             for keep in sorted(set(opts.keeps), reverse=True):
-                with timings.stage(f"{method}-k{keep}"):
+                if skip is not None and skip(method, merge, router, keep):
+                    continue
+                name = label(method, merge, router)
+                with timings.stage(f"{name}-k{keep}"):
                     plans = plan_all(prep, keep, method, opts.seed)
-                    pruned = rewrite_model(model, prep.loaded.adapter, plans, router_rule=opts.router_rows,
-                                           top_k=opts.top_k)
+                    pruned = rewrite_model(model, prep.loaded.adapter, plans,
+                                           router_rule="mean" if router == "-" else router,
+                                           merge="select" if merge == "-" else merge,
+                                           stats=prep.profile.layers, top_k=opts.top_k)
                     metrics = run_eval(pruned, tok, opts, opts.eval_limit, opts.seed)
-                    row = {"method": method, "keep": keep, "params": parameter_count(pruned), **metrics,
+                    row = {"method": method, "merge": merge, "router": router, "label": name, "keep": keep,
+                           "params": parameter_count(pruned), **metrics,
                            "drop": {m: drop(base, metrics, m) for m in METRICS},
-                           "groups": {name: [list(g) for g in p.groups] for name, p in plans.items()}}
+                           "groups": {layer: [list(g) for g in p.groups] for layer, p in plans.items()}}
                     if opts.keep_checkpoints:
-                        folder = tmp / "checkpoints" / f"{method}-k{keep}"
+                        folder = tmp / "checkpoints" / f"{name.replace('/', '-')}-k{keep}"
                         write_checkpoint(pruned, tok, folder, extra_files=prep.loaded.processor_files)
                         verify_checkpoint(folder, prep.loaded.adapter, keep, prep.top_k_after, tok,
                                           prep.loaded.placement)
                         row["checkpoint"] = str(out / "checkpoints" / folder.name)
                     rows.append(row)
+                    if on_row is not None:
+                        on_row(row, base)
                     del pruned
         summary = {
             "schema_version": SWEEP_SCHEMA,
@@ -87,8 +119,8 @@ def sweep(opts: SweepOptions) -> dict:
             "tolerance": opts.tolerance,
             "unpruned": base,
             "results": rows,
-            "threshold": {m: threshold([r for r in rows if r["method"] == m], opts.metric, opts.tolerance)
-                          for m in opts.methods},
+            "threshold": {lab: threshold([r for r in rows if r["label"] == lab], opts.metric, opts.tolerance)
+                          for lab in dict.fromkeys(r["label"] for r in rows)},
             "output": str(out),
         }
         (tmp / "sweep.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -108,7 +140,7 @@ def markdown(s: dict) -> str:
              "|---|---|" + "---|" * (len(cols) + 1),
              f"| unpruned | {base['keep']} | " + " | ".join(f"{base[c]:.4f}" for c in cols) + " | - |"]
     for r in s["results"]:
-        lines.append(f"| {r['method']} | {r['keep']} | " + " | ".join(f"{r[c]:.4f}" for c in cols)
+        lines.append(f"| {r['label']} | {r['keep']} | " + " | ".join(f"{r[c]:.4f}" for c in cols)
                      + f" | {r['drop'][metric]} |")
     lines += ["", f"Threshold (smallest K with every K above it within {s['tolerance']} points of {metric}): "
               + ", ".join(f"{m}: {'K=' + str(k) if k is not None else 'none'}" for m, k in s["threshold"].items()),
@@ -125,8 +157,8 @@ def plot(s: dict, path: Path) -> None:
     metrics = [s["metric"]] + (["loss"] if s["metric"] != "loss" else [])
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
-        for method in dict.fromkeys(r["method"] for r in s["results"]):
-            rows = sorted((r for r in s["results"] if r["method"] == method), key=lambda r: r["keep"])
+        for method in dict.fromkeys(r["label"] for r in s["results"]):
+            rows = sorted((r for r in s["results"] if r["label"] == method), key=lambda r: r["keep"])
             ax.plot([r["keep"] for r in rows], [r[metric] for r in rows], marker="o", label=method)
         ax.axhline(s["unpruned"][metric], color="gray", linestyle="--", label=f"unpruned (K={s['unpruned']['keep']})")
         ax.set(xlabel="experts kept per layer (K)", ylabel=metric, title=f"{s['unpruned']['task']}: {metric}")

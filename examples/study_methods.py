@@ -1,0 +1,189 @@
+"""Which expert-reduction method wins? Every method x merge (x router where it matters) at K = 6, 4, 2.
+
+    .venv/bin/python examples/study_methods.py                       # the pretrained test bed (issue 8)
+    .venv/bin/python examples/study_methods.py --model builtin:qwen2_moe --eval-limit 8 --samples 16 \\
+        --tasks superglue-copa --out /tmp/study                      # a smoke run on a tiny random model
+    nice -n 10 .venv/bin/python examples/study_methods.py &          # long: run it in the background
+
+For each task (ARC-Easy, PIQA, COPA by default) the model is profiled once on 256 calibration
+examples of the task, the profile file is kept (``OUT/profiles``), and one ``uncurl sweep`` over that
+profile evaluates every cell: each pruning criterion alone, each grouping with every merge rule
+(router ``mean``), and each grouping with ``--merge aligned`` under every router rule (the router
+rule matters for merged groups only; the study does not multiply it over all merge rules). Then
+the two best labels by mean accuracy over tasks and K are rerun with corpus calibration
+(task-agnostic) for the task vs corpus comparison.
+
+Seeded (--seed), resumable (cells already in OUT/results.json are skipped: rerun the same command
+after an interruption), and results are written as each cell finishes: OUT/results.json (every
+row with acc, acc_norm, loss, n and binomial standard errors) and OUT/results.md (the tables).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from uncurl.cluster import METHODS  # noqa: E402
+from uncurl.merge import MERGE_RULES, ROUTER_RULES  # noqa: E402
+from uncurl.sweep import SweepOptions, label, sweep  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = Path.home() / ".cache" / "uncurl" / "smol-moe" / "model"
+
+
+def stderr(p: float, n: int) -> float:
+    return math.sqrt(max(p * (1 - p), 0.0) / max(n - 1, 1))
+
+
+def wanted(method: str, merge: str, router: str) -> bool:
+    """The study's cells: criteria once; groupings x merge with router mean; aligned x router."""
+    return merge == "-" or router == "mean" or merge == "aligned"
+
+
+class Results:
+    def __init__(self, out: Path):
+        self.path = out / "results.json"
+        self.rows = json.loads(self.path.read_text())["rows"] if self.path.is_file() else []
+
+    def has(self, task, calibration, name, keep) -> bool:
+        return any((r["task"], r["calibration"], r["label"], r["keep"]) == (task, calibration, name, keep)
+                   for r in self.rows)
+
+    def add(self, row: dict, meta: dict) -> None:
+        self.rows = [r for r in self.rows if (r["task"], r["calibration"], r["label"], r["keep"])
+                     != (row["task"], row["calibration"], row["label"], row["keep"])] + [row]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({**meta, "rows": self.rows}, indent=1) + "\n")
+        tmp.replace(self.path)
+        (self.path.parent / "results.md").write_text(markdown(self.rows, meta))
+
+
+def row_of(task, calibration, r: dict, seconds: float | None = None) -> dict:
+    out = {"task": task, "calibration": calibration, "label": r.get("label", "unpruned"),
+           "method": r.get("method", "unpruned"), "merge": r.get("merge", "-"), "router": r.get("router", "-"),
+           "keep": r["keep"], "n": r["n"], "loss": r["loss"]}
+    for metric in ("acc", "acc_norm"):
+        if metric in r:
+            out[metric], out[f"{metric}_stderr"] = r[metric], stderr(r[metric], r["n"])
+    if seconds is not None:
+        out["seconds"] = round(seconds, 1)
+    return out
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = [f"# Methods study: {meta['model']}", "", f"`{meta['command']}`", "",
+             "acc (± binomial standard error); calibration = 256 examples of the task unless marked corpus.", ""]
+    for task in dict.fromkeys(r["task"] for r in rows):
+        mine = [r for r in rows if r["task"] == task]
+        keeps = sorted({r["keep"] for r in mine if r["label"] != "unpruned"}, reverse=True)
+        base = next((r for r in mine if r["label"] == "unpruned" and r["calibration"] == "task"), None)
+        lines += [f"## {task}" + (f" (n={base['n']}, unpruned acc {base['acc']:.3f} ± {base['acc_stderr']:.3f}, "
+                                  f"acc_norm {base['acc_norm']:.3f})" if base and "acc" in base else ""), "",
+                  "| method | calibration | " + " | ".join(f"K={k} acc" for k in keeps)
+                  + " | " + " | ".join(f"K={k} acc_norm" for k in keeps) + " |",
+                  "|---|---|" + "---|" * (2 * len(keeps))]
+        labels = dict.fromkeys((r["label"], r["calibration"]) for r in mine if r["label"] != "unpruned")
+        for name, cal in labels:
+            cells = {r["keep"]: r for r in mine if (r["label"], r["calibration"]) == (name, cal)}
+            acc = [f"{cells[k]['acc']:.3f} ± {cells[k]['acc_stderr']:.3f}" if k in cells and "acc" in cells[k] else ""
+                   for k in keeps]
+            norm = [f"{cells[k]['acc_norm']:.3f}" if k in cells and "acc_norm" in cells[k] else "" for k in keeps]
+            lines.append(f"| {name} | {cal} | " + " | ".join(acc) + " | " + " | ".join(norm) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def run_sweep(args, results, meta, task, calibration, methods, merges, routers, keep_cell) -> None:
+    profile = args.out / "profiles" / f"{task}-{calibration}.safetensors"
+    common = dict(model=str(args.model), task=task, data_dir=str(args.data_dir), samples=args.samples,
+                  max_length=args.max_length, batch_size=args.batch_size, seed=args.seed, device=args.device,
+                  calibrate_on="corpus" if calibration == "corpus" else None,
+                  eval_limit=args.eval_limit)  # a seeded subset; all of a smaller split (COPA: 100)
+    if not profile.is_file():  # profiled once per (task, calibration); a resumed run reads the file
+        from uncurl.load import load_model
+        from uncurl.pipeline import RunOptions, run_profile
+
+        opts = RunOptions(**common)
+        loaded = load_model(opts.model, device=opts.device, seed=opts.seed)
+        run_profile(loaded, opts, opts.seed).save(profile)
+        del loaded
+
+    def skip(method, merge, router, keep):
+        return not keep_cell(method, merge, router) or results.has(task, calibration, label(method, merge, router), keep)
+
+    if all(skip(m, mg, r, k) for m in methods for mg in (["-"] if METHODS[m].kind == "criterion" else merges)
+           for r in (["-"] if METHODS[m].kind == "criterion" else routers) for k in args.keeps):
+        return
+    started = [time.perf_counter()]
+
+    def on_row(r, base):
+        if not results.has(task, calibration, "unpruned", base["keep"]):
+            results.add(row_of(task, calibration, base), meta)
+        results.add(row_of(task, calibration, r, time.perf_counter() - started[0]), meta)
+        started[0] = time.perf_counter()
+        print(f"{task} {calibration} {r['label']} K={r['keep']}: acc {r.get('acc')} loss {r['loss']:.4f}", flush=True)
+
+    sweep(SweepOptions(**common, keeps=tuple(args.keeps), methods=tuple(methods), merges=tuple(merges),
+                       routers=tuple(routers), profile=str(profile), out=str(args.out / "sweeps" / f"{task}-{calibration}"),
+                       overwrite=True, extra={"command": meta["command"]}), on_row=on_row, skip=skip)
+
+
+def best_labels(rows: list[dict], n: int = 2) -> list[str]:
+    """The ``n`` labels with the highest mean accuracy over every task and K (task calibration)."""
+    scores = {}
+    for r in rows:
+        if r["calibration"] == "task" and r["label"] != "unpruned" and "acc" in r:
+            scores.setdefault(r["label"], []).append(r["acc"])
+    return sorted(scores, key=lambda k: -sum(scores[k]) / len(scores[k]))[:n]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=str(MODEL))
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "methods_study")
+    parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
+    parser.add_argument("--tasks", default="arc-easy,piqa,superglue-copa")
+    parser.add_argument("--keeps", default="6,4,2")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--merges", default=",".join(MERGE_RULES))
+    parser.add_argument("--routers", default=",".join(ROUTER_RULES))
+    parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--eval-limit", type=int, default=500, help="evaluation examples per task (a seeded subset; COPA has 100)")
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-corpus", action="store_true", help="skip the corpus-calibration comparison")
+    args = parser.parse_args()
+    args.keeps = [int(k) for k in args.keeps.split(",")]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "profiles").mkdir(exist_ok=True)
+    import sys
+
+    meta = {"model": args.model, "command": " ".join(["python", *sys.argv]), "seed": args.seed,
+            "samples": args.samples, "eval_limit": args.eval_limit}
+    results = Results(args.out)
+    methods, merges, routers = (v.split(",") for v in (args.methods, args.merges, args.routers))
+    tasks = args.tasks.split(",")
+    for task in tasks:
+        run_sweep(args, results, meta, task, "task", methods, merges, routers, wanted)
+    if not args.no_corpus:
+        best = best_labels(results.rows)
+        meta["corpus_labels"] = best
+        for task in tasks:
+            for name in best:
+                method, merge, router = (name.split("/") + ["-", "-"])[:3]
+                run_sweep(args, results, meta, task, "corpus", [method],  # a criterion ignores merge/router
+                          [merge if merge != "-" else "select"], [router if router != "-" else "mean"],
+                          lambda m, mg, r, name=name: label(m, mg, r) == name)
+    print(f"done: {args.out / 'results.md'}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
