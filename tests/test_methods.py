@@ -56,6 +56,8 @@ def hand_scores(model, tok, adapter):
             for t in range(x.shape[0]):
                 for slot in range(index.shape[1]):
                     e = int(index[t, slot])
+                    if adapter.tail_rows and (e >= e_count or float(weights[t, slot]) == 0):
+                        continue  # a zero/skip slot after the experts (longcat_flash, zaya): not an expert
                     with torch.no_grad():
                         norm = float(hand_expert_output(layer.experts, adapter, model.config, e, x[t : t + 1]).norm())
                     counts[e] += 1
@@ -74,6 +76,8 @@ def test_reap_and_ean_equal_a_hand_computation(family):
     for name, (counts, ean, reap) in expected.items():
         stats = prof.layers[name]
         np.testing.assert_array_equal(stats.counts.numpy(), counts)
+        if "ean_sum" in stats.missing:  # experts not switchable (longcat_flash): no REAP/EAN recorded
+            continue
         np.testing.assert_allclose(stats.ean_sum.numpy(), ean, rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(stats.reap_sum.numpy(), reap, rtol=1e-5, atol=1e-7)
         reap_score = np.where(counts > 0, reap / np.maximum(counts, 1), 0)

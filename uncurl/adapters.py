@@ -71,6 +71,24 @@ class MoEAdapter:
     language_stack: str | None = None
     neurons: tuple[NeuronAxis, ...] = FUSED_GATED  # intermediate-neuron layout (--merge aligned)
     router_logit_bias: str | None = None  # router tensor added to the logits (--router refit fits it)
+    # per-expert tensors of the MoE block itself (routing biases the block passes to its router:
+    # afmoe/lfm2_moe ``expert_bias``, hy_v3/minimax_m2 ``e_score_correction_bias``): rewritten with
+    # the router rule, like the router's own per-expert buffers
+    block_tensors: tuple[str, ...] = ()
+    # routing tensors (names as in router_tensors/block_tensors) whose expert axis is not the first,
+    # e.g. ernie4_5_moe's ``moe_statics.e_score_correction_bias`` [1, E]: {name: axis}
+    expert_axes: Mapping[str, int] = field(default_factory=dict)
+    # rows after the E experts' in some per-expert tensors (inkling_text's shared-expert sink rows,
+    # longcat_flash's zero experts, zaya's skip column): a config key holding their count, or the
+    # count. Those rows are copied, never merged, and their logit columns ignored while profiling
+    tail_rows: str | int = 0
+
+    def expert_axis(self, name: str) -> int:
+        """The axis of tensor ``name`` (a short name or a full state-dict key) that holds the experts."""
+        for key, axis in self.expert_axes.items():
+            if name == key or name.endswith("." + key):
+                return axis
+        return 0
 
 
 # Shared by every tiny instance: small enough for CPU tests, big enough to route meaningfully.
@@ -156,6 +174,37 @@ ADAPTERS.update({a.model_type: a for a in (
                tiny=dict(num_experts=8, moe_intermediate_size=32, shared_expert_intermediate_size=32, head_dim=16,
                          linear_key_head_dim=16, linear_value_head_dim=16,
                          layer_types=["linear_attention", "full_attention"])),
+    # block-level per-expert routing biases (block_tensors)
+    MoEAdapter("afmoe", "num_experts", router_attr="router", router_tensors=("gate.weight",),
+               block_tensors=("expert_bias",), shared_attrs=("shared_experts",),
+               tiny=dict(num_experts=8, moe_intermediate_size=32, head_dim=16, num_shared_experts=1)),
+    MoEAdapter("hy_v3", "num_experts", block_tensors=("e_score_correction_bias",), shared_attrs=("shared_experts",),
+               tiny=dict(num_experts=8, moe_intermediate_size=32, head_dim=16)),
+    MoEAdapter("minimax_m2", "num_local_experts", block_tensors=("e_score_correction_bias",),
+               tiny=dict(num_local_experts=8, head_dim=16)),
+    MoEAdapter("lfm2_moe", "num_experts", block_tensors=("expert_bias",),
+               tiny=dict(num_experts=8, moe_intermediate_size=32, num_dense_layers=1, num_hidden_layers=3,
+                         layer_types=["conv", "full_attention", "conv"])),
+    # a per-expert tensor whose expert axis is not the first (expert_axes)
+    MoEAdapter("ernie4_5_moe", "moe_num_experts", top_k_key="moe_k",
+               router_tensors=("weight", "moe_statics.e_score_correction_bias"),
+               expert_axes={"moe_statics.e_score_correction_bias": 1}, shared_attrs=("shared_experts",),
+               tiny=dict(moe_num_experts=8, moe_k=2, moe_intermediate_size=32, moe_num_shared_experts=1,
+                         moe_layer_start_index=1, num_hidden_layers=3, head_dim=16)),
+    # router tail rows (tail_rows): copied, never merged
+    MoEAdapter("inkling_text", "n_routed_experts", router_tensors=("weight", "e_score_correction_bias"),
+               tail_rows="n_shared_experts", shared_attrs=("shared_experts",),
+               tiny=dict(n_routed_experts=8, moe_intermediate_size=32, n_shared_experts=1, head_dim=16,
+                         swa_head_dim=16)),
+    MoEAdapter("longcat_flash", "n_routed_experts", top_k_key="moe_topk", router_attr="router",
+               router_tensors=("classifier.weight", "e_score_correction_bias"), tail_rows="zero_expert_num",
+               tiny=dict(n_routed_experts=8, moe_topk=2, zero_expert_num=2, expert_ffn_hidden_size=32,
+                         ffn_hidden_size=64, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8,
+                         qk_nope_head_dim=8, v_head_dim=8, head_dim=8, num_key_value_heads=4)),
+    MoEAdapter("zaya", "num_experts", router_tensors=("router_mlp.out_proj.weight", "balancing_biases"),
+               tail_rows=1,  # the skip expert's column
+               tiny=dict(num_experts=8, moe_intermediate_size=32, head_dim=16, router_hidden_size=16,
+                         num_experts_per_tok=1)),  # zaya routes top-1 only
 )})
 
 
@@ -203,6 +252,13 @@ def set_moe_keys(config, adapter: MoEAdapter, num_experts: int, top_k: int | Non
     setattr(target, adapter.expert_count_key, num_experts)
     if top_k is not None:
         setattr(target, adapter.top_k_key, top_k)
+
+
+def tail_rows(config, adapter: MoEAdapter) -> int:
+    """How many rows follow the experts' own in a tensor with tail rows (see ``MoEAdapter.tail_rows``)."""
+    if isinstance(adapter.tail_rows, int):
+        return adapter.tail_rows
+    return int(getattr(moe_config(config), adapter.tail_rows, 0) or 0)
 
 
 def routing_groups(config, adapter: MoEAdapter) -> tuple[int, int]:
@@ -260,12 +316,22 @@ def find_moe_layers(model: nn.Module, adapter: MoEAdapter) -> list[MoELayer]:
 def per_expert_names(layer: MoELayer, adapter: MoEAdapter) -> tuple[list[str], list[str]]:
     """(expert tensor names, router tensor names) of one layer, as full state-dict keys.
 
-    Every one of them has the expert axis first; ``merge.rewrite_model`` raises on a tensor whose
-    first axis is not E (a bug in the adapter entry) rather than skipping it.
+    Every one of them has the expert axis first (or where ``adapter.expert_axes`` says);
+    ``merge.rewrite_model`` raises on a tensor whose expert axis is not E (a bug in the adapter
+    entry) rather than skipping it.
     """
     experts = [f"{layer.name}.{adapter.experts_attr}.{n}" for n in layer.experts.state_dict()]
-    router = [f"{layer.name}.{adapter.router_attr}.{n}" for n in adapter.router_tensors]
-    return experts, router
+    return experts, list(routing_names(layer, adapter).values())
+
+
+def routing_names(layer: MoELayer, adapter: MoEAdapter) -> dict[str, str]:
+    """{short name: full state-dict key} of a layer's per-expert routing tensors: the router's
+    (``router_tensors``, named under the router) and the block's own (``block_tensors``)."""
+    names = {n: f"{layer.name}.{adapter.router_attr}.{n}" for n in adapter.router_tensors}
+    names.update({n: f"{layer.name}.{n}" for n in adapter.block_tensors})
+    if len(names) != len(adapter.router_tensors) + len(adapter.block_tensors):
+        raise ValueError(f"{adapter.model_type}: a router tensor and a block tensor share a name")
+    return names
 
 
 def tiny_config(model_type: str, **overrides):

@@ -320,8 +320,9 @@ class _Recorder:
     """Router hooks plus the recording experts implementation on every MoE layer; ``mask`` selects
     the non-padding rows of the current batch."""
 
-    def __init__(self, moe_layers, num_experts: int, seed: int = 0):
+    def __init__(self, moe_layers, num_experts: int, seed: int = 0, tail: bool = False):
         self.stats = {layer.name: LayerStats(num_experts, seed=seed + layer.index) for layer in moe_layers}
+        self.tail = tail  # routers with tail rows: logit columns and slots past the experts are dropped
         self.mask: torch.Tensor | None = None
         self.handles = [layer.router.register_forward_hook(self._hook(layer.name)) for layer in moe_layers]
         self.switched: list[tuple[object, object]] = []
@@ -356,6 +357,10 @@ class _Recorder:
             keep = self._keep(logits.shape[0])
             if keep is not None:
                 logits, weights, indices = logits[keep], weights[keep], indices[keep]
+            if self.tail:  # router tail rows (adapter.tail_rows): count the experts only
+                e = self.stats[name].num_experts
+                routed = (indices < e) & (weights != 0)  # zaya returns a skip slot as expert 0, weight 0
+                logits, weights, indices = logits[:, :e], weights[routed], indices[routed]
             self.stats[name].update(logits, weights, indices)
 
         return hook
@@ -366,6 +371,9 @@ class _Recorder:
             if keep is not None and keep.numel() and expert.shape[0] % keep.numel() == 0:
                 pairs = keep.repeat_interleave(expert.shape[0] // keep.numel())  # token-major pairs
                 expert, gate, norm = expert[pairs], gate[pairs], norm[pairs]
+            if self.tail:  # as in the router hook: skip slots are not routed
+                routed = gate != 0
+                expert, gate, norm = expert[routed], gate[routed], norm[routed]
             self.stats[name].update_experts(expert, gate, norm)
 
         return record
@@ -420,7 +428,7 @@ def profile_model(
     if not texts:
         raise UncurlError("no calibration text to profile: the task's calibration split is empty")
     moe_layers = find_moe_layers(model, adapter)
-    recorder = _Recorder(moe_layers, moe_layers[0].num_experts, seed)
+    recorder = _Recorder(moe_layers, moe_layers[0].num_experts, seed, tail=bool(adapter.tail_rows))
     device = input_device(model)
     n_batches = -(-len(texts) // batch_size)
     try:

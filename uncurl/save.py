@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .adapters import MoEAdapter, expert_count, find_moe_layers, top_k
+from .adapters import MoEAdapter, expert_count, find_moe_layers, per_expert_names, tail_rows, top_k
 from .errors import CheckpointCheckError, UncurlError
 
 SHARD_SIZE = "5GB"  # transformers' default; a model under it is one model.safetensors, no index
@@ -221,12 +221,12 @@ def _verify(loaded, folder, adapter, expected_experts, expected_top_k, tokenizer
     if top_k(model.config, adapter) != expected_top_k:
         problems.append(f"config says top-k {top_k(model.config, adapter)}, expected {expected_top_k}")
     layers = find_moe_layers(model, adapter)
+    state, tail = model.state_dict(), tail_rows(model.config, adapter)
     for layer in layers:
-        router = layer.router.state_dict()
-        tensors = list(layer.experts.state_dict().items()) + [(n, router[n]) for n in adapter.router_tensors]
-        for name, t in tensors:
-            if t.shape[0] != expected_experts:
-                problems.append(f"{layer.name}: {name} has {t.shape[0]} experts, expected {expected_experts}")
+        for name in sum(per_expert_names(layer, adapter), []):
+            rows = state[name].shape[adapter.expert_axis(name)]
+            if rows not in (expected_experts, expected_experts + tail):
+                problems.append(f"{name} has {rows} experts, expected {expected_experts}")
     bad = [n for n, t in model.state_dict().items()
            if t.is_floating_point() and not torch.isfinite(read_tensor(model, n, t)).all()]
     if bad:
