@@ -74,7 +74,7 @@ def test_prune_to_half_reloads_cleanly(family, pruned, ids):
     assert len(set(index["weight_map"].values())) > 1
     for key in disk_tensors(out):
         m = re.search(r"experts\.(\d+)\.", key)
-        assert m is None or int(m.group(1)) < e // 2, key
+        assert m is None or int(m.group(1)) < e // 2 + tail_rows(model.config, adapter), key
     assert (out / "report" / "report.json").is_file() and (out / "tokenizer.json").is_file()
     # the class that saved the input reloads the output (a wrapper's ...ForConditionalGeneration)
     assert type(model).__name__ == json.loads((src / "config.json").read_text())["architectures"][0]

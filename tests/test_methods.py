@@ -69,8 +69,10 @@ def hand_scores(model, tok, adapter):
 
 @pytest.mark.parametrize("family", sorted(ADAPTERS))
 def test_reap_and_ean_equal_a_hand_computation(family):
-    model, tok = build_tiny(family, seed=0)
     adapter = ADAPTERS[family]
+    if adapter.router_output != "topk":  # llama4's experts see pre-weighted inputs, not (index, weight)
+        pytest.skip("test_profile.py checks what these routers count")
+    model, tok = build_tiny(family, seed=0)
     expected = hand_scores(model, tok, adapter)
     prof = profile_model(model, tok, adapter, TEXTS, batch_size=1)
     for name, (counts, ean, reap) in expected.items():

@@ -82,6 +82,11 @@ class MoEAdapter:
     # longcat_flash's zero experts, zaya's skip column): a config key holding their count, or the
     # count. Those rows are copied, never merged, and their logit columns ignored while profiling
     tail_rows: str | int = 0
+    # what the router returns, so the profile counts the experts the model really routes to: "topk"
+    # (logits, top-k weights, top-k indices), or "scores" (llama4: (scores [N, E], logits), the
+    # chosen set being the top-k of the logits, as the family's forward takes it); see
+    # profile.ROUTER_OUTPUTS
+    router_output: str = "topk"
 
     def expert_axis(self, name: str) -> int:
         """The axis of tensor ``name`` (a short name or a full state-dict key) that holds the experts."""
@@ -205,7 +210,13 @@ ADAPTERS.update({a.model_type: a for a in (
                tail_rows=1,  # the skip expert's column
                tiny=dict(num_experts=8, moe_intermediate_size=32, head_dim=16, router_hidden_size=16,
                          num_experts_per_tok=1)),  # zaya routes top-1 only
+    # routers returning scores, not the chosen top-k (router_output)
+    MoEAdapter("llama4_text", "num_local_experts", router_attr="router", router_output="scores",
+               shared_attrs=("shared_expert",), neurons=TRANSPOSED_GATED,
+               tiny=dict(num_local_experts=8, intermediate_size=32, intermediate_size_mlp=64, head_dim=16)),
 )})
+ADAPTERS["llama4"] = _wrapper("llama4", "llama4_text", tiny_wrapper=dict(vision_config=dict(
+    image_size=28, patch_size=14, vision_output_dim=64, projector_input_dim=64, projector_output_dim=64)))
 
 
 @dataclass

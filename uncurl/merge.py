@@ -349,6 +349,15 @@ def rewrite_model(
                 drop_offloaded(model, name)
             merged_names.append(name)
         del new
+    # a module with merged tensors gets a new offload hook over its own tensors (transplant_hooks):
+    # its other tensors (inkling_text's gate.global_scale, zaya's router_states_scale) go along
+    owners = {name.rpartition(".")[0] for name in merged_names}
+    for name in state:
+        owner = name.rpartition(".")[0]
+        if owner in owners and name not in merged_names and state[name].device.type == "meta":
+            state[name] = read_tensor(model, name, state[name])
+            if on_disk(model, name):
+                state[name] = spill.put(name, state[name])
 
     config = copy.deepcopy(model.config)
     set_moe_keys(config, adapter, keep.pop(), top_k)
