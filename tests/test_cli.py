@@ -190,7 +190,8 @@ def test_custom_task_file(tmp_path):
               "--out", tmp_path / "out", *FAST)
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "out" / "report" / "report.json").read_text())
-    assert report["task"]["name"] == "mine" and report["task"]["calibration_examples"] == 10
+    assert report["task"]["name"] == "mine" and report["task"]["calibration_examples"] == 5  # one seeded half
+    assert "disjoint halves" in report["task"]["split"]
     res = run("prune", "--task", path, "--out", tmp_path / "o2", *FAST)
     assert res.exit_code == 2 and "--template" in res.output
 

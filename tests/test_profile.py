@@ -169,3 +169,23 @@ def test_routers_returning_scores_count_the_experts_the_forward_uses(family, tex
         counts = prof.layers[layer.name].counts
         assert counts.sum() == k * prof.layers[layer.name].tokens
         assert torch.equal(counts.float(), used[layer.name]), layer.name
+
+
+@pytest.mark.parametrize("experts", ["eager", "grouped_mm"])
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "gpt_oss"])
+def test_recording_experts_compute_what_the_model_computes(family, experts, ids):
+    from uncurl.profile import _Recorder
+
+    model, _ = build_tiny(family, seed=0)
+    model.set_experts_implementation(experts)
+    layers = find_moe_layers(model, ADAPTERS[family])
+    with torch.no_grad():
+        reference = model(ids).logits
+        recorder = _Recorder(layers, layers[0].num_experts)
+        try:
+            recorded = model(ids).logits
+        finally:
+            recorder.close()
+    torch.testing.assert_close(recorded, reference, rtol=1e-5, atol=1e-5)
+    assert model.config._experts_implementation == experts  # switched back
+    assert all(s.ean_sum.sum() > 0 for s in recorder.stats.values())

@@ -147,12 +147,101 @@ def build_tiny(model_type: str, seed: int = 0, **overrides):
     return model.eval(), tokenizer
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def _read_json(path: Path, what: str) -> dict:
+    import json
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UncurlError(f"{path} is not valid JSON ({err}); it should be the model's {what}") from None
+
+
+def check_safetensors(path: Path) -> None:
+    """Read ``path``'s header only: its JSON must parse and its tensors must end where the file does.
+
+    A truncated download or a partly written file fails here, naming the file, before any weight
+    is read.
+    """
+    import json
+
+    if not path.is_file():
+        raise UncurlError(f"weights file {path} is missing (named by the checkpoint's index)")
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or 8 + n > size:
+            raise UncurlError(f"{path} is not a safetensors file or is truncated ({size:,} bytes, header of "
+                              f"{n:,} bytes announced); re-download or re-save it")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise UncurlError(f"{path}: the safetensors header is not valid JSON ({err}); the file is corrupt") from None
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)
+            and "data_offsets" in t]
+    needed = 8 + n + max(ends, default=0)
+    if needed != size:
+        raise UncurlError(f"{path} is truncated or corrupt: its header places tensors up to byte {needed:,}, "
+                          f"the file has {size:,}; re-download or re-save it")
+
+
+def check_config_file(folder: Path) -> None:
+    """A local model folder's config.json: present, and a JSON object."""
+    config = folder / "config.json"
+    if not config.is_file():
+        raise UncurlError(f"model folder {folder} has no config.json; pass a transformers model folder "
+                          f"(config.json and weights), a Hub id, or builtin:<family>")
+    if not isinstance(_read_json(config, "configuration"), dict):
+        raise UncurlError(f"{config} is not a JSON object; it should be the model's configuration")
+
+
+def check_weight_files(folder: Path) -> None:
+    """A local model folder's weight files: present, and each safetensors file whole (headers only)."""
+    if not any((folder / name).is_file() for name in WEIGHT_FILES):
+        raise UncurlError(f"model folder {folder} has config.json but no weights: expected one of "
+                          f"{', '.join(WEIGHT_FILES)}")
+    index = folder / "model.safetensors.index.json"
+    if index.is_file() and not isinstance(_read_json(index, "weight index").get("weight_map"), dict):
+        raise UncurlError(f"{index} has no weight_map; it should map each tensor to its shard")
+    for path in checkpoint_files(folder):
+        check_safetensors(path)
+
+
+def check_finite(model) -> None:
+    """Refuse weights holding NaN or Inf, naming the first such tensor (offloaded ones are skipped).
+
+    Read in slices of 16M values, so no tensor-sized temporary is made.
+    """
+    for name, param in model.named_parameters():
+        if param.device.type == "meta" or not param.dtype.is_floating_point:
+            continue
+        flat = param.detach().reshape(-1)
+        for start in range(0, flat.numel(), 1 << 24):
+            chunk = flat[start : start + (1 << 24)]
+            if not bool(torch.isfinite(chunk).all()):
+                bad = int((~torch.isfinite(flat)).sum())
+                layer = next((p for p in name.split(".") if p.isdigit()), None)
+                where = f"layer {layer}, " if layer is not None else ""
+                raise UncurlError(f"model weights hold NaN/Inf: {where}tensor {name} has {bad:,} non-finite "
+                                  f"values of {flat.numel():,}; the checkpoint is damaged (or was saved "
+                                  f"after a diverged step)")
+
+
 def _config(model_id: str):
     from transformers import AutoConfig
 
+    if Path(model_id).is_dir():
+        check_config_file(Path(model_id))
     try:
         return AutoConfig.from_pretrained(model_id)
     except (OSError, ValueError) as err:
+        if Path(model_id).is_dir():
+            raise UncurlError(f"cannot read the configuration in model folder {model_id!r}: "
+                              f"{type(err).__name__}: {err}") from None
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
         hint = (
             "it is not a local folder and the Hugging Face Hub is unreachable"
@@ -294,6 +383,8 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto", seed
 
     config = _config(model_id)
     adapter = get_adapter(config.model_type)  # unknown family fails here, before the weights
+    if Path(model_id).is_dir():
+        check_weight_files(Path(model_id))  # missing or truncated files fail here, named
     log.info("loading %s (%s) on %s", model_id, config.model_type, dev)
     placement = placement_kwargs(device_map, limits) or {"device_map": {"": dev}}
     if Path(model_id).is_dir():
@@ -307,6 +398,7 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto", seed
         tokenizer = AutoTokenizer.from_pretrained(model_id)
     except (OSError, ValueError, TypeError) as err:
         raise UncurlError(f"model {model_id!r} has no usable tokenizer: {err}") from None
+    check_finite(model)  # NaN weights fail here, named, not as a clustering traceback later
     source = Path(model_id).resolve() if Path(model_id).is_dir() else None
     again = {"device_map": device_map, "max_memory": limits} if device_map else {}
     return Loaded(model.eval(), tokenizer, adapter, model_id, source, again, processor_files(model_id))

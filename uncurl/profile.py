@@ -277,9 +277,29 @@ def _expert_output(module, e: int, x: torch.Tensor) -> torch.Tensor:
     return y
 
 
+def _through(self, inner, hidden_states, top_k_index, top_k_weights):
+    """Run the model's own kernel (``inner``: grouped_mm, batched_mm, ...) once on the routed
+    (token, expert) pairs with unit gates, which yields each pair's f_j(x); gate and sum after."""
+    n, k = top_k_index.shape[0], top_k_index.shape[-1]
+    pairs = top_k_index.reshape(-1, 1)
+    x = hidden_states.repeat_interleave(k, dim=0) if k > 1 else hidden_states
+    y = inner(self, x, pairs, torch.ones(pairs.shape, dtype=top_k_weights.dtype, device=pairs.device))
+    gates = top_k_weights.reshape(-1)
+    record = getattr(self, "_uncurl_record", None)
+    if record is not None:
+        record(pairs.reshape(-1), gates, torch.linalg.vector_norm(y.float(), dim=-1))
+    out = (y.view(n, k, -1) * gates.view(n, k, 1).to(y.dtype)).sum(1)
+    return out.to(hidden_states.dtype)
+
+
 def recording_experts_forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs):
-    """transformers' eager expert loop, also reporting ||f_j(x)|| and g_j(x) of each routed pair to
-    ``self._uncurl_record`` (set by the profiler; absent, this is a plain eager forward)."""
+    """The experts' forward, also reporting ||f_j(x)|| and g_j(x) of each routed pair to
+    ``self._uncurl_record`` (set by the profiler). Under an implementation such as ``grouped_mm``
+    (``self._uncurl_inner``, the default on GPUs) that kernel runs the pairs; otherwise this is
+    transformers' eager per-expert loop (the lean choice on CPU)."""
+    inner = getattr(self, "_uncurl_inner", None)
+    if inner is not None:
+        return _through(self, inner, hidden_states, top_k_index, top_k_weights)
     k = top_k_index.shape[-1]
     flat = top_k_index.reshape(-1)
     gates = top_k_weights.reshape(-1)
@@ -307,13 +327,14 @@ def recording_experts_forward(self, hidden_states, top_k_index, top_k_weights, *
 RECORDING = "uncurl_record"
 
 
-def _register_recording() -> bool:
+def _register_recording():
+    """transformers' experts interface with ``uncurl_record`` registered, or None (no such interface)."""
     try:
-        from transformers.integrations.moe import ExpertsInterface
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
     except ImportError:  # pragma: no cover - transformers without switchable experts
-        return False
+        return None
     ExpertsInterface.register(RECORDING, recording_experts_forward)
-    return True
+    return ALL_EXPERTS_FUNCTIONS
 
 
 def _topk_output(output, k: int):
@@ -349,18 +370,24 @@ class _Recorder:
         self.mask: torch.Tensor | None = None
         self.handles = [layer.router.register_forward_hook(self._hook(layer.name)) for layer in moe_layers]
         self.switched: list[tuple[object, object]] = []
-        recordable = _register_recording()
+        interface = _register_recording()
         self.missing_outputs = []
+        self.modules = []
         for layer in moe_layers:
             experts = layer.experts
             config = getattr(experts, "config", None)
-            if not (recordable and config is not None and hasattr(experts, "has_gate")):
+            if not (interface is not None and config is not None and hasattr(experts, "has_gate")):
                 self.missing_outputs.append(layer.name)
                 continue
-            experts._uncurl_record = self._record(layer.name)
-            if config._experts_implementation != RECORDING:
-                self.switched.append((config, config._experts_implementation))
+            current = config._experts_implementation
+            if current == RECORDING:  # a config shared by several layers, already switched
+                current = next(prev for cfg, prev in self.switched if cfg is config)
+            else:
+                self.switched.append((config, current))
                 config._experts_implementation = RECORDING
+            experts._uncurl_record = self._record(layer.name)
+            experts._uncurl_inner = interface[current] if current not in (None, "eager") else None
+            self.modules.append(experts)
         if self.missing_outputs:
             log.warning("%d MoE layers do not use transformers' switchable experts: no REAP/EAN statistics "
                         "for them", len(self.missing_outputs))
@@ -407,6 +434,8 @@ class _Recorder:
             h.remove()
         for config, previous in reversed(self.switched):
             config._experts_implementation = previous
+        for experts in self.modules:
+            del experts._uncurl_record, experts._uncurl_inner
         for name, stats in self.stats.items():
             if name in self.missing_outputs:
                 stats.missing = {n for n, spec in STATISTICS.items() if spec.source == "experts"}
