@@ -13,10 +13,26 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from uncurl.adapters import ADAPTERS  # noqa: E402
-from uncurl.load import build_tiny  # noqa: E402
+from uncurl.load import build_tiny, model_class  # noqa: E402
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 FAMILIES = sorted(ADAPTERS)
+
+
+PREPROCESSOR = '{\n  "image_processor_type": "uncurl-test",\n  "patch_size": 16\n}\n'
+
+
+def is_wrapper(config) -> bool:
+    """A multimodal wrapper: its language model's config is nested in it."""
+    return config.get_text_config(decoder=True) is not config
+
+
+def pretrained(folder, **kwargs):
+    """``from_pretrained`` with the class uncurl loads the folder's config with (the causal LM, or a
+    multimodal wrapper's ...ForConditionalGeneration)."""
+    from transformers import AutoConfig
+
+    return model_class(AutoConfig.from_pretrained(folder)).from_pretrained(folder, **kwargs)
 
 
 @pytest.fixture(scope="session")
@@ -38,6 +54,8 @@ def tiny_dirs(tmp_path_factory):
             path = root / family
             model.save_pretrained(path)
             tok.save_pretrained(path)
+            if is_wrapper(model.config):  # a processor, which prune must copy as it is
+                (path / "preprocessor_config.json").write_text(PREPROCESSOR)
             cache[family] = path
         return cache[family]
 

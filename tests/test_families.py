@@ -12,9 +12,10 @@ import re
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM
+from conftest import is_wrapper, pretrained
 
-from uncurl.adapters import ADAPTERS, expert_count, find_moe_layers, per_expert_names
+from uncurl.adapters import ADAPTERS, expert_count, find_moe_layers, language_stack, per_expert_names, tail_rows
+from uncurl.load import PROCESSOR_FILES
 from uncurl.pipeline import PruneOptions, prune
 
 FAMILIES = sorted(ADAPTERS)
@@ -41,7 +42,7 @@ def pruned(tiny_dirs, data_dir, tmp_path_factory):
         if family not in cache:
             src = tiny_dirs(family)
             before = digest(src)
-            e = expert_count(AutoModelForCausalLM.from_pretrained(src).config, ADAPTERS[family])
+            e = expert_count(pretrained(src).config, ADAPTERS[family])
             out = tmp_path_factory.mktemp("pruned") / family
             result = prune(PruneOptions(model=str(src), task="superglue-rte", keep=e // 2, out=str(out),
                                         data_dir=str(data_dir), samples=24, max_length=128, shard_size="150KB"))
@@ -56,7 +57,7 @@ def pruned(tiny_dirs, data_dir, tmp_path_factory):
 def test_prune_to_half_reloads_cleanly(family, pruned, ids):
     src, out, report, e = pruned(family)
     adapter = ADAPTERS[family]
-    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    model, info = pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     assert expert_count(model.config, adapter) == e // 2
     with torch.no_grad():
@@ -66,23 +67,29 @@ def test_prune_to_half_reloads_cleanly(family, pruned, ids):
     for layer in layers:
         expert_names, router_names = per_expert_names(layer, adapter)
         state = model.state_dict()
-        for name in expert_names + router_names:
-            assert state[name].shape[0] == e // 2, name
+        for name in expert_names + router_names:  # (plus any tail rows: shared, zero or skip slots)
+            assert state[name].shape[adapter.expert_axis(name)] in (e // 2, e // 2 + tail_rows(model.config, adapter)), name
     # sharded on disk with an index, and no expert index >= E/2 in the per-expert layout
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     for key in disk_tensors(out):
         m = re.search(r"experts\.(\d+)\.", key)
-        assert m is None or int(m.group(1)) < e // 2, key
+        assert m is None or int(m.group(1)) < e // 2 + tail_rows(model.config, adapter), key
     assert (out / "report" / "report.json").is_file() and (out / "tokenizer.json").is_file()
+    # the class that saved the input reloads the output (a wrapper's ...ForConditionalGeneration)
+    assert type(model).__name__ == json.loads((src / "config.json").read_text())["architectures"][0]
+    for name in PROCESSOR_FILES:
+        if (src / name).is_file():
+            assert (out / name).read_bytes() == (src / name).read_bytes(), name
+    assert is_wrapper(model.config) == (out / "preprocessor_config.json").is_file()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_dense_layers_and_shared_experts_unchanged(family, pruned):
     src, out, _, _ = pruned(family)
     adapter = ADAPTERS[family]
-    original = AutoModelForCausalLM.from_pretrained(src)
-    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    original = pretrained(src)
+    reloaded = pretrained(out)
     routed = set()
     for layer in find_moe_layers(original, adapter):
         experts, router = per_expert_names(layer, adapter)
@@ -94,6 +101,10 @@ def test_dense_layers_and_shared_experts_unchanged(family, pruned):
         assert torch.equal(got[name], tensor), name
     for attr in adapter.shared_attrs:  # the comparison above covered the shared experts
         assert any(f".{attr}." in k for k in untouched), attr
+    if is_wrapper(original.config):  # ... and the vision (audio) towers, projectors
+        stack = language_stack(original, adapter)[0]
+        assert stack and any(not k.startswith(stack + ".") and "embed_tokens" not in k and "lm_head" not in k
+                             for k in untouched), stack
     if family == "deepseek_v3":  # first_k_dense_replace=1: layer 0 is a dense MLP
         assert any(k.startswith("model.layers.0.mlp.") for k in untouched)
         assert not any(layer.index == 0 for layer in find_moe_layers(reloaded, adapter))
@@ -102,11 +113,11 @@ def test_dense_layers_and_shared_experts_unchanged(family, pruned):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_keep_all_experts_reproduces_logits(family, tiny_dirs, data_dir, tmp_path, ids):
     src = tiny_dirs(family)
-    original = AutoModelForCausalLM.from_pretrained(src)
+    original = pretrained(src)
     e = expert_count(original.config, ADAPTERS[family])
     prune(PruneOptions(model=str(src), keep=e, out=str(tmp_path / "same"), data_dir=str(data_dir), samples=8,
                        max_length=64))
-    again = AutoModelForCausalLM.from_pretrained(tmp_path / "same")
+    again = pretrained(tmp_path / "same")
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, original(ids).logits, rtol=0, atol=0)
 
@@ -116,8 +127,8 @@ def test_report_records_groups_that_match_the_checkpoint(method, tiny_dirs, data
     src = tiny_dirs("mixtral")
     res = prune(PruneOptions(model=str(src), keep=3, out=str(tmp_path / "o"), data_dir=str(data_dir), samples=16,
                              max_length=64, method=method, router_rows="dominant"))
-    original = AutoModelForCausalLM.from_pretrained(src).state_dict()
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "o").state_dict()
+    original = pretrained(src).state_dict()
+    reloaded = pretrained(tmp_path / "o").state_dict()
     for layer in res.report["layers"]:
         assert len(layer["groups"]) == 3
         for k, (members, weights) in enumerate(zip(layer["groups"], layer["merge_weights"])):

@@ -15,7 +15,8 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import AutoConfig, AutoModelForCausalLM
+from conftest import pretrained
+from transformers import AutoConfig
 
 from uncurl.adapters import ADAPTERS, find_moe_layers, per_expert_names
 from uncurl.cluster import LayerPlan
@@ -41,7 +42,7 @@ def same_state(a, b) -> None:
 def test_pread_loader_equals_from_pretrained(family, dtype, tiny_dirs):
     src = tiny_dirs(family)
     lean, info = from_folder(src, AutoConfig.from_pretrained(src), dtype, output_loading_info=True)
-    ref = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
+    ref = pretrained(src, dtype=dtype)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
     same_state(lean, ref)
     assert lean.config.to_dict() == ref.config.to_dict()
@@ -113,13 +114,13 @@ def test_half_precision_stays_in_its_dtype_and_merges_in_fp32(dtype, tiny_dirs, 
     assert {t.dtype for t in disk.values() if t.is_floating_point()} == {want_dtype}
     assert AutoConfig.from_pretrained(out).dtype == want_dtype
     # every merged expert is the weighted average of the originals, rounded once to the dtype
-    original = AutoModelForCausalLM.from_pretrained(src, dtype=want_dtype)
+    original = pretrained(src, dtype=want_dtype)
     adapter = ADAPTERS["qwen3_moe"]
     layer = find_moe_layers(original, adapter)[0]
     entry = result.report["layers"][0]
     name = per_expert_names(layer, adapter)[0][0]
     old = original.state_dict()[name]
-    merged = AutoModelForCausalLM.from_pretrained(out, dtype=want_dtype).state_dict()[name]
+    merged = pretrained(out, dtype=want_dtype).state_dict()[name]
     eps = torch.finfo(want_dtype).eps
     for k, (members, weights) in enumerate(zip(entry["groups"], entry["merge_weights"])):
         if len(members) == 1:
@@ -142,7 +143,7 @@ def files(folder):
 def test_streaming_save_writes_the_files_save_pretrained_writes(family, shard_size, tiny_dirs, tmp_path):
     src = tiny_dirs(family)  # loaded from disk, so the model carries its load-time weight conversions
     for dtype in ("auto", torch.bfloat16):
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
+        model = pretrained(src, dtype=dtype)
         simple, lean = tmp_path / f"simple-{dtype}", tmp_path / f"lean-{dtype}"
         write_checkpoint(model, None, simple, shard_size, stream=False)
         write_checkpoint(model, None, lean, shard_size, stream=True)
@@ -221,7 +222,7 @@ def test_tied_embeddings_load_and_stream_like_transformers(tmp_path):
     model.save_pretrained(tmp_path / "src")
     lean = from_folder(tmp_path / "src", AutoConfig.from_pretrained(tmp_path / "src"), "auto")
     assert lean.lm_head.weight.data_ptr() == lean.model.embed_tokens.weight.data_ptr()
-    same_state(lean, AutoModelForCausalLM.from_pretrained(tmp_path / "src"))
+    same_state(lean, pretrained(tmp_path / "src"))
     write_checkpoint(lean, None, tmp_path / "simple", stream=False)
     write_checkpoint(lean, None, tmp_path / "lean", stream=True)
     assert files(tmp_path / "simple") == files(tmp_path / "lean")

@@ -45,6 +45,32 @@ class Loaded:
     model_id: str
     source: Path | None  # the local folder the model came from (never written to), if any
     placement: dict = field(default_factory=dict)  # device_map and max_memory, for reloading alike
+    processor_files: list = field(default_factory=list)  # copied beside the pruned checkpoint
+
+
+# A multimodal model's processor (image, video, audio preprocessing; chat template): written beside
+# the pruned checkpoint as they are, so the output folder is used exactly like the input one.
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json",
+                   "audio_tokenizer_config.json", "chat_template.json", "chat_template.jinja")
+
+
+def processor_files(model_id: str) -> list[Path]:
+    """The ``PROCESSOR_FILES`` a local folder or Hub repository has (the Hub's through its cache)."""
+    folder = Path(model_id)
+    if folder.is_dir():
+        return [folder / name for name in PROCESSOR_FILES if (folder / name).is_file()]
+    from transformers.utils import cached_file
+
+    found = []
+    for name in PROCESSOR_FILES:
+        try:
+            path = cached_file(model_id, name, _raise_exceptions_for_missing_entries=False,
+                               _raise_exceptions_for_connection_errors=False)
+        except OSError:
+            path = None
+        if path:
+            found.append(Path(path))
+    return found
 
 
 def resolve_device(device: str) -> torch.device:
@@ -86,10 +112,28 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<pad>")
 
 
+def model_class(config):
+    """The transformers class that loads and saves a checkpoint of ``config`` whole.
+
+    A language model's is its causal LM. A multimodal wrapper (a config with a text config) gets
+    its ``...ForConditionalGeneration``, so the vision (audio) towers load, stay untouched and are
+    saved too: the causal-LM class some wrappers also map to would drop them. A config found in no
+    causal-LM mapping (mistral4) gets its class from the image-text-to-text mapping.
+    """
+    from transformers.models.auto import modeling_auto as auto
+
+    mappings = [auto.MODEL_FOR_CAUSAL_LM_MAPPING, auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING,
+                auto.MODEL_FOR_MULTIMODAL_LM_MAPPING]
+    if config.get_text_config(decoder=True) is not config:
+        mappings = mappings[1:] + mappings[:1]
+    for mapping in mappings:
+        if type(config) in mapping:
+            return mapping[type(config)]
+    raise UncurlError(f"transformers has no generative model class for a {config.model_type!r} config")
+
+
 def build_tiny(model_type: str, seed: int = 0, **overrides):
     """A seeded random tiny model of ``model_type`` with the byte tokenizer."""
-    from transformers import AutoModelForCausalLM
-
     tokenizer = byte_tokenizer()
     config = tiny_config(
         model_type,
@@ -99,7 +143,7 @@ def build_tiny(model_type: str, seed: int = 0, **overrides):
         **overrides,
     )
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
+    model = model_class(config)._from_config(config)
     return model.eval(), tokenizer
 
 
@@ -284,19 +328,18 @@ def from_folder(folder: Path, config, dtype, device_map=None, output_loading_inf
     Falls back to plain ``from_pretrained`` for anything but safetensors shards. ``placement``:
     ``max_memory``/``offload_folder`` for a ``device_map``.
     """
-    from transformers import AutoModelForCausalLM, GenerationConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+    from transformers import GenerationConfig
 
     files = checkpoint_files(folder)
+    cls = model_class(config)
     if not files:
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device_map,
-                                                    output_loading_info=output_loading_info, **placement)
+        return cls.from_pretrained(folder, config=config, dtype=dtype, device_map=device_map,
+                                   output_loading_info=output_loading_info, **placement)
     from safetensors import safe_open
 
     handles = [safe_open(str(f), framework="pt", device="cpu", backend="pread") for f in files]
     try:
         state = {name: h.get_slice(name) for h in handles for name in h.keys()}
-        cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
         model = cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype, device_map=device_map,
                                     output_loading_info=output_loading_info, **placement)
     finally:
@@ -339,7 +382,7 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto", seed
         prefer_lean_experts(model, dev)
         return Loaded(model.to(dev), tokenizer, get_adapter(model.config.model_type), model_id, None)
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     config = _config(model_id)
     # an unknown family fails here, before the weights, unless only evaluating
@@ -351,7 +394,8 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto", seed
     if Path(model_id).is_dir():
         model = from_folder(Path(model_id), config, DTYPES.get(dtype, "auto"), **placement)
     else:
-        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=DTYPES.get(dtype, "auto"), **placement)
+        model = model_class(config).from_pretrained(model_id, config=config, dtype=DTYPES.get(dtype, "auto"),
+                                                    **placement)
     if device_map is None:
         prefer_lean_experts(model, dev)
     try:
@@ -361,4 +405,4 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto", seed
     check_finite(model)  # NaN weights fail here, named, not as a clustering traceback later
     source = Path(model_id).resolve() if Path(model_id).is_dir() else None
     again = {"device_map": device_map, "max_memory": limits} if device_map else {}
-    return Loaded(model.eval(), tokenizer, adapter, model_id, source, again)
+    return Loaded(model.eval(), tokenizer, adapter, model_id, source, again, processor_files(model_id))

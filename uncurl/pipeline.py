@@ -368,7 +368,7 @@ def prune(opts: PruneOptions) -> PruneResult:
                           "passed": measured is not None and measured <= opts.max_drop}
     with staged_dir(out) as tmp:
         with timings.stage("save"):
-            write_checkpoint(pruned, loaded.tokenizer, tmp, opts.shard_size)
+            write_checkpoint(pruned, loaded.tokenizer, tmp, opts.shard_size, extra_files=loaded.processor_files)
         del pruned  # the checks below reload from disk: never hold both copies
         gc.collect()
         with timings.stage("verify"):
