@@ -298,6 +298,11 @@ def prepare(opts: RunOptions, keeps: list[int], timings: Timings, *, source_chec
 
 
 def plan_all(prep: Prepared, keep: int, method: str, seed: int) -> dict[str, LayerPlan]:
+    if method == DEFAULT_METHOD and any(stats.missing for stats in prep.profile.layers.values()):
+        # families whose experts the recorder cannot see (llama4, longcat_flash) have no output norms
+        log.warning("this profile has no expert-output statistics; the default --method %s falls back to "
+                    "frequency", DEFAULT_METHOD)
+        method = "frequency"
     return {name: plan_layer(stats, keep, method, prep.n_group, seed) for name, stats in prep.profile.layers.items()}
 
 
