@@ -126,7 +126,8 @@ def test_keep_all_experts_reproduces_logits(family, tiny_dirs, data_dir, tmp_pat
 def test_report_records_groups_that_match_the_checkpoint(method, tiny_dirs, data_dir, tmp_path):
     src = tiny_dirs("mixtral")
     res = prune(PruneOptions(model=str(src), keep=3, out=str(tmp_path / "o"), data_dir=str(data_dir), samples=16,
-                             max_length=64, method=method, router_rows="dominant"))
+                             max_length=64, method=method, merge="average", router_rows="dominant"))
+    # merge="average" so the recorded weights give the merged tensors directly (aligned permutes first)
     original = pretrained(src).state_dict()
     reloaded = pretrained(tmp_path / "o").state_dict()
     for layer in res.report["layers"]:
