@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from uncurl.adapters import ADAPTERS, installed, needs_newer_transformers  # noqa: E402
-from uncurl.load import build_tiny  # noqa: E402
+from uncurl.load import build_tiny, model_class  # noqa: E402
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 FAMILIES = sorted(ADAPTERS)
@@ -25,12 +25,12 @@ def representatives() -> list[str]:
     paths depend on the layout alone (offload, consuming merge): what an entry says beyond the
     names of its config keys and the size of its tiny instance (whether it has shared experts, grouped
 routing or hybrid layers counts, not what they are called). The first six families come first."""
-    names_only = {"model_type", "expert_count_key", "top_k_key", "tiny"}
+    names_only = {"model_type", "expert_count_key", "top_k_key", "tiny", "tiny_wrapper"}
     first = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss"]
     chosen = {}
     for family in first + [f for f in FAMILIES if installed(f)]:
         a = ADAPTERS[family]
-        shape = tuple(bool(v) if f.name in ("shared_attrs", "group_keys", "hybrid") else v
+        shape = tuple(bool(v) if f.name in ("shared_attrs", "group_keys", "hybrid", "tail_rows") else v
                       for f in fields(a) if f.name not in names_only for v in [getattr(a, f.name)])
         chosen.setdefault(shape, family)
     return sorted(set(chosen.values()))
@@ -43,6 +43,22 @@ def pytest_collection_modifyitems(items):
         family = getattr(item, "callspec", None) and item.callspec.params.get("family")
         if family in ADAPTERS and not installed(family):
             item.add_marker(pytest.mark.skip(reason=needs_newer_transformers(family)))
+
+
+PREPROCESSOR = '{\n  "image_processor_type": "uncurl-test",\n  "patch_size": 16\n}\n'
+
+
+def is_wrapper(config) -> bool:
+    """A multimodal wrapper: its language model's config is nested in it."""
+    return config.get_text_config(decoder=True) is not config
+
+
+def pretrained(folder, **kwargs):
+    """``from_pretrained`` with the class uncurl loads the folder's config with (the causal LM, or a
+    multimodal wrapper's ...ForConditionalGeneration)."""
+    from transformers import AutoConfig
+
+    return model_class(AutoConfig.from_pretrained(folder)).from_pretrained(folder, **kwargs)
 
 
 @pytest.fixture(scope="session")
@@ -64,6 +80,8 @@ def tiny_dirs(tmp_path_factory):
             path = root / family
             model.save_pretrained(path)
             tok.save_pretrained(path)
+            if is_wrapper(model.config):  # a processor, which prune must copy as it is
+                (path / "preprocessor_config.json").write_text(PREPROCESSOR)
             cache[family] = path
         return cache[family]
 

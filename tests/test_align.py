@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from uncurl.adapters import ADAPTERS, find_moe_layers
+from uncurl.adapters import ADAPTERS, find_moe_layers, routing_names
 from uncurl.cluster import LayerPlan, plan_layer
 from uncurl.load import build_tiny
 from uncurl.merge import match_neurons, permute_neurons, rewrite_model
@@ -68,10 +68,10 @@ def test_permuted_copies_merge_back_to_the_original_model(family, ids):
                 size = one[spec.tensor].shape[spec.axis] // (1 if spec.packing == "single" else 2)
                 for n, t in permute_neurons(one, adapter.neurons, torch.randperm(size, generator=g)).items():
                     tensors[n][e + 4] = t
-            for name in adapter.router_tensors:
-                t = layer.router.get_parameter(name) if name in dict(layer.router.named_parameters()) \
-                    else layer.router.get_buffer(name)
-                t[4:] = t[:4]
+            state = model.state_dict(keep_vars=True)
+            for name in routing_names(layer, adapter).values():  # router rows and block routing biases
+                rows = state[name].data.movedim(adapter.expert_axis(name), 0)
+                rows[4:8] = rows[:4].clone()  # (tail rows after the 8 experts stay)
         reference = model(ids).logits
     prof = profile_model(model, tok, adapter, ["Some calibration text.", "And another one, longer."])
     for name, stats in prof.layers.items():  # UNCURL's clustering pairs each copy with its original

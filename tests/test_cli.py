@@ -44,6 +44,22 @@ def test_prune_end_to_end(tmp_path, data_dir):
     assert "--keep 4" in report["command"]
 
 
+def test_multimodal_wrapper_end_to_end_with_eval(tmp_path, data_dir, tiny_dirs):
+    """A vision-language MoE folder (qwen3_vl_moe) through the CLI with --eval: the output is the same
+    ...ForConditionalGeneration with its processor file, evaluated before and after."""
+    src = tiny_dirs("qwen3_vl_moe")
+    out = tmp_path / "vl"
+    res = run("prune", "--model", src, "--keep", 4, "--data-dir", data_dir, "--out", out, "--eval",
+              "--eval-limit", 8, "--json", *FAST)
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout[res.stdout.index("{"):])
+    assert {"before", "after", "drop"} <= set(summary["eval"])
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["Qwen3VLMoeForConditionalGeneration"]
+    assert config["text_config"]["num_local_experts"] == 4 and "vision_config" in config
+    assert (out / "preprocessor_config.json").read_bytes() == (src / "preprocessor_config.json").read_bytes()
+
+
 def test_profile_then_prune_reuses_it_without_a_forward(tmp_path, data_dir, monkeypatch):
     prof = tmp_path / "rte.profile"
     res = run("profile", "--model", "builtin:mixtral", "--data-dir", data_dir, "--out", prof, *FAST)
@@ -190,7 +206,8 @@ def test_custom_task_file(tmp_path):
               "--out", tmp_path / "out", *FAST)
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "out" / "report" / "report.json").read_text())
-    assert report["task"]["name"] == "mine" and report["task"]["calibration_examples"] == 10
+    assert report["task"]["name"] == "mine" and report["task"]["calibration_examples"] == 5  # one seeded half
+    assert "disjoint halves" in report["task"]["split"]
     res = run("prune", "--task", path, "--out", tmp_path / "o2", *FAST)
     assert res.exit_code == 2 and "--template" in res.output
 

@@ -68,16 +68,19 @@ def test_matches_a_direct_transformers_computation(data_dir):
     got = evaluate_examples(model, tok, examples, batch_size=4)  # padded batches
     correct = correct_norm = 0
     nll = tokens = 0.0
+    lm_eval_lengths = [len("True"), len("False"), len("Neither")]  # lm-eval's completion_len: no delimiter
     for ex in examples:
         scores = direct_scores(model, tok, ex)
         ll = [s[0] for s in scores]
-        norm = [s[0] / len(c) for s, c in zip(scores, ex.choices)]
+        norm = [s[0] / n for s, n in zip(scores, lm_eval_lengths)]
         correct += ll.index(max(ll)) == ex.gold
         correct_norm += norm.index(max(norm)) == ex.gold
         nll -= scores[ex.gold][1]
         tokens += scores[ex.gold][2]
     assert got["acc"] == pytest.approx(correct / len(examples))
     assert got["acc_norm"] == pytest.approx(correct_norm / len(examples))
+    p, n = got["acc"], len(examples)
+    assert got["acc_stderr"] == pytest.approx(math.sqrt(p * (1 - p) / (n - 1)), abs=1e-6)  # lm-eval's formula
     assert got["loss"] == pytest.approx(nll / tokens, rel=1e-4)
     assert got == evaluate_examples(model, tok, examples, batch_size=1)  # padding does not matter
 
@@ -120,8 +123,9 @@ def test_sweep_profiles_once_and_writes_results(tmp_path, data_dir, monkeypatch)
         assert {"acc", "acc_norm", "loss", "drop", "params", "checkpoint"} <= set(r)
         assert (out / "checkpoints" / Path(r["checkpoint"]).name / "config.json").is_file()
     # a grouping is labelled with its merge and router rules; a pruning criterion by its name alone
-    assert set(s["threshold"]) == {"uncurl/average/mean", "frequency"}
-    assert (out / "sweep.png").stat().st_size > 0 and "| uncurl/average/mean | 4 |" in (out / "sweep.md").read_text()
+    grouping = f"uncurl/{pipeline.DEFAULT_MERGE}/{pipeline.DEFAULT_ROUTER}"  # the default merge and router rules
+    assert set(s["threshold"]) == {grouping, "frequency"}
+    assert (out / "sweep.png").stat().st_size > 0 and f"| {grouping} | 4 |" in (out / "sweep.md").read_text()
 
 
 def prune_args(tmp_path, data_dir, *extra):
@@ -161,3 +165,40 @@ def test_eval_command_json(data_dir):
     assert res.exit_code == 0, res.output
     m = json.loads(res.stdout[res.stdout.index("{"):])
     assert m["n"] == 6 and 0 <= m["acc"] <= 1 and m["loss"] > 0 and m["task"] == "superglue-copa"
+
+
+def test_trailing_prompt_whitespace_moves_into_the_continuation():
+    """lm-eval's _encode_pair: 'Answer: ' + 'yes' is scored as context 'Answer:' + continuation ' yes'."""
+    tok = byte_tokenizer()
+    from uncurl.evaluate import build_requests
+
+    spaced, plain = (build_requests(tok, [Example(p, c, 0)], 64)[0] for p, c in
+                     (("Answer: ", ("yes",)), ("Answer:", (" yes",))))
+    assert spaced == plain and plain.n_cont == 4
+
+
+def test_eval_scores_a_dense_model(tmp_path, data_dir):
+    """`uncurl eval` needs no MoE: a dense Llama folder is scored like a direct computation."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = byte_tokenizer()
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(tok), eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id, bos_token_id=None)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(tmp_path / "dense")
+    tok.save_pretrained(tmp_path / "dense")
+    res = runner.invoke(app, ["eval", "--model", str(tmp_path / "dense"), "--task", "superglue-rte", "--data-dir",
+                              str(data_dir), "--limit", "6", "--json"])
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.stdout[res.stdout.index("{"):])
+    examples = load_examples(get_task("superglue-rte"), "evaluation", data_dir, limit=6, seed=0)
+    hits = []
+    for ex in examples:
+        ll = [s[0] for s in direct_scores(model, tok, ex)]
+        hits.append(ll.index(max(ll)) == ex.gold)
+    assert got["n"] == 6 and got["acc"] == pytest.approx(sum(hits) / 6)
+    pruned = runner.invoke(app, ["prune", "--model", str(tmp_path / "dense"), "--data-dir", str(data_dir),
+                                 "--out", str(tmp_path / "out")])
+    assert pruned.exit_code == 2 and "'llama' is not supported" in pruned.output  # pruning still needs an MoE

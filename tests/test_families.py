@@ -16,9 +16,10 @@ import re
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM
+from conftest import is_wrapper, pretrained
 
-from uncurl.adapters import ADAPTERS, REFUSED, expert_count, find_moe_layers, per_expert_names
+from uncurl.adapters import ADAPTERS, REFUSED, expert_count, find_moe_layers, language_stack, per_expert_names, tail_rows
+from uncurl.load import PROCESSOR_FILES
 from uncurl.pipeline import PruneOptions, prune
 
 FAMILIES = sorted(ADAPTERS)
@@ -45,7 +46,7 @@ def pruned(tiny_dirs, data_dir, tmp_path_factory):
         if family not in cache:
             src = tiny_dirs(family)
             before = digest(src)
-            e = expert_count(AutoModelForCausalLM.from_pretrained(src).config, ADAPTERS[family])
+            e = expert_count(pretrained(src).config, ADAPTERS[family])
             out = tmp_path_factory.mktemp("pruned") / family
             result = prune(PruneOptions(model=str(src), task="superglue-rte", keep=e // 2, out=str(out),
                                         data_dir=str(data_dir), samples=8, max_length=64, shard_size="150KB"))
@@ -60,7 +61,7 @@ def pruned(tiny_dirs, data_dir, tmp_path_factory):
 def test_prune_to_half_reloads_cleanly(family, pruned, ids):
     src, out, report, e = pruned(family)
     adapter = ADAPTERS[family]
-    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    model, info = pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     assert expert_count(model.config, adapter) == e // 2
     with torch.no_grad():
@@ -70,23 +71,29 @@ def test_prune_to_half_reloads_cleanly(family, pruned, ids):
     for layer in layers:
         expert_names, router_names = per_expert_names(layer, adapter)
         state = model.state_dict()
-        for name in expert_names + router_names:
-            assert state[name].shape[0] == e // 2, name
+        for name in expert_names + router_names:  # (plus any tail rows: shared, zero or skip slots)
+            assert state[name].shape[adapter.expert_axis(name)] in (e // 2, e // 2 + tail_rows(model.config, adapter)), name
     # sharded on disk with an index, and no expert index >= E/2 in the per-expert layout
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     for key in disk_tensors(out):
         m = re.search(r"experts\.(\d+)\.", key)
-        assert m is None or int(m.group(1)) < e // 2, key
+        assert m is None or int(m.group(1)) < e // 2 + tail_rows(model.config, adapter), key
     assert (out / "report" / "report.json").is_file() and (out / "tokenizer.json").is_file()
+    # the class that saved the input reloads the output (a wrapper's ...ForConditionalGeneration)
+    assert type(model).__name__ == json.loads((src / "config.json").read_text())["architectures"][0]
+    for name in PROCESSOR_FILES:
+        if (src / name).is_file():
+            assert (out / name).read_bytes() == (src / name).read_bytes(), name
+    assert is_wrapper(model.config) == (out / "preprocessor_config.json").is_file()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_dense_layers_and_shared_experts_unchanged(family, pruned):
     src, out, _, _ = pruned(family)
     adapter = ADAPTERS[family]
-    original = AutoModelForCausalLM.from_pretrained(src)
-    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    original = pretrained(src)
+    reloaded = pretrained(out)
     routed = set()
     for layer in find_moe_layers(original, adapter):
         experts, router = per_expert_names(layer, adapter)
@@ -101,16 +108,20 @@ def test_dense_layers_and_shared_experts_unchanged(family, pruned):
     # dense layers (first_k_dense_replace, mlp_layer_types, ...) stay dense, MoE layers stay MoE
     moe_indices = [[m.index for m in find_moe_layers(model, adapter)] for model in (original, reloaded)]
     assert moe_indices[0] == moe_indices[1]
+    if is_wrapper(original.config):  # ... and the vision (audio) towers, projectors
+        stack = language_stack(original, adapter)[0]
+        assert stack and any(not k.startswith(stack + ".") and "embed_tokens" not in k and "lm_head" not in k
+                             for k in untouched), stack
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_keep_all_experts_reproduces_logits(family, tiny_dirs, data_dir, tmp_path, ids):
     src = tiny_dirs(family)
-    original = AutoModelForCausalLM.from_pretrained(src)
+    original = pretrained(src)
     e = expert_count(original.config, ADAPTERS[family])
     prune(PruneOptions(model=str(src), keep=e, out=str(tmp_path / "same"), data_dir=str(data_dir), samples=4,
                        max_length=32))
-    again = AutoModelForCausalLM.from_pretrained(tmp_path / "same")
+    again = pretrained(tmp_path / "same")
     with torch.no_grad():  # bit for bit: both are read from disk, so not even save/reload noise is allowed
         torch.testing.assert_close(again(ids).logits, original(ids).logits, rtol=0, atol=0)
 
@@ -144,7 +155,7 @@ def test_a_family_newer_than_the_installed_transformers_says_so(tmp_path, monkey
     assert "'future_moe' is not in the installed transformers" in res.output and "upgrade" in res.output
 
 
-@pytest.mark.parametrize("family", ["glm4_moe", "qwen3_next"])  # grouped routing; DeltaNet hybrid
+@pytest.mark.parametrize("family", ["glm4_moe", "qwen3_next"])  # grouped routing; DeltaNet hybrid (multimodal: test_cli)
 def test_cli_end_to_end_with_eval(family, tiny_dirs, data_dir, tmp_path):
     from typer.testing import CliRunner
 
@@ -159,7 +170,7 @@ def test_cli_end_to_end_with_eval(family, tiny_dirs, data_dir, tmp_path):
     assert summary["keep"] == 4 and summary["model"]["experts_after"] == 4 and summary["exit_code"] == 0
     for when in ("before", "after"):
         assert summary["eval"][when]["n"] == 8 and 0 <= summary["eval"][when]["acc"] <= 1
-    _, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    _, info = pretrained(out, output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
 
 
@@ -167,9 +178,10 @@ def test_cli_end_to_end_with_eval(family, tiny_dirs, data_dir, tmp_path):
 def test_report_records_groups_that_match_the_checkpoint(method, tiny_dirs, data_dir, tmp_path):
     src = tiny_dirs("mixtral")
     res = prune(PruneOptions(model=str(src), keep=3, out=str(tmp_path / "o"), data_dir=str(data_dir), samples=16,
-                             max_length=64, method=method, router_rows="dominant"))
-    original = AutoModelForCausalLM.from_pretrained(src).state_dict()
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "o").state_dict()
+                             max_length=64, method=method, merge="average", router_rows="dominant"))
+    # merge="average" so the recorded weights give the merged tensors directly (aligned permutes first)
+    original = pretrained(src).state_dict()
+    reloaded = pretrained(tmp_path / "o").state_dict()
     for layer in res.report["layers"]:
         assert len(layer["groups"]) == 3
         for k, (members, weights) in enumerate(zip(layer["groups"], layer["merge_weights"])):

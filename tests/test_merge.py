@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from uncurl.adapters import ADAPTERS, find_moe_layers, per_expert_names
+from uncurl.adapters import ADAPTERS, expert_count, find_moe_layers, per_expert_names, tail_rows
 from uncurl.cluster import LayerPlan
 from uncurl.load import build_tiny
 from uncurl.merge import merge_tensor, rewrite_model
@@ -55,6 +55,11 @@ def test_rewrite_applies_the_documented_functions(family, rule):
     layers = find_moe_layers(model, adapter)
     e = layers[0].num_experts
     half = e // 2
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # routing biases start at zero: give them values a wrong merge would show
+        for name, t in model.state_dict(keep_vars=True).items():
+            if any(name in per_expert_names(layer, adapter)[1] for layer in layers) and not t.any():
+                t.data.copy_(torch.randn(t.shape, generator=g).to(t.dtype))
     groups = tuple((i, i + 1) for i in range(0, e, 2))  # pairs stay inside routing groups
     weights = tuple((0.3, 0.7) for _ in groups)
     plans = {layer.name: LayerPlan(groups, weights) for layer in layers}
@@ -65,20 +70,22 @@ def test_rewrite_applies_the_documented_functions(family, rule):
     state = new.state_dict()
     for layer in layers:
         expert_names, router_names = per_expert_names(layer, adapter)
-        assert expert_names and f"{layer.name}.{adapter.router_attr}.{adapter.router_tensors[0]}" in router_names
+        assert expert_names and set(router_names) >= {f"{layer.name}.{adapter.router_attr}.{adapter.router_tensors[0]}"}
         for name in expert_names:
             old = before[name]
             want = torch.stack([0.3 * old[i] + 0.7 * old[i + 1] for i in range(0, e, 2)])
-            torch.testing.assert_close(state[name], want)
+            torch.testing.assert_close(state[name], torch.cat([want, old[e:]]))
         for name in router_names:
-            old = before[name]
+            axis = adapter.expert_axis(name)
+            old = before[name].movedim(axis, 0)
             if rule == "mean":
                 want = torch.stack([0.3 * old[i] + 0.7 * old[i + 1] for i in range(0, e, 2)])
             else:
-                want = old[1::2]  # the heavier member of each pair
-            torch.testing.assert_close(state[name], want)
-            assert state[name].shape[0] == half
-    assert getattr(new.config, adapter.expert_count_key) == half
+                want = old[1:e:2]  # the heavier member of each pair
+            want = torch.cat([want, old[e:]])  # tail rows (shared, zero, skip slots) are copied
+            torch.testing.assert_close(state[name], want.movedim(0, axis))
+            assert state[name].shape[axis] in (half, half + tail_rows(model.config, adapter))
+    assert expert_count(new.config, adapter) == half
 
 
 def test_merging_identical_experts_leaves_outputs_unchanged(ids):

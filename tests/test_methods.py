@@ -28,6 +28,9 @@ def hand_expert_output(experts, adapter, config, e: int, x: torch.Tensor) -> tor
         gate, up = h[:, 0::2].clamp(max=config.swiglu_limit), h[:, 1::2].clamp(-config.swiglu_limit, config.swiglu_limit)
         mid = (up + 1) * gate * torch.sigmoid(gate * config.swiglu_alpha)
         return mid @ experts.down_proj[e] + experts.down_proj_bias[e]
+    if adapter.neurons == TRANSPOSED_GATED:  # aria: [H, 2I] gate columns then up columns, down [I, H]
+        gate, up = (x @ experts.gate_up_proj[e]).chunk(2, dim=-1)
+        return (experts.act_fn(gate) * up) @ experts.down_proj[e]
     if adapter.neurons == FUSED_NON_GATED:
         return experts.act_fn(x @ experts.up_proj[e].T) @ experts.down_proj[e].T
     if adapter.neurons == TRANSPOSED_GATED:  # aria: [H, 2I] gate columns, then up columns; down [I, H]
@@ -62,6 +65,8 @@ def hand_scores(model, tok, adapter):
             for t in range(x.shape[0]):
                 for slot in range(index.shape[1]):
                     e = int(index[t, slot])
+                    if adapter.tail_rows and (e >= e_count or float(weights[t, slot]) == 0):
+                        continue  # a zero/skip slot after the experts (longcat_flash, zaya): not an expert
                     with torch.no_grad():
                         norm = float(hand_expert_output(layer.experts, adapter, model.config, e, x[t : t + 1]).norm())
                     counts[e] += 1
@@ -74,14 +79,21 @@ def hand_scores(model, tok, adapter):
 @pytest.mark.parametrize("experts", ["eager", "grouped_mm"])  # uncurl's own loop; the model's kernel
 @pytest.mark.parametrize("family", sorted(ADAPTERS))
 def test_reap_and_ean_equal_a_hand_computation(family, experts):
-    model, tok = build_tiny(family, seed=0)
-    model.set_experts_implementation(experts)
     adapter = ADAPTERS[family]
+    if adapter.router_output != "topk":  # llama4's experts see pre-weighted inputs, not (index, weight)
+        pytest.skip("test_profile.py checks what these routers count")
+    model, tok = build_tiny(family, seed=0)
+    try:
+        model.set_experts_implementation(experts)
+    except (ValueError, AttributeError):  # experts that are not switchable (longcat_flash)
+        pytest.skip(f"{family} has no switchable experts")
     expected = hand_scores(model, tok, adapter)
     prof = profile_model(model, tok, adapter, TEXTS, batch_size=1)
     for name, (counts, ean, reap) in expected.items():
         stats = prof.layers[name]
         np.testing.assert_array_equal(stats.counts.numpy(), counts)
+        if "ean_sum" in stats.missing:  # experts not switchable (longcat_flash): no REAP/EAN recorded
+            continue
         np.testing.assert_allclose(stats.ean_sum.numpy(), ean, rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(stats.reap_sum.numpy(), reap, rtol=1e-5, atol=1e-7)
         reap_score = np.where(counts > 0, reap / np.maximum(counts, 1), 0)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from uncurl.adapters import ADAPTERS, find_moe_layers
+from uncurl.adapters import ADAPTERS, find_moe_layers, top_k
 from uncurl.errors import UncurlError
 from uncurl.load import build_tiny
 from uncurl.profile import STATISTICS, Profile, RouterStats, profile_model
@@ -141,6 +141,34 @@ def test_batches_tokenise_each_text_once_in_windows(monkeypatch):
     for w, window in enumerate(per_window):
         assert [k for k, _ in window] == sorted((k for k, _ in window), reverse=True)
         assert {r for _, r in window} == set(texts[w * 6 : (w + 1) * 6])
+
+
+@pytest.mark.parametrize("family", sorted(f for f, a in ADAPTERS.items() if a.router_output != "topk"))
+def test_routers_returning_scores_count_the_experts_the_forward_uses(family, texts):
+    """llama4's router returns (scores, logits), not its top-k. Truth: the experts module receives
+    each token once per expert, scaled by that expert's score, which is 0 for experts not chosen."""
+    model, tok = build_tiny(family, seed=0)
+    adapter = ADAPTERS[family]
+    layers = find_moe_layers(model, adapter)
+    used = {layer.name: torch.zeros(layer.num_experts) for layer in layers}
+
+    def seen(name, e):
+        def hook(module, args):
+            x = args[0].reshape(e, -1, args[0].shape[-1])  # [E, tokens, H]
+            used[name] += (x.abs().sum(-1) != 0).sum(1).float()
+        return hook
+
+    handles = [layer.experts.register_forward_pre_hook(seen(layer.name, layer.num_experts)) for layer in layers]
+    try:
+        prof = profile_model(model, tok, adapter, texts, batch_size=1)  # one text a batch: no padding
+    finally:
+        for h in handles:
+            h.remove()
+    k = top_k(model.config, adapter)
+    for layer in layers:
+        counts = prof.layers[layer.name].counts
+        assert counts.sum() == k * prof.layers[layer.name].tokens
+        assert torch.equal(counts.float(), used[layer.name]), layer.name
 
 
 @pytest.mark.parametrize("experts", ["eager", "grouped_mm"])

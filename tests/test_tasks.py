@@ -102,13 +102,14 @@ def test_cb_first_eval_example(data_dir):
 def test_copa_renders_because_and_therefore(data_dir):
     task = get_task("superglue-copa")
     cause = load_examples(task, "calibration", data_dir)[0]
+    # lm-eval's super_glue/copa: the choice carries its own leading space after the " " delimiter
     assert cause == Example(
-        "My body cast a shadow over the grass because", (" the sun was rising.", " the grass was cut."), 0
+        "My body cast a shadow over the grass because", ("  the sun was rising.", "  the grass was cut."), 0
     )
     effect = load_examples(task, "evaluation", data_dir)[0]
     assert effect.prompt == "The man turned on the faucet therefore"
-    assert effect.choices == (" the toilet filled with water.", " water flowed from the spout.")
-    assert effect.text == "The man turned on the faucet therefore water flowed from the spout."
+    assert effect.choices == ("  the toilet filled with water.", "  water flowed from the spout.")
+    assert effect.text == "The man turned on the faucet therefore  water flowed from the spout."
 
 
 def test_boolq_true_is_yes(data_dir):
@@ -368,9 +369,9 @@ def _write_csv(path: Path, rows: list[dict]) -> Path:
 def test_custom_task_with_choices(tmp_path, fmt):
     path = tmp_path / f"reviews.{fmt}"
     _write_jsonl(path, ROWS) if fmt == "jsonl" else _write_csv(path, ROWS)
-    task = custom_task(path, "Review: {text}\nSentiment:", ["positive", " negative"])
+    task = custom_task(path, "Review: {text}\nSentiment:", ["positive", " negative"], eval_path=path)
     assert task.name == "reviews" and task.choices == (" positive", " negative")
-    for split in ("calibration", "evaluation"):  # both read the whole file
+    for split in ("calibration", "evaluation"):  # the same file named for both: both read all of it
         examples = load_examples(task, split)
         assert [e.gold for e in examples] == [0, 1, 0]
     assert examples[1] == Example("Review: dull plot\nSentiment:", (" positive", " negative"), 1)
@@ -382,7 +383,7 @@ def test_custom_task_with_choices(tmp_path, fmt):
 def test_custom_task_text_only(tmp_path, fmt):
     path = tmp_path / f"notes.{fmt}"
     _write_jsonl(path, ROWS) if fmt == "jsonl" else _write_csv(path, ROWS)
-    examples = load_examples(custom_task(path, "{text}."), "calibration")
+    examples = load_examples(custom_task(path, "{text}.", eval_path=path), "calibration")
     assert examples == [Example("great film."), Example("dull plot."), Example("fine acting.")]
     assert examples[0].choices == () and examples[0].gold == -1 and examples[0].text == "great film."
 
@@ -394,7 +395,7 @@ def test_custom_task_errors(tmp_path):
     with pytest.raises(UncurlError, match=r"'stars'.*\['label', 'text'\]"):
         load_examples(custom_task(path, "{text}", ["good", "bad"], label_field="stars"), "calibration")
     with pytest.raises(UncurlError, match=r"'positive'.*\['good', 'bad'\]"):
-        load_examples(custom_task(path, "{text}", ["good", "bad"]), "calibration")
+        load_examples(custom_task(path, "{text}", ["good", "bad"], eval_path=path), "calibration")
     with pytest.raises(UncurlError, match="jsonl or .csv"):
         custom_task(tmp_path / "rows.txt", "{text}")
     with pytest.raises(UncurlError, match="name the row's fields"):

@@ -15,7 +15,7 @@ config that builds a small random instance; the test suite enrols every entry au
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 from torch import nn
@@ -46,6 +46,7 @@ TRANSPOSED_INTERLEAVED = (  # gpt_oss: [E,H,2I] gate/up interleaved (+ bias [E,2
     NeuronAxis("gate_up_proj", 1, "interleaved"), NeuronAxis("gate_up_proj_bias", 0, "interleaved"),
     NeuronAxis("down_proj", 0),
 )
+TRANSPOSED_GATED = (NeuronAxis("gate_up_proj", 1, "concat"), NeuronAxis("down_proj", 0))  # [E,H,2I], [E,I,H] (aria)
 
 
 @dataclass(frozen=True)
@@ -63,9 +64,40 @@ class MoEAdapter:
     # the router's submodule whose output is the logits, for a router that returns probabilities
     router_logits: str | None = None
     hybrid: str = ""  # the other token mixers the stack interleaves (Mamba, linear attention, ...)
-    tiny: Mapping[str, Any] = field(default_factory=dict)  # overrides for a small random instance
+    # overrides for a small random instance (of a multimodal wrapper's text_config, see below)
+    tiny: Mapping[str, Any] = field(default_factory=dict)
+    # Multimodal wrappers (a config with a ``text_config``): every key above is read and written in
+    # the text config (``get_text_config()``); these override the wrapper's own keys for a small
+    # instance (vision_config, audio_config, token ids), on top of TINY_TOWERS
+    tiny_wrapper: Mapping[str, Any] = field(default_factory=dict)
+    # the module whose MoE blocks are pruned; None: the model's language stack (get_decoder()), so
+    # a vision or audio tower's own MoE blocks are never touched
+    language_stack: str | None = None
     neurons: tuple[NeuronAxis, ...] = FUSED_GATED  # intermediate-neuron layout (--merge aligned)
     router_logit_bias: str | None = None  # router tensor added to the logits (--router refit fits it)
+    # per-expert tensors of the MoE block itself (routing biases the block passes to its router:
+    # afmoe/lfm2_moe ``expert_bias``, hy_v3/minimax_m2 ``e_score_correction_bias``): rewritten with
+    # the router rule, like the router's own per-expert buffers
+    block_tensors: tuple[str, ...] = ()
+    # routing tensors (names as in router_tensors/block_tensors) whose expert axis is not the first,
+    # e.g. ernie4_5_moe's ``moe_statics.e_score_correction_bias`` [1, E]: {name: axis}
+    expert_axes: Mapping[str, int] = field(default_factory=dict)
+    # rows after the E experts' in some per-expert tensors (inkling_text's shared-expert sink rows,
+    # longcat_flash's zero experts, zaya's skip column): a config key holding their count, or the
+    # count. Those rows are copied, never merged, and their logit columns ignored while profiling
+    tail_rows: str | int = 0
+    # what the router returns, so the profile counts the experts the model really routes to: "topk"
+    # (logits, top-k weights, top-k indices), or "scores" (llama4: (scores [N, E], logits), the
+    # chosen set being the top-k of the logits, as the family's forward takes it); see
+    # profile.ROUTER_OUTPUTS
+    router_output: str = "topk"
+
+    def expert_axis(self, name: str) -> int:
+        """The axis of tensor ``name`` (a short name or a full state-dict key) that holds the experts."""
+        for key, axis in self.expert_axes.items():
+            if name == key or name.endswith("." + key):
+                return axis
+        return 0
 
 
 # Shared by every tiny instance: small enough for CPU tests, big enough to route meaningfully.
@@ -80,6 +112,13 @@ TINY_BASE: dict[str, Any] = dict(
     max_position_embeddings=512,
     tie_word_embeddings=False,
 )
+
+# Shared by every multimodal wrapper's tiny instance: one small layer per tower. Each family spells
+# these keys its own way (depth or num_hidden_layers, num_heads or num_attention_heads); a key a
+# tower does not use is ignored. Only the language stack is pruned: the towers must merely exist.
+_TOWER = dict(hidden_size=32, intermediate_size=64, depth=1, num_hidden_layers=1, num_heads=2,
+              num_attention_heads=2, out_hidden_size=64)
+TINY_TOWERS: dict[str, dict[str, Any]] = {"vision_config": _TOWER, "audio_config": _TOWER}
 
 ADAPTERS: dict[str, MoEAdapter] = {
     a.model_type: a
@@ -292,6 +331,78 @@ REFUSED: dict[str, str] = {
 }
 
 
+def _wrapper(model_type: str, text_type: str, **fields) -> MoEAdapter:
+    """A multimodal wrapper whose language stack is the table's ``text_type`` family."""
+    return replace(ADAPTERS[text_type], model_type=model_type, **fields)
+
+
+# FAMILIES.md section B: families that need one of the shared mechanisms above (multimodal
+# wrappers, ...). Kept apart from the plain entries; each is still one entry.
+ADAPTERS.update({a.model_type: a for a in (
+    MoEAdapter("qwen3_vl_moe", "num_local_experts",
+               tiny=dict(num_local_experts=8, moe_intermediate_size=32, head_dim=16)),
+    # q_lora_rank as in the real model: transformers' rope permutation for the vision tower's fused
+    # qkv (pattern "attn.q_proj") would also hit a language-stack q_proj when the checkpoint is read
+    _wrapper("kimi_k25", "deepseek_v3", tiny={**ADAPTERS["deepseek_v3"].tiny, "q_lora_rank": 16}),
+    MoEAdapter("aria", "moe_num_experts", top_k_key="moe_topk", router_attr="router", shared_attrs=("shared_experts",),
+               neurons=TRANSPOSED_GATED, tiny=dict(moe_num_experts=8, moe_topk=2, moe_num_shared_experts=1, head_dim=16)),
+    MoEAdapter("glm4v_moe", "n_routed_experts", router_tensors=("weight", "e_score_correction_bias"),
+               shared_attrs=("shared_experts",), group_keys=("n_group", "topk_group"),
+               tiny=dict(n_routed_experts=8, moe_intermediate_size=32, n_shared_experts=1, n_group=2, topk_group=1,
+                         first_k_dense_replace=1, num_hidden_layers=3,
+                         rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5,
+                                              mrope_section=[2, 1, 1]))),  # sums to head_dim * 0.5 / 2
+    MoEAdapter("qwen3_5_moe", "num_experts", shared_attrs=("shared_expert", "shared_expert_gate"),
+               tiny=dict(num_experts=8, moe_intermediate_size=32, shared_expert_intermediate_size=32, head_dim=16,
+                         linear_key_head_dim=16, linear_value_head_dim=16,
+                         layer_types=["linear_attention", "full_attention"])),
+    # block-level per-expert routing biases (block_tensors)
+    MoEAdapter("afmoe", "num_experts", router_attr="router", router_tensors=("gate.weight",),
+               block_tensors=("expert_bias",), shared_attrs=("shared_experts",),
+               tiny=dict(num_experts=8, moe_intermediate_size=32, head_dim=16, num_shared_experts=1)),
+    MoEAdapter("hy_v3", "num_experts", block_tensors=("e_score_correction_bias",), shared_attrs=("shared_experts",),
+               tiny=dict(num_experts=8, moe_intermediate_size=32, head_dim=16)),
+    MoEAdapter("minimax_m2", "num_local_experts", block_tensors=("e_score_correction_bias",),
+               tiny=dict(num_local_experts=8, head_dim=16)),
+    MoEAdapter("lfm2_moe", "num_experts", block_tensors=("expert_bias",),
+               tiny=dict(num_experts=8, moe_intermediate_size=32, num_dense_layers=1, num_hidden_layers=3,
+                         layer_types=["conv", "full_attention", "conv"])),
+    # a per-expert tensor whose expert axis is not the first (expert_axes)
+    MoEAdapter("ernie4_5_moe", "moe_num_experts", top_k_key="moe_k",
+               router_tensors=("weight", "moe_statics.e_score_correction_bias"),
+               expert_axes={"moe_statics.e_score_correction_bias": 1}, shared_attrs=("shared_experts",),
+               tiny=dict(moe_num_experts=8, moe_k=2, moe_intermediate_size=32, moe_num_shared_experts=1,
+                         moe_layer_start_index=1, num_hidden_layers=3, head_dim=16)),
+    # router tail rows (tail_rows): copied, never merged
+    MoEAdapter("inkling_text", "n_routed_experts", router_tensors=("weight", "e_score_correction_bias"),
+               tail_rows="n_shared_experts", shared_attrs=("shared_experts",),
+               tiny=dict(n_routed_experts=8, moe_intermediate_size=32, n_shared_experts=1, head_dim=16,
+                         swa_head_dim=16)),
+    MoEAdapter("longcat_flash", "n_routed_experts", top_k_key="moe_topk", router_attr="router",
+               router_tensors=("classifier.weight", "e_score_correction_bias"), tail_rows="zero_expert_num",
+               tiny=dict(n_routed_experts=8, moe_topk=2, zero_expert_num=2, expert_ffn_hidden_size=32,
+                         ffn_hidden_size=64, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8,
+                         qk_nope_head_dim=8, v_head_dim=8, head_dim=8, num_key_value_heads=4)),
+    MoEAdapter("zaya", "num_experts", router_tensors=("router_mlp.out_proj.weight", "balancing_biases"),
+               tail_rows=1,  # the skip expert's column
+               tiny=dict(num_experts=8, moe_intermediate_size=32, head_dim=16, router_hidden_size=16,
+                         num_experts_per_tok=1)),  # zaya routes top-1 only
+    # routers returning scores, not the chosen top-k (router_output)
+    MoEAdapter("llama4_text", "num_local_experts", router_attr="router", router_output="scores",
+               shared_attrs=("shared_expert",), neurons=TRANSPOSED_GATED,
+               tiny=dict(num_local_experts=8, intermediate_size=32, intermediate_size_mlp=64, head_dim=16)),
+)})
+# multimodal wrappers over a text stack of the table (FAMILIES.md B.1)
+ADAPTERS.update({a.model_type: a for a in (
+    _wrapper("gemma4", "gemma4_text"),
+    _wrapper("inkling2", "inkling2_text", tiny_wrapper=dict(vision_config=dict(text_hidden_size=64))),
+    _wrapper("minimax_m3_vl", "minimax_m3_vl_text"),
+    _wrapper("qwen4_exp", "qwen4_exp_text"),
+)})
+ADAPTERS["llama4"] = _wrapper("llama4", "llama4_text", tiny_wrapper=dict(vision_config=dict(
+    image_size=28, patch_size=14, vision_output_dim=64, projector_input_dim=64, projector_output_dim=64)))
+
+
 @dataclass
 class MoELayer:
     """One MoE block found in a model."""
@@ -356,23 +467,71 @@ def special(adapter: MoEAdapter) -> list[str]:
         out.append(f"shared: {', '.join(adapter.shared_attrs)}")
     if adapter.hybrid:
         out.append(f"hybrid: {adapter.hybrid}")
+    if installed(adapter.model_type) and is_wrapper(adapter.model_type):
+        out.append("multimodal (language stack pruned)")
+    if adapter.block_tensors:
+        out.append(f"block routing tensors: {', '.join(adapter.block_tensors)}")
+    if adapter.tail_rows:
+        out.append(f"router tail rows: {adapter.tail_rows}")
+    if adapter.router_output != "topk":
+        out.append(f"router returns {adapter.router_output}")
     return out
 
 
+def is_wrapper(model_type: str) -> bool:
+    """Whether ``model_type``'s config wraps a text config (a multimodal model)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    return "text_config" in (getattr(CONFIG_MAPPING[model_type], "sub_configs", {}) or {})
+
+
+def moe_config(config):
+    """The config that holds the MoE keys: a multimodal wrapper's text config, else ``config``."""
+    return config.get_text_config(decoder=True)
+
+
 def expert_count(config, adapter: MoEAdapter) -> int:
-    return int(getattr(config, adapter.expert_count_key))
+    return int(getattr(moe_config(config), adapter.expert_count_key))
 
 
 def top_k(config, adapter: MoEAdapter) -> int:
-    return int(getattr(config, adapter.top_k_key))
+    return int(getattr(moe_config(config), adapter.top_k_key))
+
+
+def set_moe_keys(config, adapter: MoEAdapter, num_experts: int, top_k: int | None = None) -> None:
+    """Write the new expert count (and top-k) where the family reads them."""
+    target = moe_config(config)
+    setattr(target, adapter.expert_count_key, num_experts)
+    if top_k is not None:
+        setattr(target, adapter.top_k_key, top_k)
+
+
+def tail_rows(config, adapter: MoEAdapter) -> int:
+    """How many rows follow the experts' own in a tensor with tail rows (see ``MoEAdapter.tail_rows``)."""
+    if isinstance(adapter.tail_rows, int):
+        return adapter.tail_rows
+    return int(getattr(moe_config(config), adapter.tail_rows, 0) or 0)
 
 
 def routing_groups(config, adapter: MoEAdapter) -> tuple[int, int]:
     """(n_group, topk_group) for grouped routers; (1, 1) for plain top-k routing."""
     if adapter.group_keys is None:
         return 1, 1
-    n_group, topk_group = (getattr(config, k, None) for k in adapter.group_keys)
+    n_group, topk_group = (getattr(moe_config(config), k, None) for k in adapter.group_keys)
     return int(n_group or 1), int(topk_group or 1)
+
+
+def language_stack(model: nn.Module, adapter: MoEAdapter) -> tuple[str, nn.Module]:
+    """(module path, module) of the stack whose MoE blocks are pruned: ``adapter.language_stack``,
+    else the model's decoder (``model.model`` of a causal LM, ``model.model.language_model`` of a
+    multimodal wrapper), else the whole model."""
+    if adapter.language_stack is not None:
+        return adapter.language_stack, model.get_submodule(adapter.language_stack)
+    decoder = getattr(model, "get_decoder", lambda: model)()
+    for name, module in model.named_modules():
+        if module is decoder:
+            return name, module
+    return "", model
 
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
@@ -381,8 +540,9 @@ _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 def find_moe_layers(model: nn.Module, adapter: MoEAdapter) -> list[MoELayer]:
     """Every MoE block of ``model``: a module holding both the router and the fused experts."""
     num_experts = expert_count(model.config, adapter)
+    prefix, stack = language_stack(model, adapter)
     layers = []
-    for name, module in model.named_modules():
+    for name, module in stack.named_modules(prefix=prefix):
         router = getattr(module, adapter.router_attr, None)
         experts = getattr(module, adapter.experts_attr, None)
         if not isinstance(router, nn.Module) or not isinstance(experts, nn.Module):
@@ -408,19 +568,41 @@ def find_moe_layers(model: nn.Module, adapter: MoEAdapter) -> list[MoELayer]:
 def per_expert_names(layer: MoELayer, adapter: MoEAdapter) -> tuple[list[str], list[str]]:
     """(expert tensor names, router tensor names) of one layer, as full state-dict keys.
 
-    Every one of them has the expert axis first; ``merge.rewrite_model`` raises on a tensor whose
-    first axis is not E (a bug in the adapter entry) rather than skipping it.
+    Every one of them has the expert axis first (or where ``adapter.expert_axes`` says);
+    ``merge.rewrite_model`` raises on a tensor whose expert axis is not E (a bug in the adapter
+    entry) rather than skipping it.
     """
     experts = [f"{layer.name}.{adapter.experts_attr}.{n}" for n in layer.experts.state_dict()]
-    router = [f"{layer.name}.{adapter.router_attr}.{n}" for n in adapter.router_tensors]
-    return experts, router
+    return experts, list(routing_names(layer, adapter).values())
+
+
+def routing_names(layer: MoELayer, adapter: MoEAdapter) -> dict[str, str]:
+    """{short name: full state-dict key} of a layer's per-expert routing tensors: the router's
+    (``router_tensors``, named under the router) and the block's own (``block_tensors``)."""
+    names = {n: f"{layer.name}.{adapter.router_attr}.{n}" for n in adapter.router_tensors}
+    names.update({n: f"{layer.name}.{n}" for n in adapter.block_tensors})
+    if len(names) != len(adapter.router_tensors) + len(adapter.block_tensors):
+        raise ValueError(f"{adapter.model_type}: a router tensor and a block tensor share a name")
+    return names
 
 
 def tiny_config(model_type: str, **overrides):
-    """A small random-instance config for ``model_type`` (tests, the demo, benchmarks)."""
+    """A small random-instance config for ``model_type`` (tests, the demo, benchmarks).
+
+    A multimodal wrapper gets ``TINY_BASE``, ``tiny`` and ``overrides`` in its text config and
+    small towers (``TINY_TOWERS``, then ``tiny_wrapper``) beside it."""
     from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     adapter = get_adapter(model_type)
     if not installed(model_type):
         raise UncurlError(needs_newer_transformers(model_type))
-    return AutoConfig.for_model(model_type, **{**TINY_BASE, **adapter.tiny, **overrides})
+    text = {**TINY_BASE, **adapter.tiny, **overrides}
+    if not is_wrapper(model_type):
+        return AutoConfig.for_model(model_type, **text)
+    subs = CONFIG_MAPPING[model_type].sub_configs
+    wrapper = {k: dict(v) for k, v in TINY_TOWERS.items() if k in subs}
+    wrapper["tie_word_embeddings"] = text["tie_word_embeddings"]  # some wrappers read it at the top
+    for key, value in adapter.tiny_wrapper.items():
+        wrapper[key] = {**wrapper[key], **value} if key in wrapper and isinstance(value, Mapping) else value
+    return AutoConfig.for_model(model_type, text_config=text, **wrapper)

@@ -22,6 +22,7 @@ from rich.table import Table
 from .cluster import METHODS
 from .errors import EXIT_GATE, UncurlError
 from .merge import MERGE_RULES, ROUTER_RULES
+from .pipeline import DEFAULT_MERGE, DEFAULT_METHOD, DEFAULT_ROUTER, STUDY_EVIDENCE
 
 app = typer.Typer(
     help=(
@@ -45,7 +46,12 @@ Model = Annotated[str, typer.Option(
          "model (no files, no network; see `uncurl families`).")]
 Task = Annotated[str, typer.Option(
     "--task", "-t", rich_help_panel=DATA,
-    help="Registered task (see `uncurl tasks`) or a local .jsonl/.csv file used with --template.")]
+    help="What to calibrate and evaluate on: a registered task (see `uncurl tasks`); hf:ORG/NAME[:CONFIG], a "
+         "Hub dataset read with datasets.load_dataset (with --template; splits: --calibration-split, "
+         "--evaluation-split); lm-eval:TASK or lm-eval:FILE.yaml, an lm-evaluation-harness task (optional "
+         "extra: pip install 'uncurl\\[lm-eval]'); a task file (.yaml/.json: template, choices, label field, files or Hub id; see "
+         "README); or a .jsonl/.csv file with --template (one file: fixed seeded disjoint halves calibrate "
+         "and evaluate; see --eval-file).")]
 DataDir = Annotated[Optional[str], typer.Option(
     "--data-dir", rich_help_panel=DATA, envvar="UNCURL_DATA_DIR",
     help="Read tasks from local files laid out as ../shared/data instead of the Hub.")]
@@ -53,13 +59,35 @@ Samples = Annotated[int, typer.Option(
     rich_help_panel=DATA, min=1,
     help="Calibration examples to profile: a seeded random subset of the task's calibration split "
          "(all of it when smaller). Profiling time grows linearly with it; memory does not.")]
-MaxLength = Annotated[int, typer.Option(rich_help_panel=DATA, min=8, help="Truncate each example to this many tokens.")]
+MaxLength = Annotated[int, typer.Option(
+    rich_help_panel=DATA, min=8,
+    help="Calibration: truncate each example to this many tokens (evaluation has --eval-max-length).")]
+EvalMaxLength = Annotated[int, typer.Option(
+    rich_help_panel=EVAL, min=8,
+    help="Evaluation: keep at most this many tokens of each sequence (from the right; the answer is never cut).")]
 BatchSize = Annotated[int, typer.Option(rich_help_panel=DATA, min=1, help="Examples per forward pass.")]
 Template = Annotated[Optional[str], typer.Option(
-    rich_help_panel=DATA, help="Custom tasks: a Python format string over a row's fields, e.g. '{question}\\nAnswer:'.")]
+    rich_help_panel=DATA, help="Custom and hf: tasks: a Python format string over a row's fields, e.g. '{question}\\nAnswer:'.")]
 Choices = Annotated[Optional[str], typer.Option(
-    rich_help_panel=DATA, help="Custom tasks: comma-separated answer choices, e.g. 'yes,no'.")]
-LabelField = Annotated[str, typer.Option(rich_help_panel=DATA, help="Custom tasks: the field holding the gold choice.")]
+    rich_help_panel=DATA, help="Custom and hf: tasks: comma-separated answer choices, the same for every row, e.g. 'yes,no'.")]
+ChoicesField = Annotated[Optional[str], typer.Option(
+    rich_help_panel=DATA, help="Custom and hf: tasks: the field holding each row's own list of choices "
+                               "(in a .csv cell, a JSON array), instead of --choices.")]
+LabelField = Annotated[str, typer.Option(
+    rich_help_panel=DATA, help="Custom and hf: tasks: the field holding the gold answer: an index, one of the "
+                               "choices, or a JSON boolean (a choice spelled true/false, else false=0, true=1).")]
+EvalFile = Annotated[Optional[str], typer.Option(
+    rich_help_panel=DATA, help="Custom .jsonl/.csv tasks: evaluate on this file and calibrate on all of --task's "
+                               "(default: fixed seeded disjoint halves of the one file; the same file: both read all).")]
+CalibrationSplit = Annotated[Optional[str], typer.Option(
+    rich_help_panel=DATA, help="hf: tasks: the Hub split to calibrate on (default train).")]
+EvaluationSplit = Annotated[Optional[str], typer.Option(
+    rich_help_panel=DATA, help="hf: tasks: the Hub split to evaluate on (default validation; the same as "
+                               "--calibration-split: fixed seeded disjoint halves of it).")]
+ChatTemplate = Annotated[bool, typer.Option(
+    rich_help_panel=DATA, help="Wrap each calibration and evaluation prompt as a user turn in the tokenizer's chat "
+                               "template (instruction-tuned models); the answer follows the template directly, "
+                               "as in lm-evaluation-harness. Recorded in the report.")]
 Seed = Annotated[int, typer.Option(rich_help_panel=RUN, help="Seed for sampling, tiny models and clustering.")]
 Device = Annotated[str, typer.Option(rich_help_panel=RUN, help="auto (CUDA when present), cpu, cuda, cuda:N.")]
 DeviceMap = Annotated[Optional[str], typer.Option(
@@ -82,8 +110,10 @@ Metric = Annotated[str, typer.Option(rich_help_panel=EVAL,
                                      help="Metric a drop is measured on: acc, acc_norm (points of accuracy) or "
                                           "loss (its increase in percent).")]
 CalibrateOn = Annotated[Optional[str], typer.Option(
-    rich_help_panel=DATA, help="Profile on another task's calibration split, e.g. corpus for task-agnostic "
-                               "calibration (default: --task itself).")]
+    rich_help_panel=DATA,
+    help="Profile on other tasks' calibration splits instead of --task's: one task (e.g. corpus, for "
+         "task-agnostic calibration) or a weighted mix, e.g. 'superglue-rte=3,corpus=1' (--samples split "
+         "3:1). Each part is recorded in the report and the profile.")]
 
 
 def _choices(registry: dict, extra=lambda spec: "") -> str:
@@ -93,17 +123,23 @@ def _choices(registry: dict, extra=lambda spec: "") -> str:
 
 METHOD_HELP = ("How experts are chosen or grouped. " + _choices(
     METHODS, lambda m: " (pruning: each kept expert alone)" if m.kind == "criterion" else " (groups, merged by --merge)")
-    + " Default uncurl: unchanged until the methods study sets it (see README).")
+    + " " + STUDY_EVIDENCE)
 MERGE_HELP = ("How a group of several experts becomes one (pruning criteria keep singletons, which are "
               "copied as they are). " + _choices(MERGE_RULES))
 ROUTER_HELP = "A merged expert's router row. " + _choices(ROUTER_RULES)
 
 
-def _data_options(task, data_dir, samples, max_length, batch_size, template, choices, label_field,
-                  calibrate_on=None) -> dict:
-    return dict(task=task, data_dir=data_dir, samples=samples, max_length=max_length, batch_size=batch_size,
-                template=template, choices=tuple(c.strip() for c in choices.split(",")) if choices else None,
-                label_field=label_field, calibrate_on=calibrate_on, progress=err.is_terminal)
+def _data_options(params: dict) -> dict:
+    """The command's parameters that are :class:`~uncurl.pipeline.DataOptions` fields (by name)."""
+    from dataclasses import fields
+
+    from .pipeline import DataOptions
+
+    names = {f.name for f in fields(DataOptions)}
+    out = {k: v for k, v in params.items() if k in names}
+    if out.get("choices"):
+        out["choices"] = tuple(c.strip() for c in out["choices"].split(","))
+    return {**out, "progress": err.is_terminal}
 
 
 def _ints(text: str, flag: str) -> tuple[int, ...]:
@@ -136,15 +172,25 @@ def _handled(fn):
 
 
 def _command_line(ctx: typer.Context) -> str:
-    """The running command with every option spelled out (defaults included): rerunnable as is."""
+    """The running command with every option spelled out (defaults included): rerunnable as is.
+
+    Spelled with the CLI's own option names (click's declarations), so ``--eval`` and ``--json``
+    come out as typed, never as the Python parameter names behind them.
+    """
     import shlex
 
     words = ["uncurl", ctx.info_name]
-    for name, value in ctx.params.items():
-        flag = "--" + name.replace("_", "-")
-        if value is True:
-            words.append(flag)
-        elif value not in (None, False):
+    for param in ctx.command.params:
+        if getattr(param, "param_type_name", "") != "option" or param.name not in ctx.params:
+            continue
+        value = ctx.params[param.name]
+        flag = next((o for o in param.opts if o.startswith("--")), param.opts[0])
+        if param.is_flag:
+            if value is True:
+                words.append(flag)
+            elif value is False and param.default is True and param.secondary_opts:
+                words.append(param.secondary_opts[0])
+        elif value is not None:
             words += [flag, shlex.quote(str(value))]
     return " ".join(words)
 
@@ -173,10 +219,10 @@ def prune(
              "Equal to the expert count reproduces the model exactly.")] = 4,
     out: Annotated[str, typer.Option("--out", "-o", rich_help_panel=PRUNE,
                                      help="Output folder: checkpoint + report/. Written whole or not at all.")] = "pruned",
-    method: Annotated[str, typer.Option(rich_help_panel=PRUNE, help=METHOD_HELP)] = "uncurl",
-    merge: Annotated[str, typer.Option(rich_help_panel=PRUNE, help=MERGE_HELP)] = "average",
+    method: Annotated[str, typer.Option(rich_help_panel=PRUNE, help=METHOD_HELP)] = DEFAULT_METHOD,
+    merge: Annotated[str, typer.Option(rich_help_panel=PRUNE, help=MERGE_HELP)] = DEFAULT_MERGE,
     router_rows: Annotated[str, typer.Option("--router", "--router-rows", rich_help_panel=PRUNE,
-                                             help=ROUTER_HELP)] = "mean",
+                                             help=ROUTER_HELP)] = DEFAULT_ROUTER,
     top_k: Annotated[Optional[int], typer.Option(rich_help_panel=PRUNE,
                                                  help="Lower the router's top-k explicitly (default: unchanged).")] = None,
     profile: Annotated[Optional[str], typer.Option(rich_help_panel=PRUNE,
@@ -191,11 +237,17 @@ def prune(
     batch_size: BatchSize = 8,
     template: Template = None,
     choices: Choices = None,
+    choices_field: ChoicesField = None,
     label_field: LabelField = "label",
+    eval_file: EvalFile = None,
+    calibration_split: CalibrationSplit = None,
+    evaluation_split: EvaluationSplit = None,
+    chat_template: ChatTemplate = False,
     calibrate_on: CalibrateOn = None,
     evaluate: Annotated[bool, typer.Option("--eval", rich_help_panel=EVAL,
                                            help="Evaluate the task before and after pruning; both go in the report.")] = False,
     eval_limit: EvalLimit = None,
+    eval_max_length: EvalMaxLength = 1024,
     metric: Metric = "acc",
     max_drop: Annotated[Optional[float], typer.Option(
         rich_help_panel=EVAL,
@@ -222,7 +274,7 @@ def prune(
         overwrite=overwrite, shard_size=shard_size, seed=seed, device=device, device_map=device_map, max_memory=max_memory, dtype=dtype,
         eval=evaluate, eval_limit=eval_limit, metric=metric, max_drop=max_drop,
         extra={"command": _command_line(ctx)},
-        **_data_options(task, data_dir, samples, max_length, batch_size, template, choices, label_field, calibrate_on),
+        **_data_options(locals()),
     )
     result = run(opts)
     _summary(result.report)
@@ -250,7 +302,6 @@ def _summary(r: dict) -> None:
     table.add_row("top-k", str(m["top_k_before"]), str(m["top_k_after"]))
     table.add_row("parameters", f"{m['params_before']:,}", f"{m['params_after']:,}")
     table.add_row("weight MB", f"{m['bytes_before'] / 1e6:.1f}", f"{m['bytes_after'] / 1e6:.1f}")
-    err.print(table)
     if "eval" in r:
         ev = r["eval"]
         for metric in ("acc", "acc_norm", "loss"):
@@ -274,7 +325,13 @@ def profile_cmd(
     batch_size: BatchSize = 8,
     template: Template = None,
     choices: Choices = None,
+    choices_field: ChoicesField = None,
     label_field: LabelField = "label",
+    eval_file: EvalFile = None,
+    calibration_split: CalibrationSplit = None,
+    evaluation_split: EvaluationSplit = None,
+    chat_template: ChatTemplate = False,
+    calibrate_on: CalibrateOn = None,
     seed: Seed = 0,
     device: Device = "auto",
     device_map: DeviceMap = None,
@@ -287,11 +344,11 @@ def profile_cmd(
     Example: uncurl profile --model builtin:mixtral --task superglue-rte --data-dir ../shared/data --out rte.profile
     """
     from .load import load_model
-    from .pipeline import DataOptions, resolve_task, run_profile
+    from .pipeline import DataOptions, check_data, run_profile
 
     _setup_logging(verbose)
-    opts = DataOptions(**_data_options(task, data_dir, samples, max_length, batch_size, template, choices, label_field))
-    resolve_task(opts)
+    opts = DataOptions(**_data_options(locals()))
+    check_data(opts, calibrating=True, evaluating=False, seed=seed)  # before the model is loaded
     loaded = load_model(model, device=device, dtype=dtype, seed=seed, device_map=device_map, max_memory=max_memory)
     path = run_profile(loaded, opts, seed).save(out)
     typer.echo(str(path))
@@ -309,7 +366,12 @@ def eval_cmd(
     batch_size: BatchSize = 8,
     template: Template = None,
     choices: Choices = None,
+    choices_field: ChoicesField = None,
     label_field: LabelField = "label",
+    eval_file: EvalFile = None,
+    calibration_split: CalibrationSplit = None,
+    evaluation_split: EvaluationSplit = None,
+    chat_template: ChatTemplate = False,
     seed: Seed = 0,
     device: Device = "auto",
     device_map: DeviceMap = None,
@@ -323,12 +385,13 @@ def eval_cmd(
     Example: uncurl eval --model runs/k4 --task superglue-rte --data-dir ../shared/data --limit 200
     """
     from .load import load_model
-    from .pipeline import DataOptions, resolve_task, run_eval
+    from .pipeline import DataOptions, check_data, run_eval
 
     _setup_logging(verbose)
-    opts = DataOptions(**_data_options(task, data_dir, 1, max_length, batch_size, template, choices, label_field))
-    resolve_task(opts)
-    loaded = load_model(model, device=device, dtype=dtype, seed=seed, device_map=device_map, max_memory=max_memory)
+    opts = DataOptions(**_data_options(locals()), samples=1, eval_max_length=max_length)
+    check_data(opts, calibrating=False, evaluating=True, eval_limit=limit, seed=seed)  # before the model
+    loaded = load_model(model, device=device, dtype=dtype, seed=seed, device_map=device_map, max_memory=max_memory,
+                        moe=False)  # any causal LM: evaluation needs no MoE
     metrics = {"model": model, **run_eval(loaded.model, loaded.tokenizer, opts, limit, seed)}
     if as_json:
         _emit_json(metrics)
@@ -346,15 +409,15 @@ def sweep_cmd(
                                       help="Comma-separated K values to try, e.g. 6,4,2.")] = "6,4,2",
     method: Annotated[str, typer.Option(rich_help_panel=PRUNE,
                                         help="Comma-separated methods (see prune --help): "
-                                             + ", ".join(METHODS) + ".")] = "uncurl,frequency",
+                                             + ", ".join(METHODS) + ".")] = f"{DEFAULT_METHOD},frequency",
     merge: Annotated[str, typer.Option(rich_help_panel=PRUNE,
                                        help="Comma-separated merge rules for grouping methods: "
-                                            + ", ".join(MERGE_RULES) + ".")] = "average",
+                                            + ", ".join(MERGE_RULES) + ".")] = DEFAULT_MERGE,
     out: Annotated[str, typer.Option("--out", "-o", rich_help_panel=PRUNE,
                                      help="Output folder: sweep.json, sweep.md, sweep.png (+ checkpoints/).")] = "sweep",
     router_rows: Annotated[str, typer.Option("--router", "--router-rows", rich_help_panel=PRUNE,
                                              help="Comma-separated router rules for grouping methods: "
-                                                  + ", ".join(ROUTER_RULES) + ".")] = "mean",
+                                                  + ", ".join(ROUTER_RULES) + ".")] = DEFAULT_ROUTER,
     top_k: Annotated[Optional[int], typer.Option(rich_help_panel=PRUNE, help="Lower the router's top-k.")] = None,
     profile: Annotated[Optional[str], typer.Option(rich_help_panel=PRUNE, help="Reuse a profile file.")] = None,
     keep_checkpoints: Annotated[bool, typer.Option(rich_help_panel=PRUNE,
@@ -364,13 +427,19 @@ def sweep_cmd(
                                              help="Largest acceptable drop in --metric, in points.")] = 1.0,
     metric: Metric = "acc",
     eval_limit: EvalLimit = None,
+    eval_max_length: EvalMaxLength = 1024,
     data_dir: DataDir = None,
     samples: Samples = 256,
     max_length: MaxLength = 512,
     batch_size: BatchSize = 8,
     template: Template = None,
     choices: Choices = None,
+    choices_field: ChoicesField = None,
     label_field: LabelField = "label",
+    eval_file: EvalFile = None,
+    calibration_split: CalibrationSplit = None,
+    evaluation_split: EvaluationSplit = None,
+    chat_template: ChatTemplate = False,
     calibrate_on: CalibrateOn = None,
     seed: Seed = 0,
     device: Device = "auto",
@@ -392,7 +461,7 @@ def sweep_cmd(
         routers=_names(router_rows), out=out, top_k=top_k, profile=profile, keep_checkpoints=keep_checkpoints,
         overwrite=overwrite, tolerance=tolerance, metric=metric, eval_limit=eval_limit, seed=seed, device=device,
         device_map=device_map, max_memory=max_memory, dtype=dtype, extra={"command": _command_line(ctx)},
-        **_data_options(task, data_dir, samples, max_length, batch_size, template, choices, label_field, calibrate_on),
+        **_data_options(locals()),
     )
     s = sweep(opts)
     table = Table(title=f"sweep: {model} on {s['unpruned']['task']} ({s['metric']})")
@@ -422,6 +491,8 @@ def tasks():
     for t in describe_tasks():
         table.add_row(t["name"], str(t["choices"]), str(t["hub"]), "\n".join(dict.fromkeys(t["local_files"].values())), t["description"])
     Console().print(table)
+    Console().print("--task also takes: a .jsonl/.csv file with --template; a task file (.yaml/.json); "
+                    "hf:ORG/NAME[:CONFIG] (a Hub dataset); lm-eval:TASK (lm-evaluation-harness, optional). See README.")
 
 
 @app.command()

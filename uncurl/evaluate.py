@@ -4,12 +4,16 @@
 
 For each example and each choice, the log-likelihood of the choice's tokens after the prompt:
 ``acc`` takes the argmax of the summed log-likelihoods, ``acc_norm`` the argmax after dividing by
-the choice's length in characters (lm-eval's length normalisation). The task ``loss`` is the mean
-per-token negative log-likelihood of prompt + gold answer (``ppl`` its exponential): it stays
-informative where accuracy sits near chance. Text-only tasks (no choices) report the loss alone.
+the choice's length in characters without the target delimiter (lm-eval's ``completion_len``).
+Ties go to the first choice, as ``np.argmax`` does. ``acc_stderr``/``acc_norm_stderr`` are
+lm-eval's standard errors of the mean (sample standard deviation / sqrt(n)). The task ``loss`` is
+the mean per-token negative log-likelihood of prompt + gold answer (``ppl`` its exponential): it
+stays informative where accuracy sits near chance. Text-only tasks (no choices) report the loss alone.
 
-Tokenisation follows lm-eval: the continuation's tokens are those of ``prompt + choice`` after the
-tokens of ``prompt`` (so merges across the boundary are seen as the model would see them).
+Requests are lm-eval 0.4's (``HFLM._encode_pair``): whitespace at the end of the prompt moves to
+the start of the continuation, and the continuation's tokens are those of ``prompt + choice`` after
+the tokens of ``prompt``, both without special tokens (so merges across the boundary are seen as
+the model would see them). ``examples/compare_lm_eval.py`` checks the agreement example by example.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torch
 
 from .load import input_device
 from .profile import progress_bar
-from .tasks import Example
+from .tasks import TARGET_DELIMITER, Example
 
 METRICS = ("acc", "acc_norm", "loss")
 
@@ -38,7 +42,8 @@ class Request:
 def build_requests(tokenizer, examples: Sequence[Example], max_length: int) -> list[Request]:
     requests = []
     for i, ex in enumerate(examples):
-        ctx = tokenizer(ex.prompt, add_special_tokens=False)["input_ids"]
+        prompt = ex.prompt.rstrip()  # lm-eval moves the prompt's trailing whitespace into the continuation
+        ctx = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         options = [(c, ex.prompt + choice) for c, choice in enumerate(ex.choices)] or [(-1, ex.prompt)]
         for c, text in options:
             whole = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -75,33 +80,62 @@ def score_requests(model, requests: Sequence[Request], *, batch_size: int, pad_i
     return results
 
 
+def completion_length(choice: str) -> int:
+    """The characters lm-eval divides by for acc_norm: the choice without the target delimiter."""
+    return max(len(choice.removeprefix(TARGET_DELIMITER)), 1)
+
+
+def stderr(values: Sequence[float]) -> float:
+    """lm-eval's standard error of a mean: sample standard deviation / sqrt(n)."""
+    n = len(values)
+    if n < 2:
+        return float("nan")
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
 def evaluate_examples(model, tokenizer, examples: Sequence[Example], *, batch_size: int = 8, max_length: int = 1024,
-                      progress: bool = False) -> dict:
-    """acc, acc_norm (multiple-choice tasks), loss and ppl over ``examples``."""
+                      progress: bool = False, per_example: bool = False) -> dict:
+    """acc, acc_norm and their standard errors (multiple-choice tasks), loss and ppl over ``examples``.
+
+    ``per_example``: also ``examples``, one dict per example (``pred``, ``pred_norm``, ``gold``, the
+    choices' log-likelihoods ``ll``), for paired comparisons and agreement with lm-eval.
+    """
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     requests = build_requests(tokenizer, examples, max_length)
     scores = score_requests(model, requests, batch_size=batch_size, pad_id=pad_id or 0, progress=progress)
-    per_example: dict[int, dict[int, tuple[float, float, int]]] = {}
+    by_example: dict[int, dict[int, tuple[float, float, int]]] = {}
     for r, s in zip(requests, scores):
-        per_example.setdefault(r.example, {})[r.choice] = s
-    nll, tokens, correct, correct_norm, scored = 0.0, 0, 0, 0, 0
+        by_example.setdefault(r.example, {})[r.choice] = s
+    nll, tokens = 0.0, 0
+    hits, hits_norm, rows = [], [], []
     for i, ex in enumerate(examples):
-        by_choice = per_example[i]
+        by_choice = by_example[i]
         text_key = ex.gold if ex.choices else -1
         if text_key in by_choice:
             nll -= by_choice[text_key][1]
             tokens += by_choice[text_key][2]
-        if ex.choices and ex.gold >= 0:
+        if ex.choices:
             ll = [by_choice[c][0] for c in range(len(ex.choices))]
-            norm = [v / max(len(ex.choices[c]), 1) for c, v in enumerate(ll)]
-            correct += int(max(range(len(ll)), key=ll.__getitem__) == ex.gold)
-            correct_norm += int(max(range(len(norm)), key=norm.__getitem__) == ex.gold)
-            scored += 1
+            norm = [v / completion_length(ex.choices[c]) for c, v in enumerate(ll)]
+            pred, pred_norm = _argmax(ll), _argmax(norm)
+            rows.append({"pred": pred, "pred_norm": pred_norm, "gold": ex.gold, "ll": [round(v, 6) for v in ll]})
+            if ex.gold >= 0:
+                hits.append(float(pred == ex.gold))
+                hits_norm.append(float(pred_norm == ex.gold))
     loss = nll / max(tokens, 1)
     out = {"n": len(examples), "tokens": tokens, "loss": round(loss, 6), "ppl": round(math.exp(min(loss, 50)), 4)}
-    if scored:
-        out.update(acc=round(correct / scored, 6), acc_norm=round(correct_norm / scored, 6))
+    if hits:
+        out.update(acc=round(sum(hits) / len(hits), 6), acc_stderr=round(stderr(hits), 6),
+                   acc_norm=round(sum(hits_norm) / len(hits_norm), 6), acc_norm_stderr=round(stderr(hits_norm), 6))
+    if per_example:
+        out["examples"] = rows
     return out
+
+
+def _argmax(values: Sequence[float]) -> int:
+    """The first index of the largest value (np.argmax's tie rule)."""
+    return max(range(len(values)), key=values.__getitem__)
 
 
 def drop(before: dict, after: dict, metric: str) -> float | None:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .adapters import ADAPTERS, MoEAdapter, get_adapter, installed, needs_newer_transformers, tiny_config
+from .adapters import ADAPTERS, REFUSED, MoEAdapter, get_adapter, installed, needs_newer_transformers, tiny_config
 from .errors import UncurlError
 
 log = logging.getLogger(__name__)
@@ -41,10 +41,36 @@ DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate
 class Loaded:
     model: torch.nn.Module
     tokenizer: object
-    adapter: MoEAdapter
+    adapter: MoEAdapter | None  # None: a causal LM uncurl can evaluate but not prune (load_model(moe=False))
     model_id: str
     source: Path | None  # the local folder the model came from (never written to), if any
     placement: dict = field(default_factory=dict)  # device_map and max_memory, for reloading alike
+    processor_files: list = field(default_factory=list)  # copied beside the pruned checkpoint
+
+
+# A multimodal model's processor (image, video, audio preprocessing; chat template): written beside
+# the pruned checkpoint as they are, so the output folder is used exactly like the input one.
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json",
+                   "audio_tokenizer_config.json", "chat_template.json", "chat_template.jinja")
+
+
+def processor_files(model_id: str) -> list[Path]:
+    """The ``PROCESSOR_FILES`` a local folder or Hub repository has (the Hub's through its cache)."""
+    folder = Path(model_id)
+    if folder.is_dir():
+        return [folder / name for name in PROCESSOR_FILES if (folder / name).is_file()]
+    from transformers.utils import cached_file
+
+    found = []
+    for name in PROCESSOR_FILES:
+        try:
+            path = cached_file(model_id, name, _raise_exceptions_for_missing_entries=False,
+                               _raise_exceptions_for_connection_errors=False)
+        except OSError:
+            path = None
+        if path:
+            found.append(Path(path))
+    return found
 
 
 def resolve_device(device: str) -> torch.device:
@@ -86,10 +112,28 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<pad>")
 
 
+def model_class(config):
+    """The transformers class that loads and saves a checkpoint of ``config`` whole.
+
+    A language model's is its causal LM. A multimodal wrapper (a config with a text config) gets
+    its ``...ForConditionalGeneration``, so the vision (audio) towers load, stay untouched and are
+    saved too: the causal-LM class some wrappers also map to would drop them. A config found in no
+    causal-LM mapping (mistral4) gets its class from the image-text-to-text mapping.
+    """
+    from transformers.models.auto import modeling_auto as auto
+
+    mappings = [auto.MODEL_FOR_CAUSAL_LM_MAPPING, auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING,
+                auto.MODEL_FOR_MULTIMODAL_LM_MAPPING]
+    if config.get_text_config(decoder=True) is not config:
+        mappings = mappings[1:] + mappings[:1]
+    for mapping in mappings:
+        if type(config) in mapping:
+            return mapping[type(config)]
+    raise UncurlError(f"transformers has no generative model class for a {config.model_type!r} config")
+
+
 def build_tiny(model_type: str, seed: int = 0, **overrides):
     """A seeded random tiny model of ``model_type`` with the byte tokenizer."""
-    from transformers import AutoModelForCausalLM
-
     tokenizer = byte_tokenizer()
     config = tiny_config(
         model_type,
@@ -99,25 +143,115 @@ def build_tiny(model_type: str, seed: int = 0, **overrides):
         **overrides,
     )
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
+    model = model_class(config)._from_config(config)
     return model.eval(), tokenizer
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def _read_json(path: Path, what: str) -> dict:
+    import json
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UncurlError(f"{path} is not valid JSON ({err}); it should be the model's {what}") from None
+
+
+def check_safetensors(path: Path) -> None:
+    """Read ``path``'s header only: its JSON must parse and its tensors must end where the file does.
+
+    A truncated download or a partly written file fails here, naming the file, before any weight
+    is read.
+    """
+    import json
+
+    if not path.is_file():
+        raise UncurlError(f"weights file {path} is missing (named by the checkpoint's index)")
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or 8 + n > size:
+            raise UncurlError(f"{path} is not a safetensors file or is truncated ({size:,} bytes, header of "
+                              f"{n:,} bytes announced); re-download or re-save it")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise UncurlError(f"{path}: the safetensors header is not valid JSON ({err}); the file is corrupt") from None
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)
+            and "data_offsets" in t]
+    needed = 8 + n + max(ends, default=0)
+    if needed != size:
+        raise UncurlError(f"{path} is truncated or corrupt: its header places tensors up to byte {needed:,}, "
+                          f"the file has {size:,}; re-download or re-save it")
+
+
+def check_config_file(folder: Path) -> None:
+    """A local model folder's config.json: present, and a JSON object."""
+    config = folder / "config.json"
+    if not config.is_file():
+        raise UncurlError(f"model folder {folder} has no config.json; pass a transformers model folder "
+                          f"(config.json and weights), a Hub id, or builtin:<family>")
+    if not isinstance(_read_json(config, "configuration"), dict):
+        raise UncurlError(f"{config} is not a JSON object; it should be the model's configuration")
+
+
+def check_weight_files(folder: Path) -> None:
+    """A local model folder's weight files: present, and each safetensors file whole (headers only)."""
+    if not any((folder / name).is_file() for name in WEIGHT_FILES):
+        raise UncurlError(f"model folder {folder} has config.json but no weights: expected one of "
+                          f"{', '.join(WEIGHT_FILES)}")
+    index = folder / "model.safetensors.index.json"
+    if index.is_file() and not isinstance(_read_json(index, "weight index").get("weight_map"), dict):
+        raise UncurlError(f"{index} has no weight_map; it should map each tensor to its shard")
+    for path in checkpoint_files(folder):
+        check_safetensors(path)
+
+
+def check_finite(model) -> None:
+    """Refuse weights holding NaN or Inf, naming the first such tensor (offloaded ones are skipped).
+
+    Read in slices of 16M values, so no tensor-sized temporary is made.
+    """
+    for name, param in model.named_parameters():
+        if param.device.type == "meta" or not param.dtype.is_floating_point:
+            continue
+        flat = param.detach().reshape(-1)
+        for start in range(0, flat.numel(), 1 << 24):
+            chunk = flat[start : start + (1 << 24)]
+            if not bool(torch.isfinite(chunk).all()):
+                bad = int((~torch.isfinite(flat)).sum())
+                layer = next((p for p in name.split(".") if p.isdigit()), None)
+                where = f"layer {layer}, " if layer is not None else ""
+                raise UncurlError(f"model weights hold NaN/Inf: {where}tensor {name} has {bad:,} non-finite "
+                                  f"values of {flat.numel():,}; the checkpoint is damaged (or was saved "
+                                  f"after a diverged step)")
+
+
+def _declared_type(path: Path):
+    """The ``model_type`` a config file declares (check_config_file has read it already)."""
+    return _read_json(path, "configuration").get("model_type")
 
 
 def _config(model_id: str):
     from transformers import AutoConfig
 
+    if Path(model_id).is_dir():
+        check_config_file(Path(model_id))
     try:
         return AutoConfig.from_pretrained(model_id)
     except (OSError, ValueError) as err:
-        local = Path(model_id) / "config.json"
-        if local.is_file():  # a local folder whose config this transformers cannot read
-            import json
-
-            model_type = json.loads(local.read_text()).get("model_type")
+        if Path(model_id).is_dir():
+            model_type = _declared_type(Path(model_id) / "config.json")
             if model_type in ADAPTERS and not installed(model_type):
                 raise UncurlError(needs_newer_transformers(model_type)) from None
-            get_adapter(model_type)  # a refused or unknown family says so
-            raise UncurlError(f"cannot read the config of {model_id!r}: {err}") from None
+            if model_type in REFUSED:
+                get_adapter(model_type)  # says why uncurl cannot prune it
+            raise UncurlError(f"cannot read the configuration in model folder {model_id!r}: "
+                              f"{type(err).__name__}: {err}") from None
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
         hint = (
             "it is not a local folder and the Hugging Face Hub is unreachable"
@@ -204,19 +338,18 @@ def from_folder(folder: Path, config, dtype, device_map=None, output_loading_inf
     Falls back to plain ``from_pretrained`` for anything but safetensors shards. ``placement``:
     ``max_memory``/``offload_folder`` for a ``device_map``.
     """
-    from transformers import AutoModelForCausalLM, GenerationConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+    from transformers import GenerationConfig
 
     files = checkpoint_files(folder)
+    cls = model_class(config)
     if not files:
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device_map,
-                                                    output_loading_info=output_loading_info, **placement)
+        return cls.from_pretrained(folder, config=config, dtype=dtype, device_map=device_map,
+                                   output_loading_info=output_loading_info, **placement)
     from safetensors import safe_open
 
     handles = [safe_open(str(f), framework="pt", device="cpu", backend="pread") for f in files]
     try:
         state = {name: h.get_slice(name) for h in handles for name in h.keys()}
-        cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
         model = cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype, device_map=device_map,
                                     output_loading_info=output_loading_info, **placement)
     finally:
@@ -230,10 +363,13 @@ def from_folder(folder: Path, config, dtype, device_map=None, output_loading_inf
 
 
 def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto", seed: int = 0,
-               device_map: str | None = None, max_memory: str | None = None) -> Loaded:
+               device_map: str | None = None, max_memory: str | None = None, moe: bool = True) -> Loaded:
     """Load ``model_id`` for inference (eval mode, no gradients) on ``device``, or spread over the
     GPUs by accelerate when ``device_map`` is given (``auto``: fill GPUs in order), with what does not
-    fit (or exceeds ``max_memory``, e.g. ``0=20GiB,cpu=60GiB``) offloaded to CPU memory, then disk."""
+    fit (or exceeds ``max_memory``, e.g. ``0=20GiB,cpu=60GiB``) offloaded to CPU memory, then disk.
+
+    ``moe=False`` (evaluation only) accepts any causal LM transformers can load, dense ones included;
+    ``adapter`` is then the family's when uncurl knows it, else None."""
     return_freed_memory()
     dev = resolve_device(device)
     if device_map is not None:
@@ -256,22 +392,27 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto", seed
         prefer_lean_experts(model, dev)
         return Loaded(model.to(dev), tokenizer, get_adapter(model.config.model_type), model_id, None)
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     config = _config(model_id)
-    adapter = get_adapter(config.model_type)  # unknown family fails here, before the weights
+    # an unknown family fails here, before the weights, unless only evaluating
+    adapter = get_adapter(config.model_type) if moe else ADAPTERS.get(config.model_type)
+    if Path(model_id).is_dir():
+        check_weight_files(Path(model_id))  # missing or truncated files fail here, named
     log.info("loading %s (%s) on %s", model_id, config.model_type, dev)
     placement = placement_kwargs(device_map, limits) or {"device_map": {"": dev}}
     if Path(model_id).is_dir():
         model = from_folder(Path(model_id), config, DTYPES.get(dtype, "auto"), **placement)
     else:
-        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=DTYPES.get(dtype, "auto"), **placement)
+        model = model_class(config).from_pretrained(model_id, config=config, dtype=DTYPES.get(dtype, "auto"),
+                                                    **placement)
     if device_map is None:
         prefer_lean_experts(model, dev)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_id)
     except (OSError, ValueError, TypeError) as err:
         raise UncurlError(f"model {model_id!r} has no usable tokenizer: {err}") from None
+    check_finite(model)  # NaN weights fail here, named, not as a clustering traceback later
     source = Path(model_id).resolve() if Path(model_id).is_dir() else None
     again = {"device_map": device_map, "max_memory": limits} if device_map else {}
-    return Loaded(model.eval(), tokenizer, adapter, model_id, source, again)
+    return Loaded(model.eval(), tokenizer, adapter, model_id, source, again, processor_files(model_id))

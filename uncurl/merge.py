@@ -41,7 +41,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .adapters import MoEAdapter, NeuronAxis, find_moe_layers, per_expert_names
+from .adapters import (MoEAdapter, NeuronAxis, find_moe_layers, per_expert_names, routing_names, set_moe_keys,
+                       tail_rows)
 from .cluster import LayerPlan
 from .errors import UncurlError
 from .offload import Spill, drop_offloaded, on_disk, read_tensor, transplant_hooks
@@ -311,27 +312,34 @@ def rewrite_model(
     if len(keep) != 1:
         raise ValueError(f"every MoE layer must keep the same number of experts, got {sorted(keep)}")
     state = dict(model.state_dict())
+    tail = tail_rows(model.config, adapter)
     work = []
     for layer in layers:  # check every layer before touching any (consume must not half-merge)
         expert_names, router_names = per_expert_names(layer, adapter)
         for name in expert_names + router_names:
-            if state[name].shape[0] != layer.num_experts:
-                raise ValueError(f"{name} has shape {tuple(state[name].shape)}; expected experts first")
+            if state[name].shape[adapter.expert_axis(name)] not in (layer.num_experts, layer.num_experts + tail):
+                raise ValueError(f"{name} has shape {tuple(state[name].shape)}; expected {layer.num_experts} "
+                                 f"experts on axis {adapter.expert_axis(name)}")
         work.append((layer, expert_names, router_names))
     spill = Spill()
     merged_names = []
     for layer, expert_names, router_names in work:
         plan = plans[layer.name]
         new = {}
-        for names, attr, rewrite in (
-            (expert_names, adapter.experts_attr, lambda ts: merge_experts(ts, plan, merge, adapter.neurons)),
-            (router_names, adapter.router_attr,
-             lambda ts: router_fn(ts, plan, (stats or {}).get(layer.name), adapter)),
+        for short, rewrite in (
+            ({name[len(f"{layer.name}.{adapter.experts_attr}."):]: name for name in expert_names},
+             lambda ts: merge_experts(ts, plan, merge, adapter.neurons)),
+            (routing_names(layer, adapter), lambda ts: router_fn(ts, plan, (stats or {}).get(layer.name), adapter)),
         ):
-            short = {name[len(f"{layer.name}.{attr}."):]: name for name in names}
-            sources = {s: read_tensor(model, full, state[full]) for s, full in short.items()}  # offload too
-            new.update({short[s]: t for s, t in rewrite(sources).items()})
-            del sources
+            # every rule sees the E experts on the first axis (offloaded tensors are read here too);
+            # tail rows (shared, zero or skip slots after them) are put back as they were
+            sources = {s: read_tensor(model, full, state[full]).movedim(adapter.expert_axis(s), 0)
+                       for s, full in short.items()}
+            tails = {s: t[layer.num_experts:] for s, t in sources.items()}
+            merged = rewrite({s: t[: layer.num_experts] for s, t in sources.items()})
+            new.update({short[s]: (torch.cat([t, tails[s].to(t)]) if len(tails[s]) else t)
+                        .movedim(0, adapter.expert_axis(s)).contiguous() for s, t in merged.items()})
+            del sources, tails, merged
         for name, tensor in new.items():
             state[name] = tensor
             if on_disk(model, name):  # its layer lives on disk: so does the merged tensor
@@ -341,11 +349,18 @@ def rewrite_model(
                 drop_offloaded(model, name)
             merged_names.append(name)
         del new
+    # a module with merged tensors gets a new offload hook over its own tensors (transplant_hooks):
+    # its other tensors (inkling_text's gate.global_scale, zaya's router_states_scale) go along
+    owners = {name.rpartition(".")[0] for name in merged_names}
+    for name in state:
+        owner = name.rpartition(".")[0]
+        if owner in owners and name not in merged_names and state[name].device.type == "meta":
+            state[name] = read_tensor(model, name, state[name])
+            if on_disk(model, name):
+                state[name] = spill.put(name, state[name])
 
     config = copy.deepcopy(model.config)
-    setattr(config, adapter.expert_count_key, keep.pop())
-    if top_k is not None:
-        setattr(config, adapter.top_k_key, top_k)
+    set_moe_keys(config, adapter, keep.pop(), top_k)
     with torch.device("meta"):
         new_model = type(model)(config)
     new_model.load_state_dict(state, assign=True, strict=True)

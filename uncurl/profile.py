@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .adapters import MoEAdapter, find_moe_layers
+from .adapters import MoEAdapter, find_moe_layers, top_k
 from .errors import UncurlError
 from .load import input_device
 
@@ -337,6 +337,27 @@ def _register_recording():
     return ALL_EXPERTS_FUNCTIONS
 
 
+def _topk_output(output, k: int):
+    """transformers-5 routers: (logits, top-k weights, top-k indices, ...)."""
+    if not (isinstance(output, tuple) and len(output) >= 3):
+        return None
+    return output[:3]
+
+
+def _scores_output(output, k: int):
+    """llama4: (scores [N, E], logits [N, E]); scores are sigmoid(logit) on the top-k of the logits
+    and 0 elsewhere, and the forward weights each chosen expert's input by its score."""
+    if not (isinstance(output, tuple) and len(output) == 2):
+        return None
+    scores, logits = output
+    indices = torch.topk(logits, k, dim=-1).indices  # the set the family's router picks
+    return logits, scores.gather(-1, indices), indices
+
+
+# adapter.router_output -> (router output, top-k) -> (logits [.., E], weights [.., k], indices [.., k])
+ROUTER_OUTPUTS = {"topk": _topk_output, "scores": _scores_output}
+
+
 class _Recorder:
     """Router hooks plus the recording experts implementation on every MoE layer; ``mask`` selects
     the non-padding rows of the current batch.
@@ -344,8 +365,11 @@ class _Recorder:
     A router that returns probabilities instead of logits (``adapter.router_logits``) gets a second
     hook on the submodule that computes its logits, which runs first, inside the router's forward."""
 
-    def __init__(self, moe_layers, num_experts: int, seed: int = 0, router_logits: str | None = None):
+    def __init__(self, moe_layers, num_experts: int, seed: int = 0, tail: bool = False, output: str = "topk",
+                 top_k: int = 0, router_logits: str | None = None):
         self.stats = {layer.name: LayerStats(num_experts, seed=seed + layer.index) for layer in moe_layers}
+        self.tail = tail  # routers with tail rows: logit columns and slots past the experts are dropped
+        self.read, self.output, self.top_k = ROUTER_OUTPUTS[output], output, top_k
         self.mask: torch.Tensor | None = None
         self.logits: dict[str, torch.Tensor] = {}
         self.handles = [layer.router.register_forward_hook(self._hook(layer.name)) for layer in moe_layers]
@@ -387,16 +411,22 @@ class _Recorder:
 
     def _hook(self, name: str):
         def hook(module, args, output):
-            if not (isinstance(output, tuple) and len(output) >= 3):
+            read = self.read(output, self.top_k)
+            if read is None:
                 raise UncurlError(
-                    f"router {type(module).__name__} returned {type(output).__name__}; expected "
-                    "(logits, top-k weights, top-k indices) as transformers-5 routers do"
+                    f"router {type(module).__name__} returned {type(output).__name__}; expected what the "
+                    f"adapter's router_output {self.output!r} reads ({self.read.__doc__.strip()})"
                 )
-            first = self.logits.pop(name, output[0])
-            logits, weights, indices = (t.reshape(-1, t.shape[-1]) for t in (first, *output[1:3]))
+            logits, weights, indices = read
+            logits = self.logits.pop(name, logits)
+            logits, weights, indices = (t.reshape(-1, t.shape[-1]) for t in (logits, weights, indices))
             keep = self._keep(logits.shape[0])
             if keep is not None:
                 logits, weights, indices = logits[keep], weights[keep], indices[keep]
+            if self.tail:  # router tail rows (adapter.tail_rows): count the experts only
+                e = self.stats[name].num_experts
+                routed = (indices < e) & (weights != 0)  # zaya returns a skip slot as expert 0, weight 0
+                logits, weights, indices = logits[:, :e], weights[routed], indices[routed]
             self.stats[name].update(logits, weights, indices)
 
         return hook
@@ -407,6 +437,9 @@ class _Recorder:
             if keep is not None and keep.numel() and expert.shape[0] % keep.numel() == 0:
                 pairs = keep.repeat_interleave(expert.shape[0] // keep.numel())  # token-major pairs
                 expert, gate, norm = expert[pairs], gate[pairs], norm[pairs]
+            if self.tail:  # as in the router hook: skip slots are not routed
+                routed = gate != 0
+                expert, gate, norm = expert[routed], gate[routed], norm[routed]
             self.stats[name].update_experts(expert, gate, norm)
 
         return record
@@ -463,7 +496,9 @@ def profile_model(
     if not texts:
         raise UncurlError("no calibration text to profile: the task's calibration split is empty")
     moe_layers = find_moe_layers(model, adapter)
-    recorder = _Recorder(moe_layers, moe_layers[0].num_experts, seed, adapter.router_logits)
+    recorder = _Recorder(moe_layers, moe_layers[0].num_experts, seed, tail=bool(adapter.tail_rows),
+                         output=adapter.router_output, top_k=top_k(model.config, adapter),
+                         router_logits=adapter.router_logits)
     device = input_device(model)
     n_batches = -(-len(texts) // batch_size)
     try:

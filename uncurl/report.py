@@ -95,6 +95,7 @@ def markdown(r: dict) -> str:
         f"Method **{r['method']}** (merge: {r.get('merge', 'average')}, router rows: {r['router_rows']}), seed {r['seed']}, "
         f"{t['calibration_examples']} calibration examples ({t['tokens']:,} tokens, "
         f"fingerprint `{t['fingerprint']}`, source {t['source']}).",
+        *task_lines(t),
         "",
         "## Per layer",
         "",
@@ -121,6 +122,21 @@ def markdown(r: dict) -> str:
             lines += [f"![{name}]({r['files'][key]})", ""]
     lines += ["## Versions", "", ", ".join(f"{k} {v}" for k, v in r["versions"].items()), ""]
     return "\n".join(lines)
+
+
+def task_lines(t: dict) -> list[str]:
+    """The calibration mix, how calibration and evaluation rows are kept apart, the chat template."""
+    lines = []
+    for part in t.get("mix", []):
+        lines.append(f"- {part['name']} (weight {part['weight']:g}): {part['calibration_examples']} examples, "
+                     f"fingerprint `{part['fingerprint']}`, source {part['source']}; {part['split']}")
+    if lines:
+        lines = ["", "Calibration mix:", "", *lines]
+    if "split" in t:
+        lines += ["", f"Calibration and evaluation: {t['split']}."]
+    if t.get("chat_template"):
+        lines += ["", "Prompts wrapped in the tokenizer's chat template (`--chat-template`)."]
+    return lines
 
 
 def eval_table(ev: dict) -> str:

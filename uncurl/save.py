@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .adapters import MoEAdapter, expert_count, find_moe_layers, top_k
+from .adapters import MoEAdapter, expert_count, find_moe_layers, per_expert_names, tail_rows, top_k
 from .errors import CheckpointCheckError, UncurlError
 
 SHARD_SIZE = "5GB"  # transformers' default; a model under it is one model.safetensors, no index
@@ -67,13 +67,18 @@ def staged_dir(out: Path):
         shutil.rmtree(old, ignore_errors=True)
 
 
-def write_checkpoint(model, tokenizer, folder: Path, shard_size: str | int = SHARD_SIZE, *, stream: bool = True) -> None:
+def write_checkpoint(model, tokenizer, folder: Path, shard_size: str | int = SHARD_SIZE, *, stream: bool = True,
+                     extra_files=()) -> None:
     """Safetensors shards of at most ``shard_size`` + index (transformers' names), config,
-    generation config, tokenizer files. ``stream=False`` is plain ``save_pretrained``."""
+    generation config, tokenizer files, and ``extra_files`` (the input's processor files, see
+    ``load.PROCESSOR_FILES``) copied as they are. ``stream=False`` is plain ``save_pretrained``."""
     if not (stream and stream_checkpoint(model, folder, shard_size)):
         model.save_pretrained(folder, max_shard_size=shard_size)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
+    for path in map(Path, extra_files):
+        if not (folder / path.name).exists():  # the tokenizer may have written the chat template
+            shutil.copyfile(path, folder / path.name)
 
 
 # safetensors orders a file's tensors by dtype (this order), then by name
@@ -205,6 +210,10 @@ def verify_checkpoint(folder: Path, adapter: MoEAdapter, expected_experts: int, 
             shutil.rmtree(where["offload_folder"], ignore_errors=True)
 
 
+def _no_nan(tensor: torch.Tensor) -> torch.Tensor:
+    return ~torch.isnan(tensor)
+
+
 def _verify(loaded, folder, adapter, expected_experts, expected_top_k, tokenizer) -> dict:
     from .load import input_device
     from .offload import read_tensor
@@ -216,14 +225,16 @@ def _verify(loaded, folder, adapter, expected_experts, expected_top_k, tokenizer
     if top_k(model.config, adapter) != expected_top_k:
         problems.append(f"config says top-k {top_k(model.config, adapter)}, expected {expected_top_k}")
     layers = find_moe_layers(model, adapter)
+    state, tail = model.state_dict(), tail_rows(model.config, adapter)
+    written = set()  # the tensors uncurl rewrote: finite; every other one: no NaN (clip bounds may be inf)
     for layer in layers:
-        router = layer.router.state_dict()
-        tensors = list(layer.experts.state_dict().items()) + [(n, router[n]) for n in adapter.router_tensors]
-        for name, t in tensors:
-            if t.shape[0] != expected_experts:
-                problems.append(f"{layer.name}: {name} has {t.shape[0]} experts, expected {expected_experts}")
-    bad = [n for n, t in model.state_dict().items()
-           if t.is_floating_point() and not torch.isfinite(read_tensor(model, n, t)).all()]
+        for name in sum(per_expert_names(layer, adapter), []):
+            written.add(name)
+            rows = state[name].shape[adapter.expert_axis(name)]
+            if rows not in (expected_experts, expected_experts + tail):
+                problems.append(f"{name} has {rows} experts, expected {expected_experts}")
+    bad = [n for n, t in state.items() if t.is_floating_point()
+           and not (torch.isfinite if n in written else _no_nan)(read_tensor(model, n, t)).all()]
     if bad:
         problems.append(f"non-finite values in {bad[:5]}")
     ids = tokenizer("uncurl checks the pruned model.", return_tensors="pt")["input_ids"]

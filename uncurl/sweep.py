@@ -102,7 +102,7 @@ def sweep(opts: SweepOptions, on_row=None, skip=None) -> dict:
                            "groups": {layer: [list(g) for g in p.groups] for layer, p in plans.items()}}
                     if opts.keep_checkpoints:
                         folder = tmp / "checkpoints" / f"{name.replace('/', '-')}-k{keep}"
-                        write_checkpoint(pruned, tok, folder)
+                        write_checkpoint(pruned, tok, folder, extra_files=prep.loaded.processor_files)
                         verify_checkpoint(folder, prep.loaded.adapter, keep, prep.top_k_after, tok,
                                           prep.loaded.placement)
                         row["checkpoint"] = str(out / "checkpoints" / folder.name)

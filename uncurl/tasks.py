@@ -38,12 +38,16 @@ DATA_DIR_ENV = "UNCURL_DATA_DIR"
 SPLITS = ("calibration", "evaluation")
 HALVES_SEED = 1234  # fixed on purpose: the calibration/evaluation halves must not move with --seed
 CORPUS_HOLDOUT = 0.02  # the tail of each corpus file that examples/train_smoe.py never trains on
+# lm-eval joins a prompt and a choice with this (its ``target_delimiter``): every continuation below
+# starts with it, and acc_norm divides by the choice's length without it (evaluate.completion_length).
+TARGET_DELIMITER = " "
 _SUPERGLUE_SPLITS = {"calibration": "train", "evaluation": "validation"}
 
 
 @dataclass(frozen=True)
 class Example:
-    """One scored item: a prompt and its continuations, each starting with a space."""
+    """One scored item: a prompt and its continuations, each ``TARGET_DELIMITER`` + a choice, as
+    lm-eval requests them."""
 
     prompt: str
     choices: tuple[str, ...] = ()
@@ -72,6 +76,20 @@ class Task:
     n_choices: int | None = None  # for to_example tasks; None: varies by row
     halve_local: bool = False  # the local file holds one split: a fixed seeded half for each
     read_local: Callable[[Path], list[dict[str, Any]]] | None = None  # escape hatch: local_files[split] -> rows
+    choices_field: str | None = None  # each row's own choices (a list) instead of fixed ``choices``
+    halve_hub: bool = False  # the Hub split is the same for both: a fixed seeded half for each
+    read_docs: Callable[[str], list[tuple[str, dict[str, Any]]]] | None = None  # escape hatch: split -> rows (lm-eval)
+    halve_docs: bool = False  # read_docs gives the same rows for both: a fixed seeded half for each
+
+    @property
+    def split_note(self) -> str:
+        """How calibration and evaluation rows are kept apart (stated in reports)."""
+        if self.halve_local or self.halve_hub or self.halve_docs:
+            return (f"one source split in two fixed disjoint halves (seed {HALVES_SEED}): calibration and "
+                    f"evaluation never share a row")
+        if self.local_files and len(set(self.local_files.values())) == 1 and not self.hub_splits:
+            return "calibration and evaluation both read all of the same rows"
+        return "separate calibration and evaluation sources"
 
     def __post_init__(self) -> None:
         if (self.template is None) == (self.to_example is None):
@@ -80,7 +98,9 @@ class Task:
     @property
     def num_choices(self) -> int | None:
         """How many continuations each example has (0: text only, None: varies by row)."""
-        return self.n_choices if self.to_example else len(self.choices)
+        if self.to_example:
+            return self.n_choices
+        return None if self.choices_field else len(self.choices)
 
     def example(self, row: Mapping[str, Any]) -> Example:
         """Turn one row (local or Hub layout) into an :class:`Example`."""
@@ -93,16 +113,39 @@ class Task:
                 f"task {self.name}: template field {{{err.args[0]}}} is not in the row; "
                 f"the row has fields {sorted(row)}"
             ) from None
-        if not self.choices:
+        if self.choices_field:
+            choices = row_choices(_field(row, self.choices_field), self.choices_field)
+        elif self.choices:
+            choices = self.choices
+        else:
             return Example(prompt)
-        return Example(prompt, self.choices, gold_index(_field(row, self.label_field), self.choices, self.labels))
+        try:
+            gold = gold_index(_field(row, self.label_field), choices, None if self.choices_field else self.labels)
+        except UncurlError as err:
+            raise UncurlError(f"field {self.label_field!r}: {err}") from None
+        return Example(prompt, choices, gold)
+
+
+def row_choices(value: Any, name: str) -> tuple[str, ...]:
+    """A row's own choices: a list of strings (in a .csv cell, a JSON array), each given a leading space."""
+    if isinstance(value, str) and value.strip().startswith("["):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            pass
+    if not isinstance(value, (list, tuple)) or len(value) < 2 or not all(isinstance(c, str) for c in value):
+        raise UncurlError(f"field {name!r} must be a list of at least two strings (in a .csv cell, a JSON array "
+                          f"such as [\"yes\", \"no\"]); got {value!r}")
+    return tuple(c if c.startswith(" ") else " " + c for c in value)
 
 
 def gold_index(value: Any, choices: Sequence[str], labels: Mapping[str, int] | None = None) -> int:
     """Read a label as a choice index: a label spelling, a choice string, or the index itself.
 
     Strings are matched (stripped, then case-insensitively) against ``labels`` (the stripped
-    choices when there are none) before being read as an integer; ``-1`` means unknown.
+    choices when there are none) before being read as an integer; ``-1`` means unknown. A JSON
+    boolean names the choice spelled ``true``/``false`` when there is one, else it is the index
+    false=0, true=1 (so ``"label": false`` with choices no/yes is "no").
     """
     spellings = dict(labels) if labels else {c.strip(): i for i, c in enumerate(choices)}
     if isinstance(value, (str, bool)):
@@ -112,6 +155,8 @@ def gold_index(value: Any, choices: Sequence[str], labels: Mapping[str, int] | N
             return spellings.get(key, lowered.get(key.lower()))
         if re.fullmatch(r"-?\d+", key):
             value = int(key)
+    if isinstance(value, bool) and len(choices) >= 2:
+        return int(value)
     if isinstance(value, int) and not isinstance(value, bool) and -1 <= value < len(choices):
         return value
     raise UncurlError(
@@ -130,12 +175,14 @@ def _field(row: Mapping[str, Any], name: str) -> Any:
 
 
 def _copa(row: Mapping[str, Any]) -> Example:
-    """COPA: "premise because/therefore" + the choice with its first letter lower-cased."""
+    """COPA as lm-eval's super_glue/copa: "premise because/therefore", and each choice with its first
+    letter lower-cased *and* a leading space of its own (lm-eval's ``doc_to_choice``), after the target
+    delimiter: the continuation starts with two spaces, and acc_norm counts one of them."""
     question = _field(row, "question")
     if question not in ("cause", "effect"):
         raise UncurlError(f"COPA question {question!r} is neither 'cause' nor 'effect'")
     prompt = _field(row, "premise").strip().removesuffix(".") + (" because" if question == "cause" else " therefore")
-    choices = tuple(" " + c[:1].lower() + c[1:] for c in (_field(row, "choice1"), _field(row, "choice2")))
+    choices = tuple(TARGET_DELIMITER + " " + c[:1].lower() + c[1:] for c in (_field(row, "choice1"), _field(row, "choice2")))
     return Example(prompt, choices, gold_index(_field(row, "label"), choices))
 
 
@@ -244,7 +291,8 @@ TASKS: dict[str, Task] = {t.name: t for t in [
 def get_task(name: str) -> Task:
     """The registered task called ``name``."""
     if name not in TASKS:
-        raise UncurlError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)} (or a custom .jsonl/.csv file)")
+        raise UncurlError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)} (or hf:ORG/NAME[:CONFIG], lm-eval:TASK, "
+                          f"a task file .yaml/.json, or a custom .jsonl/.csv file)")
     return TASKS[name]
 
 
@@ -255,27 +303,198 @@ def describe_tasks() -> list[dict[str, Any]]:
              "choices": "varies" if t.num_choices is None else t.num_choices} for t in TASKS.values()]
 
 
-def custom_task(path: str | Path, template: str, choices: Sequence[str] | None = None,
-                label_field: str = "label") -> Task:
-    """A task over one local .jsonl/.csv file; calibration and evaluation both read all of it.
-
-    ``template`` is ``str.format`` over each row's fields. ``choices`` get a leading space if they
-    lack one; the gold is read from ``label_field`` as an index or as one of the choices. Without
-    choices the examples are text only (for calibration).
-    """
-    path = Path(path).expanduser().resolve()
+def _template_fields(template: str) -> None:
     try:
         fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
     except ValueError as err:
         raise UncurlError(f"template {template!r} is not a str.format string ({err}); write {{{{ }}}} for braces") from None
     if not fields or any(f == "" or f.isdigit() for f in fields):
         raise UncurlError(f"template {template!r} must name the row's fields, e.g. 'Review: {{text}}'")
-    if path.suffix.lower() not in (".jsonl", ".csv"):
-        raise UncurlError(f"custom task file {path} must end in .jsonl or .csv")
-    spaced = tuple(c if c.startswith(" ") else " " + c for c in choices or ())
-    return Task(path.stem, f"custom task from {path} (calibration and evaluation both read the whole file)",
-                hub=("", None), hub_splits={}, local_files=dict.fromkeys(SPLITS, str(path)),
-                template=template, choices=spaced, label_field=label_field)
+
+
+def _spaced(choices: Sequence[str] | None) -> tuple[str, ...]:
+    return tuple(c if c.startswith(" ") else " " + c for c in choices or ())
+
+
+def _check_choices(choices: Sequence[str] | None, choices_field: str | None) -> None:
+    if choices and choices_field:
+        raise UncurlError("give fixed choices or a choices field (each row's own list), not both")
+    if choices is not None and len(choices) == 1:
+        raise UncurlError(f"choices {list(choices)} must be at least two answers")
+
+
+def custom_task(path: str | Path, template: str, choices: Sequence[str] | None = None,
+                label_field: str = "label", *, choices_field: str | None = None,
+                eval_path: str | Path | None = None, labels: Mapping[str, int] | None = None,
+                name: str | None = None) -> Task:
+    """A task over local .jsonl/.csv files.
+
+    With ``eval_path`` the rows of ``path`` calibrate and those of ``eval_path`` evaluate (the same
+    file for both: both read all of it). With one file, fixed seeded disjoint halves (seed
+    ``HALVES_SEED``, as the registry's ``mc/`` files), so a gate is never graded on the rows it
+    was calibrated on.
+
+    ``template`` is ``str.format`` over each row's fields. ``choices`` (the same for every row) or
+    ``choices_field`` (a field holding each row's own list) get a leading space if they lack one;
+    the gold is read from ``label_field`` as an index, one of the choices (or a ``labels``
+    spelling), or a JSON boolean (see :func:`gold_index`). Without choices the examples are text
+    only (for calibration; evaluation gives the loss).
+    """
+    _template_fields(template)
+    _check_choices(choices, choices_field)
+    files = {}
+    for split, given in (("calibration", path), ("evaluation", eval_path if eval_path is not None else path)):
+        files[split] = Path(given).expanduser().resolve()
+        if files[split].suffix.lower() not in (".jsonl", ".csv"):
+            raise UncurlError(f"custom task file {files[split]} must end in .jsonl or .csv")
+    one_file = eval_path is None
+    how = ("seeded disjoint halves of the file calibrate and evaluate" if one_file else
+           f"calibrates on {files['calibration'].name}, evaluates on {files['evaluation'].name}")
+    return Task(name or files["calibration"].stem, f"custom task from {files['calibration']} ({how})",
+                hub=("", None), hub_splits={}, local_files={k: str(v) for k, v in files.items()},
+                template=template, choices=_spaced(choices), labels=dict(labels or {}),
+                label_field=label_field, choices_field=choices_field, halve_local=one_file)
+
+
+HUB_PREFIX = "hf:"
+HUB_DEFAULT_SPLITS = {"calibration": "train", "evaluation": "validation"}
+
+
+def hub_task(spec: str, template: str | None, choices: Sequence[str] | None = None, label_field: str = "label", *,
+             choices_field: str | None = None, labels: Mapping[str, int] | None = None,
+             splits: Mapping[str, str | None] | None = None, name: str | None = None) -> Task:
+    """A Hub dataset named ``hf:ORG/NAME[:CONFIG]``, read with ``datasets.load_dataset``.
+
+    ``splits`` maps calibration/evaluation to the Hub's splits (default train/validation); when
+    both name the same split, fixed seeded disjoint halves of it are used.
+    """
+    body = spec[len(HUB_PREFIX):] if spec.startswith(HUB_PREFIX) else spec
+    path, _, config = body.partition(":")
+    if not path or "/" not in path.strip("/") and not Path(path).is_dir():
+        raise UncurlError(f"--task {spec!r}: expected hf:ORG/NAME or hf:ORG/NAME:CONFIG, e.g. hf:aps/super_glue:rte")
+    if not template:
+        raise UncurlError(f"--task {spec} is a Hub dataset: pass --template over its fields, e.g. '{{question}}\\nAnswer:'")
+    _template_fields(template)
+    _check_choices(choices, choices_field)
+    chosen = {**HUB_DEFAULT_SPLITS, **{k: v for k, v in (splits or {}).items() if v}}
+    if set(chosen) != set(SPLITS):
+        raise UncurlError(f"splits {sorted(chosen)}: name only {', '.join(SPLITS)}")
+    same = chosen["calibration"] == chosen["evaluation"]
+    return Task(name or f"{HUB_PREFIX}{body}", f"Hub dataset {body} (calibration: {chosen['calibration']}, "
+                f"evaluation: {chosen['evaluation']}{', seeded disjoint halves' if same else ''})",
+                hub=(path, config or None), hub_splits=chosen, local_files={}, template=template,
+                choices=_spaced(choices), labels=dict(labels or {}), label_field=label_field,
+                choices_field=choices_field, halve_hub=same)
+
+
+TASK_FILE_KEYS = {"name", "description", "template", "choices", "choices_field", "label_field", "labels",
+                  "file", "files", "hub", "config", "splits"}
+
+
+def task_from_file(path: str | Path) -> Task:
+    """A task declared in a YAML or JSON file (``--task my-task.yaml``); paths are relative to it.
+
+        name: reviews                       # default: the file's name
+        template: "Review: {text}\nSentiment:"
+        choices: [positive, negative]       # or  choices_field: options  (each row's own list)
+        label_field: label                  # an index, a choice, a labels spelling or a boolean
+        labels: {pos: 0, neg: 1}            # optional spellings
+        file: reviews.jsonl                 # one file: seeded disjoint halves; or
+        files: {calibration: train.jsonl, evaluation: test.jsonl}   # or
+        hub: ORG/NAME                       # with optional config: NAME and
+        splits: {calibration: train, evaluation: validation}
+    """
+    path = Path(path).expanduser().resolve()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise UncurlError(f"--task {path}: cannot read the task file ({err})") from None
+    try:
+        if path.suffix.lower() == ".json":
+            spec = json.loads(text)
+        else:
+            import yaml
+
+            spec = yaml.safe_load(text)
+    except Exception as err:  # json.JSONDecodeError, yaml.YAMLError
+        raise UncurlError(f"task file {path} is not valid {path.suffix.lstrip('.').upper()} ({err})") from None
+    if not isinstance(spec, dict):
+        raise UncurlError(f"task file {path} must be a mapping of keys ({', '.join(sorted(TASK_FILE_KEYS))})")
+    unknown = set(spec) - TASK_FILE_KEYS
+    if unknown:
+        raise UncurlError(f"task file {path}: unknown key(s) {', '.join(sorted(unknown))}; "
+                          f"accepted: {', '.join(sorted(TASK_FILE_KEYS))}")
+    sources = [k for k in ("file", "files", "hub") if k in spec]
+    if len(sources) != 1:
+        raise UncurlError(f"task file {path}: give exactly one of file, files or hub (it has {sources or 'none'})")
+    if "template" not in spec:
+        raise UncurlError(f"task file {path}: template is required (str.format over a row's fields)")
+    choices = spec.get("choices")
+    if choices is not None and (not isinstance(choices, list) or not all(isinstance(c, str) for c in choices)):
+        hint = (" (YAML reads unquoted yes/no/true/false/on/off as booleans: quote them, e.g. ['no', 'yes'])"
+                if isinstance(choices, list) and any(isinstance(c, bool) for c in choices) else "")
+        raise UncurlError(f"task file {path}: choices must be a list of strings, got {choices!r}{hint}")
+    labels = spec.get("labels")
+    if labels is not None and (not isinstance(labels, dict) or not all(isinstance(v, int) for v in labels.values())):
+        raise UncurlError(f"task file {path}: labels must map spellings to choice indices, got {labels!r}")
+    common = dict(choices_field=spec.get("choices_field"), labels={str(k): v for k, v in (labels or {}).items()},
+                  name=spec.get("name", path.stem))
+    args = (str(spec["template"]), choices, spec.get("label_field", "label"))
+    if "hub" in spec:
+        splits = spec.get("splits") or {}
+        if not isinstance(splits, dict):
+            raise UncurlError(f"task file {path}: splits must map calibration/evaluation to Hub splits")
+        hub = str(spec["hub"]) + (f":{spec['config']}" if spec.get("config") else "")
+        task = hub_task(hub, *args, splits=splits, **common)
+    else:
+        if "files" in spec:
+            files = spec["files"]
+            if not isinstance(files, dict) or set(files) != set(SPLITS):
+                raise UncurlError(f"task file {path}: files must name both calibration and evaluation, got {files!r}")
+            first, second = path.parent / files["calibration"], path.parent / files["evaluation"]
+        else:
+            first, second = path.parent / spec["file"], None
+        task = custom_task(first, *args, eval_path=second, **common)
+    if spec.get("description"):
+        from dataclasses import replace
+
+        task = replace(task, description=str(spec["description"]))
+    return task
+
+
+def resolve_task(name: str, *, template: str | None = None, choices: Sequence[str] | None = None,
+                 label_field: str = "label", choices_field: str | None = None, eval_file: str | None = None,
+                 calibration_split: str | None = None, evaluation_split: str | None = None) -> Task:
+    """What ``--task NAME`` means: a registered task, ``hf:ORG/NAME[:CONFIG]``, a task file
+    (.yaml/.yml/.json), or a .jsonl/.csv data file with ``template``."""
+    path = Path(name).expanduser()
+    suffix = path.suffix.lower()
+    if (calibration_split or evaluation_split) and not name.startswith(HUB_PREFIX):
+        raise UncurlError(f"--calibration-split/--evaluation-split are for hf: datasets; --task {name} is not one "
+                          f"(a task file names its Hub splits under splits:)")
+    if eval_file and suffix not in (".jsonl", ".csv"):
+        raise UncurlError(f"--eval-file is for a .jsonl/.csv --task file; --task {name} is not one")
+    if name in TASKS:
+        return TASKS[name]
+    if name.startswith("lm-eval:"):
+        from .lmeval import lmeval_task
+
+        return lmeval_task(name)
+    if name.startswith(HUB_PREFIX):
+        return hub_task(name, template, choices, label_field, choices_field=choices_field,
+                        splits={"calibration": calibration_split, "evaluation": evaluation_split})
+    if suffix in (".yaml", ".yml", ".json"):
+        if not path.is_file():
+            raise UncurlError(f"--task {name}: no such task file")
+        return task_from_file(path)
+    if suffix in (".jsonl", ".csv"):
+        for given in (path, Path(eval_file).expanduser() if eval_file else None):
+            if given is not None and not given.is_file():
+                raise UncurlError(f"--task {name}: no such file {given}" if given == path else f"--eval-file {given}: no such file")
+        if not template:
+            raise UncurlError(f"--task {name} is a custom data file: pass --template, e.g. '{{text}}'")
+        return custom_task(path, template, choices, label_field, choices_field=choices_field, eval_path=eval_file)
+    return get_task(name)
 
 
 # --- loading --------------------------------------------------------------------------------
@@ -287,24 +506,38 @@ def resolve_data_dir(data_dir: str | Path | None) -> Path | None:
     return Path(chosen).expanduser() if chosen is not None else None
 
 
-def _read_rows(path: Path) -> list[dict[str, Any]]:
+Rows = list[tuple[str, dict[str, Any]]]  # (where in the source, e.g. "line 12", the row)
+
+
+def _read_rows(path: Path) -> Rows:
     """Rows of a .jsonl (one object a line, blank lines skipped) or .csv (with a header) file."""
     if path.suffix.lower() == ".csv":
         with path.open(newline="", encoding="utf-8") as f:
-            return [dict(r) for r in csv.DictReader(f)]
+            return [(f"line {n}", dict(r)) for n, r in enumerate(csv.DictReader(f), 2)]
     rows = []
     with path.open(encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise UncurlError(f"{path} line {n} is not a JSON object ({err}); expected one object a line") from None
+            if not isinstance(row, dict):
+                raise UncurlError(f"{path} line {n} is a JSON {type(row).__name__}, not an object with fields")
+            rows.append((f"line {n}", row))
     return rows
 
 
-def _local_rows(task: Task, split: str, data_dir: Path | None) -> tuple[list[dict[str, Any]], str]:
+def halves(rows: list, split: str) -> list:
+    """The ``split``'s fixed seeded half of ``rows`` (``HALVES_SEED``), in their order; the halves are disjoint."""
+    order = list(range(len(rows)))
+    random.Random(HALVES_SEED).shuffle(order)
+    half = order[: len(rows) // 2] if split == "calibration" else order[len(rows) // 2:]
+    return [rows[i] for i in sorted(half)]
+
+
+def _local_rows(task: Task, split: str, data_dir: Path | None) -> tuple[Rows, str]:
     if data_dir is None and not Path(task.local_files[split]).is_absolute():
         raise UncurlError(
             f"task {task.name} has no Hugging Face Hub copy and reads {task.local_files[split]} under a data dir: "
@@ -312,35 +545,32 @@ def _local_rows(task: Task, split: str, data_dir: Path | None) -> tuple[list[dic
         )
     path = (data_dir or Path()) / task.local_files[split]
     if task.read_local is not None:
-        return task.read_local(path), str(path)
+        return [(f"passage {n}", r) for n, r in enumerate(task.read_local(path), 1)], str(path)
     if not path.is_file():
         raise UncurlError(
             f"task {task.name}: {split} file {path} does not exist; the data dir must be laid out like "
             f"../shared/data with {', '.join(sorted(set(task.local_files.values())))} under it"
         )
     rows = _read_rows(path)
-    if task.halve_local:
-        order = list(range(len(rows)))
-        random.Random(HALVES_SEED).shuffle(order)
-        half = order[: len(rows) // 2] if split == "calibration" else order[len(rows) // 2:]
-        rows = [rows[i] for i in sorted(half)]
-    return rows, str(path)
+    return (halves(rows, split) if task.halve_local else rows), str(path)
 
 
-def _hub_rows(task: Task, split: str) -> tuple[list[dict[str, Any]], str]:
+def _hub_rows(task: Task, split: str) -> tuple[Rows, str]:
     path, name = task.hub
     where = f"{path}" + (f" ({name})" if name else "") + f" split {task.hub_splits[split]}"
     try:
         import datasets  # slow to import: only when the Hub is used
 
-        rows = [dict(r) for r in datasets.load_dataset(path, name, split=task.hub_splits[split])]
+        rows = [(f"row {n}", dict(r)) for n, r in enumerate(datasets.load_dataset(path, name, split=task.hub_splits[split]))]
     except Exception as err:  # offline, not found, bad config: all mean "use local files"
+        hint = (f"Point at local files instead with --data-dir DIR or {DATA_DIR_ENV}=DIR, laid out like "
+                f"../shared/data ({', '.join(sorted(set(task.local_files.values())))})" if task.local_files else
+                "Check the dataset name, config and split, and that the Hub is reachable (HF_DATASETS_OFFLINE unset), "
+                "or download the rows to a .jsonl file and use a task file")
         raise UncurlError(
-            f"task {task.name}: could not load {where} from the Hugging Face Hub ({type(err).__name__}: {err}). "
-            f"Point at local files instead with --data-dir DIR or {DATA_DIR_ENV}=DIR, laid out like "
-            f"../shared/data ({', '.join(sorted(set(task.local_files.values())))})"
+            f"task {task.name}: could not load {where} from the Hugging Face Hub ({type(err).__name__}: {err}). {hint}"
         ) from err
-    return rows, f"the Hub's {where}"
+    return (halves(rows, split) if task.halve_hub else rows), f"the Hub's {where}"
 
 
 def load_examples(task: Task, split: str, data_dir: str | Path | None = None, *,
@@ -348,26 +578,31 @@ def load_examples(task: Task, split: str, data_dir: str | Path | None = None, *,
     """The task's examples for ``split`` ("calibration" or "evaluation"), in file order.
 
     ``limit`` keeps a random subset of that many rows (``random.Random(seed)``), file order kept.
+    A row that does not fit the task fails naming the source, the row (its line in a file) and
+    the field.
     """
     if split not in SPLITS:
         raise UncurlError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     if limit is not None and limit < 1:
         raise UncurlError(f"limit {limit} must be a positive number of examples (or None for all)")
     data_dir = resolve_data_dir(data_dir)
-    if data_dir is not None or not task.hub[0]:
-        rows, source = _local_rows(task, split, data_dir)
-    else:
+    if task.read_docs is not None:
+        rows, source = task.read_docs(split), task.name
+        rows = halves(rows, split) if task.halve_docs else rows
+    elif task.hub[0] and (data_dir is None or not task.local_files):
         rows, source = _hub_rows(task, split)
+    else:
+        rows, source = _local_rows(task, split, data_dir)
     if not rows:
         raise UncurlError(f"task {task.name} has no data in {source} ({split} split); check the file")
     if limit is not None and len(rows) > limit:
         rows = [rows[i] for i in sorted(random.Random(seed).sample(range(len(rows)), limit))]
     examples = []
-    for n, row in enumerate(rows):
+    for where, row in rows:
         try:
             examples.append(task.example(row))
         except UncurlError as err:
-            raise UncurlError(f"{source}, {split} row {n}: {err}") from None
+            raise UncurlError(f"{source}, {where} ({split} split): {err}") from None
     log.debug("task %s: %d %s examples from %s", task.name, len(examples), split, source)
     return examples
 
