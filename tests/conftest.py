@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import fields
 from pathlib import Path
+from typing import Mapping
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -30,7 +31,8 @@ routing or hybrid layers counts, not what they are called). The first six famili
     chosen = {}
     for family in first + [f for f in FAMILIES if installed(f)]:
         a = ADAPTERS[family]
-        shape = tuple(bool(v) if f.name in ("shared_attrs", "group_keys", "hybrid", "tail_rows") else v
+        shape = tuple(bool(v) if f.name in ("shared_attrs", "group_keys", "hybrid", "tail_rows")
+                      else tuple(sorted(v.items())) if isinstance(v, Mapping) else v  # expert_axes
                       for f in fields(a) if f.name not in names_only for v in [getattr(a, f.name)])
         chosen.setdefault(shape, family)
     return sorted(set(chosen.values()))
