@@ -22,7 +22,13 @@ TEXTS = ["The cat sat on the mat.", "Experts and routers, for a test.", "Short o
 
 
 def hand_expert_output(experts, adapter, config, e: int, x: torch.Tensor) -> torch.Tensor:
-    """f_e(x) written out from the fused tensors, per the family's documented layout."""
+    """f_e(x) written out from the fused tensors, per the family's documented layout, then the
+    norm all experts share where there is one (muse_spark's post_expert_norm)."""
+    y = hand_ffn(experts, adapter, config, e, x)
+    return experts.post_expert_norm(y) if hasattr(experts, "post_expert_norm") else y
+
+
+def hand_ffn(experts, adapter, config, e: int, x: torch.Tensor) -> torch.Tensor:
     if adapter.neurons == TRANSPOSED_INTERLEAVED:  # gpt_oss: [H, 2I] interleaved gate/up, clamped GLU
         h = x @ experts.gate_up_proj[e] + experts.gate_up_proj_bias[e]
         gate, up = h[:, 0::2].clamp(max=config.swiglu_limit), h[:, 1::2].clamp(-config.swiglu_limit, config.swiglu_limit)

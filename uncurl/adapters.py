@@ -91,6 +91,9 @@ class MoEAdapter:
     # chosen set being the top-k of the logits, as the family's forward takes it); see
     # profile.ROUTER_OUTPUTS
     router_output: str = "topk"
+    # tensors of the experts module that are not per-expert (muse_spark's ``post_expert_norm.weight``
+    # [H], one norm after every expert): copied as they are, never indexed by expert
+    experts_common: tuple[str, ...] = ()
 
     def expert_axis(self, name: str) -> int:
         """The axis of tensor ``name`` (a short name or a full state-dict key) that holds the experts."""
@@ -399,6 +402,45 @@ ADAPTERS.update({a.model_type: a for a in (
     _wrapper("minimax_m3_vl", "minimax_m3_vl_text"),
     _wrapper("qwen4_exp", "qwen4_exp_text"),
 )})
+# FAMILIES.md section B, last types (issue 10). Their text configs (deepseek_ocr2_text, ...) are in
+# no causal-LM mapping, so each wrapper is its own entry; mistral4 loads through the
+# image-text-to-text mapping (load.model_class).
+_OCR = dict(n_routed_experts=8, moe_intermediate_size=32, n_shared_experts=1, n_group=2, topk_group=1,
+            topk_method="group_limited_greedy", num_key_value_heads=4, num_hidden_layers=3,
+            mlp_layer_types=["dense", "sparse", "sparse"])  # DeepSeek-V2 MoE under a standard attention
+# the OCR models' vision tower is two nested encoders (SAM, then a CLIP or Qwen2-like one)
+_OCR_TOWERS = dict(vision_config=dict(
+    sam_config=dict(hidden_size=32, output_channels=16, num_hidden_layers=1, num_attention_heads=2, image_size=64,
+                    patch_size=16, window_size=2, global_attn_indexes=[0], downsample_channels=[16, 32]),
+    encoder_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                        num_key_value_heads=2, vocab_size=320, image_size=32, patch_size=16)))
+ADAPTERS.update({a.model_type: a for a in (
+    MoEAdapter("deepseek_ocr2", "n_routed_experts", shared_attrs=("shared_experts",), group_keys=_GROUPS,
+               tiny=_OCR, tiny_wrapper=_OCR_TOWERS),
+    MoEAdapter("unlimited_ocr", "n_routed_experts", shared_attrs=("shared_experts",), group_keys=_GROUPS,
+               tiny=dict(_OCR, sliding_window=16), tiny_wrapper=_OCR_TOWERS),
+    MoEAdapter("mistral4", "n_routed_experts", shared_attrs=("shared_experts",), group_keys=_GROUPS,
+               tiny=dict(**_DEEPSEEK, **_MLA, first_k_dense_replace=1, num_hidden_layers=3,
+                         max_position_embeddings=1048576)),  # its YaRN default: 128 x 8192
+    MoEAdapter("mistral_large4", "n_routed_experts", shared_attrs=("shared_experts",), group_keys=_GROUPS,
+               tiny=dict(**_DEEPSEEK, **_MLA, **_INDEXER, first_k_dense_replace=1, num_hidden_layers=3)),
+    MoEAdapter("step3p7", "n_routed_experts", router_tensors=_ECB, shared_attrs=("shared_experts",),
+               tiny=dict(n_routed_experts=8, moe_intermediate_size=32, share_expert_dim=32, head_dim=16,
+                         sliding_window=32, num_hidden_layers=3, mlp_layer_types=["dense", "sparse", "sparse"],
+                         layer_types=["full_attention", "sliding_attention", "full_attention"])),
+    MoEAdapter("glm5_next", "n_routed_experts", router_tensors=_ECB, shared_attrs=("shared_experts",),
+               group_keys=_GROUPS, hybrid="linear attention",
+               tiny=dict({**_DEEPSEEK, **_MLA, **_INDEXER}, qk_rope_head_dim=0, num_attention_heads=4,
+                         index_kpool=4, linear_head_dim=16, linear_num_heads=4, hc_mult=2, num_hidden_layers=3,
+                         mlp_layer_types=["dense", "sparse", "sparse"],
+                         layer_types=["linear_attention", "indexed_attention", "linear_attention"]),
+               tiny_wrapper=dict(vision_config=dict(projection_intermediate_size=64))),
+    MoEAdapter("muse_spark", "num_local_experts", router_tensors=_ECB, experts_common=("post_expert_norm.weight",),
+               tiny=dict(num_local_experts=8, moe_intermediate_size=32, moe_hidden_size=32, head_dim=16,
+                         num_hidden_layers=3, mlp_layer_types=["dense", "sparse", "sparse"]),
+               tiny_wrapper=dict(out_hidden_size=64, projector_hidden_size=64, audio_config=dict(
+                   patch_sizes=[4], hidden_sizes=[32], depths=[1]))),
+)})
 ADAPTERS["llama4"] = _wrapper("llama4", "llama4_text", tiny_wrapper=dict(vision_config=dict(
     image_size=28, patch_size=14, vision_output_dim=64, projector_input_dim=64, projector_output_dim=64)))
 
@@ -473,6 +515,8 @@ def special(adapter: MoEAdapter) -> list[str]:
         out.append(f"block routing tensors: {', '.join(adapter.block_tensors)}")
     if adapter.tail_rows:
         out.append(f"router tail rows: {adapter.tail_rows}")
+    if adapter.experts_common:
+        out.append(f"not per-expert: experts.{', experts.'.join(adapter.experts_common)}")
     if adapter.router_output != "topk":
         out.append(f"router returns {adapter.router_output}")
     return out
@@ -572,7 +616,8 @@ def per_expert_names(layer: MoELayer, adapter: MoEAdapter) -> tuple[list[str], l
     ``merge.rewrite_model`` raises on a tensor whose expert axis is not E (a bug in the adapter
     entry) rather than skipping it.
     """
-    experts = [f"{layer.name}.{adapter.experts_attr}.{n}" for n in layer.experts.state_dict()]
+    experts = [f"{layer.name}.{adapter.experts_attr}.{n}" for n in layer.experts.state_dict()
+               if n not in adapter.experts_common]
     return experts, list(routing_names(layer, adapter).values())
 
 
