@@ -18,7 +18,8 @@ import torch
 from safetensors import safe_open
 from conftest import is_wrapper, pretrained
 
-from uncurl.adapters import ADAPTERS, REFUSED, expert_count, find_moe_layers, language_stack, per_expert_names, tail_rows
+from uncurl.adapters import (ADAPTERS, REFUSED, expert_count, expert_id_names, find_moe_layers, language_stack,
+                             per_expert_names, tail_rows)
 from uncurl.load import PROCESSOR_FILES
 from uncurl.pipeline import PruneOptions, prune
 
@@ -73,6 +74,8 @@ def test_prune_to_half_reloads_cleanly(family, pruned, ids):
         state = model.state_dict()
         for name in expert_names + router_names:  # (plus any tail rows: shared, zero or skip slots)
             assert state[name].shape[adapter.expert_axis(name)] in (e // 2, e // 2 + tail_rows(model.config, adapter)), name
+        for name in expert_id_names(layer, adapter):  # hash tables name kept experts only
+            assert 0 <= int(state[name].min()) and int(state[name].max()) < e // 2, name
     # sharded on disk with an index, and no expert index >= E/2 in the per-expert layout
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
@@ -97,7 +100,7 @@ def test_dense_layers_and_shared_experts_unchanged(family, pruned):
     routed = set()
     for layer in find_moe_layers(original, adapter):
         experts, router = per_expert_names(layer, adapter)
-        routed |= set(experts) | set(router)
+        routed |= set(experts) | set(router) | set(expert_id_names(layer, adapter))
     untouched = {k: v for k, v in original.state_dict().items() if k not in routed}
     got = reloaded.state_dict()
     assert set(got) - routed == set(untouched)

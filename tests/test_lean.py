@@ -104,6 +104,18 @@ def test_checks_from_disk_catch_a_damaged_checkpoint(damage, tmp_path):
         verify_checkpoint(tmp_path, ADAPTERS["mixtral"], 8, 2, tok)
 
 
+def test_checks_from_disk_catch_a_hash_table_naming_a_missing_expert(tmp_path):
+    """deepseek_v4's tid2eid with an id of E: its forward silently skips that slot (the experts'
+    one-hot has E+1 classes), so only the check of the ids catches it."""
+    model, tok = build_tiny("deepseek_v4", seed=0)
+    with torch.no_grad():
+        model.model.layers[0].mlp.gate.tid2eid[5, 1] = 8
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    with pytest.raises(CheckpointCheckError, match=r"tid2eid holds expert ids 0\.\.8, expected 0\.\.7"):
+        verify_checkpoint(tmp_path, ADAPTERS["deepseek_v4"], 8, 2, tok)
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_stays_in_its_dtype_and_merges_in_fp32(dtype, tiny_dirs, data_dir, tmp_path):
     src = tiny_dirs("qwen3_moe")

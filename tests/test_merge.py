@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from uncurl.adapters import ADAPTERS, expert_count, find_moe_layers, per_expert_names, tail_rows
+from uncurl.adapters import ADAPTERS, expert_count, expert_id_names, find_moe_layers, per_expert_names, tail_rows
 from uncurl.cluster import LayerPlan
 from uncurl.load import build_tiny
-from uncurl.merge import merge_tensor, rewrite_model
+from uncurl.merge import expert_targets, merge_tensor, remap_expert_ids, rewrite_model
 
 
 def test_merge_tensor_equals_hand_computed_weighted_average():
@@ -60,6 +60,8 @@ def test_rewrite_applies_the_documented_functions(family, rule):
         for name, t in model.state_dict(keep_vars=True).items():
             if any(name in per_expert_names(layer, adapter)[1] for layer in layers) and not t.any():
                 t.data.copy_(torch.randn(t.shape, generator=g).to(t.dtype))
+            if any(name in expert_id_names(layer, adapter) for layer in layers):  # hash tables: zeros too
+                t.data.copy_(torch.randint(0, e, t.shape, generator=g).to(t.dtype))
     groups = tuple((i, i + 1) for i in range(0, e, 2))  # pairs stay inside routing groups
     weights = tuple((0.3, 0.7) for _ in groups)
     plans = {layer.name: LayerPlan(groups, weights) for layer in layers}
@@ -85,7 +87,25 @@ def test_rewrite_applies_the_documented_functions(family, rule):
             want = torch.cat([want, old[e:]])  # tail rows (shared, zero, skip slots) are copied
             torch.testing.assert_close(state[name], want.movedim(0, axis))
             assert state[name].shape[axis] in (half, half + tail_rows(model.config, adapter))
+        for name in expert_id_names(layer, adapter):  # expert 2i and 2i+1 are now expert i
+            assert torch.equal(state[name], before[name] // 2) and before[name].unique().numel() > half
     assert expert_count(new.config, adapter) == half
+
+
+def test_expert_ids_are_remapped_through_the_plan_by_hand():
+    """A hash-routing table (deepseek_v4's tid2eid) after a plan over 6 experts: groups {0, 3},
+    {1}, {2, 5}; expert 4 is in no group and goes to the group whose new router row is closest
+    to its own: group 1 (expert 1's row, which is expert 4's times 2)."""
+    w = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0], [1.0, 0.1], [0.0, 1.0], [1.0, 0.9]])
+    plan = LayerPlan(groups=((0, 3), (1,), (2, 5)), weights=((0.5, 0.5), (1.0,), (0.5, 0.5)))
+    targets = expert_targets(plan, w)
+    assert targets.tolist() == [0, 1, 2, 0, 1, 2]
+    tid2eid = torch.tensor([[0, 4], [5, 1], [3, 2], [3, 0]], dtype=torch.int32)
+    out = remap_expert_ids(tid2eid, targets)
+    assert out.dtype == torch.int32 and out.tolist() == [[0, 1], [2, 1], [0, 2], [0, 0]]
+    # a selection plan (K=E, singletons in order) leaves the table as it was
+    same = LayerPlan(groups=tuple((i,) for i in range(6)), weights=((1.0,),) * 6)
+    assert torch.equal(remap_expert_ids(tid2eid, expert_targets(same, w)), tid2eid)
 
 
 def test_merging_identical_experts_leaves_outputs_unchanged(ids):

@@ -94,6 +94,11 @@ class MoEAdapter:
     # tensors of the experts module that are not per-expert (muse_spark's ``post_expert_norm.weight``
     # [H], one norm after every expert): copied as they are, never indexed by expert
     experts_common: tuple[str, ...] = ()
+    # router tensors that hold expert *ids*, not one row per expert (deepseek_v4's hash routers:
+    # ``tid2eid [V, k]``, the k experts each token id is routed to): every id is rewritten to its
+    # expert's new index through the plan (merge.expert_targets). A layer whose router lacks one (a
+    # learned router beside the hash ones) has none to rewrite
+    expert_ids: tuple[str, ...] = ()
 
     def expert_axis(self, name: str) -> int:
         """The axis of tensor ``name`` (a short name or a full state-dict key) that holds the experts."""
@@ -441,6 +446,15 @@ ADAPTERS.update({a.model_type: a for a in (
                tiny_wrapper=dict(out_hidden_size=64, projector_hidden_size=64, audio_config=dict(
                    patch_sizes=[4], hidden_sizes=[32], depths=[1]))),
 )})
+# hash routing (tid2eid): the first layers route by token id and their routers have no correction bias;
+# intermediate_size is its alias of moe_intermediate_size
+ADAPTERS["deepseek_v4"] = MoEAdapter(
+    "deepseek_v4", "n_routed_experts", router_tensors=_ECB, expert_ids=("tid2eid",), shared_attrs=("shared_experts",),
+    tiny=dict(n_routed_experts=8, intermediate_size=32, n_shared_experts=1, head_dim=16, num_key_value_heads=1,
+              q_lora_rank=16, o_groups=2, o_lora_rank=16, index_n_heads=2, index_head_dim=16, index_topk=4,
+              sliding_window=8, hc_mult=2, num_hidden_layers=3, mlp_layer_types=["hash_moe", "moe", "moe"],
+              compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 8},
+              layer_types=["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"]))
 ADAPTERS["llama4"] = _wrapper("llama4", "llama4_text", tiny_wrapper=dict(vision_config=dict(
     image_size=28, patch_size=14, vision_output_dim=64, projector_input_dim=64, projector_output_dim=64)))
 
@@ -517,6 +531,8 @@ def special(adapter: MoEAdapter) -> list[str]:
         out.append(f"router tail rows: {adapter.tail_rows}")
     if adapter.experts_common:
         out.append(f"not per-expert: experts.{', experts.'.join(adapter.experts_common)}")
+    if adapter.expert_ids:
+        out.append(f"expert-id tables: {', '.join(adapter.expert_ids)}")
     if adapter.router_output != "topk":
         out.append(f"router returns {adapter.router_output}")
     return out
@@ -606,6 +622,11 @@ def find_moe_layers(model: nn.Module, adapter: MoEAdapter) -> list[MoELayer]:
             f"no MoE layers found in this {model.config.model_type!r} model (looked for modules "
             f"with '.{adapter.router_attr}' and '.{adapter.experts_attr}'); is it a dense model?"
         )
+    # a router tensor may be missing from some layers (routing_names), never from all: a misspelt one
+    seen = set().union(*(layer.router.state_dict().keys() for layer in layers))
+    absent = [n for n in adapter.router_tensors + adapter.expert_ids if n not in seen]
+    if absent:
+        raise ValueError(f"{adapter.model_type}: no router of this model has {absent} (the adapter entry is wrong)")
     return layers
 
 
@@ -623,12 +644,21 @@ def per_expert_names(layer: MoELayer, adapter: MoEAdapter) -> tuple[list[str], l
 
 def routing_names(layer: MoELayer, adapter: MoEAdapter) -> dict[str, str]:
     """{short name: full state-dict key} of a layer's per-expert routing tensors: the router's
-    (``router_tensors``, named under the router) and the block's own (``block_tensors``)."""
-    names = {n: f"{layer.name}.{adapter.router_attr}.{n}" for n in adapter.router_tensors}
+    (``router_tensors``, named under the router; one this layer's router lacks is skipped, as
+    deepseek_v4's hash routers have no ``e_score_correction_bias``) and the block's own
+    (``block_tensors``)."""
+    own = layer.router.state_dict().keys()
+    names = {n: f"{layer.name}.{adapter.router_attr}.{n}" for n in adapter.router_tensors if n in own}
     names.update({n: f"{layer.name}.{n}" for n in adapter.block_tensors})
-    if len(names) != len(adapter.router_tensors) + len(adapter.block_tensors):
+    if len(names) != len(own & set(adapter.router_tensors)) + len(adapter.block_tensors):
         raise ValueError(f"{adapter.model_type}: a router tensor and a block tensor share a name")
     return names
+
+
+def expert_id_names(layer: MoELayer, adapter: MoEAdapter) -> list[str]:
+    """Full state-dict keys of the layer's router tensors that hold expert ids (``expert_ids``)."""
+    own = layer.router.state_dict().keys()
+    return [f"{layer.name}.{adapter.router_attr}.{n}" for n in adapter.expert_ids if n in own]
 
 
 def tiny_config(model_type: str, **overrides):

@@ -41,8 +41,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .adapters import (MoEAdapter, NeuronAxis, find_moe_layers, per_expert_names, routing_names, set_moe_keys,
-                       tail_rows)
+from .adapters import (MoEAdapter, NeuronAxis, expert_id_names, find_moe_layers, per_expert_names, routing_names,
+                       set_moe_keys, tail_rows)
 from .cluster import LayerPlan
 from .errors import UncurlError
 from .offload import Spill, drop_offloaded, on_disk, read_tensor, transplant_hooks
@@ -288,6 +288,36 @@ def _router_refit(tensors, plan, stats, adapter):
     return out
 
 
+# ---- expert-id tables: the new index of each original expert ---------------------------------
+
+def expert_targets(plan: LayerPlan, router_weight: torch.Tensor) -> torch.Tensor:
+    """[E] long: the index (0..K-1) of the group each original expert went to, for tables that
+    hold expert ids (deepseek_v4's hash routing ``tid2eid``).
+
+    An expert in no group (dropped by a pruning criterion) goes to the group whose new router row
+    (the plan's mean of its members' rows) is the most similar (cosine) to the expert's own row of
+    ``router_weight`` [E, H]: the kept expert that the router scores most like it.
+    """
+    e = router_weight.shape[0]
+    targets = torch.full((e,), -1, dtype=torch.long)
+    for k, members in enumerate(plan.groups):
+        targets[list(members)] = k
+    dropped = torch.nonzero(targets < 0).flatten()
+    if len(dropped):
+        w = router_weight.double().cpu()
+        rows = plan.matrix(e, "mean") @ w
+        sim = torch.nn.functional.normalize(w[dropped], dim=1) @ torch.nn.functional.normalize(rows, dim=1).T
+        targets[dropped] = sim.argmax(1)
+    return targets
+
+
+def remap_expert_ids(ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``ids`` (any shape, expert ids < E) with each id replaced by ``targets[id]``, same dtype.
+    A token whose experts went to one group lists that group twice: the model runs it once per
+    slot, so the merged expert gets the token's whole routing weight."""
+    return targets.to(ids.device)[ids.long()].to(ids.dtype)
+
+
 def rewrite_model(
     model,
     adapter: MoEAdapter,
@@ -340,6 +370,11 @@ def rewrite_model(
             new.update({short[s]: (torch.cat([t, tails[s].to(t)]) if len(tails[s]) else t)
                         .movedim(0, adapter.expert_axis(s)).contiguous() for s, t in merged.items()})
             del sources, tails, merged
+        if adapter.expert_ids:
+            weight = routing_names(layer, adapter)[adapter.router_tensors[0]]
+            targets = expert_targets(plan, read_tensor(model, weight, state[weight])[: layer.num_experts])
+            for name in expert_id_names(layer, adapter):
+                new[name] = remap_expert_ids(read_tensor(model, name, state[name]), targets)
         for name, tensor in new.items():
             state[name] = tensor
             if on_disk(model, name):  # its layer lives on disk: so does the merged tensor

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .adapters import MoEAdapter, expert_count, find_moe_layers, per_expert_names, tail_rows, top_k
+from .adapters import MoEAdapter, expert_count, expert_id_names, find_moe_layers, per_expert_names, tail_rows, top_k
 from .errors import CheckpointCheckError, UncurlError
 
 SHARD_SIZE = "5GB"  # transformers' default; a model under it is one model.safetensors, no index
@@ -233,6 +233,11 @@ def _verify(loaded, folder, adapter, expected_experts, expected_top_k, tokenizer
             rows = state[name].shape[adapter.expert_axis(name)]
             if rows not in (expected_experts, expected_experts + tail):
                 problems.append(f"{name} has {rows} experts, expected {expected_experts}")
+        for name in expert_id_names(layer, adapter):  # hash tables: every id names a kept expert
+            ids = read_tensor(model, name, state[name])
+            if ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < expected_experts):
+                problems.append(f"{name} holds expert ids {int(ids.min())}..{int(ids.max())}, expected 0.."
+                                f"{expected_experts - 1}")
     bad = [n for n, t in state.items() if t.is_floating_point()
            and not (torch.isfinite if n in written else _no_nan)(read_tensor(model, n, t)).all()]
     if bad:
