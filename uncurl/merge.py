@@ -17,6 +17,9 @@ functions (``MERGE_RULES``, ``ROUTER_RULES``):
 - router ``mean`` (the merge weights' mean of the rows), ``dominant`` (the reference member's row)
   and ``refit`` (a least-squares fit, per layer, of the K new rows: see ``refit_router``).
 
+Tables of expert *ids* (deepseek_v4's hash routing ``tid2eid``, the adapter's ``expert_ids``) are
+not merged but rewritten: every id becomes its expert's new index (``expert_targets``).
+
 Merging is computed in float32 (float64 for float64 tensors) per group and cast back to the
 tensor's dtype. A singleton group is copied bit for bit, which is why ``--keep E`` reproduces the
 original model exactly whatever the rules.
