@@ -236,6 +236,20 @@ def _declared_type(path: Path):
     return _read_json(path, "configuration").get("model_type")
 
 
+def check_family(model_id: str) -> None:
+    """Before anything costly: a local folder of a family uncurl refuses, or of one in the table that
+    the installed transformers does not know yet, fails here with the reason."""
+    folder = Path(model_id)
+    if not folder.is_dir():
+        return
+    check_config_file(folder)
+    model_type = _declared_type(folder / "config.json")
+    if model_type in ADAPTERS and not installed(model_type):
+        raise UncurlError(needs_newer_transformers(model_type))
+    if model_type in REFUSED:
+        get_adapter(model_type)  # says why uncurl cannot prune it
+
+
 def _config(model_id: str):
     from transformers import AutoConfig
 

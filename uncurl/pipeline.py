@@ -24,7 +24,7 @@ from .adapters import expert_count, find_moe_layers, routing_groups, top_k
 from .cluster import LayerPlan, get_method, plan_layer, validate_keep
 from .errors import UncurlError
 from .evaluate import METRICS, drop, evaluate_examples
-from .load import Loaded, input_device, load_model
+from .load import Loaded, check_family, input_device, load_model
 from .merge import MERGE_RULES, ROUTER_RULES, get_rule, parameter_count, rewrite_model, weight_bytes
 from .profile import Profile, profile_model
 from .report import REPORT_SCHEMA, Timings, command_line, layer_entries, versions, write_report
@@ -261,6 +261,7 @@ def check_data(opts: DataOptions, *, calibrating: bool, evaluating: bool, eval_l
 
 def check_options(opts: RunOptions, evaluating: bool) -> None:
     """Cheap checks of everything that does not need the model, before loading it."""
+    check_family(opts.model)  # a refused family says why before any data is read
     for method in opts.method.split(","):
         get_method(method)
     for merge in opts.merge.split(","):
