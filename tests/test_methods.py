@@ -39,14 +39,12 @@ def hand_ffn(experts, adapter, config, e: int, x: torch.Tensor) -> torch.Tensor:
         return (experts.act_fn(gate) * up) @ experts.down_proj[e]
     if adapter.neurons == FUSED_NON_GATED:
         return experts.act_fn(x @ experts.up_proj[e].T) @ experts.down_proj[e].T
-    if adapter.neurons == TRANSPOSED_GATED:  # aria: [H, 2I] gate columns, then up columns; down [I, H]
-        gate, up = (x @ experts.gate_up_proj[e]).chunk(2, dim=-1)
-        return (experts.act_fn(gate) * up) @ experts.down_proj[e]
     i = experts.gate_up_proj.shape[1] // 2  # [2I, H]: gate rows, then up rows
     gate, up = x @ experts.gate_up_proj[e][:i].T, x @ experts.gate_up_proj[e][i:].T
     if not hasattr(experts, "act_fn"):  # a clamped GLU (hy_v4, minimax_m3_vl_text): the family's own
         return experts._apply_gate(torch.cat([gate, up], dim=-1)) @ experts.down_proj[e].T
-    if len(inspect.signature(experts.act_fn.forward).parameters) == 2:  # act(gate, up): inkling2 softcaps
+    act = experts.act_fn  # a module act(gate, up) (inkling2's softcaps), or act(gate) as in most families
+    if isinstance(act, torch.nn.Module) and len(inspect.signature(act.forward).parameters) == 2:
         return experts.act_fn(gate, up) @ experts.down_proj[e].T
     return (experts.act_fn(gate) * up) @ experts.down_proj[e].T
 
