@@ -193,3 +193,14 @@ def test_every_method_merge_and_router_reloads_clean(family, data_dir, tmp_path)
         config = json.loads((tmp_path / "sweep" / "checkpoints" / row["checkpoint"].split("/")[-1] / "config.json").read_text())
         assert config[ADAPTERS[family].expert_count_key] == 4
         assert np.isfinite(row["loss"])
+
+
+def test_the_report_names_the_method_that_ran_when_the_default_falls_back(data_dir, tmp_path):
+    """llama4's experts are not switchable, so its profile has no expert-output norms: the default
+    criterion cannot be computed and frequency runs instead; the report says both."""
+    from uncurl.pipeline import DEFAULT_METHOD, PruneOptions, prune
+
+    res = prune(PruneOptions(model="builtin:llama4_text", task="superglue-rte", keep=4, out=str(tmp_path / "o"),
+                             data_dir=str(data_dir), samples=8, max_length=64))
+    assert res.report["method"] == "frequency" and res.report["method_requested"] == DEFAULT_METHOD
+    assert all(len(g) == 1 for layer in res.report["layers"] for g in layer["groups"])  # a criterion: kept alone
