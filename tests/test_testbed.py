@@ -122,3 +122,17 @@ def test_alignment_score_finds_shared_neurons_of_shuffled_experts(alignment):
     assert got["pairs"] == 12 and got["shared_neurons_per_pair"] > 3
     assert got["right_aligned"] == 1.0
     assert got["right_none"] < 0.3 and got["right_random"] < 0.3
+
+
+def test_lm_eval_comparison_writes_rows_in_the_hub_schema(data_dir):
+    """examples/compare_lm_eval.py hands lm-eval local rows in the schema of its default task configs."""
+    path = SCRIPT.parent / "compare_lm_eval.py"
+    spec = importlib.util.spec_from_file_location("compare_lm_eval", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.evaluation_rows("superglue-rte", data_dir, 5)
+    assert len(rows) == 5 and all(isinstance(r, dict) for r in rows)
+    hub = module._hub_row("superglue-rte", rows[0])
+    assert set(hub) >= {"premise", "hypothesis", "label"} and hub["label"] in (0, 1)
+    arc = module._hub_row("arc-easy", module.evaluation_rows("arc-easy", data_dir, 1)[0])
+    assert arc["answerKey"] in arc["choices"]["label"]
