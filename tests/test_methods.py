@@ -19,6 +19,17 @@ from uncurl.profile import profile_model
 TEXTS = ["The cat sat on the mat.", "Experts and routers, for a test.", "Short one.", "Paris is in France!"]
 
 
+def forward_texts(model, tok, hooks) -> None:
+    """A plain forward over TEXTS, one text at a time, with ``hooks`` attached; then removes them."""
+    try:
+        with torch.no_grad():
+            for text in TEXTS:
+                model(**tok([text], return_tensors="pt"))
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def hand_expert_output(experts, adapter, config, e: int, x: torch.Tensor) -> torch.Tensor:
     """f_e(x) written out from the fused tensors, per the family's documented layout."""
     if adapter.neurons == TRANSPOSED_INTERLEAVED:  # gpt_oss: [H, 2I] interleaved gate/up, clamped GLU
@@ -40,14 +51,9 @@ def hand_scores(model, tok, adapter):
     """Per MoE layer: (counts, sum ||f||, sum g ||f||) from a plain forward, one text at a time."""
     layers = find_moe_layers(model, adapter)
     seen = {layer.name: [] for layer in layers}
-    hooks = [layer.experts.register_forward_pre_hook(
+    forward_texts(model, tok, [layer.experts.register_forward_pre_hook(
         lambda m, args, name=layer.name: seen[name].append([a.detach().clone() for a in args[:3]]))
-        for layer in layers]
-    with torch.no_grad():
-        for text in TEXTS:
-            model(**tok([text], return_tensors="pt"))
-    for h in hooks:
-        h.remove()
+        for layer in layers])
     out = {}
     for layer in layers:
         e_count = layer.num_experts
@@ -129,14 +135,9 @@ def router_logits(model, tok, adapter):
     """Each MoE layer's router logits on TEXTS, from hooks on a plain forward."""
     layers = find_moe_layers(model, adapter)
     seen = {layer.name: [] for layer in layers}
-    hooks = [layer.router.register_forward_hook(
+    forward_texts(model, tok, [layer.router.register_forward_hook(
         lambda m, a, out, name=layer.name: seen[name].append(out[0].detach().reshape(-1, out[0].shape[-1])))
-        for layer in layers]
-    with torch.no_grad():
-        for text in TEXTS:
-            model(**tok([text], return_tensors="pt"))
-    for h in hooks:
-        h.remove()
+        for layer in layers])
     return {name: torch.cat(v).double() for name, v in seen.items()}
 
 
