@@ -57,7 +57,8 @@ def _hub_row(task: str, row: dict) -> dict:
 def evaluation_rows(task_name: str, data: Path, limit: int | None) -> list[dict]:
     from uncurl import tasks as T
 
-    rows, _ = T._local_rows(T.get_task(task_name), "evaluation", data)
+    rows, _ = T._local_rows(T.get_task(task_name), "evaluation", data)  # [(where, row)]
+    rows = [row for _, row in rows]
     return rows[:limit] if limit else rows
 
 

@@ -21,6 +21,17 @@ from uncurl.profile import profile_model
 TEXTS = ["The cat sat on the mat.", "Experts and routers, for a test.", "Short one.", "Paris is in France!"]
 
 
+def forward_texts(model, tok, hooks) -> None:
+    """A plain forward over TEXTS, one text at a time, with ``hooks`` attached; then removes them."""
+    try:
+        with torch.no_grad():
+            for text in TEXTS:
+                model(**tok([text], return_tensors="pt"))
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def hand_expert_output(experts, adapter, config, e: int, x: torch.Tensor) -> torch.Tensor:
     """f_e(x) written out from the fused tensors, per the family's documented layout, then the
     norm all experts share where there is one (muse_spark's post_expert_norm)."""
@@ -53,14 +64,9 @@ def hand_scores(model, tok, adapter):
     """Per MoE layer: (counts, sum ||f||, sum g ||f||) from a plain forward, one text at a time."""
     layers = find_moe_layers(model, adapter)
     seen = {layer.name: [] for layer in layers}
-    hooks = [layer.experts.register_forward_pre_hook(
+    forward_texts(model, tok, [layer.experts.register_forward_pre_hook(
         lambda m, args, name=layer.name: seen[name].append([a.detach().clone() for a in args[:3]]))
-        for layer in layers]
-    with torch.no_grad():
-        for text in TEXTS:
-            model(**tok([text], return_tensors="pt"))
-    for h in hooks:
-        h.remove()
+        for layer in layers])
     out = {}
     for layer in layers:
         e_count = layer.num_experts
@@ -142,14 +148,9 @@ def router_logits(model, tok, adapter):
     """Each MoE layer's router logits on TEXTS, from hooks on a plain forward."""
     layers = find_moe_layers(model, adapter)
     seen = {layer.name: [] for layer in layers}
-    hooks = [layer.router.register_forward_hook(
+    forward_texts(model, tok, [layer.router.register_forward_hook(
         lambda m, a, out, name=layer.name: seen[name].append(out[0].detach().reshape(-1, out[0].shape[-1])))
-        for layer in layers]
-    with torch.no_grad():
-        for text in TEXTS:
-            model(**tok([text], return_tensors="pt"))
-    for h in hooks:
-        h.remove()
+        for layer in layers])
     return {name: torch.cat(v).double() for name, v in seen.items()}
 
 
@@ -206,3 +207,14 @@ def test_every_method_merge_and_router_reloads_clean(family, data_dir, tmp_path)
         config = json.loads((tmp_path / "sweep" / "checkpoints" / row["checkpoint"].split("/")[-1] / "config.json").read_text())
         assert config[ADAPTERS[family].expert_count_key] == 4
         assert np.isfinite(row["loss"])
+
+
+def test_the_report_names_the_method_that_ran_when_the_default_falls_back(data_dir, tmp_path):
+    """llama4's experts are not switchable, so its profile has no expert-output norms: the default
+    criterion cannot be computed and frequency runs instead; the report says both."""
+    from uncurl.pipeline import DEFAULT_METHOD, PruneOptions, prune
+
+    res = prune(PruneOptions(model="builtin:llama4_text", task="superglue-rte", keep=4, out=str(tmp_path / "o"),
+                             data_dir=str(data_dir), samples=8, max_length=64))
+    assert res.report["method"] == "frequency" and res.report["method_requested"] == DEFAULT_METHOD
+    assert all(len(g) == 1 for layer in res.report["layers"] for g in layer["groups"])  # a criterion: kept alone

@@ -86,3 +86,53 @@ def test_refitted_down_projections_bring_the_moe_closer_to_the_parent(build):
     assert (refit - reference).pow(2).mean() < 0.5 * (plain - reference).pow(2).mean()
     _, _, _, reference, full = convert(build, share=1.0, ridge=1e-3)  # nothing to fix: stays the parent
     torch.testing.assert_close(full, reference, atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def alignment():
+    path = SCRIPT.parent / "score_alignment.py"
+    spec = importlib.util.spec_from_file_location("score_alignment", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_alignment_pair_score_by_hand(alignment):
+    # reference holds parent neurons [4, 7, 9]; member [9, 4, 2]: 4 and 9 are shared
+    ref, mem = torch.tensor([4, 7, 9]), torch.tensor([9, 4, 2])
+    assert alignment.pair_score(torch.tensor([1, 2, 0]), ref, mem) == (2, 2)  # 4<-mem[1], 9<-mem[0]
+    assert alignment.pair_score(torch.tensor([0, 1, 2]), ref, mem) == (0, 2)
+    assert alignment.pair_score(torch.tensor([1, 0, 2]), ref, mem) == (1, 2)
+
+
+def test_alignment_score_finds_shared_neurons_of_shuffled_experts(alignment):
+    """Experts made of overlapping, shuffled subsets of a parent's neurons, with their down columns
+    perturbed (as the test bed's refit does): uncurl's matcher puts every shared neuron right."""
+    from uncurl.adapters import FUSED_GATED
+
+    g = torch.Generator().manual_seed(0)
+    hidden, parent_size, size, n_exp = 16, 24, 12, 4
+    gate, up, down = (torch.randn(parent_size, hidden, generator=g) for _ in range(3))
+    parent = torch.stack([torch.randperm(parent_size, generator=g)[:size] for _ in range(n_exp)])
+    experts = {
+        "gate_up_proj": torch.stack([torch.cat([gate[p], up[p]]) for p in parent]),  # [E, 2I, H]
+        "down_proj": torch.stack([(down[p] + 0.1 * torch.randn(size, hidden, generator=g)).T for p in parent]),
+    }
+    got = alignment.score_layer(experts, parent, FUSED_GATED)
+    assert got["pairs"] == 12 and got["shared_neurons_per_pair"] > 3
+    assert got["right_aligned"] == 1.0
+    assert got["right_none"] < 0.3 and got["right_random"] < 0.3
+
+
+def test_lm_eval_comparison_writes_rows_in_the_hub_schema(data_dir):
+    """examples/compare_lm_eval.py hands lm-eval local rows in the schema of its default task configs."""
+    path = SCRIPT.parent / "compare_lm_eval.py"
+    spec = importlib.util.spec_from_file_location("compare_lm_eval", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.evaluation_rows("superglue-rte", data_dir, 5)
+    assert len(rows) == 5 and all(isinstance(r, dict) for r in rows)
+    hub = module._hub_row("superglue-rte", rows[0])
+    assert set(hub) >= {"premise", "hypothesis", "label"} and hub["label"] in (0, 1)
+    arc = module._hub_row("arc-easy", module.evaluation_rows("arc-easy", data_dir, 1)[0])
+    assert arc["answerKey"] in arc["choices"]["label"]

@@ -298,12 +298,17 @@ def prepare(opts: RunOptions, keeps: list[int], timings: Timings, *, source_chec
     return Prepared(loaded, profile, n_group, k_before, k_after, n_experts)
 
 
-def plan_all(prep: Prepared, keep: int, method: str, seed: int) -> dict[str, LayerPlan]:
+def method_used(prep: Prepared, method: str) -> str:
+    """The method a run really uses: the default falls back to frequency (logged) on a profile
+    without expert-output statistics (llama4, longcat_flash: the recorder cannot see their experts)."""
     if method == DEFAULT_METHOD and any(stats.missing for stats in prep.profile.layers.values()):
-        # families whose experts the recorder cannot see (llama4, longcat_flash) have no output norms
         log.warning("this profile has no expert-output statistics; the default --method %s falls back to "
                     "frequency", DEFAULT_METHOD)
-        method = "frequency"
+        return "frequency"
+    return method
+
+
+def plan_all(prep: Prepared, keep: int, method: str, seed: int) -> dict[str, LayerPlan]:
     return {name: plan_layer(stats, keep, method, prep.n_group, seed) for name, stats in prep.profile.layers.items()}
 
 
@@ -334,7 +339,8 @@ def prune(opts: PruneOptions) -> PruneResult:
         with timings.stage("eval_before"):
             evaluation["before"] = run_eval(loaded.model, loaded.tokenizer, opts, opts.eval_limit, opts.seed)
     with timings.stage("cluster"):
-        plans = plan_all(prep, opts.keep, opts.method, opts.seed)
+        method = method_used(prep, opts.method)
+        plans = plan_all(prep, opts.keep, method, opts.seed)
     before = {"params": parameter_count(loaded.model), "bytes": weight_bytes(loaded.model)}
     # accelerate's map: module name -> GPU index, "cpu" or "disk"; else the one device
     device_map = getattr(loaded.model, "hf_device_map", None) or {"": input_device(loaded.model)}
@@ -359,7 +365,8 @@ def prune(opts: PruneOptions) -> PruneResult:
             "bytes_before": before["bytes"], "bytes_after": weight_bytes(pruned),
             "placement": modules_per_device,
         },
-        "method": opts.method,
+        "method": method,  # what ran; "method_requested" when the default fell back
+        **({"method_requested": opts.method} if method != opts.method else {}),
         "merge": opts.merge,
         "router_rows": opts.router_rows,
         "keep": opts.keep,

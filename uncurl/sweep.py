@@ -21,7 +21,7 @@ from .cluster import get_method
 from .errors import UncurlError
 from .evaluate import METRICS, drop
 from .merge import parameter_count, rewrite_model
-from .pipeline import RunOptions, base_report, check_options, plan_all, prepare, run_eval
+from .pipeline import RunOptions, base_report, check_options, method_used, plan_all, prepare, run_eval
 from .report import Timings
 from .save import check_out_dir, staged_dir, verify_checkpoint, write_checkpoint
 
@@ -90,13 +90,14 @@ def sweep(opts: SweepOptions, on_row=None, skip=None) -> dict:
                     continue
                 name = label(method, merge, router)
                 with timings.stage(f"{name}-k{keep}"):
-                    plans = plan_all(prep, keep, method, opts.seed)
+                    used = method_used(prep, method)
+                    plans = plan_all(prep, keep, used, opts.seed)
                     pruned = rewrite_model(model, prep.loaded.adapter, plans,
                                            router_rule="mean" if router == "-" else router,
                                            merge="select" if merge == "-" else merge,
                                            stats=prep.profile.layers, top_k=opts.top_k)
                     metrics = run_eval(pruned, tok, opts, opts.eval_limit, opts.seed)
-                    row = {"method": method, "merge": merge, "router": router, "label": name, "keep": keep,
+                    row = {"method": used, **({"method_requested": method} if used != method else {}), "merge": merge, "router": router, "label": name, "keep": keep,
                            "params": parameter_count(pruned), **metrics,
                            "drop": {m: drop(base, metrics, m) for m in METRICS},
                            "groups": {layer: [list(g) for g in p.groups] for layer, p in plans.items()}}
