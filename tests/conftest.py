@@ -14,7 +14,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from uncurl.adapters import ADAPTERS, installed, needs_newer_transformers  # noqa: E402
+from uncurl.adapters import ADAPTERS, broken_here, installed, needs_newer_transformers  # noqa: E402
 from uncurl.load import build_tiny, model_class  # noqa: E402
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -45,6 +45,8 @@ def pytest_collection_modifyitems(items):
         family = getattr(item, "callspec", None) and item.callspec.params.get("family")
         if family in ADAPTERS and not installed(family):
             item.add_marker(pytest.mark.skip(reason=needs_newer_transformers(family)))
+        elif family in ADAPTERS and broken_here(ADAPTERS[family]):
+            item.add_marker(pytest.mark.skip(reason=broken_here(ADAPTERS[family])))
 
 
 PREPROCESSOR = '{\n  "image_processor_type": "uncurl-test",\n  "patch_size": 16\n}\n'

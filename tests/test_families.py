@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -217,3 +218,21 @@ def test_a_router_returning_probabilities_is_profiled_on_its_logits(texts):
         logits = torch.cat(seen[name]).double()
         torch.testing.assert_close(stats.logit_sum, logits.sum(0))
         assert abs(float(stats.logit_sum.sum()) - stats.tokens) > 1e-3  # probabilities would sum to 1 per token
+
+
+def test_a_family_whose_transformers_code_is_broken_there_is_refused_with_the_fault(tiny_dirs, tmp_path, monkeypatch):
+    """A family listed as broken in the installed transformers release: exit 2 naming the release,
+    the fault and what to install; nothing written."""
+    import transformers
+    from typer.testing import CliRunner
+
+    from uncurl.cli import app
+
+    src = tiny_dirs("mixtral")
+    monkeypatch.setitem(ADAPTERS, "mixtral", replace(ADAPTERS["mixtral"], broken_in={transformers.__version__: "X fails"}))
+    res = CliRunner().invoke(app, ["prune", "--model", str(src), "--out", str(tmp_path / "out"), "--samples", "4"])
+    assert res.exit_code == 2, res.output
+    text = " ".join(res.output.split())
+    assert f"cannot run with the installed transformers {transformers.__version__}: X fails" in text
+    assert f"transformers>=5,<6,!={transformers.__version__}" in text
+    assert not (tmp_path / "out").exists()

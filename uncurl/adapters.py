@@ -91,6 +91,9 @@ class MoEAdapter:
     # chosen set being the top-k of the logits, as the family's forward takes it); see
     # profile.ROUTER_OUTPUTS
     router_output: str = "topk"
+    # transformers releases whose own code for this family cannot run it: {version: what fails}.
+    # uncurl refuses the family there (exit 2, naming the version and the fault) rather than crash
+    broken_in: Mapping[str, str] = field(default_factory=dict)
     # tensors of the experts module that are not per-expert (muse_spark's ``post_expert_norm.weight``
     # [H], one norm after every expert): copied as they are, never indexed by expert
     experts_common: tuple[str, ...] = ()
@@ -456,7 +459,9 @@ ADAPTERS["deepseek_v4"] = MoEAdapter(
               compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 8},
               layer_types=["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"]))
 ADAPTERS["llama4"] = _wrapper("llama4", "llama4_text", tiny_wrapper=dict(vision_config=dict(
-    image_size=28, patch_size=14, vision_output_dim=64, projector_input_dim=64, projector_output_dim=64)))
+    image_size=28, patch_size=14, vision_output_dim=64, projector_input_dim=64, projector_output_dim=64)),
+    broken_in={"5.24.0": "Llama4ForConditionalGeneration.forward reads outputs.image_outputs, which its language "
+                         "model does not return: every forward raises AttributeError"})
 
 
 @dataclass
@@ -479,11 +484,27 @@ def get_adapter(model_type: str) -> MoEAdapter:
     if model_type in REFUSED:
         raise UncurlError(f"model family {model_type!r} cannot be pruned by uncurl: {REFUSED[model_type]}")
     try:
-        return ADAPTERS[model_type]
+        adapter = ADAPTERS[model_type]
     except KeyError:
         raise UncurlError(
             f"model family {model_type!r} is not supported; supported families: {supported()}"
         ) from None
+    fault = broken_here(adapter)
+    if fault:
+        raise UncurlError(fault)
+    return adapter
+
+
+def broken_here(adapter: MoEAdapter) -> str | None:
+    """The error for a family whose code in the installed transformers release cannot run, or None."""
+    import transformers
+
+    fault = adapter.broken_in.get(transformers.__version__)
+    if fault is None:
+        return None
+    avoid = "".join(f",!={v}" for v in sorted(adapter.broken_in))
+    return (f"model family {adapter.model_type!r} cannot run with the installed transformers {transformers.__version__}: "
+            f"{fault}; install another 5.x release (pip install 'transformers>=5,<6{avoid}')")
 
 
 def installed(model_type: str) -> bool:
@@ -535,6 +556,8 @@ def special(adapter: MoEAdapter) -> list[str]:
         out.append(f"expert-id tables: {', '.join(adapter.expert_ids)}")
     if adapter.router_output != "topk":
         out.append(f"router returns {adapter.router_output}")
+    if adapter.broken_in:
+        out.append(f"refused with transformers {', '.join(adapter.broken_in)} (its code fails)")
     return out
 
 

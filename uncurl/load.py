@@ -246,8 +246,8 @@ def check_family(model_id: str) -> None:
     model_type = _declared_type(folder / "config.json")
     if model_type in ADAPTERS and not installed(model_type):
         raise UncurlError(needs_newer_transformers(model_type))
-    if model_type in REFUSED:
-        get_adapter(model_type)  # says why uncurl cannot prune it
+    if model_type in REFUSED or model_type in ADAPTERS:
+        get_adapter(model_type)  # a refused family, or one this transformers release cannot run, says why
 
 
 def _config(model_id: str):
