@@ -255,7 +255,7 @@ ADAPTERS.update({
                              layer_types=["hybrid_sliding", "hybrid"])),
         MoEAdapter("inkling2_text", "n_routed_experts", router_tensors=_ECB,
                    tiny=dict(n_routed_experts=8, head_dim=16, swa_head_dim=16, swa_num_attention_heads=4,
-                             swa_num_key_value_heads=2, unpadded_vocab_size=320,
+                             swa_num_key_value_heads=2, unpadded_vocab_size=320, rel_extent=64,
                              layer_types=["hybrid_sliding", "hybrid"])),
         MoEAdapter("jamba", "num_experts", router_attr="router", hybrid="Mamba",
                    tiny=dict(num_experts=8, use_mamba_kernels=False, mamba_dt_rank=8, mamba_d_state=8,
@@ -388,7 +388,7 @@ ADAPTERS.update({a.model_type: a for a in (
     MoEAdapter("inkling_text", "n_routed_experts", router_tensors=("weight", "e_score_correction_bias"),
                tail_rows="n_shared_experts", shared_attrs=("shared_experts",),
                tiny=dict(n_routed_experts=8, moe_intermediate_size=32, n_shared_experts=1, head_dim=16,
-                         swa_head_dim=16)),
+                         swa_head_dim=16, rel_extent=64)),  # relative bias materialised densely: keep it short
     MoEAdapter("longcat_flash", "n_routed_experts", top_k_key="moe_topk", router_attr="router",
                router_tensors=("classifier.weight", "e_score_correction_bias"), tail_rows="zero_expert_num",
                tiny=dict(n_routed_experts=8, moe_topk=2, zero_expert_num=2, expert_ffn_hidden_size=32,
