@@ -231,11 +231,6 @@ def check_finite(model) -> None:
                                   f"after a diverged step)")
 
 
-def _declared_type(path: Path):
-    """The ``model_type`` a config file declares (check_config_file has read it already)."""
-    return _read_json(path, "configuration").get("model_type")
-
-
 def check_family(model_id: str) -> None:
     """Before anything costly: a local folder of a family uncurl refuses, or of one in the table that
     the installed transformers does not know yet, fails here with the reason."""
@@ -243,7 +238,7 @@ def check_family(model_id: str) -> None:
     if not folder.is_dir():
         return
     check_config_file(folder)
-    model_type = _declared_type(folder / "config.json")
+    model_type = _read_json(folder / "config.json", "configuration").get("model_type")
     if model_type in ADAPTERS and not installed(model_type):
         raise UncurlError(needs_newer_transformers(model_type))
     if model_type in REFUSED or model_type in ADAPTERS:
@@ -259,11 +254,7 @@ def _config(model_id: str):
         return AutoConfig.from_pretrained(model_id)
     except (OSError, ValueError) as err:
         if Path(model_id).is_dir():
-            model_type = _declared_type(Path(model_id) / "config.json")
-            if model_type in ADAPTERS and not installed(model_type):
-                raise UncurlError(needs_newer_transformers(model_type)) from None
-            if model_type in REFUSED:
-                get_adapter(model_type)  # says why uncurl cannot prune it
+            check_family(model_id)  # a family too new for this transformers, or refused, says so
             raise UncurlError(f"cannot read the configuration in model folder {model_id!r}: "
                               f"{type(err).__name__}: {err}") from None
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
