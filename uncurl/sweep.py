@@ -85,12 +85,12 @@ def sweep(opts: SweepOptions, on_row=None, skip=None) -> dict:
     rows = []
     with staged_dir(out) as tmp:
         for method, merge, router in cells(opts):
+            used = method_used(prep, method)  # what runs: the default may fall back (said once per cell)
             for keep in sorted(set(opts.keeps), reverse=True):
                 if skip is not None and skip(method, merge, router, keep):
                     continue
                 name = label(method, merge, router)
                 with timings.stage(f"{name}-k{keep}"):
-                    used = method_used(prep, method)
                     plans = plan_all(prep, keep, used, opts.seed)
                     pruned = rewrite_model(model, prep.loaded.adapter, plans,
                                            router_rule="mean" if router == "-" else router,
