@@ -106,6 +106,18 @@ def test_readme_family_table_is_uncurl_families():
     assert res.output.strip() in (root / "README.md").read_text()
 
 
+def test_readme_option_table_states_the_defaults_prune_uses():
+    """The README's option rows for --method, --merge and --router name the defaults the code has."""
+    from pathlib import Path
+
+    from uncurl.pipeline import DEFAULT_MERGE, DEFAULT_METHOD, DEFAULT_ROUTER
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for option, default in (("--method", DEFAULT_METHOD), ("--merge", DEFAULT_MERGE), ("--router", DEFAULT_ROUTER)):
+        row = next(line for line in readme.splitlines() if line.startswith(f"| `{option}`"))
+        assert row.split("|")[2].strip() == f"`{default}`", row[:80]
+
+
 @pytest.fixture(scope="module")
 def odd_models(tmp_path_factory):
     """A folder of an unsupported family and one of a MoE family with every layer dense."""
@@ -175,9 +187,13 @@ def test_occupied_out_is_refused_then_replaced_with_overwrite(tmp_path, data_dir
     res = run("prune", "--data-dir", data_dir, "--out", out, *FAST)
     assert res.exit_code == 2 and "already holds a checkpoint" in res.output
     assert (out / "stale.txt").exists()
-    res = run("prune", "--data-dir", data_dir, "--out", out, "--overwrite", *FAST)
+    res = run("prune", "--data-dir", data_dir, "--out", out, "--overwrite", "--no-plots", *FAST)
     assert res.exit_code == 0, res.output
     assert not (out / "stale.txt").exists() and (out / "model.safetensors").exists()
+    # --no-plots: the report without its PNGs, and report.json lists only what was written
+    assert sorted(p.name for p in (out / "report").iterdir()) == ["report.json", "report.md"]
+    assert json.loads((out / "report" / "report.json").read_text())["files"] == {"json": "report.json",
+                                                                                 "markdown": "report.md"}
 
 
 def test_out_inside_the_input_folder_is_refused(tmp_path, data_dir, tiny_dirs):

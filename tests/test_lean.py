@@ -8,7 +8,9 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 from pathlib import Path
 
 import pytest
@@ -21,8 +23,10 @@ from transformers import AutoConfig
 from uncurl.adapters import ADAPTERS, find_moe_layers, per_expert_names
 from uncurl.cluster import LayerPlan
 from uncurl.errors import CheckpointCheckError
-from uncurl.load import build_tiny, from_folder
+from uncurl.load import build_tiny, from_folder, load_model
 from uncurl.merge import rewrite_model
+from uncurl.offload import dispatched
+from uncurl.profile import profile_model
 from uncurl.pipeline import PruneOptions, prune
 from uncurl.save import verify_checkpoint, write_checkpoint
 from uncurl.sweep import SweepOptions, sweep
@@ -74,6 +78,29 @@ def test_consuming_rewrite_is_byte_identical_and_frees_the_originals(family, ids
     for layer in find_moe_layers(lean_src, adapter):
         for name in sum(per_expert_names(layer, adapter), []):
             assert consumed[name].data_ptr() == lean_state[name].data_ptr(), name
+
+
+@pytest.mark.parametrize("family", LAYOUTS)
+def test_a_resident_model_is_freed_by_del_alone(family, tiny_dirs, texts):
+    """prune frees the original model (after the consuming rewrite) and the pruned one (before the
+    reload checks) by dropping its references, and collects garbage only for a model accelerate
+    dispatched (its hooks are reference cycles): so a loaded, profiled, rewritten model must hold no
+    reference cycle, or it would outlive `del` and both copies would be in memory at once."""
+    loaded = load_model(str(tiny_dirs(family)), device="cpu")
+    adapter = loaded.adapter
+    gc.collect()
+    gc.disable()
+    try:
+        profile_model(loaded.model, loaded.tokenizer, adapter, texts, batch_size=2, max_length=32)
+        plans = halving_plans(loaded.model, adapter)
+        pruned = rewrite_model(loaded.model, adapter, plans, consume=True)
+        assert not dispatched(loaded.model) and not dispatched(pruned)
+        refs = [weakref.ref(loaded.model), weakref.ref(pruned)]
+        loaded.model = None
+        del pruned
+        assert [r() is None for r in refs] == [True, True]
+    finally:
+        gc.enable()
 
 
 def damage_checkpoint(folder, damage: str) -> None:

@@ -231,6 +231,9 @@ def prune(
     shard_size: Annotated[str, typer.Option(rich_help_panel=PRUNE,
                                             help="Largest safetensors shard, e.g. 5GB or 500MB; bigger "
                                                  "checkpoints get an index file.")] = "5GB",
+    plots: Annotated[bool, typer.Option(rich_help_panel=PRUNE,
+                                        help="Draw report/usage.png and report/groups.png (expert usage and "
+                                             "group maps); --no-plots skips matplotlib, e.g. in a CI gate.")] = True,
     data_dir: DataDir = None,
     samples: Samples = 256,
     max_length: MaxLength = 512,
@@ -271,7 +274,7 @@ def prune(
     opts = PruneOptions(
         model=model, keep=keep, out=out, method=method, merge=merge, router_rows=router_rows, top_k=top_k,
         profile=profile,
-        overwrite=overwrite, shard_size=shard_size, seed=seed, device=device, device_map=device_map, max_memory=max_memory, dtype=dtype,
+        overwrite=overwrite, shard_size=shard_size, plots=plots, seed=seed, device=device, device_map=device_map, max_memory=max_memory, dtype=dtype,
         eval=evaluate, eval_limit=eval_limit, metric=metric, max_drop=max_drop,
         extra={"command": _command_line(ctx)},
         **_data_options(locals()),

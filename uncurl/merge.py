@@ -48,7 +48,7 @@ from .adapters import (MoEAdapter, NeuronAxis, expert_id_names, find_moe_layers,
                        set_moe_keys, tail_rows)
 from .cluster import LayerPlan
 from .errors import UncurlError
-from .offload import Spill, drop_offloaded, on_disk, read_tensor, transplant_hooks
+from .offload import Spill, dispatched, drop_offloaded, on_disk, read_tensor, transplant_hooks
 
 
 def merge_tensor(t: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -409,7 +409,7 @@ def rewrite_model(
             new_model.get_submodule(owner)._buffers[attr] = buf
     if getattr(model, "generation_config", None) is not None:
         new_model.generation_config = copy.deepcopy(model.generation_config)
-    if any(hasattr(module, "_hf_hook") for module in model.modules()):  # dispatched by accelerate
+    if dispatched(model):
         transplant_hooks(model, new_model, {name.rpartition(".")[0] for name in merged_names}, spill)
     return new_model.eval()
 

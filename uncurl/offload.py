@@ -26,6 +26,12 @@ from collections.abc import Mapping
 import torch
 
 
+def dispatched(model) -> bool:
+    """Whether accelerate placed ``model`` (its hooks make modules self-referencing, so only a
+    garbage collection frees it; a plain model is freed as soon as its last reference goes)."""
+    return any(hasattr(module, "_hf_hook") for module in model.modules())
+
+
 def _owner(model, name: str):
     owner, _, attr = name.rpartition(".")
     return model.get_submodule(owner), attr

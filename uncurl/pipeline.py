@@ -26,6 +26,7 @@ from .errors import UncurlError
 from .evaluate import METRICS, drop, evaluate_examples
 from .load import Loaded, check_family, input_device, load_model
 from .merge import MERGE_RULES, ROUTER_RULES, get_rule, parameter_count, rewrite_model, weight_bytes
+from .offload import dispatched
 from .profile import Profile, profile_model
 from .report import REPORT_SCHEMA, Timings, command_line, layer_entries, versions, write_report
 from .save import check_out_dir, staged_dir, verify_checkpoint, write_checkpoint
@@ -91,6 +92,7 @@ class PruneOptions(RunOptions):
     keep: int = 4
     out: str = "pruned"
     shard_size: str = "5GB"
+    plots: bool = True  # report/usage.png and groups.png (about a second of matplotlib per run)
     eval: bool = False  # evaluate before and after pruning
     max_drop: float | None = None  # gate: fail (exit 4) when the metric drops by more (implies eval)
 
@@ -345,12 +347,14 @@ def prune(opts: PruneOptions) -> PruneResult:
     # accelerate's map: module name -> GPU index, "cpu" or "disk"; else the one device
     device_map = getattr(loaded.model, "hf_device_map", None) or {"": input_device(loaded.model)}
     modules_per_device = dict(Counter(str(device) for device in device_map.values()))
+    hooked = dispatched(loaded.model)  # then a collection is what frees a model, not `del`
     with timings.stage("merge"):
         pruned = rewrite_model(loaded.model, adapter, plans, router_rule=opts.router_rows, merge=opts.merge,
                                stats=prep.profile.layers, top_k=opts.top_k,
                                consume=True)  # originals are freed layer by layer: never two copies
     loaded.model = None
-    gc.collect()  # accelerate's hooks make modules self-referencing: free the original now
+    if hooked:
+        gc.collect()  # accelerate's hooks make modules self-referencing: free the original now
     if evaluating:
         with timings.stage("eval_after"):
             evaluation["after"] = run_eval(pruned, loaded.tokenizer, opts, opts.eval_limit, opts.seed)
@@ -383,11 +387,12 @@ def prune(opts: PruneOptions) -> PruneResult:
         with timings.stage("save"):
             write_checkpoint(pruned, loaded.tokenizer, tmp, opts.shard_size, extra_files=loaded.processor_files)
         del pruned  # the checks below reload from disk: never hold both copies
-        gc.collect()
+        if hooked:
+            gc.collect()
         with timings.stage("verify"):
             report["checks"] = verify_checkpoint(tmp, adapter, opts.keep, prep.top_k_after, loaded.tokenizer,
                                                  loaded.placement)
         with timings.stage("report"):
-            report["files"] = write_report(report, tmp / "report")
+            report["files"] = write_report(report, tmp / "report", with_plots=opts.plots)
     log.info("wrote %s", out)
     return PruneResult(out, report)

@@ -67,11 +67,12 @@ def layer_entries(profile, plans) -> list[dict]:
     return sorted(rows, key=lambda r: r["index"])
 
 
-def write_report(report: dict, folder: Path) -> dict[str, str]:
-    """Write report.json, report.md and the plots into ``folder``; returns their file names."""
+def write_report(report: dict, folder: Path, with_plots: bool = True) -> dict[str, str]:
+    """Write report.json, report.md and (``with_plots``) the plots into ``folder``; returns their file names."""
     folder.mkdir(parents=True, exist_ok=True)
     files = {"json": "report.json", "markdown": "report.md"}
-    files.update(plots(report["layers"], folder))
+    if with_plots:
+        files.update(plots(report["layers"], folder))
     report = {**report, "files": files}
     (folder / files["json"]).write_text(json.dumps(report, indent=2) + "\n")
     (folder / files["markdown"]).write_text(markdown(report))
