@@ -16,6 +16,14 @@ the two best labels by mean accuracy over tasks and K are rerun with corpus cali
 Seeded (--seed), resumable (cells already in OUT/results.json are skipped: rerun the same command
 after an interruption), and results are written as each cell finishes: OUT/results.json (every
 row with acc, acc_norm, loss, n and binomial standard errors) and OUT/results.md (the tables).
+
+``--metric loss`` ranks by the task loss (mean NLL per token of prompt + gold answer, lower is
+better) instead of accuracy: for a model whose accuracy sits at chance, such as the trained 17.8M
+test bed (``examples/train_smoe.py``)::
+
+    nice .venv/bin/python examples/study_methods.py --model ~/.cache/uncurl/smoe-mixtral-8x/model \\
+        --metric loss --tasks superglue-rte,superglue-cb,superglue-copa,superglue-boolq \\
+        --out benchmarks/results/methods_study_trained
 """
 
 from __future__ import annotations
@@ -77,6 +85,8 @@ def row_of(task, calibration, r: dict, seconds: float | None = None) -> dict:
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
+    if meta.get("metric") == "loss":
+        return loss_markdown(rows, meta)
     lines = [f"# Methods study: {meta['model']}", "", f"`{meta['command']}`", "",
              "acc (± binomial standard error); calibration = 256 examples of the task unless marked corpus.", ""]
     for task in dict.fromkeys(r["task"] for r in rows):
@@ -95,6 +105,31 @@ def markdown(rows: list[dict], meta: dict) -> str:
                    for k in keeps]
             norm = [f"{cells[k]['acc_norm']:.3f}" if k in cells and "acc_norm" in cells[k] else "" for k in keeps]
             lines.append(f"| {name} | {cal} | " + " | ".join(acc) + " | " + " | ".join(norm) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def loss_markdown(rows: list[dict], meta: dict) -> str:
+    """The tables by task loss (nats/token; lower is better), with accuracy beside it for reference."""
+    lines = [f"# Methods study: {meta['model']}", "", f"`{meta['command']}`", "",
+             "Task loss (mean NLL per token of prompt + gold answer; lower is better), every model on the same "
+             "examples; calibration = 256 examples of the task unless marked corpus.", ""]
+    for task in dict.fromkeys(r["task"] for r in rows):
+        mine = [r for r in rows if r["task"] == task]
+        keeps = sorted({r["keep"] for r in mine if r["label"] != "unpruned"}, reverse=True)
+        base = next((r for r in mine if r["label"] == "unpruned" and r["calibration"] == "task"), None)
+        lines += [f"## {task}" + (f" (n={base['n']}, unpruned loss {base['loss']:.4f}"
+                                  + (f", acc {base['acc']:.3f}" if "acc" in base else "") + ")" if base else ""), "",
+                  "| method | calibration | " + " | ".join(f"K={k} loss" for k in keeps)
+                  + " | " + " | ".join(f"K={k} acc" for k in keeps) + " |",
+                  "|---|---|" + "---|" * (2 * len(keeps))]
+        labels = dict.fromkeys((r["label"], r["calibration"]) for r in mine if r["label"] != "unpruned")
+        for name, cal in sorted(labels, key=lambda lc: (lc[1] != "task", sum(
+                r["loss"] for r in mine if (r["label"], r["calibration"]) == lc))):
+            cells = {r["keep"]: r for r in mine if (r["label"], r["calibration"]) == (name, cal)}
+            loss = [f"{cells[k]['loss']:.4f}" if k in cells else "" for k in keeps]
+            acc = [f"{cells[k]['acc']:.3f}" if k in cells and "acc" in cells[k] else "" for k in keeps]
+            lines.append(f"| {name} | {cal} | " + " | ".join(loss) + " | " + " | ".join(acc) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -134,13 +169,14 @@ def run_sweep(args, results, meta, task, calibration, methods, merges, routers, 
                        overwrite=True, extra={"command": meta["command"]}), on_row=on_row, skip=skip)
 
 
-def best_labels(rows: list[dict], n: int = 2) -> list[str]:
-    """The ``n`` labels with the highest mean accuracy over every task and K (task calibration)."""
+def best_labels(rows: list[dict], n: int = 2, metric: str = "acc") -> list[str]:
+    """The ``n`` labels with the best mean ``metric`` over every task and K (task calibration):
+    the highest accuracy, or the lowest loss."""
     scores = {}
     for r in rows:
-        if r["calibration"] == "task" and r["label"] != "unpruned" and "acc" in r:
-            scores.setdefault(r["label"], []).append(r["acc"])
-    return sorted(scores, key=lambda k: -sum(scores[k]) / len(scores[k]))[:n]
+        if r["calibration"] == "task" and r["label"] != "unpruned" and metric in r:
+            scores.setdefault(r["label"], []).append(r[metric] if metric == "loss" else -r[metric])
+    return sorted(scores, key=lambda k: sum(scores[k]) / len(scores[k]))[:n]
 
 
 def main() -> None:
@@ -159,6 +195,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--metric", choices=["acc", "loss"], default="acc",
+                        help="what ranks the methods (the two best get the corpus rerun): accuracy, or task loss")
     parser.add_argument("--no-corpus", action="store_true", help="skip the corpus-calibration comparison")
     args = parser.parse_args()
     args.keeps = [int(k) for k in args.keeps.split(",")]
@@ -167,14 +205,14 @@ def main() -> None:
     import sys
 
     meta = {"model": args.model, "command": " ".join(["python", *sys.argv]), "seed": args.seed,
-            "samples": args.samples, "eval_limit": args.eval_limit}
+            "samples": args.samples, "eval_limit": args.eval_limit, "metric": args.metric}
     results = Results(args.out)
     methods, merges, routers = (v.split(",") for v in (args.methods, args.merges, args.routers))
     tasks = args.tasks.split(",")
     for task in tasks:
         run_sweep(args, results, meta, task, "task", methods, merges, routers, wanted)
     if not args.no_corpus:
-        best = best_labels(results.rows)
+        best = best_labels(results.rows, metric=args.metric)
         meta["corpus_labels"] = best
         for task in tasks:
             for name in best:
