@@ -17,6 +17,11 @@ import torch  # noqa: E402
 from uncurl.adapters import ADAPTERS, broken_here, installed, needs_newer_transformers  # noqa: E402
 from uncurl.load import build_tiny, model_class  # noqa: E402
 
+# Under pytest-xdist (pyproject's addopts: one worker per core) each worker gets its share of the
+# cores for torch's intra-op threads, so the workers do not oversubscribe the machine.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 FAMILIES = sorted(ADAPTERS)
 
@@ -40,9 +45,12 @@ routing or hybrid layers counts, not what they are called). The first six famili
 
 def pytest_collection_modifyitems(items):
     """A family the installed transformers does not know yet (`make test-newest` covers it) is
-    skipped, saying so, wherever a test is parametrised over families."""
+    skipped, saying so, wherever a test is parametrised over families. Under pytest-xdist, one
+    family's tests in test_families run on one worker, which prunes that family once for all of them."""
     for item in items:
         family = getattr(item, "callspec", None) and item.callspec.params.get("family")
+        if family and item.module.__name__ == "test_families":
+            item.add_marker(pytest.mark.xdist_group(f"family-{family}"))
         if family in ADAPTERS and not installed(family):
             item.add_marker(pytest.mark.skip(reason=needs_newer_transformers(family)))
         elif family in ADAPTERS and broken_here(ADAPTERS[family]):

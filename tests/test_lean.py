@@ -210,7 +210,7 @@ def plain_runs(tiny_dirs, data_dir, tmp_path_factory):
         if family not in cache:
             out = tmp_path_factory.mktemp("plain") / family
             common = dict(model=str(tiny_dirs(family)), task="superglue-rte", keep=4, data_dir=str(data_dir),
-                          samples=12, max_length=64, eval=True, eval_limit=8)
+                          samples=12, max_length=64, eval=True, eval_limit=8, plots=False)
             cache[family] = (common, out, prune(PruneOptions(out=str(out), **common)).report)
         return cache[family]
 
