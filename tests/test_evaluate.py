@@ -83,6 +83,11 @@ def test_matches_a_direct_transformers_computation(data_dir):
     assert got["acc_stderr"] == pytest.approx(math.sqrt(p * (1 - p) / (n - 1)), abs=1e-6)  # lm-eval's formula
     assert got["loss"] == pytest.approx(nll / tokens, rel=1e-4)
     assert got == evaluate_examples(model, tok, examples, batch_size=1)  # padding does not matter
+    # per example: each one's share of the loss is the direct computation's (for paired comparisons)
+    rows = evaluate_examples(model, tok, examples, batch_size=4, per_example=True)["examples"]
+    for row, ex in zip(rows, examples):
+        _, full, n_tokens = direct_scores(model, tok, ex)[ex.gold]
+        assert row["nll"] == pytest.approx(-full, rel=1e-4) and row["tokens"] == n_tokens
 
 
 def test_text_only_examples_give_loss_only():

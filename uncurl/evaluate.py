@@ -99,7 +99,8 @@ def evaluate_examples(model, tokenizer, examples: Sequence[Example], *, batch_si
     """acc, acc_norm and their standard errors (multiple-choice tasks), loss and ppl over ``examples``.
 
     ``per_example``: also ``examples``, one dict per example (``pred``, ``pred_norm``, ``gold``, the
-    choices' log-likelihoods ``ll``), for paired comparisons and agreement with lm-eval.
+    choices' log-likelihoods ``ll``, and ``nll``/``tokens``, its share of the task loss), for paired
+    comparisons and agreement with lm-eval.
     """
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     requests = build_requests(tokenizer, examples, max_length)
@@ -112,14 +113,17 @@ def evaluate_examples(model, tokenizer, examples: Sequence[Example], *, batch_si
     for i, ex in enumerate(examples):
         by_choice = by_example[i]
         text_key = ex.gold if ex.choices else -1
+        share = {}
         if text_key in by_choice:
             nll -= by_choice[text_key][1]
             tokens += by_choice[text_key][2]
+            share = {"nll": round(-by_choice[text_key][1], 6), "tokens": by_choice[text_key][2]}
         if ex.choices:
             ll = [by_choice[c][0] for c in range(len(ex.choices))]
             norm = [v / completion_length(ex.choices[c]) for c, v in enumerate(ll)]
             pred, pred_norm = _argmax(ll), _argmax(norm)
-            rows.append({"pred": pred, "pred_norm": pred_norm, "gold": ex.gold, "ll": [round(v, 6) for v in ll]})
+            rows.append({"pred": pred, "pred_norm": pred_norm, "gold": ex.gold, "ll": [round(v, 6) for v in ll],
+                         **share})
             if ex.gold >= 0:
                 hits.append(float(pred == ex.gold))
                 hits_norm.append(float(pred_norm == ex.gold))
