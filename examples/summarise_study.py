@@ -1,7 +1,8 @@
 """Summarise a methods study: accuracy lost against the unpruned model, per method, over tasks and K.
 
     .venv/bin/python examples/summarise_study.py benchmarks/results/methods_study/*.json
-    .venv/bin/python examples/summarise_study.py --metric loss benchmarks/results/methods_study_trained/results.json
+    .venv/bin/python examples/summarise_study.py --metric loss --name summary_loss benchmarks/results/methods_study/*.json
+    .venv/bin/python examples/summarise_study.py --metric loss benchmarks/results/methods_study_trained/superglue*.json
 
 Reads the results.json of one or more ``examples/study_methods.py`` runs (one per task is fine) and
 writes, beside the first file, summary.md (points of acc lost, or with ``--metric loss`` the task
@@ -19,6 +20,7 @@ from pathlib import Path
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--metric", choices=["acc", "loss"], default="acc")
+    parser.add_argument("--name", default="summary", help="output file names: NAME.md and NAME.png")
     parser.add_argument("results", nargs="+", type=Path)
     args = parser.parse_args()
     paths, metric = args.results, args.metric
@@ -51,7 +53,7 @@ def main() -> None:
         lines.append(f"| {label} | {cal} | {', '.join(sorted(tasks[(label, cal)]))} | {mean([v for vs in cells.values() for v in vs]):.{digits}f} | "
                      + " | ".join(f"{mean(cells[k]):.{digits}f}" if k in cells else "" for k in keeps) + " |")
     out = paths[0].parent
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
 
     import matplotlib
 
@@ -73,8 +75,8 @@ def main() -> None:
     ax.set_title(f"Methods study: {model.parent.name if model.name == 'model' else model.name} (task calibration)")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(out / "summary.png", dpi=110)
-    print(out / "summary.md")
+    fig.savefig(out / f"{args.name}.png", dpi=110)
+    print(out / f"{args.name}.md")
 
 
 if __name__ == "__main__":
