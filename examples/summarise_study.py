@@ -67,6 +67,7 @@ def main() -> None:
         cells = lost[(label, cal)]
         style = "--" if "/average" in label else ("-" if "/" in label else ":")
         ax.plot(keeps, [mean(cells[k]) for k in keeps], style, marker="o", label=label, alpha=0.85)
+    ax.set_xticks(keeps)
     ax.invert_xaxis()
     ax.set_xlabel("experts kept per layer (of 8)")
     ax.set_ylabel("accuracy points lost (mean over tasks)" if metric == "acc"
