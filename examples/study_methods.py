@@ -22,8 +22,9 @@ better) instead of accuracy: for a model whose accuracy sits at chance, such as 
 test bed (``examples/train_smoe.py``)::
 
     nice .venv/bin/python examples/study_methods.py --model ~/.cache/uncurl/smoe-mixtral-8x/model \\
-        --metric loss --tasks superglue-rte,superglue-cb,superglue-copa,superglue-boolq \\
-        --out benchmarks/results/methods_study_trained
+        --metric loss --tasks superglue-rte,superglue-cb,superglue-copa --out runs/study-trained/glue3
+
+(README, "Both test beds by task loss", has the exact commands of the recorded run.)
 """
 
 from __future__ import annotations
@@ -84,52 +85,37 @@ def row_of(task, calibration, r: dict, seconds: float | None = None) -> dict:
     return out
 
 
+# metric -> (what the tables show, the unpruned model's figures, the column groups: key and cell text)
+TABLES = {
+    "acc": ("acc (± binomial standard error)",
+            lambda b: f"unpruned acc {b['acc']:.3f} ± {b['acc_stderr']:.3f}, acc_norm {b['acc_norm']:.3f}",
+            (("acc", lambda c: f"{c['acc']:.3f} ± {c['acc_stderr']:.3f}"), ("acc_norm", lambda c: f"{c['acc_norm']:.3f}"))),
+    "loss": ("Task loss (mean NLL per token of prompt + gold answer; lower is better, rows best first), every model "
+             "on the same examples",
+             lambda b: f"unpruned loss {b['loss']:.4f}" + (f", acc {b['acc']:.3f}" if "acc" in b else ""),
+             (("loss", lambda c: f"{c['loss']:.4f}"), ("acc", lambda c: f"{c['acc']:.3f}"))),
+}
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
-    if meta.get("metric") == "loss":
-        return loss_markdown(rows, meta)
+    metric = meta.get("metric", "acc")
+    what, unpruned, columns = TABLES[metric]
     lines = [f"# Methods study: {meta['model']}", "", f"`{meta['command']}`", "",
-             "acc (± binomial standard error); calibration = 256 examples of the task unless marked corpus.", ""]
+             f"{what}; calibration = 256 examples of the task unless marked corpus.", ""]
     for task in dict.fromkeys(r["task"] for r in rows):
         mine = [r for r in rows if r["task"] == task]
         keeps = sorted({r["keep"] for r in mine if r["label"] != "unpruned"}, reverse=True)
         base = next((r for r in mine if r["label"] == "unpruned" and r["calibration"] == "task"), None)
-        lines += [f"## {task}" + (f" (n={base['n']}, unpruned acc {base['acc']:.3f} ± {base['acc_stderr']:.3f}, "
-                                  f"acc_norm {base['acc_norm']:.3f})" if base and "acc" in base else ""), "",
-                  "| method | calibration | " + " | ".join(f"K={k} acc" for k in keeps)
-                  + " | " + " | ".join(f"K={k} acc_norm" for k in keeps) + " |",
-                  "|---|---|" + "---|" * (2 * len(keeps))]
-        labels = dict.fromkeys((r["label"], r["calibration"]) for r in mine if r["label"] != "unpruned")
+        lines += [f"## {task}" + (f" (n={base['n']}, {unpruned(base)})" if base and metric in base else ""), "",
+                  "| method | calibration | " + " | ".join(f"K={k} {key}" for key, _ in columns for k in keeps) + " |",
+                  "|---|---|" + "---|" * (len(columns) * len(keeps))]
+        labels = list(dict.fromkeys((r["label"], r["calibration"]) for r in mine if r["label"] != "unpruned"))
+        if metric == "loss":  # best first: task calibration, then by total loss
+            labels.sort(key=lambda lc: (lc[1] != "task", sum(r["loss"] for r in mine if (r["label"], r["calibration"]) == lc)))
         for name, cal in labels:
             cells = {r["keep"]: r for r in mine if (r["label"], r["calibration"]) == (name, cal)}
-            acc = [f"{cells[k]['acc']:.3f} ± {cells[k]['acc_stderr']:.3f}" if k in cells and "acc" in cells[k] else ""
-                   for k in keeps]
-            norm = [f"{cells[k]['acc_norm']:.3f}" if k in cells and "acc_norm" in cells[k] else "" for k in keeps]
-            lines.append(f"| {name} | {cal} | " + " | ".join(acc) + " | " + " | ".join(norm) + " |")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def loss_markdown(rows: list[dict], meta: dict) -> str:
-    """The tables by task loss (nats/token; lower is better), with accuracy beside it for reference."""
-    lines = [f"# Methods study: {meta['model']}", "", f"`{meta['command']}`", "",
-             "Task loss (mean NLL per token of prompt + gold answer; lower is better), every model on the same "
-             "examples; calibration = 256 examples of the task unless marked corpus.", ""]
-    for task in dict.fromkeys(r["task"] for r in rows):
-        mine = [r for r in rows if r["task"] == task]
-        keeps = sorted({r["keep"] for r in mine if r["label"] != "unpruned"}, reverse=True)
-        base = next((r for r in mine if r["label"] == "unpruned" and r["calibration"] == "task"), None)
-        lines += [f"## {task}" + (f" (n={base['n']}, unpruned loss {base['loss']:.4f}"
-                                  + (f", acc {base['acc']:.3f}" if "acc" in base else "") + ")" if base else ""), "",
-                  "| method | calibration | " + " | ".join(f"K={k} loss" for k in keeps)
-                  + " | " + " | ".join(f"K={k} acc" for k in keeps) + " |",
-                  "|---|---|" + "---|" * (2 * len(keeps))]
-        labels = dict.fromkeys((r["label"], r["calibration"]) for r in mine if r["label"] != "unpruned")
-        for name, cal in sorted(labels, key=lambda lc: (lc[1] != "task", sum(
-                r["loss"] for r in mine if (r["label"], r["calibration"]) == lc))):
-            cells = {r["keep"]: r for r in mine if (r["label"], r["calibration"]) == (name, cal)}
-            loss = [f"{cells[k]['loss']:.4f}" if k in cells else "" for k in keeps]
-            acc = [f"{cells[k]['acc']:.3f}" if k in cells and "acc" in cells[k] else "" for k in keeps]
-            lines.append(f"| {name} | {cal} | " + " | ".join(loss) + " | " + " | ".join(acc) + " |")
+            text = [cell(cells[k]) if k in cells and key in cells[k] else "" for key, cell in columns for k in keeps]
+            lines.append(f"| {name} | {cal} | " + " | ".join(text) + " |")
         lines.append("")
     return "\n".join(lines)
 
