@@ -23,11 +23,9 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from uncurl import tasks as T  # noqa: E402
-from uncurl.evaluate import evaluate_examples  # noqa: E402
-from uncurl.merge import rewrite_model  # noqa: E402
-from uncurl.pipeline import RunOptions, plan_all, prepare, resolve_task  # noqa: E402
+from uncurl.pipeline import RunOptions, method_used, prepare, run_eval  # noqa: E402
 from uncurl.report import Timings  # noqa: E402
+from uncurl.sweep import cell_model, parse_label  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,28 +55,25 @@ def main() -> None:
     opts = RunOptions(model=args.model, task=args.task, data_dir=args.data_dir, max_length=args.max_length,
                       profile=args.profile, seed=args.seed, eval_limit=args.eval_limit)
     prep = prepare(opts, [args.keep], Timings())
-    model, tok, adapter = prep.loaded.model, prep.loaded.tokenizer, prep.loaded.adapter
-    examples = T.load_examples(resolve_task(opts), "evaluation", args.data_dir, limit=args.eval_limit, seed=args.seed)
+    model, tok = prep.loaded.model, prep.loaded.tokenizer
 
     def per_example(m) -> tuple[list[float], list[int]]:
-        rows = evaluate_examples(m, tok, examples, batch_size=opts.batch_size, max_length=opts.eval_max_length,
-                                 per_example=True)["examples"]
+        rows = run_eval(m, tok, opts, args.eval_limit, args.seed, per_example=True)["examples"]
         return [r["nll"] for r in rows], [r["tokens"] for r in rows]
 
     scored = {"unpruned": per_example(model)}
     for name in args.labels.split(","):
-        method, merge, router = (name.split("/") + ["-", "-"])[:3]
-        plans = plan_all(prep, args.keep, method, args.seed)
-        pruned = rewrite_model(model, adapter, plans, router_rule="mean" if router == "-" else router,
-                               merge="select" if merge == "-" else merge, stats=prep.profile.layers)
+        method, merge, router = parse_label(name)
+        pruned, _ = cell_model(prep, model, method_used(prep, method), merge, router, args.keep, args.seed)
         scored[name] = per_example(pruned)
         del pruned
 
     tokens = scored["unpruned"][1]
     names = list(scored)
-    result = {"model": args.model, "task": args.task, "keep": args.keep, "n": len(examples), "tokens": sum(tokens),
+    n = len(tokens)
+    result = {"model": args.model, "task": args.task, "keep": args.keep, "n": n, "tokens": sum(tokens),
               "loss": {}, "differences": {}}
-    print(f"{args.task}, K={args.keep}, n={len(examples)}: loss ± standard error (nats/token)")
+    print(f"{args.task}, K={args.keep}, n={n}: loss ± standard error (nats/token)")
     for name in names:
         loss, se = ratio_stderr(scored[name][0], tokens)
         result["loss"][name] = {"loss": round(loss, 6), "stderr": round(se, 6)}

@@ -40,7 +40,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from uncurl.cluster import METHODS  # noqa: E402
 from uncurl.merge import MERGE_RULES, ROUTER_RULES  # noqa: E402
-from uncurl.sweep import SweepOptions, label, sweep  # noqa: E402
+from uncurl.sweep import SweepOptions, label, parse_label, sweep  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = Path.home() / ".cache" / "uncurl" / "smol-moe" / "model"
@@ -202,7 +202,7 @@ def main() -> None:
         meta["corpus_labels"] = best
         for task in tasks:
             for name in best:
-                method, merge, router = (name.split("/") + ["-", "-"])[:3]
+                method, merge, router = parse_label(name)
                 run_sweep(args, results, meta, task, "corpus", [method],  # a criterion ignores merge/router
                           [merge if merge != "-" else "select"], [router if router != "-" else "mean"],
                           lambda m, mg, r, name=name: label(m, mg, r) == name)

@@ -69,8 +69,8 @@ def test_matches_a_direct_transformers_computation(data_dir):
     correct = correct_norm = 0
     nll = tokens = 0.0
     lm_eval_lengths = [len("True"), len("False"), len("Neither")]  # lm-eval's completion_len: no delimiter
-    for ex in examples:
-        scores = direct_scores(model, tok, ex)
+    direct = [direct_scores(model, tok, ex) for ex in examples]
+    for ex, scores in zip(examples, direct):
         ll = [s[0] for s in scores]
         norm = [s[0] / n for s, n in zip(scores, lm_eval_lengths)]
         correct += ll.index(max(ll)) == ex.gold
@@ -85,8 +85,8 @@ def test_matches_a_direct_transformers_computation(data_dir):
     assert got == evaluate_examples(model, tok, examples, batch_size=1)  # padding does not matter
     # per example: each one's share of the loss is the direct computation's (for paired comparisons)
     rows = evaluate_examples(model, tok, examples, batch_size=4, per_example=True)["examples"]
-    for row, ex in zip(rows, examples):
-        _, full, n_tokens = direct_scores(model, tok, ex)[ex.gold]
+    for row, ex, scores in zip(rows, examples, direct):
+        _, full, n_tokens = scores[ex.gold]
         assert row["nll"] == pytest.approx(-full, rel=1e-4) and row["tokens"] == n_tokens
 
 

@@ -34,10 +34,8 @@ from .save import check_out_dir, staged_dir, verify_checkpoint, write_checkpoint
 log = logging.getLogger(__name__)
 
 
-# The defaults, chosen by the methods study on the pretrained test bed (README, "Which method wins";
-# benchmarks/results/methods_study): EAN (mean form) lost the fewest accuracy points, 0.4 on average
-# over ARC-Easy, PIQA and COPA at K = 6, 4, 2 of 8 (frequency 2.0, averaging unaligned experts 7.2);
-# for groupings, aligned merging with a re-fitted router lost the least (1.6 against 7.2 averaged).
+# The defaults, chosen by the methods studies on both test beds (README, "Which method wins";
+# benchmarks/results/methods_study*): the evidence, as --help states it, is STUDY_EVIDENCE.
 DEFAULT_METHOD, DEFAULT_MERGE, DEFAULT_ROUTER = "ean", "aligned", "refit"
 STUDY_EVIDENCE = ("Defaults from the methods studies (README, 'Which method wins'): no method won everywhere; EAN "
                   "was in the top three on every measure. Task loss gained, mean over tasks and K=6,4,2: "
@@ -228,14 +226,15 @@ def run_profile(loaded: Loaded, opts: DataOptions, seed: int = 0) -> Profile:
     return profile
 
 
-def run_eval(model, tokenizer, opts: DataOptions, limit: int | None, seed: int = 0) -> dict:
-    """The task's evaluation split scored as lm-evaluation-harness would (see evaluate.py)."""
+def run_eval(model, tokenizer, opts: DataOptions, limit: int | None, seed: int = 0, per_example: bool = False) -> dict:
+    """The task's evaluation split scored as lm-evaluation-harness would (see evaluate.py);
+    ``per_example`` adds each example's figures (``evaluate_examples``)."""
     task = resolve_task(opts)
     examples = T.load_examples(task, "evaluation", opts.data_dir, limit=limit, seed=seed)
     if opts.chat_template:
         examples = chat_wrap(examples, tokenizer)
     metrics = evaluate_examples(model, tokenizer, examples, batch_size=opts.batch_size,
-                                max_length=opts.eval_max_length, progress=opts.progress)
+                                max_length=opts.eval_max_length, progress=opts.progress, per_example=per_example)
     return {"task": task.name, "fingerprint": T.data_fingerprint(examples), "split": task.split_note,
             "chat_template": opts.chat_template, **metrics}
 

@@ -65,6 +65,21 @@ def label(method: str, merge: str, router: str) -> str:
     return method if merge == "-" else f"{method}/{merge}/{router}"
 
 
+def parse_label(name: str) -> tuple[str, str, str]:
+    """``label``'s inverse: "reap" -> ("reap", "-", "-"), "uncurl/aligned/refit" -> its three parts."""
+    method, merge, router = (name.split("/") + ["-", "-"])[:3]
+    return method, merge, router
+
+
+def cell_model(prep, model, method: str, merge: str, router: str, keep: int, seed: int, top_k: int | None = None):
+    """One cell's pruned model (``model`` is left as it is) and its plans; a criterion's singletons
+    ("-" merge and router) are kept as they are."""
+    plans = plan_all(prep, keep, method, seed)
+    pruned = rewrite_model(model, prep.loaded.adapter, plans, router_rule="mean" if router == "-" else router,
+                           merge="select" if merge == "-" else merge, stats=prep.profile.layers, top_k=top_k)
+    return pruned, plans
+
+
 def sweep(opts: SweepOptions, on_row=None, skip=None) -> dict:
     """Run the sweep. ``on_row(row, unpruned)`` is called as each cell finishes (e.g. to save
     results as they come); ``skip(method, merge, router, keep)`` -> True leaves a cell out (e.g.
@@ -91,11 +106,7 @@ def sweep(opts: SweepOptions, on_row=None, skip=None) -> dict:
                     continue
                 name = label(method, merge, router)
                 with timings.stage(f"{name}-k{keep}"):
-                    plans = plan_all(prep, keep, used, opts.seed)
-                    pruned = rewrite_model(model, prep.loaded.adapter, plans,
-                                           router_rule="mean" if router == "-" else router,
-                                           merge="select" if merge == "-" else merge,
-                                           stats=prep.profile.layers, top_k=opts.top_k)
+                    pruned, plans = cell_model(prep, model, used, merge, router, keep, opts.seed, opts.top_k)
                     metrics = run_eval(pruned, tok, opts, opts.eval_limit, opts.seed)
                     row = {"method": used, **({"method_requested": method} if used != method else {}), "merge": merge, "router": router, "label": name, "keep": keep,
                            "params": parameter_count(pruned), **metrics,
