@@ -42,3 +42,15 @@ def test_the_defaults_are_the_studies_everywhere():
     assert (cli["--method"], cli["--merge"], cli["--router"]) == ("ean,frequency", "aligned", "refit")
     assert inspect.signature(plan_layer).parameters["method"].default == DEFAULT_METHOD
 
+
+@pytest.mark.parametrize("command", ["prune", "profile", "eval", "sweep"])
+def test_readme_option_tables_are_uncurl_options(command):
+    """README's option tables are `uncurl options --markdown COMMAND`, as `families --markdown` is its family table."""
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    res = CliRunner().invoke(app, ["options", "--markdown", command])
+    assert res.exit_code == 0, res.output
+    section = (Path(__file__).resolve().parents[1] / "README.md").read_text().split(f"### `uncurl {command}`")[1]
+    assert res.output.strip() in section.split("\n### ")[0]

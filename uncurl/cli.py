@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import EXIT_GATE, UncurlError
-from .options import RUN, Option, opt, options, parameters
+from .options import RUN, Option, markdown, markdown_besides, opt, options, parameters
 from .pipeline import ProfileOptions, PruneOptions, RunOptions
 from .sweep import SweepOptions
 
@@ -280,6 +280,28 @@ def tasks():
     Console().print(table)
     Console().print("--task also takes: a .jsonl/.csv file with --template; a task file (.yaml/.json); "
                     "hf:ORG/NAME[:CONFIG] (a Hub dataset); lm-eval:TASK (lm-evaluation-harness, optional). See README.")
+
+
+@app.command("options", hidden=True)
+def options_cmd(
+    name: Annotated[str, typer.Argument(metavar="COMMAND", help="prune, profile, eval or sweep")] = "prune",
+    as_markdown: Annotated[bool, typer.Option("--markdown", help="print Markdown (README's option tables are "
+                                              "this output, one command at a time)")] = False,
+):
+    """Each option of a command with its default and meaning, generated from the options dataclasses."""
+    if name not in COMMANDS:
+        err.print(f"[bold red]error:[/] {name!r} is not one of {', '.join(COMMANDS)}")
+        raise typer.Exit(2)
+    opts = command_options(name)
+    if as_markdown:
+        typer.echo(markdown(opts) if name == "prune" else markdown_besides(opts, command_options("prune"), "prune"))
+        return
+    table = Table(show_header=True, title=f"uncurl {name}")
+    for col in ("option", "default", "meaning"):
+        table.add_column(col)
+    for o in opts:
+        table.add_row(", ".join(o.flag.flags) or "--" + o.name.replace("_", "-"), str(o.default), o.flag.help)
+    Console().print(table)
 
 
 @app.command()

@@ -1,10 +1,12 @@
 """Options are dataclass fields; each field's metadata says how the CLI spells it.
 
+    uncurl options --markdown      # the README's option tables, generated from these fields
+
 An option is written once, as a field of an options dataclass (``pipeline.PruneOptions``,
 ``sweep.SweepOptions``, ...): its Python name, type and default are the field's, and
 :func:`opt` adds what the command line needs (flags, help, ``--help`` panel, bounds). The Typer
-commands in ``cli.py`` are built from these fields (:func:`parameters`), so the Python API and the
-CLI cannot disagree on a default.
+commands in ``cli.py`` are built from these fields (:func:`parameters`), and so are the README's
+tables (:func:`markdown`), so the Python API, the CLI and the README cannot disagree on a default.
 
 Two small mechanisms cover what differs between commands:
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -149,3 +152,54 @@ def parameters(opts: list[Option]) -> list[inspect.Parameter]:
     return [inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, default=o.default,
                               annotation=typing.Annotated[o.type, o.typer_option()]) for o in opts]
 
+
+# ---- the README's tables -------------------------------------------------------------------------
+
+def _markdown_text(text: str) -> str:
+    """Help text (rich markup) as Markdown: [bold]x[/] -> `x`, flags in backticks, | and < escaped."""
+    text = re.sub(r"\[bold\](.*?)\[/\]", r"`\1`", text).replace("\\[", "[")
+    text = re.sub(r"(?<![`\w-])(--[a-z][a-z0-9-]*)", r"`\1`", text)
+    return text.replace("|", "\\|").replace("<", "&lt;")  # builtin:<family> is not an HTML tag
+
+
+def flag_cell(o: Option) -> str:
+    if o.type is bool and not o.flag.flags:  # Typer's --name/--no-name
+        return f"`{long_flags(o)[0]}`/`--no-{long_flags(o)[0][2:]}`"
+    return ", ".join(f"`{f}`" for f in o.flag.flags or long_flags(o))
+
+
+def default_cell(o: Option) -> str:
+    if o.flag.readme_default is not None:
+        return o.flag.readme_default
+    d = o.default
+    if d is None:
+        return ""
+    if isinstance(d, bool):
+        return f"`{flag_cell(o).split('`')[1]}`" if d else "off"
+    return str(d) if isinstance(d, (int, float)) else f"`{d}`"
+
+
+def markdown(opts: list[Option]) -> str:
+    """``opts`` as one Markdown table, a bold row per --help panel, panels in first-seen order."""
+    panels = list(dict.fromkeys(o.flag.panel or "Options" for o in opts))
+    lines = ["| option | default | meaning |", "|---|---|---|"]
+    for panel in panels:
+        if len(panels) > 1:
+            lines.append(f"| **{panel}** | | |")
+        for o in opts:
+            if (o.flag.panel or "Options") == panel:
+                meaning = _markdown_text(o.flag.help) + (f" {o.flag.note}" if o.flag.note else "")
+                lines.append(f"| {flag_cell(o)} | {default_cell(o)} | {meaning} |")
+    return "\n".join(lines)
+
+
+def markdown_besides(opts: list[Option], base: list[Option], base_name: str) -> str:
+    """``opts`` as a sentence naming those spelled as in ``base`` (another command's), then a table of the rest."""
+    same = {o.name for o in opts if o in base}
+    shared = ", ".join("/".join(f"`{f}`" for f in long_flags(o)) for o in opts if o.name in same)
+    own = [o for o in opts if o.name not in same]
+    return f"Options as in `{base_name}`: {shared}. Its own options:\n\n" + markdown(own)
+
+
+def long_flags(o: Option) -> list[str]:
+    return [f for f in o.flag.flags if f.startswith("--")] or ["--" + o.name.replace("_", "-")]
