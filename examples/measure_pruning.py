@@ -27,6 +27,7 @@ def run(args) -> list[dict]:
         for calibration in ("task", "corpus"):
             s = sweep(SweepOptions(
                 model=str(args.model), task=task, keeps=(6, 4, 2), methods=("uncurl", "frequency"),
+                merges=("average",), routers=("mean",),  # the rules these recorded results used
                 out=str(args.work / f"{task}-{calibration}"), overwrite=True, data_dir=str(args.data_dir),
                 samples=args.samples, max_length=256, eval_limit=args.eval_limit, metric="acc",
                 calibrate_on="corpus" if calibration == "corpus" else None, device="cpu", seed=0,

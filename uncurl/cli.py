@@ -9,20 +9,22 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import logging
 import os
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from .cluster import METHODS
 from .errors import EXIT_GATE, UncurlError
-from .merge import MERGE_RULES, ROUTER_RULES
-from .pipeline import DEFAULT_MERGE, DEFAULT_METHOD, DEFAULT_ROUTER, STUDY_EVIDENCE
+from .options import RUN, Option, markdown, markdown_besides, opt, options, parameters
+from .pipeline import ProfileOptions, PruneOptions, RunOptions
+from .sweep import SweepOptions
 
 app = typer.Typer(
     help=(
@@ -38,119 +40,59 @@ app = typer.Typer(
 )
 err = Console(stderr=True)
 
-MODEL, DATA, PRUNE, EVAL, RUN = "Model", "Task data", "Pruning", "Evaluation and gate", "Run"
 
-Model = Annotated[str, typer.Option(
-    "--model", "-m", rich_help_panel=MODEL,
-    help="Hub id (ORG/NAME), local transformers folder, or builtin:<family> for a seeded tiny random "
-         "model (no files, no network; see `uncurl families`).")]
-Task = Annotated[str, typer.Option(
-    "--task", "-t", rich_help_panel=DATA,
-    help="What to calibrate and evaluate on: a registered task (see `uncurl tasks`); hf:ORG/NAME[:CONFIG], a "
-         "Hub dataset read with datasets.load_dataset (with --template; splits: --calibration-split, "
-         "--evaluation-split); lm-eval:TASK or lm-eval:FILE.yaml, an lm-evaluation-harness task (optional "
-         "extra: pip install 'uncurl\\[lm-eval]'); a task file (.yaml/.json: template, choices, label field, files or Hub id; see "
-         "README); or a .jsonl/.csv file with --template (one file: fixed seeded disjoint halves calibrate "
-         "and evaluate; see --eval-file).")]
-DataDir = Annotated[Optional[str], typer.Option(
-    "--data-dir", rich_help_panel=DATA, envvar="UNCURL_DATA_DIR",
-    help="Read tasks from local files laid out as ../shared/data instead of the Hub.")]
-Samples = Annotated[int, typer.Option(
-    rich_help_panel=DATA, min=1,
-    help="Calibration examples to profile: a seeded random subset of the task's calibration split "
-         "(all of it when smaller). Profiling time grows linearly with it; memory does not.")]
-MaxLength = Annotated[int, typer.Option(
-    rich_help_panel=DATA, min=8,
-    help="Calibration: truncate each example to this many tokens (evaluation has --eval-max-length).")]
-EvalMaxLength = Annotated[int, typer.Option(
-    rich_help_panel=EVAL, min=8,
-    help="Evaluation: keep at most this many tokens of each sequence (from the right; the answer is never cut).")]
-BatchSize = Annotated[int, typer.Option(rich_help_panel=DATA, min=1, help="Examples per forward pass.")]
-Template = Annotated[Optional[str], typer.Option(
-    rich_help_panel=DATA, help="Custom and hf: tasks: a Python format string over a row's fields, e.g. '{question}\\nAnswer:'.")]
-Choices = Annotated[Optional[str], typer.Option(
-    rich_help_panel=DATA, help="Custom and hf: tasks: comma-separated answer choices, the same for every row, e.g. 'yes,no'.")]
-ChoicesField = Annotated[Optional[str], typer.Option(
-    rich_help_panel=DATA, help="Custom and hf: tasks: the field holding each row's own list of choices "
-                               "(in a .csv cell, a JSON array), instead of --choices.")]
-LabelField = Annotated[str, typer.Option(
-    rich_help_panel=DATA, help="Custom and hf: tasks: the field holding the gold answer: an index, one of the "
-                               "choices, or a JSON boolean (a choice spelled true/false, else false=0, true=1).")]
-EvalFile = Annotated[Optional[str], typer.Option(
-    rich_help_panel=DATA, help="Custom .jsonl/.csv tasks: evaluate on this file and calibrate on all of --task's "
-                               "(default: fixed seeded disjoint halves of the one file; the same file: both read all).")]
-CalibrationSplit = Annotated[Optional[str], typer.Option(
-    rich_help_panel=DATA, help="hf: tasks: the Hub split to calibrate on (default train).")]
-EvaluationSplit = Annotated[Optional[str], typer.Option(
-    rich_help_panel=DATA, help="hf: tasks: the Hub split to evaluate on (default validation; the same as "
-                               "--calibration-split: fixed seeded disjoint halves of it).")]
-ChatTemplate = Annotated[bool, typer.Option(
-    rich_help_panel=DATA, help="Wrap each calibration and evaluation prompt as a user turn in the tokenizer's chat "
-                               "template (instruction-tuned models); the answer follows the template directly, "
-                               "as in lm-evaluation-harness. Recorded in the report.")]
-Seed = Annotated[int, typer.Option(rich_help_panel=RUN, help="Seed for sampling, tiny models and clustering.")]
-Device = Annotated[str, typer.Option(rich_help_panel=RUN, help="auto (CUDA when present), cpu, cuda, cuda:N.")]
-DeviceMap = Annotated[Optional[str], typer.Option(
-    rich_help_panel=RUN,
-    help="Place a model too big for one GPU with accelerate: auto, balanced, balanced_low_0 or "
-         "sequential. Layers fill the GPUs, then CPU memory, then disk; each layer is merged where it "
-         "lives, offloaded ones one tensor at a time. See --max-memory.")]
-MaxMemory = Annotated[Optional[str], typer.Option(
-    rich_help_panel=RUN,
-    help="With --device-map: memory per device, e.g. '0=20GiB,1=20GiB,cpu=60GiB'. What does not fit is "
-         "offloaded to CPU memory, then to a temporary folder on disk (under $TMPDIR; deleted at exit).")]
-Dtype = Annotated[str, typer.Option(rich_help_panel=RUN, help="auto (the checkpoint's own), float32, bfloat16, float16.")]
-Verbose = Annotated[bool, typer.Option("--verbose", "-v", rich_help_panel=RUN, help="Log each step.")]
-Json = Annotated[bool, typer.Option("--json", rich_help_panel=RUN,
-                                    help="Print a machine-readable summary on stdout (human output goes to stderr).")]
-EvalLimit = Annotated[Optional[int], typer.Option(
-    "--eval-limit", "--limit", rich_help_panel=EVAL, min=1,
-    help="Evaluation examples: a seeded subset of the evaluation split (default: all of it).")]
-Metric = Annotated[str, typer.Option(rich_help_panel=EVAL,
-                                     help="Metric a drop is measured on: acc, acc_norm (points of accuracy) or "
-                                          "loss (its increase in percent).")]
-CalibrateOn = Annotated[Optional[str], typer.Option(
-    rich_help_panel=DATA,
-    help="Profile on other tasks' calibration splits instead of --task's: one task (e.g. corpus, for "
-         "task-agnostic calibration) or a weighted mix, e.g. 'superglue-rte=3,corpus=1' (--samples split "
-         "3:1). Each part is recorded in the report and the profile.")]
+@dataclass
+class Output:
+    """The command line's own options (the Python API has no use for them)."""
+
+    as_json: bool = opt(False, "--json", panel=RUN,
+                        help="Print a machine-readable summary on stdout (human output goes to stderr).")
+    verbose: bool = opt(False, "--verbose", "-v", panel=RUN, help="Log each step.")
 
 
-def _choices(registry: dict, extra=lambda spec: "") -> str:
-    """The help text of a registry-backed option: every name with its one-line description."""
-    return " ".join(f"[bold]{name}[/]: {spec.help}{extra(spec)}." for name, spec in registry.items())
+OUTPUT = [f.name for f in fields(Output)]
+COMMANDS: dict[str, tuple[type, list[str]]] = {}  # command -> (its options dataclass, the fields it takes, in order)
 
 
-METHOD_HELP = ("How experts are chosen or grouped. " + _choices(
-    METHODS, lambda m: " (pruning: each kept expert alone)" if m.kind == "criterion" else " (groups, merged by --merge)")
-    + " " + STUDY_EVIDENCE)
-MERGE_HELP = ("How a group of several experts becomes one (pruning criteria keep singletons, which are "
-              "copied as they are). " + _choices(MERGE_RULES))
-ROUTER_HELP = "A merged expert's router row. " + _choices(ROUTER_RULES)
+def command(name: str, cls: type, names: list[str]):
+    """Register ``fn(ctx, opts, **output)`` as ``uncurl NAME``: its options are the fields ``names``
+    of ``cls`` (and of :class:`Output`), generated from their metadata (``options.opt``) in that
+    order; the command gets ``opts = cls(...)`` built from them, and ``Output``'s as keywords."""
+
+    def decorate(fn):
+        COMMANDS[name] = (cls, names)
+        ours, cli = _options(name)
+
+        def run(ctx: typer.Context, **given):
+            opts = cls(**{o.name: o.value(given[o.name]) for o in ours}, progress=err.is_terminal)
+            return fn(ctx, opts, **{o.name: given[o.name] for o in cli})
+
+        ctx_param = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
+        run.__signature__ = inspect.Signature([ctx_param, *parameters(command_options(name))])
+        run.__name__, run.__doc__ = fn.__name__, fn.__doc__
+        app.command(name)(_handled(run))
+        return fn
+
+    return decorate
 
 
-def _data_options(params: dict) -> dict:
-    """The command's parameters that are :class:`~uncurl.pipeline.DataOptions` fields (by name)."""
-    from dataclasses import fields
-
-    from .pipeline import DataOptions
-
-    names = {f.name for f in fields(DataOptions)}
-    out = {k: v for k, v in params.items() if k in names}
-    if out.get("choices"):
-        out["choices"] = tuple(c.strip() for c in out["choices"].split(","))
-    return {**out, "progress": err.is_terminal}
+def _options(name: str) -> tuple[list[Option], list[Option]]:
+    """``uncurl NAME``'s options: those of its options dataclass, and those of :class:`Output`."""
+    cls, names = COMMANDS[name]
+    return (options(cls, name, [n for n in names if n not in OUTPUT]),
+            options(Output, name, [n for n in names if n in OUTPUT]))
 
 
-def _ints(text: str, flag: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise UncurlError(f"{flag} {text!r} must be comma-separated integers, e.g. 6,4,2") from None
+def command_options(name: str) -> list[Option]:
+    """Every option of ``uncurl NAME``, in the order of its --help and its recorded command line."""
+    by_name = {o.name: o for o in sum(_options(name), [])}
+    return [by_name[n] for n in COMMANDS[name][1]]
 
 
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(v.strip() for v in text.split(",") if v.strip())
+# The options each command takes, in --help order (and the recorded command line's).
+DATA_FIELDS = ["data_dir", "samples", "max_length", "batch_size", "template", "choices", "choices_field", "label_field",
+               "eval_file", "calibration_split", "evaluation_split", "chat_template", "calibrate_on"]
+RUN_FIELDS = ["seed", "device", "device_map", "max_memory", "dtype"]
 
 
 def _emit_json(payload: dict) -> None:
@@ -207,78 +149,18 @@ def _setup_logging(verbose: bool) -> None:
         hf_logging.disable_progress_bar()
 
 
-@app.command()
-@_handled
-def prune(
-    ctx: typer.Context,
-    model: Model = "builtin:mixtral",
-    task: Task = "superglue-rte",
-    keep: Annotated[int, typer.Option(
-        "--keep", "-k", rich_help_panel=PRUNE,
-        help="Experts to keep per MoE layer (>= top-k; a multiple of n_group for grouped routers). "
-             "Equal to the expert count reproduces the model exactly.")] = 4,
-    out: Annotated[str, typer.Option("--out", "-o", rich_help_panel=PRUNE,
-                                     help="Output folder: checkpoint + report/. Written whole or not at all.")] = "pruned",
-    method: Annotated[str, typer.Option(rich_help_panel=PRUNE, help=METHOD_HELP)] = DEFAULT_METHOD,
-    merge: Annotated[str, typer.Option(rich_help_panel=PRUNE, help=MERGE_HELP)] = DEFAULT_MERGE,
-    router_rows: Annotated[str, typer.Option("--router", "--router-rows", rich_help_panel=PRUNE,
-                                             help=ROUTER_HELP)] = DEFAULT_ROUTER,
-    top_k: Annotated[Optional[int], typer.Option(rich_help_panel=PRUNE,
-                                                 help="Lower the router's top-k explicitly (default: unchanged).")] = None,
-    profile: Annotated[Optional[str], typer.Option(rich_help_panel=PRUNE,
-                                                   help="Reuse a profile written by `uncurl profile` (skips the forward pass).")] = None,
-    overwrite: Annotated[bool, typer.Option(rich_help_panel=PRUNE, help="Replace a non-empty --out.")] = False,
-    shard_size: Annotated[str, typer.Option(rich_help_panel=PRUNE,
-                                            help="Largest safetensors shard, e.g. 5GB or 500MB; bigger "
-                                                 "checkpoints get an index file.")] = "5GB",
-    plots: Annotated[bool, typer.Option(rich_help_panel=PRUNE,
-                                        help="Draw report/usage.png and report/groups.png (expert usage and "
-                                             "group maps); --no-plots skips matplotlib, e.g. in a CI gate.")] = True,
-    data_dir: DataDir = None,
-    samples: Samples = 256,
-    max_length: MaxLength = 512,
-    batch_size: BatchSize = 8,
-    template: Template = None,
-    choices: Choices = None,
-    choices_field: ChoicesField = None,
-    label_field: LabelField = "label",
-    eval_file: EvalFile = None,
-    calibration_split: CalibrationSplit = None,
-    evaluation_split: EvaluationSplit = None,
-    chat_template: ChatTemplate = False,
-    calibrate_on: CalibrateOn = None,
-    evaluate: Annotated[bool, typer.Option("--eval", rich_help_panel=EVAL,
-                                           help="Evaluate the task before and after pruning; both go in the report.")] = False,
-    eval_limit: EvalLimit = None,
-    eval_max_length: EvalMaxLength = 1024,
-    metric: Metric = "acc",
-    max_drop: Annotated[Optional[float], typer.Option(
-        rich_help_panel=EVAL,
-        help="CI gate (implies --eval): exit 4 when --metric drops by more than this many points. "
-             "The checkpoint and report are still written.")] = None,
-    seed: Seed = 0,
-    device: Device = "auto",
-    device_map: DeviceMap = None,
-    max_memory: MaxMemory = None,
-    dtype: Dtype = "auto",
-    as_json: Json = False,
-    verbose: Verbose = False,
-):
+@command("prune", PruneOptions, [
+    "model", "task", "keep", "out", "method", "merge", "router_rows", "top_k", "profile", "overwrite", "shard_size",
+    "plots", *DATA_FIELDS, "eval", "eval_limit", "eval_max_length", "metric", "max_drop", *RUN_FIELDS, *OUTPUT])
+def prune(ctx: typer.Context, opts: PruneOptions, as_json: bool, verbose: bool):
     """Prune/merge a model's experts down to --keep per layer for one task, and write a report.
 
     Example: uncurl prune --model builtin:mixtral --task superglue-rte --keep 4 --data-dir ../shared/data --out runs/k4
     """
-    from .pipeline import PruneOptions, prune as run
+    from .pipeline import prune as run
 
     _setup_logging(verbose)
-    opts = PruneOptions(
-        model=model, keep=keep, out=out, method=method, merge=merge, router_rows=router_rows, top_k=top_k,
-        profile=profile,
-        overwrite=overwrite, shard_size=shard_size, plots=plots, seed=seed, device=device, device_map=device_map, max_memory=max_memory, dtype=dtype,
-        eval=evaluate, eval_limit=eval_limit, metric=metric, max_drop=max_drop,
-        extra={"command": _command_line(ctx)},
-        **_data_options(locals()),
-    )
+    opts.extra["command"] = _command_line(ctx)
     result = run(opts)
     _summary(result.report)
     r = result.report
@@ -316,158 +198,60 @@ def _summary(r: dict) -> None:
               f"checkpoint reloaded and checked. Output: {r['output']}")
 
 
-@app.command("profile")
-@_handled
-def profile_cmd(
-    model: Model = "builtin:mixtral",
-    task: Task = "superglue-rte",
-    out: Annotated[str, typer.Option("--out", "-o", help="Profile file to write (safetensors).")] = "profile.safetensors",
-    data_dir: DataDir = None,
-    samples: Samples = 256,
-    max_length: MaxLength = 512,
-    batch_size: BatchSize = 8,
-    template: Template = None,
-    choices: Choices = None,
-    choices_field: ChoicesField = None,
-    label_field: LabelField = "label",
-    eval_file: EvalFile = None,
-    calibration_split: CalibrationSplit = None,
-    evaluation_split: EvaluationSplit = None,
-    chat_template: ChatTemplate = False,
-    calibrate_on: CalibrateOn = None,
-    seed: Seed = 0,
-    device: Device = "auto",
-    device_map: DeviceMap = None,
-    max_memory: MaxMemory = None,
-    dtype: Dtype = "auto",
-    verbose: Verbose = False,
-):
+@command("profile", ProfileOptions, ["model", "task", "out", "overwrite", *DATA_FIELDS, *RUN_FIELDS, "verbose"])
+def profile_cmd(ctx: typer.Context, opts: ProfileOptions, verbose: bool):
     """Record router statistics on a task's calibration data; `prune --profile FILE` reuses them.
 
     Example: uncurl profile --model builtin:mixtral --task superglue-rte --data-dir ../shared/data --out rte.profile
     """
     from .load import load_model
-    from .pipeline import DataOptions, check_data, run_profile
+    from .pipeline import check_data, run_profile
 
     _setup_logging(verbose)
-    opts = DataOptions(**_data_options(locals()))
-    check_data(opts, calibrating=True, evaluating=False, seed=seed)  # before the model is loaded
-    loaded = load_model(model, device=device, dtype=dtype, seed=seed, device_map=device_map, max_memory=max_memory)
-    path = run_profile(loaded, opts, seed).save(out)
+    check_data(opts, calibrating=True, evaluating=False, seed=opts.seed)  # before the model is loaded
+    loaded = load_model(opts.model, device=opts.device, dtype=opts.dtype, seed=opts.seed, device_map=opts.device_map,
+                        max_memory=opts.max_memory)
+    # TODO(integrator): Profile.save(opts.out, overwrite=opts.overwrite) once save takes it (profile --overwrite)
+    path = run_profile(loaded, opts, opts.seed).save(opts.out)
     typer.echo(str(path))
 
 
-@app.command("eval")
-@_handled
-def eval_cmd(
-    model: Model = "builtin:mixtral",
-    task: Task = "superglue-rte",
-    data_dir: DataDir = None,
-    limit: EvalLimit = None,
-    max_length: Annotated[int, typer.Option(rich_help_panel=DATA, min=8,
-                                            help="Keep at most this many tokens of each sequence (from the right).")] = 1024,
-    batch_size: BatchSize = 8,
-    template: Template = None,
-    choices: Choices = None,
-    choices_field: ChoicesField = None,
-    label_field: LabelField = "label",
-    eval_file: EvalFile = None,
-    calibration_split: CalibrationSplit = None,
-    evaluation_split: EvaluationSplit = None,
-    chat_template: ChatTemplate = False,
-    seed: Seed = 0,
-    device: Device = "auto",
-    device_map: DeviceMap = None,
-    max_memory: MaxMemory = None,
-    dtype: Dtype = "auto",
-    as_json: Json = False,
-    verbose: Verbose = False,
-):
+@command("eval", RunOptions, [
+    "model", "task", "data_dir", "eval_limit", "eval_max_length", "batch_size", "template", "choices", "choices_field",
+    "label_field", "eval_file", "calibration_split", "evaluation_split", "chat_template", *RUN_FIELDS, *OUTPUT])
+def eval_cmd(ctx: typer.Context, opts: RunOptions, as_json: bool, verbose: bool):
     """Score a task's evaluation split as lm-evaluation-harness does: acc, acc_norm, loss, ppl.
 
     Example: uncurl eval --model runs/k4 --task superglue-rte --data-dir ../shared/data --limit 200
     """
     from .load import load_model
-    from .pipeline import DataOptions, check_data, run_eval
+    from .pipeline import check_data, run_eval
 
     _setup_logging(verbose)
-    opts = DataOptions(**_data_options(locals()), samples=1, eval_max_length=max_length)
-    check_data(opts, calibrating=False, evaluating=True, eval_limit=limit, seed=seed)  # before the model
-    loaded = load_model(model, device=device, dtype=dtype, seed=seed, device_map=device_map, max_memory=max_memory,
-                        moe=False)  # any causal LM: evaluation needs no MoE
-    metrics = {"model": model, **run_eval(loaded.model, loaded.tokenizer, opts, limit, seed)}
+    check_data(opts, calibrating=False, evaluating=True, eval_limit=opts.eval_limit, seed=opts.seed)  # before the model
+    loaded = load_model(opts.model, device=opts.device, dtype=opts.dtype, seed=opts.seed, device_map=opts.device_map,
+                        max_memory=opts.max_memory, moe=False)  # any causal LM: evaluation needs no MoE
+    metrics = {"model": opts.model, **run_eval(loaded.model, loaded.tokenizer, opts, opts.eval_limit, opts.seed)}
     if as_json:
         _emit_json(metrics)
     else:
         typer.echo(" ".join(f"{k}={v}" for k, v in metrics.items()))
 
 
-@app.command("sweep")
-@_handled
-def sweep_cmd(
-    ctx: typer.Context,
-    model: Model = "builtin:mixtral",
-    task: Task = "superglue-rte",
-    keep: Annotated[str, typer.Option("--keep", "-k", rich_help_panel=PRUNE,
-                                      help="Comma-separated K values to try, e.g. 6,4,2.")] = "6,4,2",
-    method: Annotated[str, typer.Option(rich_help_panel=PRUNE,
-                                        help="Comma-separated methods (see prune --help): "
-                                             + ", ".join(METHODS) + ".")] = f"{DEFAULT_METHOD},frequency",
-    merge: Annotated[str, typer.Option(rich_help_panel=PRUNE,
-                                       help="Comma-separated merge rules for grouping methods: "
-                                            + ", ".join(MERGE_RULES) + ".")] = DEFAULT_MERGE,
-    out: Annotated[str, typer.Option("--out", "-o", rich_help_panel=PRUNE,
-                                     help="Output folder: sweep.json, sweep.md, sweep.png (+ checkpoints/).")] = "sweep",
-    router_rows: Annotated[str, typer.Option("--router", "--router-rows", rich_help_panel=PRUNE,
-                                             help="Comma-separated router rules for grouping methods: "
-                                                  + ", ".join(ROUTER_RULES) + ".")] = DEFAULT_ROUTER,
-    top_k: Annotated[Optional[int], typer.Option(rich_help_panel=PRUNE, help="Lower the router's top-k.")] = None,
-    profile: Annotated[Optional[str], typer.Option(rich_help_panel=PRUNE, help="Reuse a profile file.")] = None,
-    keep_checkpoints: Annotated[bool, typer.Option(rich_help_panel=PRUNE,
-                                                   help="Also save every pruned checkpoint (disk!).")] = False,
-    overwrite: Annotated[bool, typer.Option(rich_help_panel=PRUNE, help="Replace a non-empty --out.")] = False,
-    tolerance: Annotated[float, typer.Option(rich_help_panel=EVAL,
-                                             help="Largest acceptable drop in --metric, in points.")] = 1.0,
-    metric: Metric = "acc",
-    eval_limit: EvalLimit = None,
-    eval_max_length: EvalMaxLength = 1024,
-    data_dir: DataDir = None,
-    samples: Samples = 256,
-    max_length: MaxLength = 512,
-    batch_size: BatchSize = 8,
-    template: Template = None,
-    choices: Choices = None,
-    choices_field: ChoicesField = None,
-    label_field: LabelField = "label",
-    eval_file: EvalFile = None,
-    calibration_split: CalibrationSplit = None,
-    evaluation_split: EvaluationSplit = None,
-    chat_template: ChatTemplate = False,
-    calibrate_on: CalibrateOn = None,
-    seed: Seed = 0,
-    device: Device = "auto",
-    device_map: DeviceMap = None,
-    max_memory: MaxMemory = None,
-    dtype: Dtype = "auto",
-    as_json: Json = False,
-    verbose: Verbose = False,
-):
+@command("sweep", SweepOptions, [
+    "model", "task", "keeps", "methods", "merges", "out", "routers", "top_k", "profile", "keep_checkpoints", "overwrite",
+    "tolerance", "metric", "eval_limit", "eval_max_length", *DATA_FIELDS, *RUN_FIELDS, *OUTPUT])
+def sweep_cmd(ctx: typer.Context, opts: SweepOptions, as_json: bool, verbose: bool):
     """Profile once, then prune and evaluate every (method, K); name the threshold K per method.
 
     Example: uncurl sweep --model DIR --task superglue-rte --keep 6,4,2 --method uncurl,frequency --data-dir ../shared/data
     """
-    from .sweep import SweepOptions, sweep
+    from .sweep import sweep
 
     _setup_logging(verbose)
-    opts = SweepOptions(
-        model=model, keeps=_ints(keep, "--keep"), methods=_names(method), merges=_names(merge),
-        routers=_names(router_rows), out=out, top_k=top_k, profile=profile, keep_checkpoints=keep_checkpoints,
-        overwrite=overwrite, tolerance=tolerance, metric=metric, eval_limit=eval_limit, seed=seed, device=device,
-        device_map=device_map, max_memory=max_memory, dtype=dtype, extra={"command": _command_line(ctx)},
-        **_data_options(locals()),
-    )
+    opts.extra["command"] = _command_line(ctx)
     s = sweep(opts)
-    table = Table(title=f"sweep: {model} on {s['unpruned']['task']} ({s['metric']})")
+    table = Table(title=f"sweep: {opts.model} on {s['unpruned']['task']} ({s['metric']})")
     for col in ("method", "K", s["metric"], "loss", "drop"):
         table.add_column(col, justify="right")
     table.add_row("unpruned", str(s["unpruned"]["keep"]), str(s["unpruned"].get(s["metric"])),
@@ -496,6 +280,28 @@ def tasks():
     Console().print(table)
     Console().print("--task also takes: a .jsonl/.csv file with --template; a task file (.yaml/.json); "
                     "hf:ORG/NAME[:CONFIG] (a Hub dataset); lm-eval:TASK (lm-evaluation-harness, optional). See README.")
+
+
+@app.command("options", hidden=True)
+def options_cmd(
+    name: Annotated[str, typer.Argument(metavar="COMMAND", help="prune, profile, eval or sweep")] = "prune",
+    as_markdown: Annotated[bool, typer.Option("--markdown", help="print Markdown (README's option tables are "
+                                              "this output, one command at a time)")] = False,
+):
+    """Each option of a command with its default and meaning, generated from the options dataclasses."""
+    if name not in COMMANDS:
+        err.print(f"[bold red]error:[/] {name!r} is not one of {', '.join(COMMANDS)}")
+        raise typer.Exit(2)
+    opts = command_options(name)
+    if as_markdown:
+        typer.echo(markdown(opts) if name == "prune" else markdown_besides(opts, command_options("prune"), "prune"))
+        return
+    table = Table(show_header=True, title=f"uncurl {name}")
+    for col in ("option", "default", "meaning"):
+        table.add_column(col)
+    for o in opts:
+        table.add_row(", ".join(o.flag.flags) or "--" + o.name.replace("_", "-"), str(o.default), o.flag.help)
+    Console().print(table)
 
 
 @app.command()

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .errors import UncurlError
+from .options import DEFAULT_METHOD
 from .profile import LayerStats
 
 
@@ -239,7 +240,7 @@ def _centred(stats, block, k, seed):
     return [groups[c] for c in sorted(centres)]  # the centre first in each group
 
 
-def plan_layer(stats: LayerStats, keep: int, method: str = "uncurl", n_group: int = 1, seed: int = 0) -> LayerPlan:
+def plan_layer(stats: LayerStats, keep: int, method: str = DEFAULT_METHOD, n_group: int = 1, seed: int = 0) -> LayerPlan:
     """Groups, merge weights and centres for one layer (within each routing group when ``n_group > 1``)."""
     spec = get_method(method)
     e = stats.num_experts

@@ -335,6 +335,10 @@ def rewrite_model(
     """A new model with each MoE layer reduced per ``plans``, merge rule ``merge`` and router rule
     ``router_rule`` (``stats``: the profile's per-layer statistics, which ``refit`` needs).
 
+    The defaults are the rules that need nothing but the plans (``stats`` is optional), not the
+    studies' ``options.DEFAULT_MERGE``/``DEFAULT_ROUTER`` (aligned, refit) that ``prune`` and
+    ``sweep`` pass: refit cannot run without ``stats``.
+
     ``model`` is left unchanged unless ``consume``: then each merged tensor replaces the original
     inside ``model`` as it is made (freeing the original), and ``model`` must not be used again.
     """

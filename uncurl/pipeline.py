@@ -21,12 +21,14 @@ import torch
 
 from . import tasks as T
 from .adapters import expert_count, find_moe_layers, routing_groups, top_k
-from .cluster import LayerPlan, get_method, plan_layer, validate_keep
+from .cluster import METHODS, LayerPlan, get_method, plan_layer, validate_keep
 from .errors import UncurlError
 from .evaluate import METRICS, drop, evaluate_examples
 from .load import Loaded, check_family, input_device, load_model
 from .merge import MERGE_RULES, ROUTER_RULES, get_rule, parameter_count, rewrite_model, weight_bytes
 from .offload import dispatched
+from .options import (DATA, DEFAULT_MERGE, DEFAULT_METHOD, DEFAULT_ROUTER, EVAL, MODEL, PRUNE, RUN, STUDY_EVIDENCE,
+                      choices_help, items, opt)
 from .profile import Profile, profile_model
 from .report import REPORT_SCHEMA, Timings, command_line, layer_entries, versions, write_report
 from .save import check_out_dir, staged_dir, verify_checkpoint, write_checkpoint
@@ -34,68 +36,150 @@ from .save import check_out_dir, staged_dir, verify_checkpoint, write_checkpoint
 log = logging.getLogger(__name__)
 
 
-# The defaults, chosen by the methods studies on both test beds (README, "Which method wins";
-# benchmarks/results/methods_study*): the evidence, as --help states it, is STUDY_EVIDENCE.
-DEFAULT_METHOD, DEFAULT_MERGE, DEFAULT_ROUTER = "ean", "aligned", "refit"
-STUDY_EVIDENCE = ("Defaults from the methods studies (README, 'Which method wins'): no method won everywhere; EAN "
-                  "was in the top three on every measure. Task loss gained, mean over tasks and K=6,4,2: "
-                  "pretrained test bed EAN 0.096 nats (EAN-mean 0.144, REAP 0.165, frequency 0.409); trained test "
-                  "bed EAN 0.51 (REAP 0.42, EAN-mean 0.63, frequency 0.73, uncurl+aligned+refit 1.12, "
-                  "uncurl+average 1.55). Accuracy on the pretrained bed: EAN lost 0.8 points, EAN-mean 0.4, "
-                  "REAP 1.1, frequency 2.0, uncurl+average 7.2, the top five within about one standard error.")
+METHOD_HELP = ("How experts are chosen or grouped. " + choices_help(
+    METHODS, lambda m: " (pruning: each kept expert alone)" if m.kind == "criterion" else " (groups, merged by --merge)")
+    + " " + STUDY_EVIDENCE)
+MERGE_HELP = ("How a group of several experts becomes one (pruning criteria keep singletons, which are "
+              "copied as they are). " + choices_help(MERGE_RULES))
+ROUTER_HELP = "A merged expert's router row. " + choices_help(ROUTER_RULES)
 
 
+# Each field is an option of the CLI too: ``opt`` spells its flag, help and --help panel (options.py).
 @dataclass
 class DataOptions:
     """Which task text to profile and evaluate on."""
 
-    task: str = "superglue-rte"
-    data_dir: str | None = None  # local files laid out as ../shared/data; else $UNCURL_DATA_DIR; else the Hub
-    samples: int = 256  # calibration examples (a seeded random subset when the split is larger)
-    max_length: int = 512  # calibration: tokens kept per example (profiling)
-    eval_max_length: int = 1024  # evaluation: tokens kept per sequence, from the right
-    batch_size: int = 8
-    template: str | None = None  # custom/hf: tasks: str.format template over a row's fields
-    choices: tuple[str, ...] | None = None  # custom/hf: tasks: the same answer choices for every row
-    choices_field: str | None = None  # custom/hf: tasks: the field holding each row's own choices
-    label_field: str = "label"  # custom/hf: tasks: the gold (index, choice, spelling or boolean)
-    eval_file: str | None = None  # custom file tasks: evaluate on this file (default: seeded halves of one)
-    calibration_split: str | None = None  # hf: tasks: the Hub split to calibrate on (default train)
-    evaluation_split: str | None = None  # hf: tasks: the Hub split to evaluate on (default validation)
-    calibrate_on: str | None = None  # profile on other tasks' calibration splits: "corpus" or "rte=3,corpus=1"
-    chat_template: bool = False  # wrap prompts in the tokenizer's chat template (instruction-tuned models)
-    progress: bool = False
+    task: str = opt(
+        "superglue-rte", "--task", "-t", panel=DATA, note="See [Your own tasks](#your-own-tasks).",
+        help="What to calibrate and evaluate on: a registered task (see `uncurl tasks`); hf:ORG/NAME[:CONFIG], a "
+             "Hub dataset read with datasets.load_dataset (with --template; splits: --calibration-split, "
+             "--evaluation-split); lm-eval:TASK or lm-eval:FILE.yaml, an lm-evaluation-harness task (optional "
+             "extra: pip install 'uncurl\\[lm-eval]'); a task file (.yaml/.json: template, choices, label field, files or Hub id; see "
+             "README); or a .jsonl/.csv file with --template (one file: fixed seeded disjoint halves calibrate "
+             "and evaluate; see --eval-file).")
+    data_dir: str | None = opt(  # else $UNCURL_DATA_DIR (tasks.resolve_data_dir); else the Hub
+        None, "--data-dir", panel=DATA, envvar="UNCURL_DATA_DIR", readme_default="`$UNCURL_DATA_DIR`",
+        help="Read tasks from local files laid out as ../shared/data instead of the Hub.")
+    samples: int = opt(
+        256, panel=DATA, min=1,
+        help="Calibration examples to profile: a seeded random subset of the task's calibration split "
+             "(all of it when smaller). Profiling time grows linearly with it; memory does not.")
+    max_length: int = opt(
+        512, panel=DATA, min=8,
+        help="Calibration: truncate each example to this many tokens (evaluation has --eval-max-length).")
+    eval_max_length: int = opt(
+        1024, panel=EVAL, min=8, note="`uncurl eval` calls it `--max-length`.",
+        help="Evaluation: keep at most this many tokens of each sequence (from the right; the answer is never cut).",
+        eval=dict(flags=("--max-length",), panel=DATA, note="`prune` and `sweep` call it `--eval-max-length`.",
+                  help="Keep at most this many tokens of each sequence (from the right)."))
+    batch_size: int = opt(8, panel=DATA, min=1, help="Examples per forward pass.")
+    template: str | None = opt(
+        None, panel=DATA,
+        help="Custom and hf: tasks: a Python format string over a row's fields, e.g. '{question}\\nAnswer:'.")
+    choices: tuple[str, ...] | None = opt(
+        None, panel=DATA, parse=items,
+        help="Custom and hf: tasks: comma-separated answer choices, the same for every row, e.g. 'yes,no'.")
+    choices_field: str | None = opt(
+        None, panel=DATA,
+        help="Custom and hf: tasks: the field holding each row's own list of choices "
+             "(in a .csv cell, a JSON array), instead of --choices.")
+    label_field: str = opt(
+        "label", panel=DATA,
+        help="Custom and hf: tasks: the field holding the gold answer: an index, one of the "
+             "choices, or a JSON boolean (a choice spelled true/false, else false=0, true=1).")
+    eval_file: str | None = opt(
+        None, panel=DATA,
+        help="Custom .jsonl/.csv tasks: evaluate on this file and calibrate on all of --task's "
+             "(default: fixed seeded disjoint halves of the one file; the same file: both read all).")
+    calibration_split: str | None = opt(
+        None, panel=DATA, readme_default="`train`", help="hf: tasks: the Hub split to calibrate on (default train).")
+    evaluation_split: str | None = opt(
+        None, panel=DATA, readme_default="`validation`",
+        help="hf: tasks: the Hub split to evaluate on (default validation; the same as "
+             "--calibration-split: fixed seeded disjoint halves of it).")
+    calibrate_on: str | None = opt(
+        None, panel=DATA, readme_default="`--task`",
+        help="Profile on other tasks' calibration splits instead of --task's: one task (e.g. corpus, for "
+             "task-agnostic calibration) or a weighted mix, e.g. 'superglue-rte=3,corpus=1' (--samples split "
+             "3:1). Each part is recorded in the report and the profile.")
+    chat_template: bool = opt(
+        False, panel=DATA,
+        help="Wrap each calibration and evaluation prompt as a user turn in the tokenizer's chat "
+             "template (instruction-tuned models); the answer follows the template directly, "
+             "as in lm-evaluation-harness. Recorded in the report.")
+    progress: bool = False  # progress bars on stderr (the CLI: when stderr is a terminal)
 
 
 @dataclass
 class RunOptions(DataOptions):
     """Everything a pruning run shares with a sweep."""
 
-    model: str = "builtin:mixtral"
-    method: str = DEFAULT_METHOD  # see cluster.METHODS
-    merge: str = DEFAULT_MERGE  # see merge.MERGE_RULES
-    router_rows: str = DEFAULT_ROUTER  # --router; see merge.ROUTER_RULES
-    top_k: int | None = None  # lower the router's top-k explicitly (must be <= keep)
-    profile: str | None = None  # reuse a profile written by `uncurl profile`
-    overwrite: bool = False
-    seed: int = 0
-    device: str = "auto"
-    device_map: str | None = None  # accelerate placement over GPUs and CPU (auto, balanced, sequential)
-    max_memory: str | None = None  # with device_map: per-device limits, e.g. "0=20GiB,cpu=60GiB"
-    dtype: str = "auto"
-    eval_limit: int | None = None  # evaluation examples (a seeded subset); None: the whole split
-    metric: str = "acc"  # the metric a drop is measured on: acc, acc_norm or loss
+    model: str = opt(
+        "builtin:mixtral", "--model", "-m", panel=MODEL, note="The tiny models have a byte-level tokenizer.",
+        help="Hub id (ORG/NAME), local transformers folder, or builtin:<family> for a seeded tiny random "
+             "model (no files, no network; see `uncurl families`).")
+    method: str = opt(DEFAULT_METHOD, panel=PRUNE, help=METHOD_HELP,  # see cluster.METHODS
+                      note="`centred` groups as REAM and Mosaic pruning do.")
+    merge: str = opt(DEFAULT_MERGE, panel=PRUNE, help=MERGE_HELP,  # see merge.MERGE_RULES
+                     note="`aligned` matches gate/up rows and down columns.")
+    router_rows: str = opt(DEFAULT_ROUTER, "--router", "--router-rows", panel=PRUNE, help=ROUTER_HELP)
+    top_k: int | None = opt(  # must be <= keep
+        None, panel=PRUNE, readme_default="unchanged", note="Then `--keep` may go down to it.",
+        help="Lower the router's top-k explicitly (default: unchanged).",
+        sweep=dict(help="Lower the router's top-k.", note=""))
+    profile: str | None = opt(
+        None, panel=PRUNE, help="Reuse a profile written by `uncurl profile` (skips the forward pass).",
+        sweep=dict(help="Reuse a profile file."))
+    overwrite: bool = opt(
+        False, panel=PRUNE, help="Replace a non-empty --out.",
+        profile=dict(panel=None, help="Replace an existing --out, only if it is an earlier uncurl profile."))
+    seed: int = opt(0, panel=RUN, help="Seed for sampling, tiny models and clustering.")
+    device: str = opt("auto", panel=RUN, help="auto (CUDA when present), cpu, cuda, cuda:N.")
+    device_map: str | None = opt(
+        None, panel=RUN, note="The pruned model keeps the same placement for evaluation.",
+        help="Place a model too big for one GPU with accelerate: auto, balanced, balanced_low_0 or "
+             "sequential. Layers fill the GPUs, then CPU memory, then disk; each layer is merged where it "
+             "lives, offloaded ones one tensor at a time. See --max-memory.")
+    max_memory: str | None = opt(
+        None, panel=RUN, note="Point `$TMPDIR` at a real disk, not a tmpfs.",
+        help="With --device-map: memory per device, e.g. '0=20GiB,1=20GiB,cpu=60GiB'. What does not fit is "
+             "offloaded to CPU memory, then to a temporary folder on disk (under $TMPDIR; deleted at exit).")
+    dtype: str = opt("auto", panel=RUN, note="Merging is done in float32 and cast back.",
+                     help="auto (the checkpoint's own), float32, bfloat16, float16.")
+    eval_limit: int | None = opt(
+        None, "--eval-limit", "--limit", panel=EVAL, min=1, readme_default="all",
+        help="Evaluation examples: a seeded subset of the evaluation split (default: all of it).")
+    metric: str = opt("acc", panel=EVAL, help="Metric a drop is measured on: acc, acc_norm (points of accuracy) or "
+                                               "loss (its increase in percent).")
     extra: dict = field(default_factory=dict)  # merged into the report (e.g. the CLI's command line)
 
 
 @dataclass
 class PruneOptions(RunOptions):
-    keep: int = 4
-    out: str = "pruned"
-    shard_size: str = "5GB"
-    plots: bool = True  # report/usage.png and groups.png (about a second of matplotlib per run)
-    eval: bool = False  # evaluate before and after pruning
-    max_drop: float | None = None  # gate: fail (exit 4) when the metric drops by more (implies eval)
+    keep: int = opt(
+        4, "--keep", "-k", panel=PRUNE, note="For grouped routers, at least 2 per group.",
+        help="Experts to keep per MoE layer (>= top-k; a multiple of n_group for grouped routers). "
+             "Equal to the expert count reproduces the model exactly.")
+    out: str = opt("pruned", "--out", "-o", panel=PRUNE,
+                   help="Output folder: checkpoint + report/. Written whole or not at all.")
+    shard_size: str = opt("5GB", panel=PRUNE, note="The index is `model.safetensors.index.json`.",
+                          help="Largest safetensors shard, e.g. 5GB or 500MB; bigger checkpoints get an index file.")
+    plots: bool = opt(True, panel=PRUNE, note="The plots take about a second per run.",
+                      help="Draw report/usage.png and report/groups.png (expert usage and group maps); "
+                           "--no-plots skips matplotlib, e.g. in a CI gate.")
+    eval: bool = opt(False, "--eval", panel=EVAL,
+                     help="Evaluate the task before and after pruning; both go in the report.")
+    max_drop: float | None = opt(
+        None, panel=EVAL,
+        help="CI gate (implies --eval): exit 4 when --metric drops by more than this many points. "
+             "The checkpoint and report are still written.")
+
+
+@dataclass
+class ProfileOptions(RunOptions):
+    """What ``uncurl profile`` takes: a run's model and data options, and the file to write."""
+
+    out: str = opt("profile.safetensors", "--out", "-o", help="Profile file to write (safetensors).")
 
 
 @dataclass

@@ -93,7 +93,7 @@ def markdown(r: dict) -> str:
         f"| parameters | {m['params_before']:,} | {m['params_after']:,} |",
         f"| weight bytes | {m['bytes_before']:,} | {m['bytes_after']:,} |",
         "",
-        f"Method **{r['method']}** (merge: {r.get('merge', 'average')}, router rows: {r['router_rows']}), seed {r['seed']}, "
+        f"Method **{r['method']}** (merge: {r['merge']}, router rows: {r['router_rows']}), seed {r['seed']}, "
         f"{t['calibration_examples']} calibration examples ({t['tokens']:,} tokens, "
         f"fingerprint `{t['fingerprint']}`, source {t['source']}).",
         *task_lines(t),

@@ -17,10 +17,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cluster import get_method
+from .cluster import METHODS, get_method
 from .errors import UncurlError
 from .evaluate import METRICS, drop
-from .merge import parameter_count, rewrite_model
+from .merge import MERGE_RULES, ROUTER_RULES, parameter_count, rewrite_model
+from .options import DEFAULT_MERGE, DEFAULT_METHOD, DEFAULT_ROUTER, EVAL, PRUNE, ints, names, opt
 from .pipeline import RunOptions, base_report, check_options, method_used, plan_all, prepare, run_eval
 from .report import Timings
 from .save import check_out_dir, staged_dir, verify_checkpoint, write_checkpoint
@@ -30,13 +31,21 @@ SWEEP_SCHEMA = 1
 
 @dataclass
 class SweepOptions(RunOptions):
-    keeps: tuple[int, ...] = (6, 4, 2)
-    methods: tuple[str, ...] = ("uncurl", "frequency")
-    merges: tuple[str, ...] = ("average",)
-    routers: tuple[str, ...] = ("mean",)
-    out: str = "sweep"
-    tolerance: float = 1.0  # points of --metric (see evaluate.drop)
-    keep_checkpoints: bool = False
+    """A run's options, with lists of K, methods and rules to try in place of one of each."""
+
+    keeps: tuple[int, ...] = opt((6, 4, 2), "--keep", "-k", panel=PRUNE, parse=ints,
+                                 help="Comma-separated K values to try, e.g. 6,4,2.")
+    methods: tuple[str, ...] = opt((DEFAULT_METHOD, "frequency"), "--method", panel=PRUNE, parse=names,
+                                   help="Comma-separated methods (see prune --help): " + ", ".join(METHODS) + ".")
+    merges: tuple[str, ...] = opt((DEFAULT_MERGE,), "--merge", panel=PRUNE, parse=names,
+                                  help="Comma-separated merge rules for grouping methods: " + ", ".join(MERGE_RULES) + ".")
+    routers: tuple[str, ...] = opt((DEFAULT_ROUTER,), "--router", "--router-rows", panel=PRUNE, parse=names,
+                                   help="Comma-separated router rules for grouping methods: "
+                                        + ", ".join(ROUTER_RULES) + ".")
+    out: str = opt("sweep", "--out", "-o", panel=PRUNE,
+                   help="Output folder: sweep.json, sweep.md, sweep.png (+ checkpoints/).")
+    tolerance: float = opt(1.0, panel=EVAL, help="Largest acceptable drop in --metric, in points.")  # see evaluate.drop
+    keep_checkpoints: bool = opt(False, panel=PRUNE, help="Also save every pruned checkpoint (disk!).")
 
 
 def threshold(rows: list[dict], metric: str, tolerance: float) -> int | None:
