@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .cluster import METHODS
-from .errors import EXIT_GATE, UncurlError
+from .errors import EXIT_GATE, Terminated, UncurlError
 from .merge import MERGE_RULES, ROUTER_RULES
 from .pipeline import DEFAULT_MERGE, DEFAULT_METHOD, DEFAULT_ROUTER, STUDY_EVIDENCE
 
@@ -127,6 +127,8 @@ METHOD_HELP = ("How experts are chosen or grouped. " + _choices(
 MERGE_HELP = ("How a group of several experts becomes one (pruning criteria keep singletons, which are "
               "copied as they are). " + _choices(MERGE_RULES))
 ROUTER_HELP = "A merged expert's router row. " + _choices(ROUTER_RULES)
+OVERWRITE_HELP = ("Replace an earlier uncurl output at --out (uncurl's report/report.json or sweep.json); "
+                  "anything else is refused.")
 
 
 def _data_options(params: dict) -> dict:
@@ -158,13 +160,13 @@ def _emit_json(payload: dict) -> None:
 
 
 def _handled(fn):
-    """Turn an UncurlError into a one-line message and its exit code (no traceback)."""
+    """Turn an UncurlError (or a SIGTERM's Terminated) into a one-line message and its exit code (no traceback)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except UncurlError as e:
+        except (UncurlError, Terminated) as e:
             err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
 
@@ -227,7 +229,7 @@ def prune(
                                                  help="Lower the router's top-k explicitly (default: unchanged).")] = None,
     profile: Annotated[Optional[str], typer.Option(rich_help_panel=PRUNE,
                                                    help="Reuse a profile written by `uncurl profile` (skips the forward pass).")] = None,
-    overwrite: Annotated[bool, typer.Option(rich_help_panel=PRUNE, help="Replace a non-empty --out.")] = False,
+    overwrite: Annotated[bool, typer.Option(rich_help_panel=PRUNE, help=OVERWRITE_HELP)] = False,
     shard_size: Annotated[str, typer.Option(rich_help_panel=PRUNE,
                                             help="Largest safetensors shard, e.g. 5GB or 500MB; bigger "
                                                  "checkpoints get an index file.")] = "5GB",
@@ -425,7 +427,7 @@ def sweep_cmd(
     profile: Annotated[Optional[str], typer.Option(rich_help_panel=PRUNE, help="Reuse a profile file.")] = None,
     keep_checkpoints: Annotated[bool, typer.Option(rich_help_panel=PRUNE,
                                                    help="Also save every pruned checkpoint (disk!).")] = False,
-    overwrite: Annotated[bool, typer.Option(rich_help_panel=PRUNE, help="Replace a non-empty --out.")] = False,
+    overwrite: Annotated[bool, typer.Option(rich_help_panel=PRUNE, help=OVERWRITE_HELP)] = False,
     tolerance: Annotated[float, typer.Option(rich_help_panel=EVAL,
                                              help="Largest acceptable drop in --metric, in points.")] = 1.0,
     metric: Metric = "acc",
