@@ -324,6 +324,7 @@ def profile_cmd(
     model: Model = "builtin:mixtral",
     task: Task = "superglue-rte",
     out: Annotated[str, typer.Option("--out", "-o", help="Profile file to write (safetensors).")] = "profile.safetensors",
+    overwrite: Annotated[bool, typer.Option(help="Replace an earlier uncurl profile at --out (nothing else).")] = False,
     data_dir: DataDir = None,
     samples: Samples = 256,
     max_length: MaxLength = 512,
@@ -350,12 +351,14 @@ def profile_cmd(
     """
     from .load import load_model
     from .pipeline import DataOptions, check_data, run_profile
+    from .profile import Profile
 
     _setup_logging(verbose)
     opts = DataOptions(**_data_options(locals()))
     check_data(opts, calibrating=True, evaluating=False, seed=seed)  # before the model is loaded
-    loaded = load_model(model, device=device, dtype=dtype, seed=seed, device_map=device_map, max_memory=max_memory)
-    path = run_profile(loaded, opts, seed).save(out)
+    with Profile.claim(out, overwrite=overwrite):  # refused or held before the model is loaded
+        loaded = load_model(model, device=device, dtype=dtype, seed=seed, device_map=device_map, max_memory=max_memory)
+        path = run_profile(loaded, opts, seed).save(out, overwrite=overwrite)
     typer.echo(str(path))
 
 
