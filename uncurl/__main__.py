@@ -1,0 +1,5 @@
+"""`python -m uncurl ...` is the `uncurl` command."""
+
+from .cli import main
+
+main()
