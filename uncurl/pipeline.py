@@ -281,7 +281,7 @@ def check_options(opts: RunOptions, evaluating: bool) -> None:
         raise UncurlError(f"task {task.name} has no answer choices, so no {opts.metric}; use --metric loss")
 
 
-def inputs(opts: RunOptions) -> list[tuple[str, Path, bool]]:
+def run_inputs(opts: RunOptions) -> list[tuple[str, Path, bool]]:
     """What a run reads from disk, known before loading, as ``output.check_out`` takes it: (what,
     path, whether an output inside it is refused too)."""
     found = [("the input model folder", Path(opts.model), True)] if Path(opts.model).is_dir() else []
@@ -317,7 +317,7 @@ def loaded_check(output: Claim, keeps: list[int], copies: int = 1):
 
 def prepare(opts: RunOptions, keeps: list[int], timings: Timings, *, check_loaded=None) -> Prepared:
     """Load the model, validate every K against it, then profile (or read --profile).
-    ``check_loaded(loaded)`` runs between loading and profiling (see ``check_loaded``)."""
+    ``check_loaded(loaded)`` runs between loading and profiling (see ``loaded_check``)."""
     with timings.stage("load"):
         loaded = load_model(opts.model, device=opts.device, dtype=opts.dtype, seed=opts.seed,
                             device_map=opts.device_map, max_memory=opts.max_memory)
@@ -371,7 +371,7 @@ def prune(opts: PruneOptions) -> PruneResult:
     evaluating = opts.eval or opts.max_drop is not None
     check_options(opts, evaluating)
     shard_size = parse_shard_size(opts.shard_size)
-    with claim(opts.out, overwrite=opts.overwrite, inputs=inputs(opts)) as output:
+    with claim(opts.out, overwrite=opts.overwrite, inputs=run_inputs(opts)) as output:
         return _prune(opts, output, shard_size, evaluating)
 
 

@@ -22,8 +22,8 @@ from .errors import UncurlError
 from .evaluate import METRICS, drop
 from .merge import parameter_count, rewrite_model
 from .output import claim
-from .pipeline import (RunOptions, base_report, check_options, inputs, loaded_check, method_used, plan_all,
-                       prepare, run_eval)
+from .pipeline import (RunOptions, base_report, check_options, loaded_check, method_used, plan_all, prepare,
+                       run_eval, run_inputs)
 from .report import Timings
 from .save import verify_checkpoint, write_checkpoint
 
@@ -91,7 +91,7 @@ def sweep(opts: SweepOptions, on_row=None, skip=None) -> dict:
                           "e.g. --keep 6,4,2 --method uncurl")
     opts.method, opts.merge, opts.router_rows = (",".join(v) for v in (opts.methods, opts.merges, opts.routers))
     check_options(opts, evaluating=True)
-    with claim(opts.out, overwrite=opts.overwrite, inputs=inputs(opts)) as output:  # held to the end
+    with claim(opts.out, overwrite=opts.overwrite, inputs=run_inputs(opts)) as output:  # held to the end
         return _sweep(opts, output, on_row, skip)
 
 
