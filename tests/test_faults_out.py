@@ -127,6 +127,17 @@ def test_protected_folders_are_refused_even_with_overwrite(out, why, tmp_path, d
     assert not [p for p in Path("/").iterdir() if p.name.endswith((".lock", ".partial"))]
 
 
+def test_a_mount_point_is_refused(tmp_path, data_dir, monkeypatch, no_work):
+    """A mounted volume (docker -v ...:/out): the result, staged beside it, could not be renamed onto it."""
+    out = tmp_path / "volume"
+    out.mkdir()
+    real = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: Path(p) == out or real(p))
+    res = run("prune", "--out", out, "--data-dir", data_dir, *FAST)
+    refused(res, f"--out {out} is a mount point", f"--out {out / 'k4'}")
+    assert list(out.iterdir()) == [] and not leftovers(out)
+
+
 def _uncurl_report(command="uncurl prune --out out"):
     return json.dumps({"schema_version": 1, "command": command})
 

@@ -133,6 +133,9 @@ def check_out(out: str | Path, *, overwrite: bool, kind: str = "folder", inputs=
                 _replaceable(path, overwrite, uncurl_output(path), "already exists", flag, kind)
         elif path.exists() and not path.is_dir():
             raise UncurlError(f"{flag} {path} exists and is a file; choose a folder path")
+        elif os.path.ismount(path):  # the result is renamed into place from beside it: not onto a mount
+            raise UncurlError(f"{flag} {path} is a mount point; uncurl writes beside --out and renames the result "
+                              f"into place: name a folder inside it, e.g. {flag} {path / 'k4'}")
         elif path.is_dir() and any(path.iterdir()):
             _replaceable(path, overwrite, uncurl_output(path), f"already holds {_holds(path)}", flag, kind)
     except OSError as e:  # an unreadable folder or file: not something uncurl may replace
@@ -231,6 +234,7 @@ class Claim:
     flag: str
     lock: Path
     fd: int | None = None
+    locked: bool = False  # the lock file is ours to remove
     created: list[Path] = field(default_factory=list)  # parent folders this run made, deepest first
 
     def check(self, inputs=()) -> None:
@@ -333,27 +337,26 @@ class Claim:
         self.created = [p for p in (parent, *parent.parents) if not p.exists()]
         try:
             parent.mkdir(parents=True, exist_ok=True)
-            while True:
-                fd = os.open(self.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            while not self.locked:
+                self.fd = os.open(self.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
                 try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
-                    os.close(fd)
                     raise UncurlError(f"{self.flag} {self.path} is held by another uncurl run ({_holder(self.lock)}); "
                                       f"wait for it to finish or choose another {self.flag}") from None
                 except OSError as e:  # a file system without locks: run unguarded, saying so
                     log.warning("cannot lock %s (%s): another run on the same %s would not be noticed",
                                 self.lock, e.strerror, self.flag)
                 try:  # its last holder may have removed it between our open and our lock
-                    same = os.stat(self.lock).st_ino == os.fstat(fd).st_ino
+                    self.locked = os.stat(self.lock).st_ino == os.fstat(self.fd).st_ino
                 except FileNotFoundError:
-                    same = False
-                if same:
-                    break
-                os.close(fd)
-            self.fd = fd
-            os.ftruncate(fd, 0)
-            os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "out": str(self.path)}).encode())
+                    pass
+                if not self.locked:
+                    os.close(self.fd)
+                    self.fd = None
+            os.ftruncate(self.fd, 0)
+            os.write(self.fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                          "out": str(self.path)}).encode())
         except OSError as e:
             self._release()
             where = Path(e.filename).parent if e.filename else parent
@@ -364,11 +367,13 @@ class Claim:
             raise
 
     def _release(self) -> None:
-        if self.fd is not None:
+        if self.locked:
             try:
                 self.lock.unlink()  # before closing: a run that opened it meanwhile sees another inode
             except FileNotFoundError:
                 pass
+            self.locked = False
+        if self.fd is not None:
             os.close(self.fd)
             self.fd = None
         for folder in self.created:  # folders made for an output that was never placed
