@@ -52,8 +52,13 @@ MACHINE_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "di
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # what timeout, CI runners, docker stop and a closed terminal send
 
 
-def _inside(path: Path, folder: Path) -> bool:
-    return path == folder or folder in path.parents
+def _ours(file: Path, out: Path) -> bool:
+    """Whether ``file`` is the output, in it, or one of the run's own files beside it."""
+    try:
+        first = file.resolve().relative_to(out.parent).parts[0]
+    except (ValueError, IndexError):
+        return False
+    return first == out.name or first.startswith(f".{out.name}.")
 
 
 def _protected(path: Path) -> str | None:
@@ -417,7 +422,7 @@ def claim(out: str | Path, *, overwrite: bool, kind: str = "folder", inputs=(), 
     except Exception as e:
         oe = machine_error(e)
         if oe is None or (oe.errno in (errno.EACCES, errno.EPERM) and oe.filename is not None
-                          and not _inside(Path(oe.filename).resolve(), path.parent)):
+                          and not _ours(Path(oe.filename), path)):
             raise  # not the output's machine problem (an unreadable input says so itself)
         what = f" at {oe.filename}" if oe.filename else ""
         advice = "free some space" if oe.errno in (errno.ENOSPC, errno.EDQUOT) else "make it writable"
