@@ -180,12 +180,13 @@ def test_task_file_with_no_rows(tmp_path):
 
 
 def test_occupied_out_is_refused_then_replaced_with_overwrite(tmp_path, data_dir):
-    out = tmp_path / "out"
-    out.mkdir()
+    out = tmp_path / "out"  # an earlier uncurl output (what --overwrite replaces; see test_faults_out.py)
+    (out / "report").mkdir(parents=True)
+    (out / "report" / "report.json").write_text('{"schema_version": 1, "command": "uncurl prune --out out"}')
     (out / "config.json").write_text("{}")
     (out / "stale.txt").write_text("old")
     res = run("prune", "--data-dir", data_dir, "--out", out, *FAST)
-    assert res.exit_code == 2 and "already holds a checkpoint" in res.output
+    assert res.exit_code == 2 and "already holds a checkpoint" in res.output and "--overwrite" in res.output
     assert (out / "stale.txt").exists()
     res = run("prune", "--data-dir", data_dir, "--out", out, "--overwrite", "--no-plots", *FAST)
     assert res.exit_code == 0, res.output

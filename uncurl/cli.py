@@ -21,7 +21,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .errors import EXIT_GATE, UncurlError
+from .errors import EXIT_GATE, Terminated, UncurlError
 from .options import RUN, Option, markdown, markdown_besides, opt, options, parameters
 from .pipeline import ProfileOptions, PruneOptions, RunOptions
 from .sweep import SweepOptions
@@ -100,13 +100,13 @@ def _emit_json(payload: dict) -> None:
 
 
 def _handled(fn):
-    """Turn an UncurlError into a one-line message and its exit code (no traceback)."""
+    """Turn an UncurlError (or a SIGTERM's Terminated) into a one-line message and its exit code (no traceback)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except UncurlError as e:
+        except (UncurlError, Terminated) as e:
             err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
 
@@ -206,13 +206,14 @@ def profile_cmd(ctx: typer.Context, opts: ProfileOptions, verbose: bool):
     """
     from .load import load_model
     from .pipeline import check_data, run_profile
+    from .profile import Profile
 
     _setup_logging(verbose)
     check_data(opts, calibrating=True, evaluating=False, seed=opts.seed)  # before the model is loaded
-    loaded = load_model(opts.model, device=opts.device, dtype=opts.dtype, seed=opts.seed, device_map=opts.device_map,
-                        max_memory=opts.max_memory)
-    # TODO(integrator): Profile.save(opts.out, overwrite=opts.overwrite) once save takes it (profile --overwrite)
-    path = run_profile(loaded, opts, opts.seed).save(opts.out)
+    with Profile.claim(opts.out, overwrite=opts.overwrite):  # refused or held before the model is loaded
+        loaded = load_model(opts.model, device=opts.device, dtype=opts.dtype, seed=opts.seed,
+                            device_map=opts.device_map, max_memory=opts.max_memory)
+        path = run_profile(loaded, opts, opts.seed).save(opts.out, overwrite=opts.overwrite)
     typer.echo(str(path))
 
 

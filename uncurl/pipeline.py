@@ -31,7 +31,8 @@ from .options import (DATA, DEFAULT_MERGE, DEFAULT_METHOD, DEFAULT_ROUTER, EVAL,
                       choices_help, items, opt)
 from .profile import Profile, profile_model
 from .report import REPORT_SCHEMA, Timings, command_line, layer_entries, versions, write_report
-from .save import check_out_dir, staged_dir, verify_checkpoint, write_checkpoint
+from .output import Claim, claim
+from .save import expected_bytes, parse_shard_size, verify_checkpoint, write_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +132,10 @@ class RunOptions(DataOptions):
         None, panel=PRUNE, help="Reuse a profile written by `uncurl profile` (skips the forward pass).",
         sweep=dict(help="Reuse a profile file."))
     overwrite: bool = opt(
-        False, panel=PRUNE, help="Replace a non-empty --out.",
-        profile=dict(panel=None, help="Replace an existing --out, only if it is an earlier uncurl profile."))
+        False, panel=PRUNE,
+        help="Replace an earlier uncurl output at --out (uncurl's report/report.json or sweep.json); "
+             "anything else is refused.",
+        profile=dict(panel=None, help="Replace an earlier uncurl profile at --out (nothing else)."))
     seed: int = opt(0, panel=RUN, help="Seed for sampling, tiny models and clustering.")
     device: str = opt("auto", panel=RUN, help="auto (CUDA when present), cpu, cuda, cuda:N.")
     device_map: str | None = opt(
@@ -364,13 +367,48 @@ def check_options(opts: RunOptions, evaluating: bool) -> None:
         raise UncurlError(f"task {task.name} has no answer choices, so no {opts.metric}; use --metric loss")
 
 
-def prepare(opts: RunOptions, keeps: list[int], timings: Timings, *, source_check=None) -> Prepared:
-    """Load the model, validate every K against it, then profile (or read --profile)."""
+def run_inputs(opts: RunOptions) -> list[tuple[str, Path, bool]]:
+    """What a run reads from disk, known before loading, as ``output.check_out`` takes it: (what,
+    path, whether an output inside it is refused too)."""
+    found = [("the input model folder", Path(opts.model), True)] if Path(opts.model).is_dir() else []
+    data_dir = T.resolve_data_dir(opts.data_dir)
+    for what, path in (("the --profile file", opts.profile), ("the --data-dir folder", data_dir),
+                       ("the --task file", opts.task), ("the --eval-file", opts.eval_file)):
+        if path and Path(path).exists():
+            found.append((what, Path(path), False))
+    return found
+
+
+def loaded_inputs(loaded: Loaded) -> list[tuple[str, Path, bool]]:
+    """What the loaded model was read from: its folder and, for a folder of links (a Hub snapshot),
+    the folders the links point into."""
+    if loaded.source is None:
+        return []
+    targets = {p.resolve().parent for p in loaded.source.iterdir() if p.is_symlink()}
+    return [("the input model folder", loaded.source, True)] + [
+        ("the folder the input model's files link into", t, False) for t in sorted(targets)]
+
+
+def loaded_check(output: Claim, keeps: list[int], copies: int = 1):
+    """``prepare``'s check once the model is loaded, before profiling: ``--out`` is not (in) what it
+    was read from, and its file system has room for ``copies`` checkpoints per K in ``keeps``."""
+    def check(loaded: Loaded) -> None:
+        output.check(loaded_inputs(loaded))
+        if copies:
+            n = copies * len(keeps)
+            output.check_space(copies * sum(expected_bytes(loaded.model, loaded.adapter, k) for k in keeps),
+                               "the checkpoint" if n == 1 else f"the {n} checkpoints")
+    return check
+
+
+def prepare(opts: RunOptions, keeps: list[int], timings: Timings, *, check_loaded=None) -> Prepared:
+    """Load the model, validate every K against it, then profile (or read --profile).
+    ``check_loaded(loaded)`` runs between loading and profiling (see ``loaded_check``)."""
     with timings.stage("load"):
         loaded = load_model(opts.model, device=opts.device, dtype=opts.dtype, seed=opts.seed,
                             device_map=opts.device_map, max_memory=opts.max_memory)
-    if source_check is not None:
-        source_check(loaded.source)
+    if check_loaded is not None:
+        check_loaded(loaded)
     config, adapter = loaded.model.config, loaded.adapter
     n_experts, k_before = expert_count(config, adapter), top_k(config, adapter)
     k_after = opts.top_k if opts.top_k is not None else k_before
@@ -414,13 +452,18 @@ def base_report(opts: RunOptions, prep: Prepared, timings: Timings) -> dict:
 
 
 def prune(opts: PruneOptions) -> PruneResult:
-    """load -> (validate) -> profile -> cluster -> merge -> save + verify -> report (+ eval, gate)."""
-    timings = Timings()
+    """load -> (validate) -> profile -> cluster -> merge -> save + verify -> report (+ eval, gate).
+    ``--out`` is checked and claimed first and held to the end (see ``output.claim``)."""
     evaluating = opts.eval or opts.max_drop is not None
     check_options(opts, evaluating)
-    out = check_out_dir(opts.out, overwrite=opts.overwrite)
-    prep = prepare(opts, [opts.keep], timings,
-                   source_check=lambda src: check_out_dir(out, overwrite=opts.overwrite, source=src))
+    shard_size = parse_shard_size(opts.shard_size)
+    with claim(opts.out, overwrite=opts.overwrite, inputs=run_inputs(opts)) as output:
+        return _prune(opts, output, shard_size, evaluating)
+
+
+def _prune(opts: PruneOptions, output: Claim, shard_size: int, evaluating: bool) -> PruneResult:
+    timings, out = Timings(), output.path
+    prep = prepare(opts, [opts.keep], timings, check_loaded=loaded_check(output, [opts.keep]))
     loaded, adapter = prep.loaded, prep.loaded.adapter
     evaluation = {}
     if evaluating:
@@ -469,9 +512,9 @@ def prune(opts: PruneOptions) -> PruneResult:
         measured = evaluation["drop"][opts.metric]
         report["gate"] = {"metric": opts.metric, "drop": measured, "max_drop": opts.max_drop,
                           "passed": measured is not None and measured <= opts.max_drop}
-    with staged_dir(out) as tmp:
+    with output.staged() as tmp:
         with timings.stage("save"):
-            write_checkpoint(pruned, loaded.tokenizer, tmp, opts.shard_size, extra_files=loaded.processor_files)
+            write_checkpoint(pruned, loaded.tokenizer, tmp, shard_size, extra_files=loaded.processor_files)
         del pruned  # the checks below reload from disk: never hold both copies
         if hooked:
             gc.collect()

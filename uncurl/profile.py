@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -215,8 +216,18 @@ class Profile:
     def tokens(self) -> int:
         return next(iter(self.layers.values())).tokens if self.layers else 0
 
-    def save(self, path: str | Path) -> Path:
-        from safetensors.torch import save_file
+    @staticmethod
+    def claim(path: str | Path, *, overwrite: bool = False):
+        """Claim ``path`` for a profile before the expensive work (``output.claim``): refused if it
+        is a folder, or exists and is not an earlier uncurl profile replaced with ``overwrite``."""
+        from .output import claim
+
+        return claim(path, overwrite=overwrite, kind="file")
+
+    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        """Write the profile to ``path`` through a unique hidden temporary file beside it (removed on
+        any error or signal), never over anything but an earlier profile (``overwrite``)."""
+        from safetensors.torch import save
 
         path = Path(path)
         tensors = {f"{name}/{f}": t.contiguous().cpu() for name, s in self.layers.items()
@@ -227,10 +238,12 @@ class Profile:
             "layers": {n: {"index": self.layer_index[n], "tokens": s.tokens} for n, s in self.layers.items()},
             **self.meta,
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"uncurl": json.dumps(header)})
-        tmp.replace(path)
+        data = save(tensors, metadata={"uncurl": json.dumps(header)})
+        with self.claim(path, overwrite=overwrite) as output, output.staged() as tmp:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
         return path
 
     @classmethod

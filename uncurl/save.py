@@ -1,9 +1,9 @@
 """Step 5: write the pruned checkpoint, all or nothing, and check it from disk before saying so.
 
-The output is assembled in a hidden temporary folder beside ``--out`` and renamed into place only
-when complete and checked: an interrupted or failed run leaves no half-written folder. An
-``--out`` that already holds anything is refused unless ``--overwrite``; an ``--out`` inside (or
-equal to) the input model folder is always refused.
+The output is assembled in a hidden folder beside ``--out`` and renamed into place only when
+complete and checked (``output.claim``: what ``--out`` may be, the lock, signals, a full disk).
+``parse_shard_size`` and ``expected_bytes`` let a run refuse a bad ``--shard-size`` or a disk too
+small before the expensive work.
 
 Writing streams: ``save_pretrained`` first reverts transformers' load-time weight conversions for
 the *whole* model at once (e.g. splitting every fused ``gate_up_proj`` into per-expert ``w1``/``w3``
@@ -16,12 +16,9 @@ names, shard split, index, safetensors header order and config; tests/test_lean.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import struct
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -32,39 +29,31 @@ from .errors import CheckpointCheckError, UncurlError
 SHARD_SIZE = "5GB"  # transformers' default; a model under it is one model.safetensors, no index
 
 
-def check_out_dir(out: str | Path, *, overwrite: bool, source: Path | None = None) -> Path:
-    """Validate ``--out`` before any expensive work."""
-    out = Path(out).resolve()
-    if source is not None and (out == source or source in out.parents):
-        raise UncurlError(f"--out {out} is inside the input model folder {source}; uncurl never writes there")
-    if out.exists() and not out.is_dir():
-        raise UncurlError(f"--out {out} exists and is a file; choose a folder path")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        what = "a checkpoint" if (out / "config.json").exists() else "files"
-        raise UncurlError(f"--out {out} already holds {what}; choose an empty folder or pass --overwrite")
-    return out
+def parse_shard_size(value: str | int, flag: str = "--shard-size") -> int:
+    """``value`` in bytes, read as transformers reads ``max_shard_size`` (5GB, 500MB: decimal units;
+    a plain number: bytes); an UncurlError for anything else, or for a size that is not positive."""
+    from huggingface_hub.serialization._base import parse_size_to_int
 
-
-@contextmanager
-def staged_dir(out: Path):
-    """Yield a temporary folder beside ``out``; on success it replaces ``out``, on error it vanishes."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
+    text = str(value).strip()
     try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        size = int(text) if text.isdigit() else parse_size_to_int(text)
+    except (ValueError, OverflowError):
+        size = None
+    if size is None or size <= 0:
+        raise UncurlError(f"{flag} {str(value)!r} is not a shard size; give a positive size with a unit (TB, GB, "
+                          f"MB or KB), e.g. 5GB or 500MB, or a number of bytes")
+    return size
+
+
+def expected_bytes(model, adapter: MoEAdapter, keep: int) -> int:
+    """About what ``write_checkpoint`` writes for ``model`` cut to ``keep`` experts per MoE layer:
+    every tensor outside the experts as it is, the experts' tensors K/E of theirs."""
+    from .merge import weight_bytes
+
+    state = model.state_dict()
+    experts = sum(state[name].numel() * state[name].element_size() for layer in find_moe_layers(model, adapter)
+                  for name in per_expert_names(layer, adapter)[0])
+    return weight_bytes(model) - experts + experts * keep // expert_count(model.config, adapter)
 
 
 def write_checkpoint(model, tokenizer, folder: Path, shard_size: str | int = SHARD_SIZE, *, stream: bool = True,

@@ -22,9 +22,11 @@ from .errors import UncurlError
 from .evaluate import METRICS, drop
 from .merge import MERGE_RULES, ROUTER_RULES, parameter_count, rewrite_model
 from .options import DEFAULT_MERGE, DEFAULT_METHOD, DEFAULT_ROUTER, EVAL, PRUNE, ints, names, opt
-from .pipeline import RunOptions, base_report, check_options, method_used, plan_all, prepare, run_eval
+from .output import claim
+from .pipeline import (RunOptions, base_report, check_options, loaded_check, method_used, plan_all, prepare,
+                       run_eval, run_inputs)
 from .report import Timings
-from .save import check_out_dir, staged_dir, verify_checkpoint, write_checkpoint
+from .save import verify_checkpoint, write_checkpoint
 
 SWEEP_SCHEMA = 1
 
@@ -98,16 +100,20 @@ def sweep(opts: SweepOptions, on_row=None, skip=None) -> dict:
                           "e.g. --keep 6,4,2 --method uncurl")
     opts.method, opts.merge, opts.router_rows = (",".join(v) for v in (opts.methods, opts.merges, opts.routers))
     check_options(opts, evaluating=True)
-    out = check_out_dir(opts.out, overwrite=opts.overwrite)
-    timings = Timings()
-    prep = prepare(opts, list(opts.keeps), timings,
-                   source_check=lambda src: check_out_dir(out, overwrite=opts.overwrite, source=src))
+    with claim(opts.out, overwrite=opts.overwrite, inputs=run_inputs(opts)) as output:  # held to the end
+        return _sweep(opts, output, on_row, skip)
+
+
+def _sweep(opts: SweepOptions, output, on_row, skip) -> dict:
+    timings, out = Timings(), output.path
+    copies = len(cells(opts)) if opts.keep_checkpoints else 0  # every cell's checkpoints must fit
+    prep = prepare(opts, list(opts.keeps), timings, check_loaded=loaded_check(output, sorted(set(opts.keeps)), copies))
     model, tok = prep.loaded.model, prep.loaded.tokenizer
     with timings.stage("eval_unpruned"):
         base = run_eval(model, tok, opts, opts.eval_limit, opts.seed)
     base = {"keep": prep.num_experts, "params": parameter_count(model), **base}
     rows = []
-    with staged_dir(out) as tmp:
+    with output.staged() as tmp:
         for method, merge, router in cells(opts):
             used = method_used(prep, method)  # what runs: the default may fall back (said once per cell)
             for keep in sorted(set(opts.keeps), reverse=True):
