@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .errors import UncurlError
-from .profile import LayerStats
+from .stats import LayerStats
 
 
 @dataclass(frozen=True)
