@@ -130,7 +130,8 @@ ROUTER_OUTPUTS = {"topk": _topk_output, "scores": _scores_output}
 
 class _Recorder:
     """Router hooks plus the recording experts implementation on every MoE layer; ``mask`` selects
-    the non-padding rows of the current batch.
+    the non-padding rows of the current batch, ``tokens`` [n, 2] names them (text index, position:
+    what the logit sample's keys hash), both set per batch by ``start``.
 
     A router that returns probabilities instead of logits (``adapter.router_logits``) gets a second
     hook on the submodule that computes its logits, which runs first, inside the router's forward."""
@@ -141,6 +142,7 @@ class _Recorder:
         self.tail = tail  # routers with tail rows: logit columns and slots past the experts are dropped
         self.read, self.output, self.top_k = ROUTER_OUTPUTS[output], output, top_k
         self.mask: torch.Tensor | None = None
+        self.tokens: torch.Tensor | None = None
         self.logits: dict[str, torch.Tensor] = {}
         self.handles = [layer.router.register_forward_hook(self._hook(layer.name)) for layer in moe_layers]
         if router_logits is not None:
@@ -168,6 +170,11 @@ class _Recorder:
         if self.missing_outputs:
             log.warning("%d MoE layers do not use transformers' switchable experts: no REAP/EAN statistics "
                         "for them", len(self.missing_outputs))
+
+    def start(self, attention_mask: torch.Tensor, text_ids: Sequence[int]) -> None:
+        """The next batch: its attention mask [B, T] and the (global) index of each of its texts."""
+        self.mask = attention_mask.reshape(-1).bool()
+        self.tokens = token_positions(attention_mask, text_ids)
 
     def _logits(self, name: str):
         def hook(module, args, output):
@@ -197,7 +204,8 @@ class _Recorder:
                 e = self.stats[name].num_experts
                 routed = (indices < e) & (weights != 0)  # zaya returns a skip slot as expert 0, weight 0
                 logits, weights, indices = logits[:, :e], weights[routed], indices[routed]
-            self.stats[name].update(logits, weights, indices)
+            tokens = self.tokens if self.tokens is not None and len(self.tokens) == logits.shape[0] else None
+            self.stats[name].update(logits, weights, indices, tokens)
 
         return hook
 
@@ -227,6 +235,24 @@ class _Recorder:
             stats.cpu()
 
 
+def token_positions(attention_mask: torch.Tensor, text_ids: Sequence[int]) -> torch.Tensor:
+    """[n, 2] long on the CPU: (text index, position in the text) of each non-padding token of a
+    batch, in the order the masked rows come (row-major over [B, T])."""
+    mask = attention_mask.cpu().bool()
+    positions = mask.long().cumsum(1) - 1
+    texts = torch.as_tensor(list(text_ids), dtype=torch.long)[:, None].expand_as(mask)
+    return torch.stack([texts[mask], positions[mask]], 1)
+
+
+def shard_range(total: int, index: int, count: int) -> range:
+    """The texts (indices into ``total``) of shard ``index`` of ``count`` (0-based): contiguous,
+    sizes differing by at most one. Profiles of all ``count`` shards, each run with
+    ``text_ids=shard_range(...)``, combine (``Profile.combine``) to the profile of all texts."""
+    if not 0 <= index < count:
+        raise UncurlError(f"shard {index}/{count}: the index must be 0..{count - 1}")
+    return range(index * total // count, (index + 1) * total // count)
+
+
 WINDOW_BATCHES = 8  # batches tokenised (and sorted by length) together
 
 
@@ -237,6 +263,12 @@ def batches(tokenizer, texts: Sequence[str], *, batch_size: int, max_length: int
     window keeps most of the padding saving of a global sort, while memory stays flat in the number
     of texts. Tokenising 1,000 texts of 512 tokens at once peaked at +114 MB of tokenizer objects.
     """
+    for _, batch in indexed_batches(tokenizer, texts, batch_size=batch_size, max_length=max_length):
+        yield batch
+
+
+def indexed_batches(tokenizer, texts: Sequence[str], *, batch_size: int, max_length: int):
+    """``batches``, each with the indices (into ``texts``) of its rows: (list of int, batch)."""
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
@@ -245,8 +277,9 @@ def batches(tokenizer, texts: Sequence[str], *, batch_size: int, max_length: int
         ids = tokenizer(list(texts[first : first + window]), truncation=True, max_length=max_length)["input_ids"]
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         for start in range(0, len(order), batch_size):
-            chunk = [{"input_ids": ids[i]} for i in order[start : start + batch_size]]
-            yield tokenizer.pad(chunk, return_tensors="pt", padding=True)
+            rows = order[start : start + batch_size]
+            yield [first + i for i in rows], tokenizer.pad([{"input_ids": ids[i]} for i in rows], return_tensors="pt",
+                                                           padding=True)
 
 
 @torch.no_grad()
@@ -261,10 +294,16 @@ def profile_model(
     progress: bool = False,
     meta: dict | None = None,
     seed: int = 0,
+    text_ids: Sequence[int] | None = None,
 ) -> Profile:
-    """Forward ``texts`` through ``model`` and return every registered statistic, per MoE layer."""
+    """Forward ``texts`` through ``model`` and return every registered statistic, per MoE layer.
+
+    ``text_ids``: the index of each text in the whole calibration set when ``texts`` is one shard
+    of it (``shard_range``), so that shards' profiles combine to the whole set's; default
+    ``0..len(texts)-1``."""
     if not texts:
         raise UncurlError("no calibration text to profile: the task's calibration split is empty")
+    text_ids = check_text_ids(texts, text_ids)
     moe_layers = find_moe_layers(model, adapter)
     recorder = _Recorder(moe_layers, moe_layers[0].num_experts, seed, tail=bool(adapter.tail_rows),
                          output=adapter.router_output, top_k=top_k(model.config, adapter),
@@ -273,9 +312,10 @@ def profile_model(
     n_batches = -(-len(texts) // batch_size)
     try:
         with progress_bar(progress, n_batches, "profiling") as advance:
-            for batch in batches(tokenizer, texts, batch_size=batch_size, max_length=max_length):
+            for rows, batch in indexed_batches(tokenizer, texts, batch_size=batch_size, max_length=max_length):
+                recorder.start(batch["attention_mask"], [text_ids[i] for i in rows])
                 batch = batch.to(device)
-                recorder.mask = batch["attention_mask"].reshape(-1).bool()
+                recorder.mask = recorder.mask.to(device)
                 # logits_to_keep=1: the router statistics need no vocabulary projection; no KV cache
                 model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=1,
                       use_cache=False)
@@ -284,6 +324,15 @@ def profile_model(
         recorder.close()
     index = {layer.name: layer.index for layer in moe_layers}
     return Profile(recorder.stats, index, dict(meta or {}))
+
+
+def check_text_ids(texts: Sequence[str], text_ids: Sequence[int] | None) -> list[int]:
+    if text_ids is None:
+        return list(range(len(texts)))
+    text_ids = [int(i) for i in text_ids]
+    if len(text_ids) != len(texts) or len(set(text_ids)) != len(text_ids):
+        raise UncurlError(f"text_ids: {len(text_ids)} ids for {len(texts)} texts (one distinct index per text)")
+    return text_ids
 
 
 class progress_bar:

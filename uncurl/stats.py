@@ -3,10 +3,20 @@
     uncurl profile --model builtin:mixtral --task superglue-rte --data-dir ../shared/data --out rte.profile
 
 Statistics are named accumulators in ``STATISTICS`` (a registry): each declares its shape, its
-source (router or experts) and an in-place update, and is accumulated online per MoE layer in
-float64, so memory does not grow with the number of calibration tokens. Nothing here knows the
-model: the drivers (``profile.profile_model`` over the whole model, and the ones to come) hand
-batches to ``LayerStats``.
+source (router or experts), an in-place ``update`` with one batch and a ``combine`` of two partial
+accumulators of the same layer, and is accumulated online per MoE layer in float64, so memory does
+not grow with the number of calibration tokens. Nothing here knows the model: the drivers
+(``profile.profile_model`` over the whole model, and the ones to come: layer by layer, one rank of
+several, one shard of the texts) hand batches to ``LayerStats`` and ``Profile.combine`` adds the
+partial profiles of disjoint text shards (what ``--profile a b c`` and an all-reduce use).
+
+Combining is exact for the sums (counts, mass, logit sums, Gram matrix, EAN/REAP sums: up to the
+order of float64 additions). The router-logit sample is *priority sampling* with a key per token
+derived from (seed, layer, text index, position in the text) by a hash (``token_keys``), not from a
+running random stream: the sample keeps the ``SAMPLE_TOKENS`` tokens with the smallest keys, so the
+tokens kept do not depend on the batching, and the union of shards' samples cut to the smallest
+keys is the sample one pass over all texts keeps (``combine_samples``), given each shard profiled
+with the texts' global indices (``profile_model(text_ids=...)``).
 
 A profile is a safetensors file with the model id, task, data fingerprint and versions in its
 metadata; ``prune --profile FILE`` reuses it, and a file of an older schema is refused.
@@ -16,9 +26,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import reduce
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 from .errors import UncurlError
@@ -29,11 +41,13 @@ SAMPLE_TOKENS = 4096  # router-logit rows kept per layer (a seeded uniform sampl
 
 @dataclass
 class RouterBatch:
-    """What a router hook sees, padding removed: logits [N, E], top-k weights and indices [N, k]."""
+    """What a router hook sees, padding removed: logits [N, E], top-k weights and indices [N, k];
+    ``tokens`` [N, 2] (on the CPU): each row's (text index, position in the text)."""
 
     logits: torch.Tensor
     weights: torch.Tensor
     indices: torch.Tensor
+    tokens: torch.Tensor | None = None
 
 
 @dataclass
@@ -45,9 +59,14 @@ class ExpertBatch:
     norm: torch.Tensor  # [S] ||f_j(x)||_2 of the expert's output (before the gate)
 
 
+def _sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return a + b.to(a.device)
+
+
 @dataclass(frozen=True)
 class Statistic:
-    """A named per-layer accumulator: ``update(stats, acc, batch)`` adds one batch in place."""
+    """A named per-layer accumulator: ``update(stats, acc, batch)`` adds one batch in place;
+    ``combine(a, b)`` is the accumulator of the union of the tokens two accumulators saw."""
 
     name: str
     shape: Callable[[int], tuple[int, ...]]  # from the expert count E
@@ -55,16 +74,18 @@ class Statistic:
     update: Callable[["LayerStats", torch.Tensor, object], None]
     doc: str
     fill: float = 0.0
+    combine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = _sum
 
 
 STATISTICS: dict[str, Statistic] = {}
 
 
-def statistic(name: str, shape, source: str, doc: str, fill: float = 0.0):
-    """Register an accumulator: a new statistic is one decorated function here."""
+def statistic(name: str, shape, source: str, doc: str, fill: float = 0.0, combine=_sum):
+    """Register an accumulator: a new statistic is one decorated function here (sums need no
+    ``combine``: the default adds)."""
 
     def register(update):
-        STATISTICS[name] = Statistic(name, shape, source, update, doc, fill)
+        STATISTICS[name] = Statistic(name, shape, source, update, doc, fill, combine)
         return update
 
     return register
@@ -104,22 +125,52 @@ def _reap_sum(stats, acc, b: ExpertBatch):
     acc.index_add_(0, b.expert, b.gate * b.norm)
 
 
+# ---- the router-logit sample: priority sampling with per-token hashed keys ---------------------
+
+_MASK = (1 << 64) - 1
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on uint64 (a bijection that scrambles every bit; wraps mod 2^64)."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * np.uint64(0xBF58476D1CE4E5B9)
+    x = x ^ (x >> np.uint64(27))
+    x = x * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def token_keys(seed: int, tokens: torch.Tensor) -> torch.Tensor:
+    """[N] float64 keys, uniform on [0, 1): a hash of (``seed``, text index, position) for each row
+    of ``tokens`` [N, 2]. The same token gets the same key whatever batch or shard it is in."""
+    t = tokens.cpu().numpy().astype(np.int64).view(np.uint64)  # -1 (a stream without texts) wraps
+    h = _mix(np.full(len(t), (seed + 0x9E3779B97F4A7C15) & _MASK, dtype=np.uint64))
+    h = _mix(h ^ t[:, 0])
+    h = _mix(h ^ t[:, 1])
+    return torch.from_numpy((h >> np.uint64(11)).astype(np.float64) * 2.0**-53)
+
+
+def combine_samples(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Two samples [S, 1 + E] (column 0: the key; inf: empty) -> the S rows with the smallest keys
+    of both, ascending: what one pass over both sets of tokens keeps."""
+    rows = torch.cat([a, b.to(a.device)])
+    return rows[torch.argsort(rows[:, 0], stable=True)[: a.shape[0]]]
+
+
 @statistic("logit_sample", lambda e: (SAMPLE_TOKENS, e + 1), "router",
-           "a seeded uniform sample of tokens' router logits (column 0: sort key; inf = empty)", fill=float("inf"))
+           "a seeded uniform sample of tokens' router logits (column 0: sort key; inf = empty)", fill=float("inf"),
+           combine=combine_samples)
 def _logit_sample(stats, acc, b: RouterBatch):
-    # priority sampling: every token draws a uniform key; the SAMPLE_TOKENS smallest keys are a
-    # uniform sample without replacement of all tokens seen, whatever the batch sizes
-    keys = torch.rand(b.logits.shape[0], generator=stats.generator, dtype=torch.float64).to(acc.device)
-    rows = torch.cat([acc, torch.cat([keys[:, None], b.logits], 1)])
-    acc.copy_(rows[torch.argsort(rows[:, 0])[: acc.shape[0]]])
+    # priority sampling: every token has a uniform key; the SAMPLE_TOKENS smallest keys are a
+    # uniform sample without replacement of all tokens seen, whatever the batches or shards
+    keys = token_keys(stats.seed, b.tokens).to(acc.device)
+    acc.copy_(combine_samples(acc, torch.cat([keys[:, None], b.logits], 1)))
 
 
 class LayerStats:
     """The accumulators of one MoE layer (float64), by statistic name; see ``STATISTICS``."""
 
     def __init__(self, num_experts: int, tokens: int = 0, seed: int = 0, **tensors: torch.Tensor):
-        self.num_experts, self.tokens = num_experts, tokens
-        self.generator = torch.Generator().manual_seed(seed)
+        self.num_experts, self.tokens, self.seed = num_experts, tokens, seed
         self.tensors: dict[str, torch.Tensor] = {}
         for name, spec in STATISTICS.items():
             given = tensors.get(name)
@@ -147,11 +198,18 @@ class LayerStats:
                     acc = self.tensors[name] = acc.to(batch_device(batch))
                 spec.update(self, acc, batch)
 
-    def update(self, logits: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> None:
-        """Add a router batch: logits [N, E], top-k routing weights [N, k] and expert indices [N, k]."""
-        self.tokens += logits.shape[0]
+    def update(self, logits: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
+               tokens: torch.Tensor | None = None) -> None:
+        """Add a router batch: logits [N, E], top-k routing weights [N, k] and expert indices [N, k];
+        ``tokens`` [N, 2]: each row's (text index, position), which the sample's keys hash. Without
+        them the rows are one stream of texts-less tokens, numbered in arrival order."""
+        n = logits.shape[0]
+        if tokens is None:
+            tokens = torch.stack([torch.full((n,), -1, dtype=torch.long),
+                                  torch.arange(self.tokens, self.tokens + n)], 1)
+        self.tokens += n
         self._add("router", RouterBatch(logits.detach().to(torch.float64), weights.detach(),
-                                        indices.detach().long()))
+                                        indices.detach().long(), tokens))
 
     def update_experts(self, expert: torch.Tensor, gate: torch.Tensor, norm: torch.Tensor) -> None:
         self._add("experts", ExpertBatch(expert.long(), gate.detach().to(torch.float64),
@@ -160,6 +218,21 @@ class LayerStats:
     def cpu(self) -> "LayerStats":
         self.tensors = {k: v.cpu() for k, v in self.tensors.items()}
         return self
+
+    @classmethod
+    def combine(cls, parts: Sequence["LayerStats"]) -> "LayerStats":
+        """The statistics of the union of the (disjoint) tokens ``parts`` saw, each by its
+        ``combine``; a statistic missing from one part is missing from the whole."""
+        if not parts:
+            raise ValueError("nothing to combine")
+        experts = {p.num_experts for p in parts}
+        if len(experts) != 1:
+            raise UncurlError(f"cannot combine statistics of layers with different expert counts {sorted(experts)}")
+        out = cls(parts[0].num_experts, sum(p.tokens for p in parts), parts[0].seed)
+        for name, spec in STATISTICS.items():
+            out.tensors[name] = reduce(spec.combine, [p.tensors[name] for p in parts]).cpu()
+        out.missing = set().union(*(p.missing for p in parts))
+        return out
 
     @property
     def frequency(self) -> torch.Tensor:
@@ -181,7 +254,7 @@ class LayerStats:
         return (self.gram / torch.outer(norm, norm)).clamp(-1.0, 1.0)
 
     def logit_rows(self) -> torch.Tensor:
-        """The sampled tokens' router logits [n, E] (n <= SAMPLE_TOKENS), in sampling order."""
+        """The sampled tokens' router logits [n, E] (n <= SAMPLE_TOKENS), by ascending key."""
         sample = self.require("logit_sample", "--router refit")
         return sample[torch.isfinite(sample[:, 0]), 1:]
 
@@ -191,6 +264,31 @@ RouterStats = LayerStats  # the name before statistics became a registry
 
 def batch_device(batch) -> torch.device:
     return (batch.logits if isinstance(batch, RouterBatch) else batch.norm).device
+
+
+# meta keys whose values the statistics depend on: partial profiles must agree on them
+MUST_AGREE = ("model", "model_type", "seed", "max_length")
+
+
+def _combined_meta(metas: list[dict]) -> dict:
+    """Keys every part agrees on; where the parts differ (each shard's task fingerprint), ``task``
+    keeps what they agree on with the example counts summed, and ``parts`` lists each part's meta."""
+    for key in MUST_AGREE:
+        values = [m.get(key) for m in metas]
+        if any(v != values[0] for v in values):
+            raise UncurlError(f"cannot combine profiles with different {key!r}: {', '.join(map(repr, values))}")
+    keys = dict.fromkeys(k for m in metas for k in m)
+    meta = {k: metas[0][k] for k in keys if all(k in m and m[k] == metas[0][k] for m in metas)}
+    if len(meta) == len(keys):
+        return meta
+    tasks = [m.get("task") for m in metas]
+    if "task" not in meta and all(isinstance(t, dict) for t in tasks):
+        task = {k: v for k, v in tasks[0].items() if all(t.get(k) == v for t in tasks)}
+        if all(isinstance(t.get("calibration_examples"), int) for t in tasks):
+            task["calibration_examples"] = sum(t["calibration_examples"] for t in tasks)
+        meta["task"] = task
+    meta["parts"] = metas
+    return meta
 
 
 @dataclass
@@ -204,6 +302,23 @@ class Profile:
     @property
     def tokens(self) -> int:
         return next(iter(self.layers.values())).tokens if self.layers else 0
+
+    @classmethod
+    def combine(cls, profiles: Sequence["Profile"]) -> "Profile":
+        """One profile from partial ones over disjoint texts of the same model (shard files, the
+        ranks of a data-parallel run): the same layers and expert counts, and the same model,
+        seed and max length in their meta; every statistic combined by its own rule."""
+        profiles = list(profiles)
+        if not profiles:
+            raise UncurlError("no profiles to combine")
+        first = profiles[0]
+        for p in profiles[1:]:
+            if p.layer_index != first.layer_index:
+                raise UncurlError(f"cannot combine profiles of different MoE layers: {sorted(first.layer_index)} "
+                                  f"and {sorted(p.layer_index)}")
+        meta = _combined_meta([dict(p.meta) for p in profiles])
+        layers = {name: LayerStats.combine([p.layers[name] for p in profiles]) for name in first.layers}
+        return cls(layers, dict(first.layer_index), meta)
 
     def save(self, path: str | Path) -> Path:
         from safetensors.torch import save_file
