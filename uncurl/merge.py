@@ -378,8 +378,8 @@ def rewrite_layer(
     """
     get_rule(MERGE_RULES, merge, "--merge")  # both names checked before any work
     router_fn = get_rule(ROUTER_RULES, router_rule, "--router").fn
-    check_layer(layer, {n: t.shape for n, t in tensors.items()}, adapter, tail)
     experts, routers, tables = _split_names(layer, adapter, tensors)
+    check_layer(layer, {n: t.shape for n, t in tensors.items()}, adapter, tail)
     e = layer.num_experts
     new = {}
     for short, rewrite in (
