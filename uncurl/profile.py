@@ -11,7 +11,8 @@ token that was not routed to it.
 
 What is recorded is the registry of statistics in ``stats.py`` (``STATISTICS``, ``LayerStats``,
 ``Profile``: accumulators and the file, apart from this driver, which is one loop among several).
-Padding tokens are excluded.
+Padding tokens are excluded. A shard of the texts (``shard_range``) profiled with
+``text_ids=`` their global indices gives a partial profile; ``Profile.combine`` adds the shards'.
 """
 
 from __future__ import annotations
@@ -327,6 +328,7 @@ def profile_model(
 
 
 def check_text_ids(texts: Sequence[str], text_ids: Sequence[int] | None) -> list[int]:
+    """The global index of each text (default: its position in ``texts``), one distinct index each."""
     if text_ids is None:
         return list(range(len(texts)))
     text_ids = [int(i) for i in text_ids]
