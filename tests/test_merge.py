@@ -142,3 +142,28 @@ def test_lower_top_k_is_written_to_config():
     new = rewrite_model(model, adapter, plans, top_k=1)
     assert new.config.num_experts_per_tok == 1 and new.config.num_experts == 3
     assert find_moe_layers(new, adapter)[0].router.top_k == 1
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "deepseek_v4", "ernie4_5_moe", "longcat_flash"])
+def test_rewrite_layer_is_what_rewrite_model_writes_and_touches_nothing(family):
+    """One layer's tensors in, new tensors out (hash tables, an expert axis not first, tail rows),
+    byte for byte what the whole-model rewrite puts in the new model; the inputs are not modified."""
+    from uncurl.merge import layer_tensor_names, rewrite_layer
+
+    model, _ = build_tiny(family, seed=0)
+    adapter = ADAPTERS[family]
+    layers = find_moe_layers(model, adapter)
+    e = layers[0].num_experts
+    plans = {layer.name: LayerPlan(tuple((i, i + 1) for i in range(0, e, 2)), ((0.3, 0.7),) * (e // 2))
+             for layer in layers}
+    state = model.state_dict()
+    new = rewrite_model(model, adapter, plans).state_dict()
+    for layer in layers:
+        tensors = {n: state[n].clone() for n in layer_tensor_names(layer, adapter)}
+        out = rewrite_layer(layer, tensors, plans[layer.name], adapter, tail=tail_rows(model.config, adapter))
+        assert out.keys() == tensors.keys()
+        for name, t in out.items():
+            assert torch.equal(t, new[name]) and torch.equal(tensors[name], state[name]), name
+        with pytest.raises(ValueError, match="not a per-expert tensor"):
+            rewrite_layer(layer, {**tensors, "model.norm.weight": state["model.norm.weight"]}, plans[layer.name], adapter,
+                          tail=tail_rows(model.config, adapter))

@@ -25,7 +25,7 @@ import torch
 
 from .errors import UncurlError
 from .options import DEFAULT_METHOD
-from .profile import LayerStats
+from .stats import LayerStats
 
 
 @dataclass(frozen=True)

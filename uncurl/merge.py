@@ -39,12 +39,12 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from .adapters import (MoEAdapter, NeuronAxis, expert_id_names, find_moe_layers, per_expert_names, routing_names,
+from .adapters import (MoEAdapter, MoELayer, NeuronAxis, expert_id_names, find_moe_layers, per_expert_names,
                        set_moe_keys, tail_rows)
 from .cluster import LayerPlan
 from .errors import UncurlError
@@ -321,6 +321,87 @@ def remap_expert_ids(ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return targets.to(ids.device)[ids.long()].to(ids.dtype)
 
 
+def layer_tensor_names(layer: MoELayer, adapter: MoEAdapter) -> list[str]:
+    """Full state-dict keys of the tensors ``rewrite_layer`` rewrites in ``layer``: its expert
+    tensors, its per-expert routing tensors and its expert-id tables."""
+    expert_names, router_names = per_expert_names(layer, adapter)
+    return expert_names + router_names + expert_id_names(layer, adapter)
+
+
+def check_layer(layer: MoELayer, shapes: Mapping[str, Sequence[int]], adapter: MoEAdapter, tail: int) -> None:
+    """Raise unless every per-expert tensor of ``layer`` (``shapes``: name -> shape, as
+    ``layer_tensor_names`` lists them) has E (or E plus ``tail``) entries on its expert axis."""
+    ids = {f"{layer.name}.{adapter.router_attr}.{n}" for n in adapter.expert_ids}
+    for name, shape in shapes.items():
+        if name not in ids and shape[adapter.expert_axis(name)] not in (layer.num_experts, layer.num_experts + tail):
+            raise ValueError(f"{name} has shape {tuple(shape)}; expected {layer.num_experts} "
+                             f"experts on axis {adapter.expert_axis(name)}")
+
+
+def _split_names(layer: MoELayer, adapter: MoEAdapter, names) -> tuple[dict, dict, list]:
+    """``names`` (full keys) as (expert {short: full}, routing {short: full}, expert-id tables)."""
+    prefix = f"{layer.name}.{adapter.experts_attr}."
+    routing = {f"{layer.name}.{adapter.router_attr}.{n}": n for n in adapter.router_tensors}
+    routing.update({f"{layer.name}.{n}": n for n in adapter.block_tensors})
+    ids = {f"{layer.name}.{adapter.router_attr}.{n}" for n in adapter.expert_ids}
+    experts, routers, tables = {}, {}, []
+    for name in names:
+        if name in ids:
+            tables.append(name)
+        elif name in routing:
+            routers[routing[name]] = name
+        elif name.startswith(prefix) and name[len(prefix):] not in adapter.experts_common:
+            experts[name[len(prefix):]] = name
+        else:
+            raise ValueError(f"{name} is not a per-expert tensor of {layer.name} (see layer_tensor_names)")
+    return experts, routers, tables
+
+
+def rewrite_layer(
+    layer: MoELayer,
+    tensors: Mapping[str, torch.Tensor],
+    plan: LayerPlan,
+    adapter: MoEAdapter,
+    *,
+    merge: str = "average",
+    router_rule: str = "mean",
+    stats=None,
+    tail: int = 0,
+) -> dict[str, torch.Tensor]:
+    """One MoE layer's tensors {full name: tensor} (those ``layer_tensor_names`` lists, read into
+    memory) -> the same names with K experts, under merge rule ``merge`` and router rule
+    ``router_rule`` (``stats``: this layer's statistics, which ``refit`` needs).
+
+    Pure: nothing of the model is read or written (only ``layer.name`` and ``layer.num_experts``
+    are used), so a whole-model rewrite, a layer-by-layer loop and a codec around the tensors all
+    call this. ``tail`` rows after the E experts' (``adapter.tail_rows``) are copied as they are.
+    """
+    get_rule(MERGE_RULES, merge, "--merge")  # both names checked before any work
+    router_fn = get_rule(ROUTER_RULES, router_rule, "--router").fn
+    experts, routers, tables = _split_names(layer, adapter, tensors)
+    check_layer(layer, {n: t.shape for n, t in tensors.items()}, adapter, tail)
+    e = layer.num_experts
+    new = {}
+    for short, rewrite in (
+        (experts, lambda ts: merge_experts(ts, plan, merge, adapter.neurons)),
+        (routers, lambda ts: router_fn(ts, plan, stats, adapter)),
+    ):
+        # every rule sees the E experts on the first axis; tail rows (shared, zero or skip slots
+        # after them) are put back as they were
+        sources = {s: tensors[full].movedim(adapter.expert_axis(s), 0) for s, full in short.items()}
+        tails = {s: t[e:] for s, t in sources.items()}
+        merged = rewrite({s: t[:e] for s, t in sources.items()})
+        new.update({short[s]: (torch.cat([t, tails[s].to(t)]) if len(tails[s]) else t)
+                    .movedim(0, adapter.expert_axis(s)).contiguous() for s, t in merged.items()})
+        del sources, tails, merged
+    if tables:
+        weight = tensors[routers[adapter.router_tensors[0]]]
+        targets = expert_targets(plan, weight[:e])
+        for name in tables:
+            new[name] = remap_expert_ids(tensors[name], targets)
+    return new
+
+
 def rewrite_model(
     model,
     adapter: MoEAdapter,
@@ -341,9 +422,11 @@ def rewrite_model(
 
     ``model`` is left unchanged unless ``consume``: then each merged tensor replaces the original
     inside ``model`` as it is made (freeing the original), and ``model`` must not be used again.
+    Each layer is ``rewrite_layer`` over its tensors, read (from accelerate's offload too) one
+    layer at a time; this function places the results and builds the new model around them.
     """
     get_rule(MERGE_RULES, merge, "--merge")
-    router_fn = get_rule(ROUTER_RULES, router_rule, "--router").fn
+    get_rule(ROUTER_RULES, router_rule, "--router")
     layers = find_moe_layers(model, adapter)
     keep = {plans[layer.name].keep for layer in layers}
     if len(keep) != 1:
@@ -352,36 +435,16 @@ def rewrite_model(
     tail = tail_rows(model.config, adapter)
     work = []
     for layer in layers:  # check every layer before touching any (consume must not half-merge)
-        expert_names, router_names = per_expert_names(layer, adapter)
-        for name in expert_names + router_names:
-            if state[name].shape[adapter.expert_axis(name)] not in (layer.num_experts, layer.num_experts + tail):
-                raise ValueError(f"{name} has shape {tuple(state[name].shape)}; expected {layer.num_experts} "
-                                 f"experts on axis {adapter.expert_axis(name)}")
-        work.append((layer, expert_names, router_names))
+        names = layer_tensor_names(layer, adapter)
+        check_layer(layer, {n: state[n].shape for n in names}, adapter, tail)
+        work.append((layer, names))
     spill = Spill()
     merged_names = []
-    for layer, expert_names, router_names in work:
-        plan = plans[layer.name]
-        new = {}
-        for short, rewrite in (
-            ({name[len(f"{layer.name}.{adapter.experts_attr}."):]: name for name in expert_names},
-             lambda ts: merge_experts(ts, plan, merge, adapter.neurons)),
-            (routing_names(layer, adapter), lambda ts: router_fn(ts, plan, (stats or {}).get(layer.name), adapter)),
-        ):
-            # every rule sees the E experts on the first axis (offloaded tensors are read here too);
-            # tail rows (shared, zero or skip slots after them) are put back as they were
-            sources = {s: read_tensor(model, full, state[full]).movedim(adapter.expert_axis(s), 0)
-                       for s, full in short.items()}
-            tails = {s: t[layer.num_experts:] for s, t in sources.items()}
-            merged = rewrite({s: t[: layer.num_experts] for s, t in sources.items()})
-            new.update({short[s]: (torch.cat([t, tails[s].to(t)]) if len(tails[s]) else t)
-                        .movedim(0, adapter.expert_axis(s)).contiguous() for s, t in merged.items()})
-            del sources, tails, merged
-        if adapter.expert_ids:
-            weight = routing_names(layer, adapter)[adapter.router_tensors[0]]
-            targets = expert_targets(plan, read_tensor(model, weight, state[weight])[: layer.num_experts])
-            for name in expert_id_names(layer, adapter):
-                new[name] = remap_expert_ids(read_tensor(model, name, state[name]), targets)
+    for layer, names in work:
+        tensors = {name: read_tensor(model, name, state[name]) for name in names}  # offloaded: read here
+        new = rewrite_layer(layer, tensors, plans[layer.name], adapter, merge=merge, router_rule=router_rule,
+                            stats=(stats or {}).get(layer.name), tail=tail)
+        del tensors
         for name, tensor in new.items():
             state[name] = tensor
             if on_disk(model, name):  # its layer lives on disk: so does the merged tensor

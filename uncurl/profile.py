@@ -9,21 +9,16 @@ per-expert loop as transformers' eager one that also hands over ||f_j(x)|| of ev
 expert) pair and the gate the family applied. Nothing is computed twice and no expert runs on a
 token that was not routed to it.
 
-Statistics are named accumulators in ``STATISTICS`` (a registry): each declares its shape, its
-source (router or experts) and an in-place update, and is accumulated online per MoE layer in
-float64, so memory does not grow with the number of calibration tokens. Padding tokens are
-excluded. The profile is a safetensors file with the model id, task, data fingerprint and versions
-in its metadata; ``prune --profile FILE`` reuses it, and a file of an older schema is refused.
+What is recorded is the registry of statistics in ``stats.py`` (``STATISTICS``, ``LayerStats``,
+``Profile``: accumulators and the file, apart from this driver, which is one loop among several).
+Padding tokens are excluded. A shard of the texts (``shard_range``) profiled with
+``text_ids=`` their global indices gives a partial profile; ``Profile.combine`` adds the shards'.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,247 +26,10 @@ import torch.nn.functional as F
 from .adapters import MoEAdapter, find_moe_layers, top_k
 from .errors import UncurlError
 from .load import input_device
+from .stats import (PROFILE_SCHEMA, SAMPLE_TOKENS, STATISTICS, ExpertBatch, LayerStats, Profile,  # noqa: F401
+                    RouterBatch, RouterStats, Statistic, batch_device, statistic)
 
 log = logging.getLogger(__name__)
-
-PROFILE_SCHEMA = 2
-SAMPLE_TOKENS = 4096  # router-logit rows kept per layer (a seeded uniform sample) for --router refit
-
-
-@dataclass
-class RouterBatch:
-    """What a router hook sees, padding removed: logits [N, E], top-k weights and indices [N, k]."""
-
-    logits: torch.Tensor
-    weights: torch.Tensor
-    indices: torch.Tensor
-
-
-@dataclass
-class ExpertBatch:
-    """What the recording experts see, one entry per (token, chosen expert) pair, padding removed."""
-
-    expert: torch.Tensor  # [S] expert index
-    gate: torch.Tensor  # [S] the weight the family applied to this expert's output
-    norm: torch.Tensor  # [S] ||f_j(x)||_2 of the expert's output (before the gate)
-
-
-@dataclass(frozen=True)
-class Statistic:
-    """A named per-layer accumulator: ``update(stats, acc, batch)`` adds one batch in place."""
-
-    name: str
-    shape: Callable[[int], tuple[int, ...]]  # from the expert count E
-    source: str  # "router" (RouterBatch) or "experts" (ExpertBatch)
-    update: Callable[["LayerStats", torch.Tensor, object], None]
-    doc: str
-    fill: float = 0.0
-
-
-STATISTICS: dict[str, Statistic] = {}
-
-
-def statistic(name: str, shape, source: str, doc: str, fill: float = 0.0):
-    """Register an accumulator: a new statistic is one decorated function here."""
-
-    def register(update):
-        STATISTICS[name] = Statistic(name, shape, source, update, doc, fill)
-        return update
-
-    return register
-
-
-def _vec(e: int) -> tuple[int, ...]:
-    return (e,)
-
-
-@statistic("counts", _vec, "router", "times each expert was in a token's top-k (frequency)")
-def _counts(stats, acc, b: RouterBatch):
-    acc += torch.bincount(b.indices.reshape(-1), minlength=acc.numel()).to(acc)
-
-
-@statistic("mass", _vec, "router", "sum of the routing weights each expert received")
-def _mass(stats, acc, b: RouterBatch):
-    acc.index_add_(0, b.indices.reshape(-1), b.weights.reshape(-1).to(acc))
-
-
-@statistic("logit_sum", _vec, "router", "sum of router logits")
-def _logit_sum(stats, acc, b: RouterBatch):
-    acc += b.logits.sum(0)
-
-
-@statistic("gram", lambda e: (e, e), "router", "sum over tokens of logits^T logits (covariance, cosine)")
-def _gram(stats, acc, b: RouterBatch):
-    acc += b.logits.T @ b.logits
-
-
-@statistic("ean_sum", _vec, "experts", "sum of ||f_j(x)|| over the tokens routed to j (EAN)")
-def _ean_sum(stats, acc, b: ExpertBatch):
-    acc.index_add_(0, b.expert, b.norm)
-
-
-@statistic("reap_sum", _vec, "experts", "sum of g_j(x) ||f_j(x)|| over the tokens routed to j (REAP)")
-def _reap_sum(stats, acc, b: ExpertBatch):
-    acc.index_add_(0, b.expert, b.gate * b.norm)
-
-
-@statistic("logit_sample", lambda e: (SAMPLE_TOKENS, e + 1), "router",
-           "a seeded uniform sample of tokens' router logits (column 0: sort key; inf = empty)", fill=float("inf"))
-def _logit_sample(stats, acc, b: RouterBatch):
-    # priority sampling: every token draws a uniform key; the SAMPLE_TOKENS smallest keys are a
-    # uniform sample without replacement of all tokens seen, whatever the batch sizes
-    keys = torch.rand(b.logits.shape[0], generator=stats.generator, dtype=torch.float64).to(acc.device)
-    rows = torch.cat([acc, torch.cat([keys[:, None], b.logits], 1)])
-    acc.copy_(rows[torch.argsort(rows[:, 0])[: acc.shape[0]]])
-
-
-class LayerStats:
-    """The accumulators of one MoE layer (float64), by statistic name; see ``STATISTICS``."""
-
-    def __init__(self, num_experts: int, tokens: int = 0, seed: int = 0, **tensors: torch.Tensor):
-        self.num_experts, self.tokens = num_experts, tokens
-        self.generator = torch.Generator().manual_seed(seed)
-        self.tensors: dict[str, torch.Tensor] = {}
-        for name, spec in STATISTICS.items():
-            given = tensors.get(name)
-            self.tensors[name] = (given.to(torch.float64) if given is not None
-                                  else torch.full(spec.shape(num_experts), spec.fill, dtype=torch.float64))
-        self.missing = {name for name in STATISTICS if name not in tensors} if tensors else set()
-
-    def __getattr__(self, name: str) -> torch.Tensor:
-        tensors = self.__dict__.get("tensors", {})
-        if name in tensors:
-            return tensors[name]
-        raise AttributeError(name)
-
-    def require(self, name: str, why: str) -> torch.Tensor:
-        if name in self.missing:
-            raise UncurlError(f"{why} needs the profile statistic {name!r}, which this profile lacks; "
-                              f"profile again with this version of uncurl")
-        return self.tensors[name]
-
-    def _add(self, source: str, batch) -> None:
-        for name, spec in STATISTICS.items():
-            if spec.source == source:
-                acc = self.tensors[name]
-                if acc.device != batch_device(batch):
-                    acc = self.tensors[name] = acc.to(batch_device(batch))
-                spec.update(self, acc, batch)
-
-    def update(self, logits: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> None:
-        """Add a router batch: logits [N, E], top-k routing weights [N, k] and expert indices [N, k]."""
-        self.tokens += logits.shape[0]
-        self._add("router", RouterBatch(logits.detach().to(torch.float64), weights.detach(),
-                                        indices.detach().long()))
-
-    def update_experts(self, expert: torch.Tensor, gate: torch.Tensor, norm: torch.Tensor) -> None:
-        self._add("experts", ExpertBatch(expert.long(), gate.detach().to(torch.float64),
-                                         norm.detach().to(torch.float64)))
-
-    def cpu(self) -> "LayerStats":
-        self.tensors = {k: v.cpu() for k, v in self.tensors.items()}
-        return self
-
-    @property
-    def frequency(self) -> torch.Tensor:
-        """Share of top-k slots each expert took (sums to 1)."""
-        total = self.counts.sum()
-        return self.counts / total if total > 0 else torch.full_like(self.counts, 1 / self.num_experts)
-
-    def correlation(self) -> torch.Tensor:
-        """Pearson correlation of router-logit columns over tokens, [E, E], from the Gram matrix."""
-        n = max(self.tokens, 1)
-        mean = self.logit_sum / n
-        cov = self.gram / n - torch.outer(mean, mean)
-        std = cov.diagonal().clamp_min(1e-12).sqrt()
-        return (cov / torch.outer(std, std)).clamp(-1.0, 1.0)
-
-    def cosine(self) -> torch.Tensor:
-        """Cosine similarity of router-logit columns over tokens (UNCURL paper's form), [E, E]."""
-        norm = self.gram.diagonal().clamp_min(1e-12).sqrt()
-        return (self.gram / torch.outer(norm, norm)).clamp(-1.0, 1.0)
-
-    def logit_rows(self) -> torch.Tensor:
-        """The sampled tokens' router logits [n, E] (n <= SAMPLE_TOKENS), in sampling order."""
-        sample = self.require("logit_sample", "--router refit")
-        return sample[torch.isfinite(sample[:, 0]), 1:]
-
-
-RouterStats = LayerStats  # the name before statistics became a registry
-
-
-def batch_device(batch) -> torch.device:
-    return (batch.logits if isinstance(batch, RouterBatch) else batch.norm).device
-
-
-@dataclass
-class Profile:
-    """Per-layer statistics plus where they came from."""
-
-    layers: dict[str, LayerStats]  # keyed by MoE block name
-    layer_index: dict[str, int]
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def tokens(self) -> int:
-        return next(iter(self.layers.values())).tokens if self.layers else 0
-
-    @staticmethod
-    def claim(path: str | Path, *, overwrite: bool = False):
-        """Claim ``path`` for a profile before the expensive work (``output.claim``): refused if it
-        is a folder, or exists and is not an earlier uncurl profile replaced with ``overwrite``."""
-        from .output import claim
-
-        return claim(path, overwrite=overwrite, kind="file")
-
-    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
-        """Write the profile to ``path`` through a unique hidden temporary file beside it (removed on
-        any error or signal), never over anything but an earlier profile (``overwrite``)."""
-        from safetensors.torch import save
-
-        path = Path(path)
-        tensors = {f"{name}/{f}": t.contiguous().cpu() for name, s in self.layers.items()
-                   for f, t in s.tensors.items() if f not in s.missing}
-        header = {
-            "schema": PROFILE_SCHEMA,
-            "statistics": {name: spec.doc for name, spec in STATISTICS.items()},
-            "layers": {n: {"index": self.layer_index[n], "tokens": s.tokens} for n, s in self.layers.items()},
-            **self.meta,
-        }
-        data = save(tensors, metadata={"uncurl": json.dumps(header)})
-        with self.claim(path, overwrite=overwrite) as output, output.staged() as tmp:
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> "Profile":
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.is_file():
-            raise UncurlError(f"--profile {path}: no such file (write one with `uncurl profile`)")
-        try:
-            with safe_open(str(path), "pt") as fh:
-                header = json.loads((fh.metadata() or {})["uncurl"])
-                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-        except Exception as err:  # noqa: BLE001 - any parse failure means "not a profile"
-            raise UncurlError(f"--profile {path} is not an uncurl profile file ({err})") from None
-        if header.get("schema") != PROFILE_SCHEMA:
-            raise UncurlError(
-                f"--profile {path} has schema {header.get('schema')}, this uncurl reads schema {PROFILE_SCHEMA} "
-                f"(it holds the expert-output statistics REAP and EAN need); profile again with `uncurl profile`"
-            )
-        layers, index = {}, {}
-        for name, info in header.pop("layers").items():
-            fields = {k.split("/", 1)[1]: t for k, t in tensors.items() if k.rsplit("/", 1)[0] == name}
-            layers[name] = LayerStats(fields["counts"].numel(), info["tokens"], **fields)
-            index[name] = info["index"]
-        header.pop("schema")
-        header.pop("statistics", None)
-        return cls(layers, index, header)
 
 
 def _expert_output(module, e: int, x: torch.Tensor) -> torch.Tensor:
@@ -373,7 +131,8 @@ ROUTER_OUTPUTS = {"topk": _topk_output, "scores": _scores_output}
 
 class _Recorder:
     """Router hooks plus the recording experts implementation on every MoE layer; ``mask`` selects
-    the non-padding rows of the current batch.
+    the non-padding rows of the current batch, ``tokens`` [n, 2] names them (text index, position:
+    what the logit sample's keys hash), both set per batch by ``start``.
 
     A router that returns probabilities instead of logits (``adapter.router_logits``) gets a second
     hook on the submodule that computes its logits, which runs first, inside the router's forward."""
@@ -384,6 +143,7 @@ class _Recorder:
         self.tail = tail  # routers with tail rows: logit columns and slots past the experts are dropped
         self.read, self.output, self.top_k = ROUTER_OUTPUTS[output], output, top_k
         self.mask: torch.Tensor | None = None
+        self.tokens: torch.Tensor | None = None
         self.logits: dict[str, torch.Tensor] = {}
         self.handles = [layer.router.register_forward_hook(self._hook(layer.name)) for layer in moe_layers]
         if router_logits is not None:
@@ -411,6 +171,11 @@ class _Recorder:
         if self.missing_outputs:
             log.warning("%d MoE layers do not use transformers' switchable experts: no REAP/EAN statistics "
                         "for them", len(self.missing_outputs))
+
+    def start(self, attention_mask: torch.Tensor, text_ids: Sequence[int]) -> None:
+        """The next batch: its attention mask [B, T] and the (global) index of each of its texts."""
+        self.mask = attention_mask.reshape(-1).bool()
+        self.tokens = token_positions(attention_mask, text_ids)
 
     def _logits(self, name: str):
         def hook(module, args, output):
@@ -440,7 +205,8 @@ class _Recorder:
                 e = self.stats[name].num_experts
                 routed = (indices < e) & (weights != 0)  # zaya returns a skip slot as expert 0, weight 0
                 logits, weights, indices = logits[:, :e], weights[routed], indices[routed]
-            self.stats[name].update(logits, weights, indices)
+            tokens = self.tokens if self.tokens is not None and len(self.tokens) == logits.shape[0] else None
+            self.stats[name].update(logits, weights, indices, tokens)
 
         return hook
 
@@ -470,6 +236,24 @@ class _Recorder:
             stats.cpu()
 
 
+def token_positions(attention_mask: torch.Tensor, text_ids: Sequence[int]) -> torch.Tensor:
+    """[n, 2] long on the CPU: (text index, position in the text) of each non-padding token of a
+    batch, in the order the masked rows come (row-major over [B, T])."""
+    mask = attention_mask.cpu().bool()
+    positions = mask.long().cumsum(1) - 1
+    texts = torch.as_tensor(list(text_ids), dtype=torch.long)[:, None].expand_as(mask)
+    return torch.stack([texts[mask], positions[mask]], 1)
+
+
+def shard_range(total: int, index: int, count: int) -> range:
+    """The texts (indices into ``total``) of shard ``index`` of ``count`` (0-based): contiguous,
+    sizes differing by at most one. Profiles of all ``count`` shards, each run with
+    ``text_ids=shard_range(...)``, combine (``Profile.combine``) to the profile of all texts."""
+    if not 0 <= index < count:
+        raise UncurlError(f"shard {index}/{count}: the index must be 0..{count - 1}")
+    return range(index * total // count, (index + 1) * total // count)
+
+
 WINDOW_BATCHES = 8  # batches tokenised (and sorted by length) together
 
 
@@ -480,6 +264,12 @@ def batches(tokenizer, texts: Sequence[str], *, batch_size: int, max_length: int
     window keeps most of the padding saving of a global sort, while memory stays flat in the number
     of texts. Tokenising 1,000 texts of 512 tokens at once peaked at +114 MB of tokenizer objects.
     """
+    for _, batch in indexed_batches(tokenizer, texts, batch_size=batch_size, max_length=max_length):
+        yield batch
+
+
+def indexed_batches(tokenizer, texts: Sequence[str], *, batch_size: int, max_length: int):
+    """``batches``, each with the indices (into ``texts``) of its rows: (list of int, batch)."""
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
@@ -488,8 +278,9 @@ def batches(tokenizer, texts: Sequence[str], *, batch_size: int, max_length: int
         ids = tokenizer(list(texts[first : first + window]), truncation=True, max_length=max_length)["input_ids"]
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         for start in range(0, len(order), batch_size):
-            chunk = [{"input_ids": ids[i]} for i in order[start : start + batch_size]]
-            yield tokenizer.pad(chunk, return_tensors="pt", padding=True)
+            rows = order[start : start + batch_size]
+            yield [first + i for i in rows], tokenizer.pad([{"input_ids": ids[i]} for i in rows], return_tensors="pt",
+                                                           padding=True)
 
 
 @torch.no_grad()
@@ -504,10 +295,16 @@ def profile_model(
     progress: bool = False,
     meta: dict | None = None,
     seed: int = 0,
+    text_ids: Sequence[int] | None = None,
 ) -> Profile:
-    """Forward ``texts`` through ``model`` and return every registered statistic, per MoE layer."""
+    """Forward ``texts`` through ``model`` and return every registered statistic, per MoE layer.
+
+    ``text_ids``: the index of each text in the whole calibration set when ``texts`` is one shard
+    of it (``shard_range``), so that shards' profiles combine to the whole set's; default
+    ``0..len(texts)-1``."""
     if not texts:
         raise UncurlError("no calibration text to profile: the task's calibration split is empty")
+    text_ids = check_text_ids(texts, text_ids)
     moe_layers = find_moe_layers(model, adapter)
     recorder = _Recorder(moe_layers, moe_layers[0].num_experts, seed, tail=bool(adapter.tail_rows),
                          output=adapter.router_output, top_k=top_k(model.config, adapter),
@@ -516,9 +313,10 @@ def profile_model(
     n_batches = -(-len(texts) // batch_size)
     try:
         with progress_bar(progress, n_batches, "profiling") as advance:
-            for batch in batches(tokenizer, texts, batch_size=batch_size, max_length=max_length):
+            for rows, batch in indexed_batches(tokenizer, texts, batch_size=batch_size, max_length=max_length):
+                recorder.start(batch["attention_mask"], [text_ids[i] for i in rows])
                 batch = batch.to(device)
-                recorder.mask = batch["attention_mask"].reshape(-1).bool()
+                recorder.mask = recorder.mask.to(device)
                 # logits_to_keep=1: the router statistics need no vocabulary projection; no KV cache
                 model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=1,
                       use_cache=False)
@@ -527,6 +325,16 @@ def profile_model(
         recorder.close()
     index = {layer.name: layer.index for layer in moe_layers}
     return Profile(recorder.stats, index, dict(meta or {}))
+
+
+def check_text_ids(texts: Sequence[str], text_ids: Sequence[int] | None) -> list[int]:
+    """The global index of each text (default: its position in ``texts``), one distinct index each."""
+    if text_ids is None:
+        return list(range(len(texts)))
+    text_ids = [int(i) for i in text_ids]
+    if len(text_ids) != len(texts) or len(set(text_ids)) != len(text_ids):
+        raise UncurlError(f"text_ids: {len(text_ids)} ids for {len(texts)} texts (one distinct index per text)")
+    return text_ids
 
 
 class progress_bar:
