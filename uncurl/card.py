@@ -98,6 +98,10 @@ def _yaml(meta: dict) -> str:
     return "\n".join(lines)
 
 
+def _change(x: float) -> str:
+    return f"{round(x, 4) + 0.0:+.4f}"  # no "-0.0000"
+
+
 def _eval_rows(ev: dict) -> list[str]:
     before, after = ev["before"], ev["after"]
     rows = [f"Task `{before['task']}`, {before['n']} evaluation examples, scored as lm-evaluation-harness "
@@ -107,17 +111,17 @@ def _eval_rows(ev: dict) -> list[str]:
         if metric in before:
             err = f"{metric}_stderr"
             rows.append(f"| {metric} | {before[metric]:.4f} ± {before.get(err, 0):.4f} | "
-                        f"{after[metric]:.4f} ± {after.get(err, 0):.4f} | {after[metric] - before[metric]:+.4f} |")
+                        f"{after[metric]:.4f} ± {after.get(err, 0):.4f} | {_change(after[metric] - before[metric])} |")
     if "loss" in before:
         rows.append(f"| task loss (nats/token) | {before['loss']:.4f} | {after['loss']:.4f} | "
-                    f"{after['loss'] - before['loss']:+.4f} |")
+                    f"{_change(after['loss'] - before['loss'])} |")
     return rows
 
 
 def render(report: dict, parent: dict | None = None, source: Path | None = None) -> str:
     """The card's text for ``report`` (the dict written as report.json); ``parent``: the parent card's
     metadata (``parent_card``), ``source``: the local folder the parent came from, if any."""
-    from .cost import Cost, cost_table
+    from .cost import Cost, cost_table, size
 
     m, t = report["model"], report["task"]
     parent = parent or {}
@@ -133,7 +137,7 @@ def render(report: dict, parent: dict | None = None, source: Path | None = None)
              f"- calibration: {t.get('calibration_examples', '?')} examples of {t['name']} "
              f"({t.get('tokens', 0):,} tokens, fingerprint `{t.get('fingerprint', '')}`), seed {report['seed']}",
              f"- parameters: {m['params_before']:,} -> {m['params_after']:,}; "
-             f"weights {m['bytes_before'] / 1e9:.3f} GB -> {m['bytes_after'] / 1e9:.3f} GB", "",
+             f"weights {size(m['bytes_before'])} -> {size(m['bytes_after'])}", "",
              "| layer | experts kept (groups merged into one) | dropped |", "|---|---|---|"]
     for layer in report["layers"]:
         groups = " ".join("{" + ",".join(map(str, g)) + "}" for g in layer["groups"])
@@ -144,7 +148,9 @@ def render(report: dict, parent: dict | None = None, source: Path | None = None)
         lines += ["", "## Evaluation", "", "Not evaluated in this run (pass `--eval`)."]
     if "cost" in report:
         before, after = (Cost(**report["cost"][k]) for k in ("before", "after"))
-        lines += ["", "## Serving cost", "", report["cost"]["note"], "", cost_table(before, after)]
+        lines += ["", "## Serving cost", "", f"{report['cost']['note']}.", "", cost_table(before, after),
+                  "", "Counted from the checkpoint's tensors; the KV cache as transformers holds it (see uncurl's "
+                  "`cost.py`). Weight memory excludes activations; GPUs are counted at 90% of their memory."]
     lines += ["", "## Reproduce", "", "```bash", report["command"], "```", "",
               "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), ""]
     return "\n".join(lines)

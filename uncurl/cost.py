@@ -153,26 +153,34 @@ def kv_total(rows: list[dict], context: int, batch: int) -> int:
                        for r in rows)
 
 
+def static_cost(model, adapter: MoEAdapter) -> dict:
+    """The figures that need no forward: weights, parameters, active parameters, FLOPs, experts, top-k."""
+    params, active, matmul = active_params(model, adapter)
+    layers = find_moe_layers(model, adapter)
+    return {"weight_bytes": weight_bytes(model), "params": params, "active_params": active,
+            "flops_per_token": 2 * matmul, "top_k": top_k(model.config, adapter),
+            "experts": layers[0].num_experts if layers else None}
+
+
+def finish(static: dict, kv: list[dict] | None, *, gpu_memory: str | int = DEFAULT_GPU_MEMORY,
+           context: int = DEFAULT_CONTEXT, batch: int = DEFAULT_BATCH) -> Cost:
+    """``static_cost`` with the KV cache (``measure_kv``; None: not measured) and the GPU count."""
+    memory = parse_bytes(gpu_memory)
+    cache = kv_total(kv, context, batch) if kv is not None else None
+    gpus = math.ceil((static["weight_bytes"] + cache) / (memory * USABLE)) if cache is not None else None
+    return Cost(**static, kv_bytes_per_token=sum(r["per_token"] for r in kv) if kv is not None else None,
+                kv_fixed_bytes=sum(r["fixed"] for r in kv) if kv is not None else None,
+                kv_bytes=cache, context=context, batch=batch, gpu_memory=memory, gpus=gpus)
+
+
 def serving_cost(model, adapter: MoEAdapter, *, gpu_memory: str | int = DEFAULT_GPU_MEMORY,
                  context: int = DEFAULT_CONTEXT, batch: int = DEFAULT_BATCH, kv: list[dict] | None = None,
                  measure: bool = True) -> Cost:
     """The :class:`Cost` of ``model``; ``kv`` reuses a ``measure_kv`` result (pruning experts does not
     change the cache), ``measure=False`` skips it (a model without weights)."""
-    memory = parse_bytes(gpu_memory)
     if kv is None and measure:
         kv = measure_kv(model)
-    params, active, matmul = active_params(model, adapter)
-    stored = weight_bytes(model)
-    layers = find_moe_layers(model, adapter)
-    cache = kv_total(kv, context, batch) if kv is not None else None
-    gpus = math.ceil((stored + cache) / (memory * USABLE)) if cache is not None else None
-    return Cost(
-        weight_bytes=stored, params=params, active_params=active, flops_per_token=2 * matmul,
-        top_k=top_k(model.config, adapter), experts=layers[0].num_experts if layers else None,
-        kv_bytes_per_token=sum(r["per_token"] for r in kv) if kv is not None else None,
-        kv_fixed_bytes=sum(r["fixed"] for r in kv) if kv is not None else None,
-        kv_bytes=cache, context=context, batch=batch, gpu_memory=memory, gpus=gpus,
-    )
+    return finish(static_cost(model, adapter), kv, gpu_memory=gpu_memory, context=context, batch=batch)
 
 
 def _pct(before: float, after: float) -> str:
@@ -196,16 +204,24 @@ def release_note(before: Cost, after: Cost) -> str:
                                f"{after.context:,} tokens of KV cache)")
 
 
+def size(n: int) -> str:
+    """Bytes in the largest decimal unit that keeps a number >= 1: 1.05 GB, 512 B."""
+    for unit, scale in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}" if n < 100 * scale else f"{n / scale:,.0f} {unit}"
+    return f"{n} B"
+
+
 def cost_table(before: Cost, after: Cost | None = None) -> str:
     """Markdown: the figures before (and after) pruning."""
-    rows = [("weight memory", lambda c: f"{c.weight_bytes / 1e9:.3f} GB"),
+    rows = [("weight memory", lambda c: size(c.weight_bytes)),
             ("parameters", lambda c: f"{c.params:,}"),
             ("active parameters / token", lambda c: f"{c.active_params:,}"),
             ("FLOPs / token (2N, weights)", lambda c: f"{c.flops_per_token:,}"),
             ("experts / MoE layer, top-k", lambda c: f"{c.experts}, {c.top_k}"),
-            ("KV cache / token", lambda c: "n/a" if c.kv_bytes_per_token is None else f"{c.kv_bytes_per_token:,} B"),
+            ("KV cache / token", lambda c: "n/a" if c.kv_bytes_per_token is None else size(c.kv_bytes_per_token)),
             (f"KV cache, batch {(after or before).batch} x {(after or before).context:,} tokens",
-             lambda c: "n/a" if c.kv_bytes is None else f"{c.kv_bytes / 1e9:.3f} GB"),
+             lambda c: "n/a" if c.kv_bytes is None else size(c.kv_bytes)),
             (f"GPUs of {(after or before).gpu_memory / 2**30:g} GiB", lambda c: "n/a" if c.gpus is None else str(c.gpus))]
     cols = ["before", "after"] if after is not None else ["value"]
     lines = ["| | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
