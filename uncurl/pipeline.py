@@ -21,7 +21,9 @@ import torch
 
 from . import tasks as T
 from .adapters import expert_count, find_moe_layers, routing_groups, top_k
+from .card import CARD, parent_card, render as render_card
 from .cluster import METHODS, LayerPlan, get_method, plan_layer, validate_keep
+from .cost import finish, measure_kv, release_note, static_cost
 from .errors import UncurlError
 from .evaluate import METRICS, drop, evaluate_examples
 from .load import Loaded, check_family, input_device, load_model
@@ -472,7 +474,8 @@ def _prune(opts: PruneOptions, output: Claim, shard_size: int, evaluating: bool)
     with timings.stage("cluster"):
         method = method_used(prep, opts.method)
         plans = plan_all(prep, opts.keep, method, opts.seed)
-    before = {"params": parameter_count(loaded.model), "bytes": weight_bytes(loaded.model)}
+    before = {"params": parameter_count(loaded.model), "bytes": weight_bytes(loaded.model),
+              "cost": static_cost(loaded.model, adapter)}
     # accelerate's map: module name -> GPU index, "cpu" or "disk"; else the one device
     device_map = getattr(loaded.model, "hf_device_map", None) or {"": input_device(loaded.model)}
     modules_per_device = dict(Counter(str(device) for device in device_map.values()))
@@ -484,6 +487,9 @@ def _prune(opts: PruneOptions, output: Claim, shard_size: int, evaluating: bool)
     loaded.model = None
     if hooked:
         gc.collect()  # accelerate's hooks make modules self-referencing: free the original now
+    with timings.stage("cost"):  # the KV cache is the same before and after: attention is untouched
+        kv = measure_kv(pruned)
+        costs = {"before": finish(before["cost"], kv), "after": finish(static_cost(pruned, adapter), kv)}
     if evaluating:
         with timings.stage("eval_after"):
             evaluation["after"] = run_eval(pruned, loaded.tokenizer, opts, opts.eval_limit, opts.seed)
@@ -504,6 +510,8 @@ def _prune(opts: PruneOptions, output: Claim, shard_size: int, evaluating: bool)
         "router_rows": opts.router_rows,
         "keep": opts.keep,
         "layers": layer_entries(prep.profile, plans),
+        "cost": {"note": release_note(costs["before"], costs["after"]),
+                 **{k: c.as_dict() for k, c in costs.items()}},
         "output": str(out),
     }
     if evaluating:
@@ -523,5 +531,7 @@ def _prune(opts: PruneOptions, output: Claim, shard_size: int, evaluating: bool)
                                                  loaded.placement)
         with timings.stage("report"):
             report["files"] = write_report(report, tmp / "report", with_plots=opts.plots)
+            (tmp / CARD).write_text(render_card(report, parent_card(opts.model, loaded.source), loaded.source),
+                                    encoding="utf-8")
     log.info("wrote %s", out)
     return PruneResult(out, report)

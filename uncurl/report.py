@@ -111,6 +111,11 @@ def markdown(r: dict) -> str:
             f"| {layer['index']} | {layer['tokens']:,} | {top} ({freq[top]:.1%}) | {groups} | "
             f"{', '.join(map(str, layer['dropped'])) or '-'} |"
         )
+    if "cost" in r:
+        from .cost import Cost, cost_table
+
+        lines += ["", "## Serving cost", "", f"{r['cost']['note']}.", "",
+                  cost_table(Cost(**r["cost"]["before"]), Cost(**r["cost"]["after"]))]
     if "eval" in r:
         lines += ["", "## Evaluation", "", eval_table(r["eval"])]
     if "gate" in r:
