@@ -121,11 +121,18 @@ class Prepared:
 
 
 def resolve_task(opts: DataOptions, name: str | None = None) -> T.Task:
-    """A registered task, hf:ORG/NAME[:CONFIG], a task file (.yaml/.json), or a .jsonl/.csv file with --template."""
+    """A registered task, hf:ORG/NAME[:CONFIG], a task file (.yaml/.json), or a .jsonl/.csv file with --template.
+
+    ``name``: a task of ``--calibrate-on`` (its errors name that option; the Hub splits apply to it
+    only when it is a Hub dataset); default: ``--task``."""
+    mixed = bool(opts.calibrate_on) and name is not None
+    hub = not mixed or name.startswith(T.HUB_PREFIX)
     return T.resolve_task(name or opts.task, template=opts.template, choices=opts.choices,
                           label_field=opts.label_field, choices_field=opts.choices_field,
                           eval_file=opts.eval_file if name in (None, opts.task) else None,
-                          calibration_split=opts.calibration_split, evaluation_split=opts.evaluation_split)
+                          calibration_split=opts.calibration_split if hub else None,
+                          evaluation_split=opts.evaluation_split if hub else None,
+                          flag="--calibrate-on" if mixed else "--task")
 
 
 def calibration_mix(opts: DataOptions) -> list[tuple[str, float]]:
