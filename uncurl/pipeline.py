@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -270,6 +271,10 @@ def check_data(opts: DataOptions, *, calibrating: bool, evaluating: bool, eval_l
     return task
 
 
+# The gate bounds of PruneOptions (max_drop) and SweepOptions (tolerance): points of --metric
+DROP_BOUNDS = {"max_drop": "--max-drop", "tolerance": "--tolerance"}
+
+
 def check_options(opts: RunOptions, evaluating: bool) -> None:
     """Cheap checks of everything that does not need the model, before loading it."""
     check_family(opts.model)  # a refused family says why before any data is read
@@ -281,6 +286,13 @@ def check_options(opts: RunOptions, evaluating: bool) -> None:
         get_rule(ROUTER_RULES, rule, "--router")
     if opts.metric not in METRICS:
         raise UncurlError(f"--metric {opts.metric!r} is not one of {', '.join(METRICS)}")
+    for name, flag in DROP_BOUNDS.items():
+        value = getattr(opts, name, None)
+        if value is not None and not 0 <= value < math.inf:
+            raise UncurlError(f"{flag} {value:g} is not accepted: it is the largest acceptable drop in --metric, a "
+                              f"number of points >= 0, e.g. 1.0")
+    if opts.top_k is not None and opts.top_k < 1:
+        raise UncurlError(f"--top-k {opts.top_k} must be at least 1")
     task = check_data(opts, calibrating=not opts.profile, evaluating=evaluating, eval_limit=opts.eval_limit,
                       seed=opts.seed)
     if evaluating and opts.metric != "loss" and task.num_choices == 0:
@@ -296,6 +308,9 @@ def prepare(opts: RunOptions, keeps: list[int], timings: Timings, *, source_chec
         source_check(loaded.source)
     config, adapter = loaded.model.config, loaded.adapter
     n_experts, k_before = expert_count(config, adapter), top_k(config, adapter)
+    if opts.top_k is not None and opts.top_k > k_before:
+        raise UncurlError(f"--top-k {opts.top_k} is above this model's own top-k ({k_before}): --top-k only lowers "
+                          f"it; pass 1..{k_before}, or leave it out to keep {k_before}")
     k_after = opts.top_k if opts.top_k is not None else k_before
     n_group, topk_group = routing_groups(config, adapter)
     for keep in keeps:
