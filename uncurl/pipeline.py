@@ -28,7 +28,7 @@ from .evaluate import METRICS, drop, evaluate_examples
 from .load import Loaded, check_family, input_device, load_model
 from .merge import MERGE_RULES, ROUTER_RULES, get_rule, parameter_count, rewrite_model, weight_bytes
 from .offload import dispatched
-from .profile import Profile, profile_model
+from .profile import Profile, profile_model, router_fingerprint
 from .report import REPORT_SCHEMA, Timings, command_line, layer_entries, versions, write_report
 from .save import check_out_dir, staged_dir, verify_checkpoint, write_checkpoint
 
@@ -222,7 +222,8 @@ def calibration_texts(opts: DataOptions, seed: int, tokenizer=None) -> tuple[lis
 def run_profile(loaded: Loaded, opts: DataOptions, seed: int = 0) -> Profile:
     """Profile ``loaded`` on the calibration split (the expensive pass)."""
     texts, info = calibration_texts(opts, seed, loaded.tokenizer)
-    meta = {"model": loaded.model_id, "model_type": loaded.model.config.model_type, "task": info,
+    meta = {"model": loaded.model_id, "model_type": loaded.model.config.model_type,
+            "router_fingerprint": router_fingerprint(loaded.model, loaded.adapter), "task": info,
             "seed": seed, "max_length": opts.max_length, "versions": versions()}
     torch.manual_seed(seed)
     profile = profile_model(loaded.model, loaded.tokenizer, loaded.adapter, texts, batch_size=opts.batch_size,
@@ -247,14 +248,48 @@ def run_eval(model, tokenizer, opts: DataOptions, limit: int | None, seed: int =
             "chat_template": opts.chat_template, **metrics}
 
 
-def _check_profile(profile: Profile, loaded: Loaded, path: str) -> None:
+def _mix_spec(parts: list[tuple[str, float]]) -> str:
+    """A calibration source as --calibrate-on spells it: "superglue-rte", or "superglue-rte=3,corpus=1"."""
+    if len(parts) == 1:
+        return parts[0][0]
+    return ",".join(f"{name}={weight:g}" for name, weight in parts)
+
+
+def _shares(parts: list[tuple[str, float]]) -> list[tuple[str, float]]:
+    """A calibration mix as proportions, so that 3:1 and 6:2 compare equal."""
+    total = sum(w for _, w in parts)
+    return [(name, round(w / total, 6)) for name, w in parts]
+
+
+def _check_profile(profile: Profile, loaded: Loaded, path: str, opts: DataOptions) -> None:
+    """A reused profile must come from this model (family, router weights, layers, expert counts)
+    and from this run's calibration task; older profiles without a router fingerprint are accepted
+    with a warning that the weights could not be compared."""
+    meta, model_type = profile.meta, loaded.model.config.model_type
+    recorded_on = f"--profile {path} was recorded on {meta.get('model')!r}"
+    if meta.get("model_type") not in (None, model_type):
+        raise UncurlError(f"{recorded_on}, a {meta['model_type']} model; {loaded.model_id!r} is a {model_type} model: "
+                          f"profile this model with `uncurl profile`")
     e = expert_count(loaded.model.config, loaded.adapter)
     names = {layer.name for layer in find_moe_layers(loaded.model, loaded.adapter)}
     if set(profile.layers) != names or any(s.num_experts != e for s in profile.layers.values()):
-        raise UncurlError(
-            f"--profile {path} was recorded on {profile.meta.get('model')!r} with other MoE layers or "
-            f"expert counts than {loaded.model_id!r}; profile this model with `uncurl profile`"
-        )
+        raise UncurlError(f"{recorded_on} with other MoE layers or expert counts than {loaded.model_id!r}; profile "
+                          f"this model with `uncurl profile`")
+    if "router_fingerprint" not in meta:
+        log.warning("--profile %s records no router fingerprint (written by an older uncurl): it could not be checked "
+                    "that it was recorded on these weights", path)
+    elif meta["router_fingerprint"] != (now := router_fingerprint(loaded.model, loaded.adapter)):
+        raise UncurlError(f"{recorded_on} with other router weights than {loaded.model_id!r} has now (router "
+                          f"fingerprint {meta['router_fingerprint']}, now {now}): it describes another model (or "
+                          f"another --seed of a built-in one); profile this one with `uncurl profile`")
+    task = meta.get("task") or {}
+    recorded = [(p["name"], p["weight"]) for p in task["mix"]] if task.get("mix") else [(task.get("name"), 1.0)]
+    run = [(resolve_task(opts, name).name, w) for name, w in calibration_mix(opts)]
+    if recorded[0][0] is not None and _shares(recorded) != _shares(run):
+        spec = _mix_spec(recorded)
+        how = f"--calibrate-on {spec}" if len(recorded) > 1 else f"--task {spec} (or --calibrate-on {spec})"
+        raise UncurlError(f"--profile {path} was recorded on task {spec}, this run calibrates on {_mix_spec(run)}: "
+                          f"pass {how} to reuse it, or profile {_mix_spec(run)} with `uncurl profile`")
 
 
 def check_data(opts: DataOptions, *, calibrating: bool, evaluating: bool, eval_limit: int | None = None,
@@ -318,7 +353,7 @@ def prepare(opts: RunOptions, keeps: list[int], timings: Timings, *, source_chec
     with timings.stage("profile"):
         if opts.profile:
             profile = Profile.load(opts.profile)
-            _check_profile(profile, loaded, opts.profile)
+            _check_profile(profile, loaded, opts.profile, opts)
         else:
             profile = run_profile(loaded, opts, opts.seed)
     return Prepared(loaded, profile, n_group, k_before, k_after, n_experts)

@@ -18,6 +18,7 @@ in its metadata; ``prune --profile FILE`` reuses it, and a file of an older sche
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .adapters import MoEAdapter, find_moe_layers, top_k
+from .adapters import MoEAdapter, find_moe_layers, routing_names, top_k
 from .errors import UncurlError
 from .load import input_device
 
@@ -259,6 +260,21 @@ class Profile:
         header.pop("schema")
         header.pop("statistics", None)
         return cls(layers, index, header)
+
+
+def router_fingerprint(model, adapter: MoEAdapter) -> str:
+    """Which model a profile was recorded on: the first 16 hex digits of a sha256 over every MoE
+    layer's routing tensors (name, shape, values as bfloat16, so the same checkpoint loaded with
+    another --dtype gives the same digits). Cheap: E x H values per layer."""
+    from .offload import read_tensor
+
+    digest, state = hashlib.sha256(), model.state_dict()
+    for layer in find_moe_layers(model, adapter):
+        for name in routing_names(layer, adapter).values():
+            tensor = read_tensor(model, name, state[name]).detach().to("cpu", torch.bfloat16).contiguous()
+            digest.update(f"{name}{list(tensor.shape)}".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _expert_output(module, e: int, x: torch.Tensor) -> torch.Tensor:
