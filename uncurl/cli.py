@@ -348,12 +348,16 @@ def profile_cmd(
     """
     from .load import load_model
     from .pipeline import DataOptions, check_data, run_profile
+    from .report import Timings
 
     _setup_logging(verbose)
     opts = DataOptions(**_data_options(locals()))
     check_data(opts, calibrating=True, evaluating=False, seed=seed)  # before the model is loaded
-    loaded = load_model(model, device=device, dtype=dtype, seed=seed, device_map=device_map, max_memory=max_memory)
-    path = run_profile(loaded, opts, seed).save(out)
+    stages = Timings()
+    with stages.stage("load"):
+        loaded = load_model(model, device=device, dtype=dtype, seed=seed, device_map=device_map, max_memory=max_memory)
+    with stages.stage("profile"):
+        path = run_profile(loaded, opts, seed).save(out)
     typer.echo(str(path))
 
 
@@ -389,13 +393,17 @@ def eval_cmd(
     """
     from .load import load_model
     from .pipeline import DataOptions, check_data, run_eval
+    from .report import Timings
 
     _setup_logging(verbose)
     opts = DataOptions(**_data_options(locals()), samples=1, eval_max_length=max_length)
     check_data(opts, calibrating=False, evaluating=True, eval_limit=limit, seed=seed)  # before the model
-    loaded = load_model(model, device=device, dtype=dtype, seed=seed, device_map=device_map, max_memory=max_memory,
-                        moe=False)  # any causal LM: evaluation needs no MoE
-    metrics = {"model": model, **run_eval(loaded.model, loaded.tokenizer, opts, limit, seed)}
+    stages = Timings()
+    with stages.stage("load"):
+        loaded = load_model(model, device=device, dtype=dtype, seed=seed, device_map=device_map,
+                            max_memory=max_memory, moe=False)  # any causal LM: evaluation needs no MoE
+    with stages.stage("eval"):
+        metrics = {"model": model, **run_eval(loaded.model, loaded.tokenizer, opts, limit, seed)}
     if as_json:
         _emit_json(metrics)
     else:
