@@ -12,19 +12,44 @@ import functools
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from .cluster import METHODS
 from .errors import EXIT_GATE, UncurlError
 from .merge import MERGE_RULES, ROUTER_RULES
 from .pipeline import DEFAULT_MERGE, DEFAULT_METHOD, DEFAULT_ROUTER, STUDY_EVIDENCE
 
+UsageError = typer.BadParameter.__base__  # typer vendors click: its UsageError, base of BadParameter
+
+
+class Commands(typer.core.TyperGroup):
+    """Typer's command group, with a bad option value said as every other bad input is: one line,
+    naming the option and the value (typer's own message, from pydantic, leaves the value out), exit 2."""
+
+    def invoke(self, ctx: typer.Context):
+        try:
+            return super().invoke(ctx)
+        except UsageError as e:
+            message = e.format_message()
+            if isinstance(e, typer.BadParameter) and e.param is not None:
+                flag = next((o for o in e.param.opts if o.startswith("--")), e.param.opts[0])
+                errors = getattr(e.__cause__, "errors", lambda: [])()  # pydantic's ValidationError
+                value = errors[0].get("input") if errors else None
+                message = f"{flag} {value!r}: {e.message}" if value is not None else f"{flag}: {e.message}"
+            where = e.ctx.command_path if e.ctx is not None else "uncurl"
+            err.print(Text.assemble(("error:", "bold red"), f" {message} (see {where} --help)"), soft_wrap=True)
+            raise typer.Exit(e.exit_code) from None
+
+
 app = typer.Typer(
+    cls=Commands,
     help=(
         "Make a smaller sparse Mixture-of-Experts model for one task: profile routers and experts on "
         "the task's data, then keep the best-scoring experts (REAP, EAN, frequency) or cluster them by "
@@ -165,7 +190,10 @@ def _handled(fn):
         try:
             return fn(*args, **kwargs)
         except UncurlError as e:
-            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            # one line (a library's multi-line message folded in), and a Text, not markup: brackets in a
+            # user's value ([a b], a path with [bold]) print as they are
+            line = re.sub(r"\s*\n\s*", " ", str(e)).strip()
+            err.print(Text.assemble(("error:", "bold red"), f" {line}"), highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
 
     return wrapper
@@ -297,7 +325,7 @@ def prune(
 
 def _summary(r: dict) -> None:
     m = r["model"]
-    table = Table(title=f"uncurl {r['method']}: {m['id']} on {r['task']['name']}", show_header=True)
+    table = Table(title=Text(f"uncurl {r['method']}: {m['id']} on {r['task']['name']}"), show_header=True)
     table.add_column("")
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
@@ -313,7 +341,7 @@ def _summary(r: dict) -> None:
                               f"{ev['after'][metric]:.4f}")
     err.print(table)
     err.print(f"{len(r['layers'])} MoE layers, {r['task']['tokens']:,} calibration tokens; "
-              f"checkpoint reloaded and checked. Output: {r['output']}")
+              f"checkpoint reloaded and checked. Output: {r['output']}", markup=False)
 
 
 @app.command("profile")
@@ -475,7 +503,7 @@ def sweep_cmd(
         **_data_options(locals()),
     )
     s = sweep(opts)
-    table = Table(title=f"sweep: {model} on {s['unpruned']['task']} ({s['metric']})")
+    table = Table(title=Text(f"sweep: {model} on {s['unpruned']['task']} ({s['metric']})"))
     for col in ("method", "K", s["metric"], "loss", "drop"):
         table.add_column(col, justify="right")
     table.add_row("unpruned", str(s["unpruned"]["keep"]), str(s["unpruned"].get(s["metric"])),
