@@ -337,7 +337,7 @@ def _summary(r: dict) -> None:
         ev = r["eval"]
         for metric in ("acc", "acc_norm", "loss"):
             if metric in ev["before"]:
-                table.add_row(f"{ev['before']['task']} {metric}", f"{ev['before'][metric]:.4f}",
+                table.add_row(Text(f"{ev['before']['task']} {metric}"), f"{ev['before'][metric]:.4f}",
                               f"{ev['after'][metric]:.4f}")
     err.print(table)
     err.print(f"{len(r['layers'])} MoE layers, {r['task']['tokens']:,} calibration tokens; "
