@@ -234,6 +234,7 @@ def test_messages_name_the_value_and_what_is_accepted(tmp_path, data_dir, no_pro
         (["--calibrate-on", "nope.yaml=1,corpus=1"], ["--calibrate-on nope.yaml: no such task file"]),
         (["--calibrate-on", "nope=1,corpus=1"], ["--calibrate-on: unknown task 'nope'"]),
         (["--task", tmp_path / "folder"], ["is a directory", "--task takes a registered task"]),
+        (["--task", tmp_path / "weights.bin"], ["is a file of a kind it does not read (.bin)", "--task takes"]),
     ]
     for args, needles in cases:
         refused(run("prune", *args, "--data-dir", data_dir, "--out", out, *PRUNE), out, *needles)

@@ -502,6 +502,9 @@ def resolve_task(name: str, *, template: str | None = None, choices: Sequence[st
         return custom_task(path, template, choices, label_field, choices_field=choices_field, eval_path=eval_file)
     if path.is_dir():
         raise UncurlError(f"{flag} {name} is a directory; {flag} takes {TASK_FORMS}")
+    if path.is_file():
+        raise UncurlError(f"{flag} {name} is a file of a kind it does not read ({suffix or 'no suffix'}); {flag} "
+                          f"takes {TASK_FORMS}")
     if os.sep in name or name.startswith((".", "~")):
         raise UncurlError(f"{flag} {name}: no such file; {flag} takes {TASK_FORMS}")
     return get_task(name, flag)
