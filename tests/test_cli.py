@@ -142,7 +142,7 @@ def odd_models(tmp_path_factory):
         (["--keep", "0"], "--keep 0 is out of range"),
         (["--keep", "9"], "--keep 9 is out of range"),
         (["--keep", "1"], "below the router's top-k"),
-        (["--keep", "2", "--top-k", "3"], "below the router's top-k"),
+        (["--keep", "2", "--top-k", "3"], "--top-k 3 is above this model's own top-k (2)"),
         (["--model", "builtin:deepseek_v3", "--keep", "3"], "does not fit grouped routing"),
         (["--task", "superglue-nope"], "superglue-nope"),
         (["--data-dir", "{tmp}/empty"], "superglue/rte/train.jsonl"),

@@ -13,6 +13,7 @@ import inspect
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Annotated
@@ -20,13 +21,37 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from .errors import EXIT_GATE, Terminated, UncurlError
 from .options import RUN, Option, markdown, markdown_besides, opt, options, parameters
 from .pipeline import ProfileOptions, PruneOptions, RunOptions
 from .sweep import SweepOptions
 
+UsageError = typer.BadParameter.__base__  # typer vendors click: its UsageError, base of BadParameter
+
+
+class Commands(typer.core.TyperGroup):
+    """Typer's command group, with a bad option value said as every other bad input is: one line,
+    naming the option and the value (typer's own message, from pydantic, leaves the value out), exit 2."""
+
+    def invoke(self, ctx: typer.Context):
+        try:
+            return super().invoke(ctx)
+        except UsageError as e:
+            message = e.format_message()
+            if isinstance(e, typer.BadParameter) and e.param is not None:
+                flag = next((o for o in e.param.opts if o.startswith("--")), e.param.opts[0])
+                errors = getattr(e.__cause__, "errors", lambda: [])()  # pydantic's ValidationError
+                value = errors[0].get("input") if errors else None
+                message = f"{flag} {value!r}: {e.message}" if value is not None else f"{flag}: {e.message}"
+            where = e.ctx.command_path if e.ctx is not None else "uncurl"
+            err.print(Text.assemble(("error:", "bold red"), f" {message} (see {where} --help)"), soft_wrap=True)
+            raise typer.Exit(e.exit_code) from None
+
+
 app = typer.Typer(
+    cls=Commands,
     help=(
         "Make a smaller sparse Mixture-of-Experts model for one task: profile routers and experts on "
         "the task's data, then keep the best-scoring experts (REAP, EAN, frequency) or cluster them by "
@@ -107,7 +132,10 @@ def _handled(fn):
         try:
             return fn(*args, **kwargs)
         except (UncurlError, Terminated) as e:
-            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            # one line (a library's multi-line message folded in), and a Text, not markup: brackets in a
+            # user's value ([a b], a path with [bold]) print as they are
+            line = re.sub(r"\s*\n\s*", " ", str(e)).strip()
+            err.print(Text.assemble(("error:", "bold red"), f" {line}"), highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
 
     return wrapper
@@ -179,7 +207,7 @@ def prune(ctx: typer.Context, opts: PruneOptions, as_json: bool, verbose: bool):
 
 def _summary(r: dict) -> None:
     m = r["model"]
-    table = Table(title=f"uncurl {r['method']}: {m['id']} on {r['task']['name']}", show_header=True)
+    table = Table(title=Text(f"uncurl {r['method']}: {m['id']} on {r['task']['name']}"), show_header=True)
     table.add_column("")
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
@@ -191,11 +219,11 @@ def _summary(r: dict) -> None:
         ev = r["eval"]
         for metric in ("acc", "acc_norm", "loss"):
             if metric in ev["before"]:
-                table.add_row(f"{ev['before']['task']} {metric}", f"{ev['before'][metric]:.4f}",
+                table.add_row(Text(f"{ev['before']['task']} {metric}"), f"{ev['before'][metric]:.4f}",
                               f"{ev['after'][metric]:.4f}")
     err.print(table)
     err.print(f"{len(r['layers'])} MoE layers, {r['task']['tokens']:,} calibration tokens; "
-              f"checkpoint reloaded and checked. Output: {r['output']}")
+              f"checkpoint reloaded and checked. Output: {r['output']}", markup=False)
 
 
 @command("profile", ProfileOptions, ["model", "task", "out", "overwrite", *DATA_FIELDS, *RUN_FIELDS, "verbose"])
@@ -207,13 +235,17 @@ def profile_cmd(ctx: typer.Context, opts: ProfileOptions, verbose: bool):
     from .load import load_model
     from .pipeline import check_data, run_profile
     from .profile import Profile
+    from .report import Timings
 
     _setup_logging(verbose)
     check_data(opts, calibrating=True, evaluating=False, seed=opts.seed)  # before the model is loaded
+    stages = Timings()
     with Profile.claim(opts.out, overwrite=opts.overwrite):  # refused or held before the model is loaded
-        loaded = load_model(opts.model, device=opts.device, dtype=opts.dtype, seed=opts.seed,
-                            device_map=opts.device_map, max_memory=opts.max_memory)
-        path = run_profile(loaded, opts, opts.seed).save(opts.out, overwrite=opts.overwrite)
+        with stages.stage("load"):
+            loaded = load_model(opts.model, device=opts.device, dtype=opts.dtype, seed=opts.seed,
+                                device_map=opts.device_map, max_memory=opts.max_memory)
+        with stages.stage("profile"):
+            path = run_profile(loaded, opts, opts.seed).save(opts.out, overwrite=opts.overwrite)
     typer.echo(str(path))
 
 
@@ -227,12 +259,17 @@ def eval_cmd(ctx: typer.Context, opts: RunOptions, as_json: bool, verbose: bool)
     """
     from .load import load_model
     from .pipeline import check_data, run_eval
+    from .report import Timings
 
     _setup_logging(verbose)
     check_data(opts, calibrating=False, evaluating=True, eval_limit=opts.eval_limit, seed=opts.seed)  # before the model
-    loaded = load_model(opts.model, device=opts.device, dtype=opts.dtype, seed=opts.seed, device_map=opts.device_map,
-                        max_memory=opts.max_memory, moe=False)  # any causal LM: evaluation needs no MoE
-    metrics = {"model": opts.model, **run_eval(loaded.model, loaded.tokenizer, opts, opts.eval_limit, opts.seed)}
+    stages = Timings()
+    with stages.stage("load"):
+        loaded = load_model(opts.model, device=opts.device, dtype=opts.dtype, seed=opts.seed,
+                            device_map=opts.device_map, max_memory=opts.max_memory,
+                            moe=False)  # any causal LM: evaluation needs no MoE
+    with stages.stage("eval"):
+        metrics = {"model": opts.model, **run_eval(loaded.model, loaded.tokenizer, opts, opts.eval_limit, opts.seed)}
     if as_json:
         _emit_json(metrics)
     else:
@@ -252,7 +289,7 @@ def sweep_cmd(ctx: typer.Context, opts: SweepOptions, as_json: bool, verbose: bo
     _setup_logging(verbose)
     opts.extra["command"] = _command_line(ctx)
     s = sweep(opts)
-    table = Table(title=f"sweep: {opts.model} on {s['unpruned']['task']} ({s['metric']})")
+    table = Table(title=Text(f"sweep: {opts.model} on {s['unpruned']['task']} ({s['metric']})"))
     for col in ("method", "K", s["metric"], "loss", "drop"):
         table.add_column(col, justify="right")
     table.add_row("unpruned", str(s["unpruned"]["keep"]), str(s["unpruned"].get(s["metric"])),

@@ -41,13 +41,13 @@ def _import():
 
 
 @functools.lru_cache(maxsize=8)
-def _lm_task(spec: str):
+def _lm_task(spec: str, flag: str = "--task"):
     """lm-eval's task object for ``NAME`` or a local task ``.yaml`` (its folder is included)."""
     lm_tasks = _import()
     path = Path(spec).expanduser()
     if path.suffix.lower() in (".yaml", ".yml"):
         if not path.is_file():
-            raise UncurlError(f"--task {PREFIX}{spec}: no such lm-eval task file")
+            raise UncurlError(f"{flag} {PREFIX}{spec}: no such lm-eval task file")
         import yaml
 
         try:  # lm-eval's own tags (!function) need its loader; the name is all we read here
@@ -103,12 +103,12 @@ def _example(task, doc: dict) -> T.Example:
     return T.Example(prompt + delimiter + str(target))
 
 
-def lmeval_task(spec: str) -> T.Task:
+def lmeval_task(spec: str, flag: str = "--task") -> T.Task:
     """An uncurl task over lm-eval's task ``spec`` (``lm-eval:NAME`` or ``lm-eval:PATH.yaml``)."""
     body = spec[len(PREFIX):] if spec.startswith(PREFIX) else spec
     if not body:
-        raise UncurlError(f"--task {spec!r}: expected lm-eval:TASK or lm-eval:PATH/TO/TASK.yaml")
-    task = _lm_task(body)
+        raise UncurlError(f"{flag} {spec!r}: expected lm-eval:TASK or lm-eval:PATH/TO/TASK.yaml")
+    task = _lm_task(body, flag)
     sources = _sources(task)
 
     def read(split: str) -> list[tuple[str, dict[str, Any]]]:

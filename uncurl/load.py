@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from .adapters import ADAPTERS, REFUSED, MoEAdapter, get_adapter, installed, needs_newer_transformers, tiny_config
+from .adapters import (ADAPTERS, REFUSED, MoEAdapter, get_adapter, installed, moe_config, needs_newer_transformers,
+                       tiny_config)
 from .errors import UncurlError
 
 log = logging.getLogger(__name__)
@@ -211,6 +212,150 @@ def check_weight_files(folder: Path) -> None:
         check_safetensors(path)
 
 
+def check_moe_keys(folder: Path, config, adapter: MoEAdapter) -> None:
+    """config.json must spell the family's expert count and top-k (or an alias transformers maps to
+    them): a key left out would be transformers' default, which need not be this checkpoint's."""
+    raw = _read_json(folder / "config.json", "configuration")
+    target, where = moe_config(config), ""
+    if target is not config:  # a multimodal wrapper: the keys live in its text config
+        name = next((n for n in getattr(config, "sub_configs", {}) if getattr(config, n, None) is target), None)
+        raw, where = (raw.get(name) if name else None), f" ({name})"
+        if not isinstance(raw, dict):
+            return  # laid out some other way: the weights' shapes are still checked
+    aliases = getattr(type(target), "attribute_map", {}) or {}
+    for key, what in ((adapter.expert_count_key, "expert count"), (adapter.top_k_key, "router's top-k")):
+        names = {key, aliases.get(key, key)}
+        names |= {alias for alias, real in aliases.items() if real in names}
+        if not names & set(raw):
+            raise UncurlError(f"{folder / 'config.json'}{where} has no {key!r}: the {adapter.model_type} adapter "
+                              f"reads the {what} there (accepted spellings: {', '.join(sorted(names))}); the "
+                              f"config is incomplete, re-save or re-download the model")
+
+
+TOKENIZER_FILES = ("tokenizer.json (or a slow tokenizer's vocabulary: tokenizer.model, or vocab.json and merges.txt) "
+                   "and tokenizer_config.json naming its special tokens")
+
+
+def load_tokenizer(model_id: str, padding: bool = True):
+    """The model's tokenizer, checked to encode text (and, with ``padding``, to pad a batch: a pad or
+    an end-of-sequence token) before anything costly; else a one-line error naming what it needs."""
+    from transformers import AutoTokenizer
+
+    where = f"model folder {model_id}" if Path(model_id).is_dir() else f"model {model_id!r}"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_id)
+        ids = tokenizer("uncurl checks the tokenizer.")["input_ids"]
+    except Exception as err:  # noqa: BLE001 - missing or unreadable files fail in many ways
+        raise UncurlError(f"{where} has no usable tokenizer ({' '.join(str(err).split())[:160]}); a tokenizer "
+                          f"needs {TOKENIZER_FILES}") from None
+    if not ids:
+        raise UncurlError(f"{where}: its tokenizer turns text into no tokens; a tokenizer needs {TOKENIZER_FILES}")
+    if padding and tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
+        raise UncurlError(f"{where}: its tokenizer has neither a pad nor an end-of-sequence token, so calibration "
+                          f"batches cannot be padded; a tokenizer needs {TOKENIZER_FILES}")
+    return tokenizer
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+_LOAD_FAILURES = ("conversion of the weights", "Error(s) in loading state_dict", "ignore_mismatched_sizes")
+
+
+def _tensor_list(names, limit: int = 8) -> str:
+    names = sorted(names)
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def check_loading_info(info: dict, where: str) -> None:
+    """Refuse a checkpoint transformers loaded with tensors missing (it would initialise them at
+    random), unexpected (it would drop them) or of another shape, naming them. Tied weights and
+    non-persistent buffers are not reported missing by transformers."""
+    problems = []
+    if info.get("missing_keys"):
+        problems.append(f"the checkpoint lacks {_tensor_list(info['missing_keys'])}")
+    if info.get("unexpected_keys"):
+        problems.append(f"the model has no place for {_tensor_list(info['unexpected_keys'])}")
+    for key, found, expected in sorted(info.get("mismatched_keys") or (), key=lambda m: m[0])[:8]:
+        problems.append(f"{key} has shape {list(found)}, the config expects {list(expected)}")
+    problems += [" ".join(str(m).split()) for m in info.get("error_msgs") or ()][:3]
+    if problems:
+        raise UncurlError(f"model {where} is damaged: its tensors do not match the model its config.json describes: "
+                          f"{'; '.join(problems)}; re-download or re-save it")
+
+
+def odd_tensors(shapes: dict[str, tuple]) -> list[str]:
+    """Checkpoint tensors that differ from their siblings, the tensors named alike but for their last
+    index (one expert among a layer's): a shape of their own, or absent where siblings have that index."""
+    from collections import Counter, defaultdict
+
+    groups: dict[tuple[str, str], dict[int, tuple]] = defaultdict(dict)
+    for name, shape in shapes.items():
+        parts = name.split(".")
+        digits = [i for i, p in enumerate(parts) if p.isdigit()]
+        if len(digits) < 2:  # a layer's own tensors: layers may differ (dense, hybrid)
+            continue
+        i = digits[-1]
+        groups[".".join(parts[:i]), ".".join(parts[i + 1:])][int(parts[i])] = tuple(shape)
+    indices: dict[str, set] = defaultdict(set)
+    for (prefix, _), members in groups.items():
+        indices[prefix] |= set(members)
+    found = []
+    for (prefix, suffix), members in sorted(groups.items()):
+        (common, n), *_ = Counter(members.values()).most_common(1)
+        if n > len(members) / 2:
+            found += [f"{prefix}.{i}.{suffix} has shape {list(s)}, its siblings {list(common)}"
+                      for i, s in sorted(members.items()) if s != common]
+        found += [f"{prefix}.{i}.{suffix} is missing" for i in sorted(indices[prefix] - set(members))]
+    for prefix, seen in sorted(indices.items()):
+        found += [f"{prefix}.{i}.* is missing" for i in sorted(set(range(max(seen) + 1)) - seen)]
+    return found
+
+
+def refused_by_transformers(err: Exception) -> bool:
+    """Whether ``err`` is transformers refusing a checkpoint's tensors (its loading report)."""
+    return isinstance(err, RuntimeError) and any(m in str(err) for m in _LOAD_FAILURES)
+
+
+def damaged(where: str, err: Exception, shapes: dict[str, tuple] | None = None) -> UncurlError:
+    """transformers' refusal of a checkpoint's tensors as a one-line error naming ``where`` and, from
+    the headers' ``shapes``, the tensors that do not fit their siblings."""
+    odd = odd_tensors(shapes) if shapes else []
+    detail = "; ".join(odd[:8]) if odd else " ".join(str(err).split())[:300]
+    return UncurlError(f"model {where} is damaged: its tensors do not fit the model its config.json describes: "
+                       f"{detail}; re-download or re-save it")
+
+
+def check_weights_fit(folder: Path, config) -> None:
+    """Before any weight is read: the checkpoint's tensors as its safetensors headers describe them
+    (names, shapes, dtypes) are loaded into the model's class on the meta device, through the same
+    renaming and fusing as a real load; a tensor missing, unexpected or of the wrong shape fails
+    here, named. A quantized checkpoint, or a dry run transformers cannot do, is left to the real
+    load, whose loading info is checked too."""
+    files = checkpoint_files(folder)
+    if not files or getattr(config, "quantization_config", None):
+        return
+    from safetensors import safe_open
+
+    state, shapes = {}, {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as handle:
+            for name in handle.keys():
+                spec = handle.get_slice(name)
+                shapes[name] = tuple(spec.get_shape())
+                state[name] = torch.empty(shapes[name], dtype=_SAFETENSORS_DTYPES.get(spec.get_dtype(), torch.float32),
+                                          device="meta")
+    try:
+        _, info = model_class(config).from_pretrained(None, config=config, state_dict=state, device_map="meta",
+                                                      output_loading_info=True, ignore_mismatched_sizes=True)
+    except Exception as err:  # noqa: BLE001 - the dry run is a convenience: the real load decides
+        if refused_by_transformers(err):
+            raise damaged(str(folder), err, shapes) from None
+        log.debug("dry run of %s on the meta device failed (%s); the real load is checked", folder, err)
+        return
+    check_loading_info(info, str(folder))
+
+
 def check_finite(model) -> None:
     """Refuse weights holding NaN or Inf, naming the first such tensor (offloaded ones are skipped).
 
@@ -231,10 +376,33 @@ def check_finite(model) -> None:
                                   f"after a diverged step)")
 
 
+def looks_like_path(model_id: str) -> bool:
+    """``--model`` meant as a local path rather than a Hub id: it exists, starts with ``/``, ``.`` or
+    ``~``, or has a path separator beyond the one of ``ORG/NAME``."""
+    return (os.path.exists(os.path.expanduser(model_id)) or model_id.startswith(("/", ".", "~"))
+            or model_id.count("/") > 1 or "\\" in model_id)
+
+
+def check_model_path(model_id: str) -> None:
+    """A ``--model`` that looks like a path (``looks_like_path``) must be a folder: say what it is
+    instead of treating it as a Hub id."""
+    if model_id.startswith(BUILTIN_PREFIX) or not looks_like_path(model_id):
+        return
+    path = Path(model_id).expanduser()
+    if path.is_file():
+        raise UncurlError(f"--model {model_id} is a file, not a model folder: pass the folder holding config.json "
+                          f"and the weights")
+    if not path.is_dir():
+        raise UncurlError(f"--model {model_id}: no such folder (a local model folder holds config.json and the "
+                          f"weights; a Hub id is ORG/NAME)")
+
+
 def check_family(model_id: str) -> None:
     """Before anything costly: a local folder of a family uncurl refuses, or of one in the table that
-    the installed transformers does not know yet, fails here with the reason."""
-    folder = Path(model_id)
+    the installed transformers does not know yet, fails here with the reason (and a path that is not
+    a folder, as such)."""
+    check_model_path(model_id)
+    folder = Path(model_id).expanduser()
     if not folder.is_dir():
         return
     check_config_file(folder)
@@ -397,26 +565,35 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto", seed
         prefer_lean_experts(model, dev)
         return Loaded(model.to(dev), tokenizer, get_adapter(model.config.model_type), model_id, None)
 
-    from transformers import AutoTokenizer
-
+    model_id = os.path.expanduser(model_id) if model_id.startswith("~") else model_id
+    check_model_path(model_id)
     config = _config(model_id)
     # an unknown family fails here, before the weights, unless only evaluating
     adapter = get_adapter(config.model_type) if moe else ADAPTERS.get(config.model_type)
-    if Path(model_id).is_dir():
-        check_weight_files(Path(model_id))  # missing or truncated files fail here, named
+    folder = Path(model_id) if Path(model_id).is_dir() else None
+    if folder is not None:
+        if adapter is not None:
+            check_moe_keys(folder, config, adapter)
+        check_weight_files(folder)  # missing or truncated files fail here, named
+        check_weights_fit(folder, config)  # a missing, extra or mis-shaped tensor, before any weight is read
+    tokenizer = load_tokenizer(model_id, padding=moe)  # before the weights: it is cheap
     log.info("loading %s (%s) on %s", model_id, config.model_type, dev)
     placement = placement_kwargs(device_map, limits) or {"device_map": {"": dev}}
-    if Path(model_id).is_dir():
-        model = from_folder(Path(model_id), config, DTYPES.get(dtype, "auto"), **placement)
-    else:
-        model = model_class(config).from_pretrained(model_id, config=config, dtype=DTYPES.get(dtype, "auto"),
-                                                    **placement)
+    # mismatched sizes come back in the loading info (and are refused below), not as a RuntimeError
+    checked = {"output_loading_info": True, "ignore_mismatched_sizes": True}
+    try:
+        if folder is not None:
+            model, info = from_folder(folder, config, DTYPES.get(dtype, "auto"), **placement, **checked)
+        else:
+            model, info = model_class(config).from_pretrained(model_id, config=config,
+                                                              dtype=DTYPES.get(dtype, "auto"), **placement, **checked)
+    except RuntimeError as err:
+        if not refused_by_transformers(err):
+            raise
+        raise damaged(model_id, err) from None
+    check_loading_info(info, model_id)  # transformers would have initialised the missing ones at random
     if device_map is None:
         prefer_lean_experts(model, dev)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_id)
-    except (OSError, ValueError, TypeError) as err:
-        raise UncurlError(f"model {model_id!r} has no usable tokenizer: {err}") from None
     check_finite(model)  # NaN weights fail here, named, not as a clustering traceback later
     source = Path(model_id).resolve() if Path(model_id).is_dir() else None
     again = {"device_map": device_map, "max_memory": limits} if device_map else {}

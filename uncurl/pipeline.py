@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -31,7 +32,7 @@ from .merge import MERGE_RULES, ROUTER_RULES, get_rule, parameter_count, rewrite
 from .offload import dispatched
 from .options import (DATA, DEFAULT_MERGE, DEFAULT_METHOD, DEFAULT_ROUTER, EVAL, MODEL, PRUNE, RUN, STUDY_EVIDENCE,
                       choices_help, items, opt)
-from .profile import Profile, profile_model
+from .profile import Profile, profile_model, router_fingerprint
 from .report import REPORT_SCHEMA, Timings, command_line, layer_entries, versions, write_report
 from .output import Claim, claim
 from .save import expected_bytes, parse_shard_size, verify_checkpoint, write_checkpoint
@@ -210,11 +211,18 @@ class Prepared:
 
 
 def resolve_task(opts: DataOptions, name: str | None = None) -> T.Task:
-    """A registered task, hf:ORG/NAME[:CONFIG], a task file (.yaml/.json), or a .jsonl/.csv file with --template."""
+    """A registered task, hf:ORG/NAME[:CONFIG], a task file (.yaml/.json), or a .jsonl/.csv file with --template.
+
+    ``name``: a task of ``--calibrate-on`` (its errors name that option; the Hub splits apply to it
+    only when it is a Hub dataset); default: ``--task``."""
+    mixed = bool(opts.calibrate_on) and name is not None
+    hub = not mixed or name.startswith(T.HUB_PREFIX)
     return T.resolve_task(name or opts.task, template=opts.template, choices=opts.choices,
                           label_field=opts.label_field, choices_field=opts.choices_field,
                           eval_file=opts.eval_file if name in (None, opts.task) else None,
-                          calibration_split=opts.calibration_split, evaluation_split=opts.evaluation_split)
+                          calibration_split=opts.calibration_split if hub else None,
+                          evaluation_split=opts.evaluation_split if hub else None,
+                          flag="--calibrate-on" if mixed else "--task")
 
 
 def calibration_mix(opts: DataOptions) -> list[tuple[str, float]]:
@@ -303,7 +311,8 @@ def calibration_texts(opts: DataOptions, seed: int, tokenizer=None) -> tuple[lis
 def run_profile(loaded: Loaded, opts: DataOptions, seed: int = 0) -> Profile:
     """Profile ``loaded`` on the calibration split (the expensive pass)."""
     texts, info = calibration_texts(opts, seed, loaded.tokenizer)
-    meta = {"model": loaded.model_id, "model_type": loaded.model.config.model_type, "task": info,
+    meta = {"model": loaded.model_id, "model_type": loaded.model.config.model_type,
+            "router_fingerprint": router_fingerprint(loaded.model, loaded.adapter), "task": info,
             "seed": seed, "max_length": opts.max_length, "versions": versions()}
     torch.manual_seed(seed)
     profile = profile_model(loaded.model, loaded.tokenizer, loaded.adapter, texts, batch_size=opts.batch_size,
@@ -328,14 +337,48 @@ def run_eval(model, tokenizer, opts: DataOptions, limit: int | None, seed: int =
             "chat_template": opts.chat_template, **metrics}
 
 
-def _check_profile(profile: Profile, loaded: Loaded, path: str) -> None:
+def _mix_spec(parts: list[tuple[str, float]]) -> str:
+    """A calibration source as --calibrate-on spells it: "superglue-rte", or "superglue-rte=3,corpus=1"."""
+    if len(parts) == 1:
+        return parts[0][0]
+    return ",".join(f"{name}={weight:g}" for name, weight in parts)
+
+
+def _shares(parts: list[tuple[str, float]]) -> list[tuple[str, float]]:
+    """A calibration mix as proportions, so that 3:1 and 6:2 compare equal."""
+    total = sum(w for _, w in parts)
+    return [(name, round(w / total, 6)) for name, w in parts]
+
+
+def _check_profile(profile: Profile, loaded: Loaded, path: str, opts: DataOptions) -> None:
+    """A reused profile must come from this model (family, router weights, layers, expert counts)
+    and from this run's calibration task; older profiles without a router fingerprint are accepted
+    with a warning that the weights could not be compared."""
+    meta, model_type = profile.meta, loaded.model.config.model_type
+    recorded_on = f"--profile {path} was recorded on {meta.get('model')!r}"
+    if meta.get("model_type") not in (None, model_type):
+        raise UncurlError(f"{recorded_on}, a {meta['model_type']} model; {loaded.model_id!r} is a {model_type} model: "
+                          f"profile this model with `uncurl profile`")
     e = expert_count(loaded.model.config, loaded.adapter)
     names = {layer.name for layer in find_moe_layers(loaded.model, loaded.adapter)}
     if set(profile.layers) != names or any(s.num_experts != e for s in profile.layers.values()):
-        raise UncurlError(
-            f"--profile {path} was recorded on {profile.meta.get('model')!r} with other MoE layers or "
-            f"expert counts than {loaded.model_id!r}; profile this model with `uncurl profile`"
-        )
+        raise UncurlError(f"{recorded_on} with other MoE layers or expert counts than {loaded.model_id!r}; profile "
+                          f"this model with `uncurl profile`")
+    if "router_fingerprint" not in meta:
+        log.warning("--profile %s records no router fingerprint (written by an older uncurl): it could not be checked "
+                    "that it was recorded on these weights", path)
+    elif meta["router_fingerprint"] != (now := router_fingerprint(loaded.model, loaded.adapter)):
+        raise UncurlError(f"{recorded_on} with other router weights than {loaded.model_id!r} has now (router "
+                          f"fingerprint {meta['router_fingerprint']}, now {now}): it describes another model (or "
+                          f"another --seed of a built-in one); profile this one with `uncurl profile`")
+    task = meta.get("task") or {}
+    recorded = [(p["name"], p["weight"]) for p in task["mix"]] if task.get("mix") else [(task.get("name"), 1.0)]
+    run = [(resolve_task(opts, name).name, w) for name, w in calibration_mix(opts)]
+    if recorded[0][0] is not None and _shares(recorded) != _shares(run):
+        spec = _mix_spec(recorded)
+        how = f"--calibrate-on {spec}" if len(recorded) > 1 else f"--task {spec} (or --calibrate-on {spec})"
+        raise UncurlError(f"--profile {path} was recorded on task {spec}, this run calibrates on {_mix_spec(run)}: "
+                          f"pass {how} to reuse it, or profile {_mix_spec(run)} with `uncurl profile`")
 
 
 def check_data(opts: DataOptions, *, calibrating: bool, evaluating: bool, eval_limit: int | None = None,
@@ -352,6 +395,10 @@ def check_data(opts: DataOptions, *, calibrating: bool, evaluating: bool, eval_l
     return task
 
 
+# The gate bounds of PruneOptions (max_drop) and SweepOptions (tolerance): points of --metric
+DROP_BOUNDS = {"max_drop": "--max-drop", "tolerance": "--tolerance"}
+
+
 def check_options(opts: RunOptions, evaluating: bool) -> None:
     """Cheap checks of everything that does not need the model, before loading it."""
     check_family(opts.model)  # a refused family says why before any data is read
@@ -363,6 +410,13 @@ def check_options(opts: RunOptions, evaluating: bool) -> None:
         get_rule(ROUTER_RULES, rule, "--router")
     if opts.metric not in METRICS:
         raise UncurlError(f"--metric {opts.metric!r} is not one of {', '.join(METRICS)}")
+    for name, flag in DROP_BOUNDS.items():
+        value = getattr(opts, name, None)
+        if value is not None and not 0 <= value < math.inf:
+            raise UncurlError(f"{flag} {value:g} is not accepted: it is the largest acceptable drop in --metric, a "
+                              f"number of points >= 0, e.g. 1.0")
+    if opts.top_k is not None and opts.top_k < 1:
+        raise UncurlError(f"--top-k {opts.top_k} must be at least 1")
     task = check_data(opts, calibrating=not opts.profile, evaluating=evaluating, eval_limit=opts.eval_limit,
                       seed=opts.seed)
     if evaluating and opts.metric != "loss" and task.num_choices == 0:
@@ -413,6 +467,9 @@ def prepare(opts: RunOptions, keeps: list[int], timings: Timings, *, check_loade
         check_loaded(loaded)
     config, adapter = loaded.model.config, loaded.adapter
     n_experts, k_before = expert_count(config, adapter), top_k(config, adapter)
+    if opts.top_k is not None and opts.top_k > k_before:
+        raise UncurlError(f"--top-k {opts.top_k} is above this model's own top-k ({k_before}): --top-k only lowers "
+                          f"it; pass 1..{k_before}, or leave it out to keep {k_before}")
     k_after = opts.top_k if opts.top_k is not None else k_before
     n_group, topk_group = routing_groups(config, adapter)
     for keep in keeps:
@@ -420,7 +477,7 @@ def prepare(opts: RunOptions, keeps: list[int], timings: Timings, *, check_loade
     with timings.stage("profile"):
         if opts.profile:
             profile = Profile.load(opts.profile)
-            _check_profile(profile, loaded, opts.profile)
+            _check_profile(profile, loaded, opts.profile, opts)
         else:
             profile = run_profile(loaded, opts, opts.seed)
     return Prepared(loaded, profile, n_group, k_before, k_after, n_experts)

@@ -17,19 +17,35 @@ Padding tokens are excluded. A shard of the texts (``shard_range``) profiled wit
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .adapters import MoEAdapter, find_moe_layers, top_k
+from .adapters import MoEAdapter, find_moe_layers, routing_names, top_k
 from .errors import UncurlError
 from .load import input_device
 from .stats import (PROFILE_SCHEMA, SAMPLE_TOKENS, STATISTICS, ExpertBatch, LayerStats, Profile,  # noqa: F401
                     RouterBatch, RouterStats, Statistic, batch_device, statistic)
 
 log = logging.getLogger(__name__)
+
+
+def router_fingerprint(model, adapter: MoEAdapter) -> str:
+    """Which model a profile was recorded on: the first 16 hex digits of a sha256 over every MoE
+    layer's routing tensors (name, shape, values as bfloat16, so the same checkpoint loaded with
+    another --dtype gives the same digits). Cheap: E x H values per layer."""
+    from .offload import read_tensor
+
+    digest, state = hashlib.sha256(), model.state_dict()
+    for layer in find_moe_layers(model, adapter):
+        for name in routing_names(layer, adapter).values():
+            tensor = read_tensor(model, name, state[name]).detach().to("cpu", torch.bfloat16).contiguous()
+            digest.update(f"{name}{list(tensor.shape)}".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _expert_output(module, e: int, x: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import platform
 import sys
 import time
@@ -13,6 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 REPORT_SCHEMA = 1
+
+log = logging.getLogger(__name__)
 
 
 def versions() -> dict[str, str]:
@@ -35,15 +38,21 @@ def versions() -> dict[str, str]:
 
 
 class Timings(dict):
-    """Seconds per pipeline stage, in the order the stages ran."""
+    """Seconds per pipeline stage, in the order the stages ran; each stage is logged (INFO, ``-v``)
+    as it starts and ends."""
 
     @contextmanager
     def stage(self, name: str):
+        log.info("%s ...", name)
         start = time.perf_counter()
         try:
             yield
+        except BaseException:
+            log.info("%s failed after %.1f s", name, time.perf_counter() - start)
+            raise
         finally:
             self[name] = round(self.get(name, 0.0) + time.perf_counter() - start, 4)
+        log.info("%s done in %.1f s", name, self[name])
 
 
 def layer_entries(profile, plans) -> list[dict]:

@@ -288,11 +288,15 @@ TASKS: dict[str, Task] = {t.name: t for t in [
 ]}
 
 
-def get_task(name: str) -> Task:
+TASK_FORMS = ("a registered task (uncurl tasks), hf:ORG/NAME[:CONFIG], lm-eval:TASK, a task file .yaml/.json, or a "
+              "custom .jsonl/.csv file")
+
+
+def get_task(name: str, flag: str = "--task") -> Task:
     """The registered task called ``name``."""
     if name not in TASKS:
-        raise UncurlError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)} (or hf:ORG/NAME[:CONFIG], lm-eval:TASK, "
-                          f"a task file .yaml/.json, or a custom .jsonl/.csv file)")
+        raise UncurlError(f"{flag}: unknown task {name!r}; known tasks: {', '.join(TASKS)} (or hf:ORG/NAME[:CONFIG], "
+                          f"lm-eval:TASK, a task file .yaml/.json, or a custom .jsonl/.csv file)")
     return TASKS[name]
 
 
@@ -362,7 +366,7 @@ HUB_DEFAULT_SPLITS = {"calibration": "train", "evaluation": "validation"}
 
 def hub_task(spec: str, template: str | None, choices: Sequence[str] | None = None, label_field: str = "label", *,
              choices_field: str | None = None, labels: Mapping[str, int] | None = None,
-             splits: Mapping[str, str | None] | None = None, name: str | None = None) -> Task:
+             splits: Mapping[str, str | None] | None = None, name: str | None = None, flag: str = "--task") -> Task:
     """A Hub dataset named ``hf:ORG/NAME[:CONFIG]``, read with ``datasets.load_dataset``.
 
     ``splits`` maps calibration/evaluation to the Hub's splits (default train/validation); when
@@ -371,9 +375,9 @@ def hub_task(spec: str, template: str | None, choices: Sequence[str] | None = No
     body = spec[len(HUB_PREFIX):] if spec.startswith(HUB_PREFIX) else spec
     path, _, config = body.partition(":")
     if not path or "/" not in path.strip("/") and not Path(path).is_dir():
-        raise UncurlError(f"--task {spec!r}: expected hf:ORG/NAME or hf:ORG/NAME:CONFIG, e.g. hf:aps/super_glue:rte")
+        raise UncurlError(f"{flag} {spec!r}: expected hf:ORG/NAME or hf:ORG/NAME:CONFIG, e.g. hf:aps/super_glue:rte")
     if not template:
-        raise UncurlError(f"--task {spec} is a Hub dataset: pass --template over its fields, e.g. '{{question}}\\nAnswer:'")
+        raise UncurlError(f"{flag} {spec} is a Hub dataset: pass --template over its fields, e.g. '{{question}}\\nAnswer:'")
     _template_fields(template)
     _check_choices(choices, choices_field)
     chosen = {**HUB_DEFAULT_SPLITS, **{k: v for k, v in (splits or {}).items() if v}}
@@ -391,7 +395,7 @@ TASK_FILE_KEYS = {"name", "description", "template", "choices", "choices_field",
                   "file", "files", "hub", "config", "splits"}
 
 
-def task_from_file(path: str | Path) -> Task:
+def task_from_file(path: str | Path, flag: str = "--task") -> Task:
     """A task declared in a YAML or JSON file (``--task my-task.yaml``); paths are relative to it.
 
         name: reviews                       # default: the file's name
@@ -406,9 +410,9 @@ def task_from_file(path: str | Path) -> Task:
     """
     path = Path(path).expanduser().resolve()
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except OSError as err:
-        raise UncurlError(f"--task {path}: cannot read the task file ({err})") from None
+        raise UncurlError(f"{flag} {path}: cannot read the task file ({err})") from None
     try:
         if path.suffix.lower() == ".json":
             spec = json.loads(text)
@@ -464,37 +468,46 @@ def task_from_file(path: str | Path) -> Task:
 
 def resolve_task(name: str, *, template: str | None = None, choices: Sequence[str] | None = None,
                  label_field: str = "label", choices_field: str | None = None, eval_file: str | None = None,
-                 calibration_split: str | None = None, evaluation_split: str | None = None) -> Task:
+                 calibration_split: str | None = None, evaluation_split: str | None = None,
+                 flag: str = "--task") -> Task:
     """What ``--task NAME`` means: a registered task, ``hf:ORG/NAME[:CONFIG]``, a task file
-    (.yaml/.yml/.json), or a .jsonl/.csv data file with ``template``."""
+    (.yaml/.yml/.json), or a .jsonl/.csv data file with ``template``. Errors name ``flag``, the
+    option that gave the name (``--calibrate-on`` for a task of a calibration mix)."""
     path = Path(name).expanduser()
     suffix = path.suffix.lower()
     if (calibration_split or evaluation_split) and not name.startswith(HUB_PREFIX):
-        raise UncurlError(f"--calibration-split/--evaluation-split are for hf: datasets; --task {name} is not one "
+        raise UncurlError(f"--calibration-split/--evaluation-split are for hf: datasets; {flag} {name} is not one "
                           f"(a task file names its Hub splits under splits:)")
     if eval_file and suffix not in (".jsonl", ".csv"):
-        raise UncurlError(f"--eval-file is for a .jsonl/.csv --task file; --task {name} is not one")
+        raise UncurlError(f"--eval-file is for a .jsonl/.csv --task file; {flag} {name} is not one")
     if name in TASKS:
         return TASKS[name]
     if name.startswith("lm-eval:"):
         from .lmeval import lmeval_task
 
-        return lmeval_task(name)
+        return lmeval_task(name, flag)
     if name.startswith(HUB_PREFIX):
         return hub_task(name, template, choices, label_field, choices_field=choices_field,
-                        splits={"calibration": calibration_split, "evaluation": evaluation_split})
+                        splits={"calibration": calibration_split, "evaluation": evaluation_split}, flag=flag)
     if suffix in (".yaml", ".yml", ".json"):
         if not path.is_file():
-            raise UncurlError(f"--task {name}: no such task file")
-        return task_from_file(path)
+            raise UncurlError(f"{flag} {name}: no such task file")
+        return task_from_file(path, flag)
     if suffix in (".jsonl", ".csv"):
         for given in (path, Path(eval_file).expanduser() if eval_file else None):
             if given is not None and not given.is_file():
-                raise UncurlError(f"--task {name}: no such file {given}" if given == path else f"--eval-file {given}: no such file")
+                raise UncurlError(f"{flag} {name}: no such file {given}" if given == path else f"--eval-file {given}: no such file")
         if not template:
-            raise UncurlError(f"--task {name} is a custom data file: pass --template, e.g. '{{text}}'")
+            raise UncurlError(f"{flag} {name} is a custom data file: pass --template, e.g. '{{text}}'")
         return custom_task(path, template, choices, label_field, choices_field=choices_field, eval_path=eval_file)
-    return get_task(name)
+    if path.is_dir():
+        raise UncurlError(f"{flag} {name} is a directory; {flag} takes {TASK_FORMS}")
+    if path.is_file():
+        raise UncurlError(f"{flag} {name} is a file of a kind it does not read ({suffix or 'no suffix'}); {flag} "
+                          f"takes {TASK_FORMS}")
+    if os.sep in name or name.startswith((".", "~")):
+        raise UncurlError(f"{flag} {name}: no such file; {flag} takes {TASK_FORMS}")
+    return get_task(name, flag)
 
 
 # --- loading --------------------------------------------------------------------------------
@@ -512,10 +525,10 @@ Rows = list[tuple[str, dict[str, Any]]]  # (where in the source, e.g. "line 12",
 def _read_rows(path: Path) -> Rows:
     """Rows of a .jsonl (one object a line, blank lines skipped) or .csv (with a header) file."""
     if path.suffix.lower() == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
+        with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Excel) is not a field
             return [(f"line {n}", dict(r)) for n, r in enumerate(csv.DictReader(f), 2)]
     rows = []
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8-sig") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -529,8 +542,16 @@ def _read_rows(path: Path) -> Rows:
     return rows
 
 
-def halves(rows: list, split: str) -> list:
-    """The ``split``'s fixed seeded half of ``rows`` (``HALVES_SEED``), in their order; the halves are disjoint."""
+def halves(rows: list, split: str, task: Task | None = None, source: str = "") -> list:
+    """The ``split``'s fixed seeded half of ``rows`` (``HALVES_SEED``), in their order; the halves are disjoint.
+
+    Fewer than two rows cannot be halved: that fails saying so (and how to give an evaluation source)."""
+    if task is not None and len(rows) == 1:
+        custom = task.halve_local and all(Path(f).is_absolute() for f in task.local_files.values())
+        other = (" or pass --eval-file FILE to evaluate on another file" if custom else
+                 " or name another --evaluation-split" if task.halve_hub else "")
+        raise UncurlError(f"task {task.name}: {source} has 1 row, too few to split into calibration and evaluation "
+                          f"halves; add rows{other}")
     order = list(range(len(rows)))
     random.Random(HALVES_SEED).shuffle(order)
     half = order[: len(rows) // 2] if split == "calibration" else order[len(rows) // 2:]
@@ -552,7 +573,7 @@ def _local_rows(task: Task, split: str, data_dir: Path | None) -> tuple[Rows, st
             f"../shared/data with {', '.join(sorted(set(task.local_files.values())))} under it"
         )
     rows = _read_rows(path)
-    return (halves(rows, split) if task.halve_local else rows), str(path)
+    return (halves(rows, split, task, str(path)) if task.halve_local else rows), str(path)
 
 
 def _hub_rows(task: Task, split: str) -> tuple[Rows, str]:
@@ -570,7 +591,7 @@ def _hub_rows(task: Task, split: str) -> tuple[Rows, str]:
         raise UncurlError(
             f"task {task.name}: could not load {where} from the Hugging Face Hub ({type(err).__name__}: {err}). {hint}"
         ) from err
-    return (halves(rows, split) if task.halve_hub else rows), f"the Hub's {where}"
+    return (halves(rows, split, task, f"the Hub's {where}") if task.halve_hub else rows), f"the Hub's {where}"
 
 
 def load_examples(task: Task, split: str, data_dir: str | Path | None = None, *,
@@ -588,7 +609,7 @@ def load_examples(task: Task, split: str, data_dir: str | Path | None = None, *,
     data_dir = resolve_data_dir(data_dir)
     if task.read_docs is not None:
         rows, source = task.read_docs(split), task.name
-        rows = halves(rows, split) if task.halve_docs else rows
+        rows = halves(rows, split, task, source) if task.halve_docs else rows
     elif task.hub[0] and (data_dir is None or not task.local_files):
         rows, source = _hub_rows(task, split)
     else:
