@@ -47,6 +47,7 @@ class Loaded:
     source: Path | None  # the local folder the model came from (never written to), if any
     placement: dict = field(default_factory=dict)  # device_map and max_memory, for reloading alike
     processor_files: list = field(default_factory=list)  # copied beside the pruned checkpoint
+    quantized: object | None = None  # quant.Source: a quantized input's files and format (profiled dequantized)
 
 
 # A multimodal model's processor (image, video, audio preprocessing; chat template): written beside
@@ -515,6 +516,12 @@ def from_folder(folder: Path, config, dtype, device_map=None, output_loading_inf
 
     files = checkpoint_files(folder)
     cls = model_class(config)
+    qc = getattr(config, "quantization_config", None)
+    if qc is not None:  # a format uncurl keeps is dequantized on load on every device (quant.py)
+        from .quant import codec_for, quantization_config
+
+        codec = codec_for(quantization_config(config), str(folder), dequantize=True)
+        placement = {**(codec.dequantizing(quantization_config(config)) if codec else {}), **placement}
     if not files:
         return cls.from_pretrained(folder, config=config, dtype=dtype, device_map=device_map,
                                    output_loading_info=output_loading_info, **placement)
@@ -536,13 +543,17 @@ def from_folder(folder: Path, config, dtype, device_map=None, output_loading_inf
 
 
 def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto", seed: int = 0,
-               device_map: str | None = None, max_memory: str | None = None, moe: bool = True) -> Loaded:
+               device_map: str | None = None, max_memory: str | None = None, moe: bool = True,
+               dequantize: bool = False) -> Loaded:
     """Load ``model_id`` for inference (eval mode, no gradients) on ``device``, or spread over the
     GPUs by accelerate when ``device_map`` is given (``auto``: fill GPUs in order), with what does not
     fit (or exceeds ``max_memory``, e.g. ``0=20GiB,cpu=60GiB``) offloaded to CPU memory, then disk.
 
     ``moe=False`` (evaluation only) accepts any causal LM transformers can load, dense ones included;
-    ``adapter`` is then the family's when uncurl knows it, else None."""
+    ``adapter`` is then the family's when uncurl knows it, else None.
+
+    A quantized checkpoint is loaded dequantized; a format uncurl writes back (``quant.CODECS``) is
+    described by ``Loaded.quantized``, any other is refused unless ``dequantize`` (quant.py)."""
     return_freed_memory()
     dev = resolve_device(device)
     if device_map is not None:
@@ -576,6 +587,7 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto", seed
             check_moe_keys(folder, config, adapter)
         check_weight_files(folder)  # missing or truncated files fail here, named
         check_weights_fit(folder, config)  # a missing, extra or mis-shaped tensor, before any weight is read
+    quantized = check_quantized(model_id, folder, config, dequantize or not moe)  # scheme and scales, named
     tokenizer = load_tokenizer(model_id, padding=moe)  # before the weights: it is cheap
     log.info("loading %s (%s) on %s", model_id, config.model_type, dev)
     placement = placement_kwargs(device_map, limits) or {"device_map": {"": dev}}
@@ -592,9 +604,31 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto", seed
             raise
         raise damaged(model_id, err) from None
     check_loading_info(info, model_id)  # transformers would have initialised the missing ones at random
+    if getattr(config, "quantization_config", None) is not None:
+        from .quant import check_dequantized, quantization_config
+
+        check_dequantized(model, quantization_config(config), model_id)
     if device_map is None:
         prefer_lean_experts(model, dev)
     check_finite(model)  # NaN weights fail here, named, not as a clustering traceback later
     source = Path(model_id).resolve() if Path(model_id).is_dir() else None
     again = {"device_map": device_map, "max_memory": limits} if device_map else {}
-    return Loaded(model.eval(), tokenizer, adapter, model_id, source, again, processor_files(model_id))
+    return Loaded(model.eval(), tokenizer, adapter, model_id, source, again, processor_files(model_id), quantized)
+
+
+def check_quantized(model_id: str, folder: Path | None, config, dequantize: bool):
+    """A quantized checkpoint's scheme must be one uncurl writes back, and its scales must fit its
+    weights (headers only; quant.check_source), else exit 2 naming it; ``dequantize`` accepts any
+    scheme transformers dequantizes on load. A quantized Hub model is read from a local folder."""
+    from .quant import check_source, codec_for, quantization_config
+
+    qc = quantization_config(config)
+    if qc is None:
+        return None
+    if folder is None:
+        if codec_for(qc, f"model {model_id!r}", dequantize) is not None:
+            raise UncurlError(f"model {model_id!r} is quantized ({qc.get('quant_method')}): uncurl writes it back in "
+                              f"its format from its files, so pass a local folder (e.g. hf download {model_id} "
+                              f"--local-dir DIR), or --dequantize to write full precision")
+        return None
+    return check_source(folder, _read_json(folder / "config.json", "configuration"), dequantize)
