@@ -603,6 +603,14 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto", seed
         if not refused_by_transformers(err):
             raise
         raise damaged(model_id, err) from None
+    except (ImportError, NotImplementedError, ValueError) as err:
+        if getattr(config, "quantization_config", None) is None or quantized is not None:
+            raise
+        from .quant import quantization_config, scheme
+
+        raise UncurlError(f"model {model_id}: transformers cannot load its {scheme(quantization_config(config))!r} "
+                          f"weights here ({' '.join(str(err).split())[:200]}), so --dequantize cannot either; "
+                          f"dequantize the checkpoint first where its scheme's kernels are installed and prune that") from None
     check_loading_info(info, model_id)  # transformers would have initialised the missing ones at random
     if getattr(config, "quantization_config", None) is not None:
         from .quant import check_dequantized, quantization_config
