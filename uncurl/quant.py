@@ -1,13 +1,15 @@
-"""Quantized checkpoints in, the same format out (FP8 block-scaled: DeepSeek-V3, Qwen3-*-FP8, ...).
+"""Quantized checkpoints in, the same format out: FP8 block-scaled (DeepSeek-V3/R1, Kimi-K2,
+Qwen3-*-FP8, GLM-4.5-FP8) and MXFP4 (gpt-oss).
 
     uncurl prune --model ./Qwen3-30B-A3B-FP8 --keep 64 --out runs/k64               # FP8 in, FP8 out
     uncurl prune --model ./Qwen3-30B-A3B-FP8 --keep 64 --dequantize --out runs/bf16 # full precision, on purpose
 
 A format is one ``Codec`` in ``CODECS``, found by ``config.json``'s ``quantization_config.quant_method``:
-it says which tensors are quantized, which companion tensors carry their scales, and how to
-``dequantize`` and ``quantize`` one tensor. Any other scheme (gptq, awq, bitsandbytes,
-compressed-tensors, mxfp4 for now) is refused before any weight is read (``codec_for``), never written
-in another precision; ``--dequantize`` lets transformers dequantize it on load instead, and says so.
+which tensors it stores quantized and under which names (``parts``: the quantized tensor and its
+scales, e.g. ``w.weight`` + ``w.weight_scale_inv``, or ``X_blocks`` + ``X_scales``), and how to
+``dequantize`` and ``quantize`` one tensor as transformers holds it. Any other scheme (gptq, awq,
+bitsandbytes, compressed-tensors, ...) is refused before any weight is read (``codec_for``), never
+written in another precision; ``--dequantize`` lets transformers dequantize it on load instead.
 
 Design: the model is *profiled and planned* as transformers loads it, dequantized (on CPU
 transformers dequantizes FP8 by itself; on a GPU uncurl asks it to, so both run the same code: the
@@ -22,6 +24,8 @@ profile runs on dequantized weights). The *checkpoint* is written from the input
 - an expert that merges a group is quantized again from the pruned model's merged tensor (the
   members dequantized, merged in float32 by ``merge.py``'s rule, cast to the run's dtype: with
   ``--dtype float32`` that is the float32 merge itself) in the input's block layout and scale dtype;
+  experts stored per expert (FP8: ``experts.{j}.gate_proj.weight``) are renamed, experts stored fused
+  with the expert axis first (MXFP4: ``experts.gate_up_proj_blocks [E, ...]``) are cut row by row;
 - router rows and per-expert router buffers are uncurl's (sliced or merged by the router rule), in
   the dtype the input stores them in.
 
@@ -81,8 +85,18 @@ class Codec:
     def is_quantized(self, spec: Spec) -> bool:
         raise NotImplementedError
 
-    def companions(self, name: str) -> tuple[str, ...]:
-        """The names of the tensors that carry ``name``'s scales."""
+    def parts(self, name: str) -> tuple[str, ...]:
+        """The names of the tensors that store tensor ``name`` (as transformers saves it, in full
+        precision) once quantized: the quantized tensor, then its scales."""
+        raise NotImplementedError
+
+    def stored_as(self, name: str, specs: dict[str, "Spec"]) -> tuple[str, ...] | None:
+        """``parts(name)`` when ``specs`` (a checkpoint's headers) store ``name`` quantized, else None."""
+        parts = self.parts(name)
+        return parts if parts[0] in specs and self.is_quantized(specs[parts[0]]) else None
+
+    def part_shapes(self, shape: tuple[int, ...], qc: dict) -> tuple[tuple[int, ...], ...]:
+        """The shapes of ``parts`` for a full-precision tensor of ``shape``."""
         raise NotImplementedError
 
     def check(self, specs: dict[str, Spec], qc: dict) -> str | None:
@@ -90,11 +104,12 @@ class Codec:
         raise NotImplementedError
 
     def dequantize(self, q: torch.Tensor, scales: tuple[torch.Tensor, ...], qc: dict) -> torch.Tensor:
+        """float32, shaped as transformers holds the tensor in full precision."""
         raise NotImplementedError
 
     def quantize(self, w: torch.Tensor, like: tuple[Spec, ...], qc: dict) -> tuple[torch.Tensor, ...]:
-        """``w`` (full precision) as the quantized tensor and its scales, laid out as ``like``'s
-        (the input's weight spec, then its companions' specs)."""
+        """``w`` (full precision, as transformers holds it) as its ``parts``, in the dtypes of ``like``
+        (the input's specs of the same parts)."""
         raise NotImplementedError
 
     def dequantizing(self, qc: dict) -> dict:
@@ -132,8 +147,11 @@ class Fp8Block(Codec):
     def is_quantized(self, spec):
         return spec.dtype == torch.float8_e4m3fn
 
-    def companions(self, name):
-        return (name[: -len("weight")] + "weight_scale_inv" if name.endswith(".weight") else name + "_scale_inv",)
+    def parts(self, name):
+        return name, (name[: -len("weight")] + "weight_scale_inv" if name.endswith(".weight") else name + "_scale_inv")
+
+    def part_shapes(self, shape, qc):
+        return tuple(shape), self.scale_shape(shape, qc)
 
     def scale_shape(self, shape, qc) -> tuple[int, ...]:
         bo, bi = qc["weight_block_size"]
@@ -144,7 +162,7 @@ class Fp8Block(Codec):
         for name, spec in specs.items():
             if not self.is_quantized(spec):
                 continue
-            (scale,) = self.companions(name)
+            scale = self.parts(name)[1]
             scales[scale] = name
             if len(spec.shape) < 2:
                 return f"{name} is float8 with shape {list(spec.shape)}; block-scaled weights have at least two axes"
@@ -188,7 +206,73 @@ class Fp8Block(Codec):
         return {"quantization_config": FineGrainedFP8Config(**{k: qc[k] for k in known if k in qc}, dequantize=True)}
 
 
-CODECS: dict[str, Codec] = {c.name: c for c in (Fp8Block(),)}
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)  # E2M1
+
+
+class Mxfp4(Codec):
+    """gpt-oss's MXFP4: a full-precision expert tensor ``X [E, A, B]`` (as transformers holds it) is
+    stored transposed as ``X_blocks uint8 [E, B, A/32, 16]`` (two E2M1 values a byte, the even one in
+    the low nibble, 32 values a block) and ``X_scales uint8 [E, B, A/32]`` (E8M0: 2^(byte - 127))."""
+
+    name = "mxfp4"
+
+    def detect(self, qc):
+        return qc.get("quant_method") == "mxfp4"
+
+    def describe(self, qc):
+        return "mxfp4 (e2m1, 32-value blocks, e8m0 scales)"
+
+    def is_quantized(self, spec):
+        return spec.dtype == torch.uint8
+
+    def parts(self, name):
+        return name + "_blocks", name + "_scales"
+
+    def part_shapes(self, shape, qc):
+        *lead, a, b = shape
+        return (*lead, b, a // 32, 16), (*lead, b, a // 32)
+
+    def check(self, specs, qc):
+        for name, spec in specs.items():
+            if name.endswith("_blocks"):
+                scales = name.removesuffix("_blocks") + "_scales"
+                if scales not in specs:
+                    return f"{name} has no {scales} (its scales)"
+                if spec.dtype != torch.uint8 or specs[scales].dtype != torch.uint8:
+                    return f"{name} and {scales} must be uint8 (packed E2M1 values, E8M0 exponents)"
+                if spec.shape[-1:] != (16,) or specs[scales].shape != spec.shape[:-1]:
+                    return (f"{scales} has shape {list(specs[scales].shape)}, but {name} {list(spec.shape)} (16 bytes "
+                            f"a block) needs {list(spec.shape[:-1])}")
+            elif name.endswith("_scales") and name.removesuffix("_scales") + "_blocks" not in specs:
+                return f"{name} is a scale, but its blocks ({name.removesuffix('_scales')}_blocks) are missing"
+        return None
+
+    def dequantize(self, q, scales, qc):
+        lut = torch.tensor(FP4_VALUES, dtype=torch.float32)
+        q = q.to(torch.uint8)
+        values = torch.stack([lut[(q & 0x0F).long()], lut[(q >> 4).long()]], -1).flatten(-2)  # [.., B, G, 32]
+        values = torch.ldexp(values, scales[0].to(torch.int32).sub(127).unsqueeze(-1))
+        return values.flatten(-2).transpose(-1, -2).contiguous()
+
+    def quantize(self, w, like, qc):
+        g = w.to(torch.float32).transpose(-1, -2).unflatten(-1, (-1, 32))  # [.., B, G, 32]
+        amax = g.abs().amax(-1)
+        # the smallest power of two that brings the block's largest value to at most 6 (no clipping)
+        exp = torch.where(amax > 0, torch.ceil(torch.log2(amax / 6.0)), torch.full_like(amax, -127.0)).clamp(-127, 127)
+        x = g / torch.ldexp(torch.ones_like(amax), exp.to(torch.int32)).unsqueeze(-1)
+        mids = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+        nibble = torch.bucketize(x.abs().contiguous(), mids).to(torch.uint8) | ((x < 0).to(torch.uint8) << 3)
+        packed = nibble[..., 0::2] | (nibble[..., 1::2] << 4)
+        return packed.contiguous(), (exp + 127).to(torch.uint8)
+
+    def dequantizing(self, qc):
+        from transformers import Mxfp4Config
+
+        return {"quantization_config": Mxfp4Config(modules_to_not_convert=qc.get("modules_to_not_convert"),
+                                                   dequantize=True)}
+
+
+CODECS: dict[str, Codec] = {c.name: c for c in (Fp8Block(), Mxfp4())}
 
 
 def quantization_config(config) -> dict | None:
@@ -257,15 +341,18 @@ class Source:
         with safe_open(str(self.specs[name].file), framework="pt", device="cpu") as handle:
             return handle.get_tensor(name)
 
-    def quantized(self, name: str) -> bool:
-        return name in self.specs and self.codec.is_quantized(self.specs[name])
+    def stored_as(self, name: str) -> tuple[str, ...]:
+        """The input tensors that store ``name`` (a tensor as transformers saves it): its quantized
+        parts, or itself."""
+        return self.codec.stored_as(name, self.specs) or ((name,) if name in self.specs else ())
 
     def dequantized(self, name: str) -> torch.Tensor:
-        """An input tensor in float32 (as stored, if it is not quantized)."""
-        if not self.quantized(name):
+        """An input tensor in float32, as transformers holds it."""
+        parts = self.codec.stored_as(name, self.specs)
+        if parts is None:
             return self.read(name).to(torch.float32)
-        return self.codec.dequantize(self.read(name), tuple(self.read(c) for c in self.codec.companions(name)),
-                                     self.config)
+        q, *scales = (self.read(p) for p in parts)
+        return self.codec.dequantize(q, tuple(scales), self.config)
 
 
 def headers(files: list[Path]) -> dict[str, Spec]:
@@ -309,8 +396,8 @@ def check_source(folder: Path, raw_config: dict, dequantize: bool = False) -> So
 # ---- writing: the input's files, streamed in the pruned model's names -----------------------------
 
 def _expert_source(name: str, layers, plans, adapter, tail_start) -> tuple[str, tuple[int, ...]] | None:
-    """For a save-time name of an expert tensor ``<layer>.experts.<k>.<rest>``: (the name of member j's
-    tensor in the input, with {j} to fill, the group's members); None for any other tensor."""
+    """For a save-time name of a per-expert tensor ``<layer>.experts.<k>.<rest>``: (the name of member
+    j's tensor in the input, with {} for j, the group's members); None for any other tensor."""
     for layer in layers:
         prefix = f"{layer.name}.{adapter.experts_attr}."
         if name.startswith(prefix):
@@ -318,15 +405,35 @@ def _expert_source(name: str, layers, plans, adapter, tail_start) -> tuple[str, 
             if not index.isdigit() or not rest:
                 return None
             k, groups = int(index), plans[layer.name].groups
-            members = tuple(groups[k]) if k < len(groups) else (tail_start[layer.name] + k - len(groups),)
+            members = tuple(groups[k]) if k < len(groups) else (tail_start + k - len(groups),)
             return prefix + "{}." + rest, members
     return None
+
+
+def _fused_groups(name: str, layers, plans, adapter) -> list[tuple[int, ...]] | None:
+    """The groups of a layer's fused expert tensor ``<layer>.experts.<tensor>`` (expert axis first)."""
+    for layer in layers:
+        prefix = f"{layer.name}.{adapter.experts_attr}."
+        short = name[len(prefix):]
+        if name.startswith(prefix) and "." not in short and short not in adapter.experts_common:
+            return [tuple(g) for g in plans[layer.name].groups]
+    return None
+
+
+def _meta(shape, dtype) -> torch.Tensor:
+    return torch.empty(tuple(shape), dtype=dtype, device="meta")
 
 
 def write_quantized(model, adapter, plans: dict, source: Source, folder: Path, shard_size) -> int:
     """The pruned ``model``'s checkpoint in ``source``'s format (see the module doc): safetensors shards
     as transformers names and splits them, index, config.json with the input's quantization_config,
-    generation config. Returns the weight bytes written."""
+    generation config. Returns the weight bytes written.
+
+    Each tensor the pruned model saves (its name as ``save_pretrained`` writes it) is one of:
+    ``copy`` (the input's tensor, or its quantized parts, byte for byte), ``quantize`` (a merged
+    per-expert tensor, quantized like the input's), ``rows`` (a fused expert tensor, expert axis
+    first: a singleton group's rows are the input's bytes, a merged group's are quantized) or ``cast``
+    (uncurl's tensor in the input's dtype: router rows, unquantized expert tensors that merged)."""
     from huggingface_hub.serialization._base import split_state_dict_into_shards_factory
     from transformers.core_model_loading import revert_weight_conversion
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
@@ -337,51 +444,61 @@ def write_quantized(model, adapter, plans: dict, source: Source, folder: Path, s
 
     codec, qc = source.codec, source.config
     layers = find_moe_layers(model, adapter)
-    tail_start = {layer.name: expert_count(source_config(source), adapter) for layer in layers}
+    tail_start = expert_count(source_config(source), adapter)
     state = remove_tied_weights_from_state_dict(model.state_dict(), model)
     runs = _layer_runs(state)
+    routers = tuple(f"{layer.name}.{adapter.router_attr}." for layer in layers)
 
-    def plan_for(name: str, shape) -> tuple[str, str]:
-        """(action, input tensor): copy its bytes (and scales), quantize like it, or cast to its dtype."""
+    def missing(name: str, src: str) -> UncurlError:
+        return UncurlError(f"the pruned model's {name} has no counterpart {src} in {source.folder}: its files name "
+                           f"tensors otherwise than transformers saves them; pass --dequantize to write full precision")
+
+    def plan_for(name: str, shape) -> tuple:
+        """(action, input tensor it comes from, its parts in the input, the output's parts)."""
         expert = _expert_source(name, layers, plans, adapter, tail_start)
         if expert is not None:
             pattern, members = expert
             src = pattern.format(members[0])
-            if src not in source.specs:
-                raise UncurlError(f"the pruned model's {name} has no counterpart {src} in {source.folder}: its files "
-                                  f"name the experts otherwise than transformers saves them; pass --dequantize")
+            parts = source.stored_as(src)
+            if not parts:
+                raise missing(name, src)
+            quantized = parts != (src,)
+            out = codec.parts(name) if quantized else (name,)
             if len(members) == 1:
-                return "copy", src
-            return ("quantize" if source.quantized(src) else "cast"), src
-        if name not in source.specs:
-            raise UncurlError(f"the pruned model's {name} is not in {source.folder}'s files (they name tensors "
-                              f"otherwise than transformers saves them); pass --dequantize to write full precision")
-        if source.specs[name].shape == tuple(shape) and not any(name.startswith(f"{layer.name}.{adapter.router_attr}.")
-                                                                for layer in layers):
-            return "copy", name
-        if source.quantized(name):  # uncurl rewrites only experts and routers, which it handles above
-            raise UncurlError(f"uncurl changed {name}, which {source.folder} stores quantized; pass --dequantize")
-        return "cast", name
+                return "copy", src, parts, out
+            return ("quantize" if quantized else "cast"), src, parts, out
+        parts = source.stored_as(name)
+        if not parts:
+            raise missing(name, name)
+        quantized = parts != (name,)
+        groups = _fused_groups(name, layers, plans, adapter) if quantized else None
+        if groups is not None:
+            if adapter.expert_axis(name) != 0 or shape[0] != len(groups):
+                raise UncurlError(f"{name}: uncurl writes back quantized fused experts with the expert axis first and "
+                                  f"no extra rows; pass --dequantize")
+            return "rows", name, parts, codec.parts(name), groups
+        if quantized:  # uncurl changes only experts and routers: a quantized tensor elsewhere is the input's
+            if tuple(codec.part_shapes(tuple(shape), qc)) != tuple(source.specs[p].shape for p in parts):
+                raise UncurlError(f"uncurl changed {name}, which {source.folder} stores quantized outside the experts; "
+                                  f"pass --dequantize")
+            return "copy", name, parts, codec.parts(name)
+        if source.specs[name].shape == tuple(shape) and not name.startswith(routers):
+            return "copy", name, parts, (name,)
+        return "cast", name, parts, (name,)
 
     specs, actions = {}, {}
     for run in runs:  # pass 1, on meta stand-ins: every output tensor's name, shape and dtype
         stand_ins = {name: torch.empty_like(t, device="meta") for name, t in run.items()}
         for name, t in revert_weight_conversion(model, stand_ins).items():
-            action, src = actions[name] = plan_for(name, t.shape)
-            like = source.specs[src]
+            action, src, parts, out, *_ = actions[name] = plan_for(name, t.shape)
             if action == "copy":
-                specs[name] = torch.empty(like.shape, dtype=like.dtype, device="meta")
-                for c_out, c_in in zip(codec.companions(name), codec.companions(src)):
-                    if c_in in source.specs:
-                        specs[c_out] = torch.empty(source.specs[c_in].shape, dtype=source.specs[c_in].dtype,
-                                                   device="meta")
-            elif action == "quantize":
-                specs[name] = torch.empty(t.shape, dtype=like.dtype, device="meta")
-                for c_out, c_in in zip(codec.companions(name), codec.companions(src)):
-                    specs[c_out] = torch.empty(codec.scale_shape(t.shape, qc), dtype=source.specs[c_in].dtype,
-                                               device="meta")
+                shapes = [source.specs[p].shape for p in parts]
+            elif action == "cast":
+                shapes = [t.shape]
             else:
-                specs[name] = torch.empty(t.shape, dtype=like.dtype, device="meta")
+                shapes = codec.part_shapes(t.shape, qc)
+            for o, p, shape in zip(out, parts, shapes):
+                specs[o] = _meta(shape, source.specs[p].dtype)
     split = split_state_dict_into_shards_factory(
         {n: (n,) for n in specs}, get_storage_id=lambda v: v[0],
         get_storage_size=lambda v: specs[v[0]].numel() * specs[v[0]].element_size(),
@@ -394,19 +511,21 @@ def write_quantized(model, adapter, plans: dict, source: Source, folder: Path, s
         for run in runs:
             converted = revert_weight_conversion(model, {n: read_tensor(model, n, t) for n, t in run.items()})
             for name, tensor in converted.items():
-                action, src = actions[name]
+                action, src, parts, out, *groups = actions[name]
+                like = tuple(source.specs[p] for p in parts)
                 if action == "copy":
-                    where[name].write(name, source.read(src))
-                    for c_out, c_in in zip(codec.companions(name), codec.companions(src)):
-                        if c_in in source.specs:
-                            where[c_out].write(c_out, source.read(c_in))
+                    written = [source.read(p) for p in parts]
                 elif action == "quantize":
-                    like = (source.specs[src], *(source.specs[c] for c in codec.companions(src)))
-                    parts = codec.quantize(tensor, like, qc)
-                    for out_name, part in zip((name, *codec.companions(name)), parts):
-                        where[out_name].write(out_name, part)
-                else:
-                    where[name].write(name, tensor.to(source.specs[src].dtype))
+                    written = codec.quantize(tensor, like, qc)
+                elif action == "cast":
+                    written = [tensor.to(like[0].dtype)]
+                else:  # rows
+                    originals = [source.read(p) for p in parts]
+                    rows = [[o[g[0]] for o in originals] if len(g) == 1 else codec.quantize(tensor[k], like, qc)
+                            for k, g in enumerate(groups[0])]
+                    written = [torch.stack([r[i] for r in rows]) for i in range(len(parts))]
+                for o, t in zip(out, written):
+                    where[o].write(o, t)
             del converted
     finally:
         for shard in shards.values():
