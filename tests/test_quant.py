@@ -32,8 +32,12 @@ from uncurl.pipeline import PruneOptions, prune
 from uncurl.quant import CODECS
 from uncurl.save import verify_checkpoint
 
-FAMILIES = {"qwen3_moe": [16, 16], "deepseek_v3": [8, 8]}  # weight_block_size (every shape divides)
+FAMILIES = {"qwen3_moe": [16, 16], "deepseek_v3": [8, 8]}  # FP8's weight_block_size (every shape divides)
+CASES = [*FAMILIES, "gpt_oss"]  # gpt_oss: MXFP4, its published format
+FORMATS = {"qwen3_moe": "fp8 (e4m3, 16x16 blocks)", "deepseek_v3": "fp8 (e4m3, 8x8 blocks)",
+           "gpt_oss": "mxfp4 (e2m1, 32-value blocks, e8m0 scales)"}
 E4M3_MAX = 448.0
+E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
 runner = CliRunner()
 
 
@@ -50,6 +54,22 @@ def blockwise_fp8(w: torch.Tensor, block) -> tuple[torch.Tensor, torch.Tensor]:
 def blockwise_dequant(q: torch.Tensor, scale: torch.Tensor, block) -> torch.Tensor:
     (bo, bi), (o, i) = block, q.shape
     return (q.float().reshape(o // bo, bo, i // bi, bi) * scale.float()[:, None, :, None]).reshape(o, i)
+
+
+def mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """gpt-oss's layout of a fused expert tensor [E, A, B]: blocks uint8 [E, B, A/32, 16] (even value in
+    the low nibble), scales uint8 [E, B, A/32] (2^(s-127), the least power of two putting the block's
+    largest value within 6); each value the nearest E2M1 one."""
+    g = w.float().transpose(1, 2).unflatten(-1, (-1, 32))
+    exp = torch.ceil(torch.log2(g.abs().amax(-1) / 6.0))
+    x = g / torch.exp2(exp).unsqueeze(-1)
+    nibble = (x.unsqueeze(-1) - E2M1).abs().argmin(-1).to(torch.uint8)  # the nearest grid value (ties: the first)
+    return (nibble[..., 0::2] | (nibble[..., 1::2] << 4)), (exp + 127).to(torch.uint8)
+
+
+def mxfp4_dequant(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    values = torch.stack([E2M1[(blocks & 15).long()], E2M1[(blocks >> 4).long()]], -1).flatten(-2)
+    return (values * torch.exp2(scales.float() - 127).unsqueeze(-1)).flatten(-2).transpose(-1, -2)
 
 
 def read_all(folder: Path) -> dict[str, torch.Tensor]:
@@ -79,20 +99,23 @@ def write_folder(src: Path, dst: Path, tensors: dict, quantization_config: dict 
 
 @pytest.fixture(scope="module")
 def fp8_dirs(tmp_path_factory):
-    """family -> (the FP8 folder, its dequantized twin, block size)."""
+    """family -> (the quantized folder, its dequantized twin, FP8 block size or None for MXFP4)."""
     cache = {}
 
     def get(family):
         if family not in cache:
-            root = tmp_path_factory.mktemp(f"fp8-{family}")
+            root = tmp_path_factory.mktemp(f"quantized-{family}")
             model, tok = build_tiny(family, seed=0)
             model.save_pretrained(root / "plain")
             tok.save_pretrained(root / "plain")
             linears = {f"{n}.weight" for n, m in model.named_modules() if type(m) is torch.nn.Linear and n != "lm_head"}
-            block = FAMILIES[family]
+            block = FAMILIES.get(family)
             fp8, twin = {}, {}
             for name, t in read_all(root / "plain").items():
-                if name in linears or re.search(r"\.experts\.\d+\.\w+\.weight$", name):
+                if block is None and name.endswith(("experts.gate_up_proj", "experts.down_proj")):  # MXFP4
+                    fp8[name + "_blocks"], fp8[name + "_scales"] = b, sc = mxfp4(t)
+                    twin[name] = mxfp4_dequant(b, sc).contiguous()
+                elif block is not None and (name in linears or re.search(r"\.experts\.\d+\.\w+\.weight$", name)):
                     q, s = blockwise_fp8(t, block)
                     fp8[name], fp8[name.removesuffix("weight") + "weight_scale_inv"] = q, s
                     twin[name] = blockwise_dequant(q, s, block)
@@ -100,6 +123,9 @@ def fp8_dirs(tmp_path_factory):
                     fp8[name] = twin[name] = t
             qc = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": block,
                   "modules_to_not_convert": ["lm_head"]}
+            if block is None:  # gpt-oss's own
+                qc = {"modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                                 "model.embed_tokens", "lm_head"], "quant_method": "mxfp4"}
             cache[family] = (write_folder(root / "plain", root / "fp8", fp8, qc),
                              write_folder(root / "plain", root / "twin", twin, None), block)
         return cache[family]
@@ -113,10 +139,10 @@ def run_prune(model: Path, out: Path, data_dir, **kw):
 
 
 def experts_of(names, family):
-    return {n for n in names if re.search(r"\.experts\.\d+\.", n)}
+    return {n for n in names if ".experts." in n}
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", CASES)
 def test_keep_all_reproduces_the_input_tensors_byte_for_byte(family, fp8_dirs, data_dir, tmp_path):
     fp8, _, _ = fp8_dirs(family)
     e = expert_count(pretrained(fp8).config, ADAPTERS[family])  # transformers dequantizes on CPU
@@ -127,8 +153,7 @@ def test_keep_all_reproduces_the_input_tensors_byte_for_byte(family, fp8_dirs, d
         assert got[name].dtype == src[name].dtype and raw(got[name]) == raw(src[name]), name
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["quantization_config"] == json.loads((fp8 / "config.json").read_text())["quantization_config"]
-    assert report["model"]["format"] == report["model"]["format_before"] == f"fp8 (e4m3, {FAMILIES[family][0]}x" \
-                                                                          f"{FAMILIES[family][1]} blocks)"
+    assert report["model"]["format"] == report["model"]["format_before"] == FORMATS[family]
     assert report["model"]["bytes_before"] == report["model"]["bytes_after"] == sum(t.nbytes for t in src.values())
 
 
@@ -149,27 +174,31 @@ def reap_runs(fp8_dirs, data_dir, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_reap_writes_the_kept_experts_fp8_bytes_and_scales_as_they_were(family, reap_runs):
+@pytest.mark.parametrize("family", CASES)
+def test_reap_writes_the_kept_experts_quantized_bytes_and_scales_as_they_were(family, reap_runs):
     fp8, _, out, _, report = reap_runs(family)
     src, got = read_all(fp8), read_all(out)
+    router = ADAPTERS[family].router_attr
     kept = 0
     for layer in report["layers"]:
         prefix = layer["name"] + ".experts."
         assert all(len(g) == 1 for g in layer["groups"])
-        for k, (j,) in enumerate(layer["groups"]):
+        rows = [g[0] for g in layer["groups"]]
+        for k, j in enumerate(rows):  # FP8: one tensor per expert, renumbered
             for name in [n for n in src if n.startswith(f"{prefix}{j}.")]:
                 new = f"{prefix}{k}." + name[len(f"{prefix}{j}."):]
                 assert got[new].dtype == src[name].dtype and raw(got[new]) == raw(src[name]), (new, name)
                 kept += 1
-        rows = [g[0] for g in layer["groups"]]
-        for buffer in ("weight", "e_score_correction_bias"):  # router rows: the kept ones, in their dtype
-            name = f"{layer['name']}.gate.{buffer}"
+        for name in [n for n in src if n.startswith(prefix) and not n[len(prefix)].isdigit()]:  # MXFP4: fused
+            assert got[name].dtype == src[name].dtype and raw(got[name]) == raw(src[name][rows]), name
+            kept += 1
+        for buffer in ("weight", "bias", "e_score_correction_bias"):  # router rows: the kept ones, in their dtype
+            name = f"{layer['name']}.{router}.{buffer}"
             if name in src:
                 assert got[name].dtype == src[name].dtype and torch.equal(got[name], src[name][rows]), name
-    assert kept and any(n.endswith("weight_scale_inv") for n in got)
+    assert kept and any(n.endswith(("weight_scale_inv", "_scales")) for n in got)
     for name in set(src) - experts_of(src, family):  # everything else: the input's bytes
-        if ".gate." not in name:
+        if f".{router}." not in name:
             assert raw(got[name]) == raw(src[name]), name
     # the experts' bytes as stored (weights and scales) are K/E of the input's
     e = expert_count(pretrained(fp8).config, ADAPTERS[family])
@@ -178,7 +207,7 @@ def test_reap_writes_the_kept_experts_fp8_bytes_and_scales_as_they_were(family, 
     assert report["model"]["bytes_after"] == sum(t.nbytes for t in got.values()) < report["model"]["bytes_before"]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", CASES)
 def test_the_output_reloads_cleanly_and_runs_as_the_dequantized_twin_pruned_alike(family, reap_runs, ids):
     _, _, out, twin_out, report = reap_runs(family)
     model, info = pretrained(out, output_loading_info=True)  # dequantized on CPU by transformers
@@ -214,6 +243,30 @@ def test_a_merge_is_quantized_again_within_fp8_rounding(family, fp8_dirs, data_d
                 # the normal range), plus the report's 6-decimal merge weights
                 bound = 2 ** -4 * exact.abs() + 2 ** -10 * s + 1e-6 * sum(m.double().abs() for m in members_f32)
                 assert ((back - exact).abs() <= bound).all(), (name, float(((back - exact).abs() - bound).max()))
+                merged += 1
+    assert merged
+
+
+def test_an_mxfp4_merge_is_quantized_again_within_e2m1_rounding(fp8_dirs, data_dir, tmp_path):
+    mx, _, _ = fp8_dirs("gpt_oss")
+    report = run_prune(mx, tmp_path / "out", data_dir, keep=4, method="uncurl", merge="average", router_rows="mean")
+    src, got = read_all(mx), read_all(tmp_path / "out")
+    merged = 0
+    for layer in report["layers"]:
+        for proj in ("gate_up_proj", "down_proj"):
+            name = f"{layer['name']}.experts.{proj}"
+            assert got[name + "_blocks"].shape[0] == got[name + "_scales"].shape[0] == 4
+            before = mxfp4_dequant(src[name + "_blocks"], src[name + "_scales"]).double()
+            after = mxfp4_dequant(got[name + "_blocks"], got[name + "_scales"]).double()
+            for k, (members, weights) in enumerate(zip(layer["groups"], layer["merge_weights"])):
+                if len(members) == 1:
+                    assert raw(got[name + "_blocks"][k]) == raw(src[name + "_blocks"][members[0]])
+                    continue
+                exact = sum(w * before[e] for e, w in zip(members, weights))
+                scale = torch.exp2(got[name + "_scales"][k].double() - 127).repeat_interleave(32, -1).T
+                # E2M1 steps are at most a quarter of the value above 1 (x scale), 0.25 x scale below it
+                bound = 0.25 * exact.abs() + 0.25 * scale + 1e-6 * sum(before[e].abs() for e in members)
+                assert ((after[k] - exact).abs() <= bound).all(), (name, k)
                 merged += 1
     assert merged
 
@@ -313,3 +366,19 @@ def test_dequantize_cannot_pass_a_scheme_transformers_cannot_load_here(fp8_dirs,
     assert res.exit_code == 2, res.output
     assert "'gptq'" in res.output and "dequantize the checkpoint first" in " ".join(res.output.split())
     assert nothing_written(tmp_path / "out")
+
+
+def test_the_codecs_quantize_as_the_published_recipes():
+    """uncurl's quantizers give the bytes of the independent ones above (DeepSeek-V3's weight_quant; the
+    E2M1 nearest value under the least power-of-two scale), and dequantize them back alike."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(2, 64, 96, generator=g) * torch.logspace(-4, 0, 96)
+    fp8, spec = CODECS["fp8"], (type("S", (), {"dtype": torch.float8_e4m3fn}), type("S", (), {"dtype": torch.float32}))
+    q, s = fp8.quantize(w[0], spec, {"weight_block_size": [16, 16]})
+    q_ref, s_ref = blockwise_fp8(w[0], [16, 16])
+    assert raw(q) == raw(q_ref) and torch.equal(s, s_ref)
+    assert torch.equal(fp8.dequantize(q, (s,), {"weight_block_size": [16, 16]}), blockwise_dequant(q, s, [16, 16]))
+    blocks, scales = CODECS["mxfp4"].quantize(w, None, {})
+    b_ref, s_ref = mxfp4(w)
+    assert torch.equal(scales, s_ref) and torch.equal(blocks, b_ref)  # (a tie between two values may round apart)
+    assert torch.equal(CODECS["mxfp4"].dequantize(blocks, (scales,), {}), mxfp4_dequant(blocks, scales))

@@ -183,8 +183,9 @@ class PruneOptions(RunOptions):
         False, "--dequantize", panel=PRUNE, note="See [Quantized checkpoints](#quantized-checkpoints).",
         help="A quantized input: write the pruned checkpoint in full precision (the dtype transformers dequantizes "
              "to, or --dtype), without quantization_config, on purpose; also accepts schemes uncurl cannot write "
-             "back, when transformers dequantizes them on load. Default: an FP8 block-scaled input is written in its "
-             "own format, kept experts byte for byte (merged ones quantized again); other schemes are refused.")
+             "back, when transformers dequantizes them on load. Default: an FP8 block-scaled or MXFP4 input is "
+             "written in its own format, kept experts byte for byte (merged ones quantized again); other schemes "
+             "are refused.")
 
 
 @dataclass

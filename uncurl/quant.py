@@ -261,7 +261,8 @@ class Mxfp4(Codec):
         exp = torch.where(amax > 0, torch.ceil(torch.log2(amax / 6.0)), torch.full_like(amax, -127.0)).clamp(-127, 127)
         x = g / torch.ldexp(torch.ones_like(amax), exp.to(torch.int32)).unsqueeze(-1)
         mids = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
-        nibble = torch.bucketize(x.abs().contiguous(), mids).to(torch.uint8) | ((x < 0).to(torch.uint8) << 3)
+        magnitude = torch.bucketize(x.abs().contiguous(), mids).to(torch.uint8)  # the nearest E2M1 value
+        nibble = magnitude | (((x < 0) & (magnitude > 0)).to(torch.uint8) << 3)  # zero is +0
         packed = nibble[..., 0::2] | (nibble[..., 1::2] << 4)
         return packed.contiguous(), (exp + 127).to(torch.uint8)
 
