@@ -610,7 +610,8 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto", seed
 
         raise UncurlError(f"model {model_id}: transformers cannot load its {scheme(quantization_config(config))!r} "
                           f"weights here ({' '.join(str(err).split())[:200]}), so --dequantize cannot either; "
-                          f"dequantize the checkpoint first where its scheme's kernels are installed and prune that") from None
+                          f"dequantize the checkpoint first where its scheme's kernels are installed and prune "
+                          f"that") from None
     check_loading_info(info, model_id)  # transformers would have initialised the missing ones at random
     if getattr(config, "quantization_config", None) is not None:
         from .quant import check_dequantized, quantization_config

@@ -452,15 +452,18 @@ def loaded_inputs(loaded: Loaded) -> list[tuple[str, Path, bool]]:
         ("the folder the input model's files link into", t, False) for t in sorted(targets)]
 
 
-def loaded_check(output: Claim, keeps: list[int], copies: int = 1):
+def loaded_check(output: Claim, keeps: list[int], copies: int = 1, dequantize: bool = False):
     """``prepare``'s check once the model is loaded, before profiling: ``--out`` is not (in) what it
-    was read from, and its file system has room for ``copies`` checkpoints per K in ``keeps``."""
+    was read from, and its file system has room for ``copies`` checkpoints per K in ``keeps`` (a
+    quantized input's as stored, unless ``dequantize``)."""
     def check(loaded: Loaded) -> None:
         output.check(loaded_inputs(loaded))
         if copies:
             n = copies * len(keeps)
-            output.check_space(copies * sum(expected_bytes(loaded.model, loaded.adapter, k) for k in keeps),
-                               "the checkpoint" if n == 1 else f"the {n} checkpoints")
+            stored = 1.0 if loaded.quantized is None or dequantize else (
+                loaded.quantized.stored_bytes / max(weight_bytes(loaded.model), 1))  # bytes on disk per byte held
+            need = copies * sum(expected_bytes(loaded.model, loaded.adapter, k) for k in keeps)
+            output.check_space(int(need * stored), "the checkpoint" if n == 1 else f"the {n} checkpoints")
     return check
 
 
@@ -533,7 +536,8 @@ def prune(opts: PruneOptions) -> PruneResult:
 
 def _prune(opts: PruneOptions, output: Claim, shard_size: int, evaluating: bool) -> PruneResult:
     timings, out = Timings(), output.path
-    prep = prepare(opts, [opts.keep], timings, check_loaded=loaded_check(output, [opts.keep]))
+    prep = prepare(opts, [opts.keep], timings,
+                   check_loaded=loaded_check(output, [opts.keep], dequantize=opts.dequantize))
     loaded, adapter = prep.loaded, prep.loaded.adapter
     evaluation = {}
     if evaluating:

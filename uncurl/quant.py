@@ -132,7 +132,8 @@ class Fp8Block(Codec):
 
     def check_config(self, qc):
         block = qc.get("weight_block_size")
-        if not (isinstance(block, (list, tuple)) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+        if not (isinstance(block, (list, tuple)) and len(block) == 2
+                and all(isinstance(b, int) and b > 0 for b in block)):
             return f"weight_block_size {block!r} (per-tensor FP8 scales are not supported yet)"
         for key, accepted in (("fmt", (None, "e4m3")), ("scale_fmt", (None, "float")),
                               ("activation_scheme", (None, "dynamic")), ("expert_dtype", (None, "fp8"))):
