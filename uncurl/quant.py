@@ -328,6 +328,7 @@ class Source:
     config: dict  # quantization_config, as config.json has it
     raw_config: dict  # config.json
     specs: dict[str, Spec] = field(default_factory=dict)
+    _handles: dict = field(default_factory=dict, repr=False)
 
     @property
     def format(self) -> str:
@@ -338,10 +339,18 @@ class Source:
         return sum(s.nbytes for s in self.specs.values())
 
     def read(self, name: str) -> torch.Tensor:
+        """An input tensor as stored (read with pread, each shard opened once; ``close`` ends that)."""
         from safetensors import safe_open
 
-        with safe_open(str(self.specs[name].file), framework="pt", device="cpu") as handle:
-            return handle.get_tensor(name)
+        file = self.specs[name].file
+        if file not in self._handles:
+            self._handles[file] = safe_open(str(file), framework="pt", device="cpu", backend="pread")
+        return self._handles[file].get_tensor(name)
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.__exit__(None, None, None)
+        self._handles.clear()
 
     def stored_as(self, name: str) -> tuple[str, ...]:
         """The input tensors that store ``name`` (a tensor as transformers saves it): its quantized
@@ -532,6 +541,7 @@ def write_quantized(model, adapter, plans: dict, source: Source, folder: Path, s
     finally:
         for shard in shards.values():
             shard.file.close()
+        source.close()
     unwritten = sorted(n for shard in shards.values() for n in shard.missing)
     if unwritten:
         raise RuntimeError(f"quantized save never wrote {unwritten[:5]}")
