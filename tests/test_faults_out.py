@@ -332,6 +332,13 @@ def test_an_unwritable_out_folder_exits_2_naming_it(tmp_path, data_dir, monkeypa
     assert list(parent.iterdir()) == []
 
 
+def test_an_out_below_a_file_exits_2_saying_it_is_a_file(tmp_path, data_dir, no_work):
+    (tmp_path / "notes.txt").write_text("mine")
+    res = run("prune", "--out", tmp_path / "notes.txt" / "out", "--data-dir", data_dir, *FAST)
+    refused(res, f"{tmp_path / 'notes.txt'} is a file, not a folder")
+    assert (tmp_path / "notes.txt").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
 def test_a_read_only_file_system_exits_2_naming_the_folder(tmp_path, data_dir, monkeypatch, no_work):
     """As root, EROFS from creating the lock (the probe) stands in for a read-only mount."""
     real = os.open
