@@ -263,15 +263,17 @@ def _start(tmp_path, phase, out, data_dir):
 
 
 @pytest.mark.parametrize("phase", ["save", "profile"])
-def test_sigterm_removes_the_partial_and_the_lock_and_exits_143(phase, tmp_path, data_dir):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_removes_the_partial_and_the_lock_and_exits_128_plus_it(phase, signum, tmp_path, data_dir):
     out = tmp_path / "out"
     proc = _start(tmp_path, phase, out, data_dir)
     if phase == "save":
         assert [n for n in leftovers(out) if n.endswith(".partial")], leftovers(out)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 143, stderr
-    assert "stopped by SIGTERM" in stderr and "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1
+    assert proc.returncode == 128 + signum, stderr
+    assert f"stopped by {signal.Signals(signum).name}" in stderr and "Traceback" not in stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
     assert nothing_written(out), leftovers(out)
 
 
