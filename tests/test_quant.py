@@ -382,3 +382,34 @@ def test_the_codecs_quantize_as_the_published_recipes():
     b_ref, s_ref = mxfp4(w)
     assert torch.equal(scales, s_ref) and torch.equal(blocks, b_ref)  # (a tie between two values may round apart)
     assert torch.equal(CODECS["mxfp4"].dequantize(blocks, (scales,), {}), mxfp4_dequant(blocks, scales))
+
+
+def test_partial_blocks_are_dequantized_as_deepseek_lays_them_out(tmp_path, data_dir):
+    """16x16 blocks over deepseek_v3's kv_a_proj_with_mqa [24, 64]: the last row block holds 8 rows.
+    uncurl reads it with ceil(24/16) = 2 row blocks (transformers 5.23's CPU path would take blocks
+    of 12 rows), prunes it and writes it back byte for byte."""
+    model, tok = build_tiny("deepseek_v3", seed=0)
+    model.save_pretrained(tmp_path / "plain")
+    tok.save_pretrained(tmp_path / "plain")
+    linears = {f"{n}.weight" for n, m in model.named_modules() if type(m) is torch.nn.Linear and n != "lm_head"}
+    qc = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [16, 16]}
+    like = (type("S", (), {"dtype": torch.float8_e4m3fn}), type("S", (), {"dtype": torch.float32}))
+    fp8, want = {}, {}
+    for name, t in read_all(tmp_path / "plain").items():
+        if name in linears or re.search(r"\.experts\.\d+\.\w+\.weight$", name):
+            q, s = CODECS["fp8"].quantize(t, like, qc)
+            fp8[name], fp8[name.removesuffix("weight") + "weight_scale_inv"] = q, s
+            full = s.repeat_interleave(16, 0)[: q.shape[0]].repeat_interleave(16, 1)[:, : q.shape[1]]
+            want[name] = q.float() * full
+        else:
+            fp8[name] = t
+    name = "model.layers.0.self_attn.kv_a_proj_with_mqa.weight"
+    assert fp8[name].shape == (24, 64) and fp8[name.replace("weight", "weight_scale_inv")].shape == (2, 4)
+    folder = write_folder(tmp_path / "plain", tmp_path / "fp8", fp8, qc)
+    from uncurl.load import load_model
+
+    held = load_model(str(folder), device="cpu").model.state_dict()
+    assert torch.equal(held[name], want[name])
+    run_prune(folder, tmp_path / "out", data_dir, keep=8, method="frequency")
+    got = read_all(tmp_path / "out")
+    assert got.keys() == fp8.keys() and all(raw(got[n]) == raw(fp8[n]) for n in fp8)

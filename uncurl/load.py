@@ -510,31 +510,36 @@ def from_folder(folder: Path, config, dtype, device_map=None, output_loading_inf
     """``from_pretrained(folder)`` with the shards read by ``pread`` instead of mmap (see above).
 
     Falls back to plain ``from_pretrained`` for anything but safetensors shards. ``placement``:
-    ``max_memory``/``offload_folder`` for a ``device_map``.
+    ``max_memory``/``offload_folder`` for a ``device_map``. A checkpoint in a format uncurl writes
+    back (``quant.CODECS``) is dequantized by uncurl as each tensor is read, on every device alike,
+    and the model gets a config without ``quantization_config`` (quant.py, "Reading").
     """
     from transformers import GenerationConfig
 
     files = checkpoint_files(folder)
-    cls = model_class(config)
-    qc = getattr(config, "quantization_config", None)
-    if qc is not None:  # a format uncurl keeps is dequantized on load on every device (quant.py)
-        from .quant import codec_for, quantization_config
+    source = None
+    if files and getattr(config, "quantization_config", None) is not None:
+        from .quant import check_source, dequantized_state, without_quantization
 
-        codec = codec_for(quantization_config(config), str(folder), dequantize=True)
-        placement = {**(codec.dequantizing(quantization_config(config)) if codec else {}), **placement}
+        source = check_source(folder, _read_json(folder / "config.json", "configuration"), dequantize=True)
+        if source is not None:
+            config = without_quantization(config)
+    cls = model_class(config)
     if not files:
         return cls.from_pretrained(folder, config=config, dtype=dtype, device_map=device_map,
                                    output_loading_info=output_loading_info, **placement)
     from safetensors import safe_open
 
-    handles = [safe_open(str(f), framework="pt", device="cpu", backend="pread") for f in files]
+    handles = [] if source else [safe_open(str(f), framework="pt", device="cpu", backend="pread") for f in files]
     try:
-        state = {name: h.get_slice(name) for h in handles for name in h.keys()}
+        state = dequantized_state(source) if source else {name: h.get_slice(name) for h in handles for name in h.keys()}
         model = cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype, device_map=device_map,
                                     output_loading_info=output_loading_info, **placement)
     finally:
         for h in handles:
             h.__exit__(None, None, None)
+        if source is not None:
+            source.close()
     loaded = model[0] if output_loading_info else model
     loaded.config._name_or_path = loaded.name_or_path = str(folder)
     if (folder / "generation_config.json").is_file():

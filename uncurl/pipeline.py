@@ -475,7 +475,7 @@ def prepare(opts: RunOptions, keeps: list[int], timings: Timings, *, check_loade
                             device_map=opts.device_map, max_memory=opts.max_memory,
                             dequantize=getattr(opts, "dequantize", False))
     if loaded.quantized is not None:
-        log.info("%s is %s: the profile runs on its weights dequantized by transformers", opts.model,
+        log.info("%s is %s: the profile runs on its weights, dequantized as they are read", opts.model,
                  loaded.quantized.format)
     if check_loaded is not None:
         check_loaded(loaded)

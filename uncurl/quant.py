@@ -11,12 +11,17 @@ scales, e.g. ``w.weight`` + ``w.weight_scale_inv``, or ``X_blocks`` + ``X_scales
 bitsandbytes, compressed-tensors, ...) is refused before any weight is read (``codec_for``), never
 written in another precision; ``--dequantize`` lets transformers dequantize it on load instead.
 
-Design: the model is *profiled and planned* as transformers loads it, dequantized (on CPU
-transformers dequantizes FP8 by itself; on a GPU uncurl asks it to, so both run the same code: the
-profile runs on dequantized weights). The *checkpoint* is written from the input's own files
-(``Source``: the shards, read with safetensors' pread reader, headers checked up front by
-``check_source``), streamed one decoder layer at a time in the pruned model's save-time names
-(``write_quantized``):
+Reading: uncurl reads the input's shards itself (``Source``, safetensors' pread reader; headers
+checked up front by ``check_source``: every scale fits its weight) and hands transformers each
+quantized tensor dequantized by the codec, in float32, as it is read (``dequantized_state``), with
+a config without quantization_config: the model is held dequantized on CPU and GPU alike, in the
+checkpoint's dtype (or ``--dtype``), and the profile runs on those dequantized weights. Not
+transformers' own FP8 dequantization: in 5.23 it derives the block size from the scale grid, which
+is wrong for a partial last block (DeepSeek-V3's ``kv_a_proj_with_mqa [576, 7168]`` has 5 row
+blocks of 128: it raises there, and silently misplaces the scales where the rows happen to divide).
+
+Writing: the checkpoint is written from the input's own files, streamed one decoder layer at a time
+in the pruned model's save-time names (``write_quantized``):
 
 - a tensor uncurl did not change (attention, embeddings, dense layers, shared experts) and every
   expert of a singleton group (every expert under a pruning criterion) is copied from the input's
@@ -90,6 +95,10 @@ class Codec:
         precision) once quantized: the quantized tensor, then its scales."""
         raise NotImplementedError
 
+    def full_name(self, stored: str) -> str:
+        """The name of the full-precision tensor that stored tensor ``stored`` may be a part of."""
+        raise NotImplementedError
+
     def stored_as(self, name: str, specs: dict[str, "Spec"]) -> tuple[str, ...] | None:
         """``parts(name)`` when ``specs`` (a checkpoint's headers) store ``name`` quantized, else None."""
         parts = self.parts(name)
@@ -112,9 +121,6 @@ class Codec:
         (the input's specs of the same parts)."""
         raise NotImplementedError
 
-    def dequantizing(self, qc: dict) -> dict:
-        """from_pretrained's keyword arguments that make transformers dequantize on load, on any device."""
-        return {}
 
 
 FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
@@ -153,6 +159,9 @@ class Fp8Block(Codec):
 
     def part_shapes(self, shape, qc):
         return tuple(shape), self.scale_shape(shape, qc)
+
+    def full_name(self, stored):
+        return stored.removesuffix("_scale_inv")  # w.weight_scale_inv -> w.weight; w.weight -> itself
 
     def scale_shape(self, shape, qc) -> tuple[int, ...]:
         bo, bi = qc["weight_block_size"]
@@ -199,13 +208,6 @@ class Fp8Block(Codec):
         q = (w / self._expand(scale.to(torch.float32), w.shape, qc)).clamp(-FP8_MAX, FP8_MAX).to(like[0].dtype)
         return q, scale
 
-    def dequantizing(self, qc):
-        from transformers import FineGrainedFP8Config
-
-        known = ("activation_scheme", "weight_block_size", "modules_to_not_convert", "modules_to_convert",
-                 "scale_fmt", "expert_dtype")
-        return {"quantization_config": FineGrainedFP8Config(**{k: qc[k] for k in known if k in qc}, dequantize=True)}
-
 
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)  # E2M1
 
@@ -232,6 +234,9 @@ class Mxfp4(Codec):
     def part_shapes(self, shape, qc):
         *lead, a, b = shape
         return (*lead, b, a // 32, 16), (*lead, b, a // 32)
+
+    def full_name(self, stored):
+        return stored.removesuffix("_blocks").removesuffix("_scales")
 
     def check(self, specs, qc):
         for name, spec in specs.items():
@@ -266,12 +271,6 @@ class Mxfp4(Codec):
         nibble = magnitude | (((x < 0) & (magnitude > 0)).to(torch.uint8) << 3)  # zero is +0
         packed = nibble[..., 0::2] | (nibble[..., 1::2] << 4)
         return packed.contiguous(), (exp + 127).to(torch.uint8)
-
-    def dequantizing(self, qc):
-        from transformers import Mxfp4Config
-
-        return {"quantization_config": Mxfp4Config(modules_to_not_convert=qc.get("modules_to_not_convert"),
-                                                   dequantize=True)}
 
 
 CODECS: dict[str, Codec] = {c.name: c for c in (Fp8Block(), Mxfp4())}
@@ -338,14 +337,22 @@ class Source:
     def stored_bytes(self) -> int:
         return sum(s.nbytes for s in self.specs.values())
 
-    def read(self, name: str) -> torch.Tensor:
-        """An input tensor as stored (read with pread, each shard opened once; ``close`` ends that)."""
+    def _handle(self, name: str):
+        """The open (pread) handle of the shard holding ``name``; each shard is opened once (``close``)."""
         from safetensors import safe_open
 
         file = self.specs[name].file
         if file not in self._handles:
             self._handles[file] = safe_open(str(file), framework="pt", device="cpu", backend="pread")
-        return self._handles[file].get_tensor(name)
+        return self._handles[file]
+
+    def read(self, name: str) -> torch.Tensor:
+        """An input tensor as stored."""
+        return self._handle(name).get_tensor(name)
+
+    def slice(self, name: str):
+        """An input tensor as a safetensors slice (read when indexed), as from_pretrained takes it."""
+        return self._handle(name).get_slice(name)
 
     def close(self) -> None:
         for handle in self._handles.values():
@@ -364,6 +371,41 @@ class Source:
             return self.read(name).to(torch.float32)
         q, *scales = (self.read(p) for p in parts)
         return self.codec.dequantize(q, tuple(scales), self.config)
+
+
+class _Dequantized:
+    """A quantized tensor as from_pretrained reads a state dict's entry (``entry[...]``): dequantized
+    by the codec, in float32 (transformers casts it to the parameter's dtype)."""
+
+    def __init__(self, source: Source, name: str):
+        self.source, self.name = source, name
+
+    def __getitem__(self, index):
+        return self.source.dequantized(self.name)[index]
+
+
+def dequantized_state(source: Source) -> dict:
+    """The input's state dict as transformers saves it in full precision: each quantized tensor (its
+    parts) one entry dequantized when read, every other tensor a pread slice."""
+    codec, quantized = source.codec, {}
+    for name in {spec.file: name for name, spec in source.specs.items()}.values():
+        source._handle(name)  # every shard opened here, not by transformers' loading threads
+    for name in source.specs:
+        full = codec.full_name(name)
+        parts = codec.stored_as(full, source.specs)
+        if parts is not None and name in parts:
+            quantized[full] = parts
+    parts = {p for ps in quantized.values() for p in ps}
+    state = {name: source.slice(name) for name in source.specs if name not in parts}
+    state.update({full: _Dequantized(source, full) for full in quantized})
+    return state
+
+
+def without_quantization(config):
+    """A copy of a transformers config without its quantization_config (the model is held dequantized)."""
+    config = copy.deepcopy(config)
+    del config.quantization_config
+    return config
 
 
 def headers(files: list[Path]) -> dict[str, Spec]:
