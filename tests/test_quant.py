@@ -413,3 +413,14 @@ def test_partial_blocks_are_dequantized_as_deepseek_lays_them_out(tmp_path, data
     run_prune(folder, tmp_path / "out", data_dir, keep=8, method="frequency")
     got = read_all(tmp_path / "out")
     assert got.keys() == fp8.keys() and all(raw(got[n]) == raw(fp8[n]) for n in fp8)
+
+
+def test_offloaded_to_disk_writes_the_same_quantized_checkpoint(reap_runs, data_dir, tmp_path):
+    """--device-map with the model offloaded to disk (accelerate): the dequantized weights it offloads
+    and reads back make the same profile, plan and FP8 files."""
+    fp8, _, out, _, _ = reap_runs("qwen3_moe")
+    report = run_prune(fp8, tmp_path / "out", data_dir, keep=4, method="reap", device="auto", device_map="auto",
+                       max_memory="cpu=100KB")
+    assert "disk" in report["model"]["placement"]
+    want, got = read_all(out), read_all(tmp_path / "out")
+    assert got.keys() == want.keys() and all(raw(got[n]) == raw(want[n]) for n in want)
