@@ -25,7 +25,7 @@ from rich.text import Text
 
 from .errors import EXIT_GATE, Terminated, UncurlError
 from .options import RUN, Option, markdown, markdown_besides, opt, options, parameters
-from .pipeline import ProfileOptions, PruneOptions, RunOptions
+from .pipeline import CostOptions, ProfileOptions, PruneOptions, RunOptions
 from .sweep import SweepOptions
 
 UsageError = typer.BadParameter.__base__  # typer vendors click: its UsageError, base of BadParameter
@@ -118,6 +118,8 @@ def command_options(name: str) -> list[Option]:
 DATA_FIELDS = ["data_dir", "samples", "max_length", "batch_size", "template", "choices", "choices_field", "label_field",
                "eval_file", "calibration_split", "evaluation_split", "chat_template", "calibrate_on"]
 RUN_FIELDS = ["seed", "device", "device_map", "max_memory", "dtype"]
+SERVING_FIELDS = ["gpu_memory", "context", "serving_batch", "measure_serving", "serving_repeats", "serving_seconds",
+                  "decode_tokens"]
 
 
 def _emit_json(payload: dict) -> None:
@@ -179,7 +181,8 @@ def _setup_logging(verbose: bool) -> None:
 
 @command("prune", PruneOptions, [
     "model", "task", "keep", "out", "method", "merge", "router_rows", "top_k", "profile", "overwrite", "shard_size",
-    "plots", *DATA_FIELDS, "eval", "eval_limit", "eval_max_length", "metric", "max_drop", *RUN_FIELDS, *OUTPUT])
+    "plots", *DATA_FIELDS, "eval", "eval_limit", "eval_max_length", "metric", "max_drop", *SERVING_FIELDS, *RUN_FIELDS,
+    *OUTPUT])
 def prune(ctx: typer.Context, opts: PruneOptions, as_json: bool, verbose: bool):
     """Prune/merge a model's experts down to --keep per layer for one task, and write a report.
 
@@ -305,6 +308,26 @@ def sweep_cmd(ctx: typer.Context, opts: SweepOptions, as_json: bool, verbose: bo
         typer.echo(str(Path(s["output"]) / "sweep.md"))
 
 
+@command("cost", CostOptions, ["model", *SERVING_FIELDS, *RUN_FIELDS, *OUTPUT])
+def cost_cmd(ctx: typer.Context, opts: CostOptions, as_json: bool, verbose: bool):
+    """What a model costs to serve: weight memory, active parameters and FLOPs per token, KV cache, GPUs
+    (dense models too); --measure-serving also times prefill and decode on this device.
+
+    Example: uncurl cost --model runs/k4 --gpu-memory 80GiB --context 4096 --serving-batch 8
+    """
+    from .pipeline import cost
+    from .serving import serving_table
+
+    _setup_logging(verbose)
+    result = cost(opts)
+    if as_json:
+        _emit_json({k: v for k, v in result.items() if k != "table"})
+        return
+    typer.echo(f"# serving cost: {result['model']} ({result['model_type']})\n\n{result['table']}")
+    if "measured" in result:
+        typer.echo("\n" + serving_table({"value": result["measured"]}))
+
+
 @app.command()
 def tasks():
     """List the registered tasks (no model is loaded)."""
@@ -322,7 +345,7 @@ def tasks():
 
 @app.command("options", hidden=True)
 def options_cmd(
-    name: Annotated[str, typer.Argument(metavar="COMMAND", help="prune, profile, eval or sweep")] = "prune",
+    name: Annotated[str, typer.Argument(metavar="COMMAND", help="prune, profile, eval, sweep, cost, routes or monitor")] = "prune",
     as_markdown: Annotated[bool, typer.Option("--markdown", help="print Markdown (README's option tables are "
                                               "this output, one command at a time)")] = False,
 ):
