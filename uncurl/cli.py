@@ -26,6 +26,7 @@ from rich.text import Text
 from .errors import EXIT_GATE, Terminated, UncurlError
 from .options import RUN, Option, markdown, markdown_besides, opt, options, parameters
 from .pipeline import CostOptions, ProfileOptions, PruneOptions, RunOptions
+from .routes import RoutesOptions
 from .sweep import SweepOptions
 
 UsageError = typer.BadParameter.__base__  # typer vendors click: its UsageError, base of BadParameter
@@ -326,6 +327,39 @@ def cost_cmd(ctx: typer.Context, opts: CostOptions, as_json: bool, verbose: bool
     typer.echo(f"# serving cost: {result['model']} ({result['model_type']})\n\n{result['table']}")
     if "measured" in result:
         typer.echo("\n" + serving_table({"value": result["measured"]}))
+
+
+TRAFFIC_FIELDS = ["data_dir", "samples", "max_length", "batch_size", "template", "choices", "choices_field",
+                  "label_field", "eval_file", "calibration_split", "evaluation_split", "chat_template"]
+
+
+@command("routes", RoutesOptions, ["model", "task", "file", "split", "out", "overwrite", "plots", *TRAFFIC_FIELDS,
+                                       *RUN_FIELDS, *OUTPUT])
+def routes_cmd(ctx: typer.Context, opts: RoutesOptions, as_json: bool, verbose: bool):
+    """Write the experts (and gate weights) every token of every input chose, per MoE layer, with each
+    layer's load balance and a heat map (layers x experts).
+
+    Example: uncurl routes --model builtin:mixtral --task superglue-rte --data-dir ../shared/data --out rte-routes
+    """
+    from .report import balance_cell
+    from .routes import routes
+
+    _setup_logging(verbose)
+    opts.extra["command"] = _command_line(ctx)
+    r = routes(opts)
+    table = Table(title=Text(f"routes: {r['model']} on {r['inputs']['name']} ({r['inputs']['examples']} inputs, "
+                             f"{r['tokens']:,} tokens)"))
+    for col in ("layer", "balance (entropy/log E, CV, largest share)"):
+        table.add_column(col)
+    for layer in r["layers"]:
+        table.add_row(str(layer["index"]), balance_cell(layer["balance"]))
+    err.print(table)
+    if as_json:
+        _emit_json({"output": r["output"], "tokens": r["tokens"], "inputs": r["inputs"],
+                    "layers": [{k: v for k, v in layer.items() if k in ("name", "index", "balance")}
+                               for layer in r["layers"]]})
+    else:
+        typer.echo(str(Path(r["output"]) / "routes.md"))
 
 
 @app.command()

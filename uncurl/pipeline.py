@@ -140,7 +140,10 @@ class RunOptions(DataOptions):
         False, panel=PRUNE,
         help="Replace an earlier uncurl output at --out (uncurl's report/report.json or sweep.json); "
              "anything else is refused.",
-        profile=dict(panel=None, help="Replace an earlier uncurl profile at --out (nothing else)."))
+        profile=dict(panel=None, help="Replace an earlier uncurl profile at --out (nothing else)."),
+        routes=dict(panel=None, help="Replace an earlier uncurl routes output at --out (its routes.json); anything else is refused."),
+        monitor=dict(panel=None, help="Replace an earlier uncurl monitor output at --out (its monitor.json); anything else is "
+                          "refused."))
     seed: int = opt(0, panel=RUN, help="Seed for sampling, tiny models and clustering.")
     device: str = opt("auto", panel=RUN, help="auto (CUDA when present), cpu, cuda, cuda:N.")
     device_map: str | None = opt(
