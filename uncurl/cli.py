@@ -26,6 +26,7 @@ from rich.text import Text
 from .errors import EXIT_GATE, Terminated, UncurlError
 from .options import RUN, Option, markdown, markdown_besides, opt, options, parameters
 from .pipeline import CostOptions, ProfileOptions, PruneOptions, RunOptions
+from .monitor import MonitorOptions
 from .routes import RoutesOptions
 from .sweep import SweepOptions
 
@@ -58,7 +59,7 @@ app = typer.Typer(
         "the task's data, then keep the best-scoring experts (REAP, EAN, frequency) or cluster them by "
         "routing behaviour and merge each cluster into one expert (UNCURL), then save a checkpoint "
         "that transformers loads. Exit codes: 0 ok, 1 internal error, 2 bad input, 3 the written "
-        "checkpoint failed its checks."
+        "checkpoint failed its checks, 4 prune's --max-drop gate failed, 5 monitor's --min-coverage gate failed."
     ),
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -360,6 +361,40 @@ def routes_cmd(ctx: typer.Context, opts: RoutesOptions, as_json: bool, verbose: 
                                for layer in r["layers"]]})
     else:
         typer.echo(str(Path(r["output"]) / "routes.md"))
+
+
+@command("monitor", MonitorOptions, ["pruned", "task", "file", "split", "parent", "profile", "min_coverage", "out",
+                                     "overwrite", "plots", *TRAFFIC_FIELDS, *RUN_FIELDS, *OUTPUT])
+def monitor_cmd(ctx: typer.Context, opts: MonitorOptions, as_json: bool, verbose: bool):
+    """Profile new traffic through the pruned model's parent: the share of its routing mass on experts the
+    pruned model kept, merged or dropped (coverage), per layer and overall, and its divergence from the
+    calibration; --min-coverage exits 5 below the bound.
+
+    Example: uncurl monitor --pruned runs/k4 --task superglue-cb --data-dir ../shared/data --min-coverage 0.9 --out cb
+    """
+    from .monitor import monitor
+
+    _setup_logging(verbose)
+    opts.extra["command"] = _command_line(ctx)
+    r = monitor(opts)
+    o = r["overall"]
+    table = Table(title=Text(f"monitor: {r['traffic']['name']} on {r['pruned']} ({r['tokens']:,} tokens)"))
+    for col in ("layer", "coverage", "kept", "merged", "dropped", "JS divergence"):
+        table.add_column(col, justify="right")
+    for row in [*r["layers"], {**o, "index": "all"}]:
+        table.add_row(str(row["index"]), *(f"{row[k]:.1%}" if row[k] is not None else "-"
+                                           for k in ("coverage", "kept", "merged", "dropped")),
+                      f"{row['js_divergence']:.3f}")
+    err.print(table)
+    if as_json:
+        _emit_json({k: r[k] for k in ("output", "pruned", "parent", "traffic", "tokens", "overall", "layers",
+                                      "exit_code") if k in r} | ({"gate": r["gate"]} if "gate" in r else {}))
+    else:
+        typer.echo(str(Path(r["output"]) / "monitor.md"))
+    if r["exit_code"]:
+        g = r["gate"]
+        err.print(f"[bold red]coverage gate failed:[/] {g['coverage']:.1%} < {g['min_coverage']:g}")
+        raise typer.Exit(r["exit_code"])
 
 
 @app.command()

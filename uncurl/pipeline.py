@@ -135,7 +135,10 @@ class RunOptions(DataOptions):
         sweep=dict(help="Lower the router's top-k.", note=""))
     profile: str | None = opt(
         None, panel=PRUNE, help="Reuse a profile written by `uncurl profile` (skips the forward pass).",
-        sweep=dict(help="Reuse a profile file."))
+        sweep=dict(help="Reuse a profile file."),
+        monitor=dict(panel=DATA, help="A profile of the traffic through the parent, written by uncurl profile on "
+                                      "the parent and the traffic, instead of profiling --task here; checked against "
+                                      "the pruned model's parent."))
     overwrite: bool = opt(
         False, panel=PRUNE,
         help="Replace an earlier uncurl output at --out (uncurl's report/report.json or sweep.json); "

@@ -45,7 +45,9 @@ class TrafficOptions(RunOptions):
     file: str | None = opt(
         None, "--file", panel=DATA,
         help="Route the texts of this .jsonl file instead of --task's: one input per line, a JSON string or an "
-             "object with a 'text' field (--samples of them, a seeded subset, when there are more).")
+             "object with a 'text' field (--samples of them, a seeded subset, when there are more).",
+        monitor=dict(help="The traffic: the texts of this .jsonl file instead of --task's, one per line, a JSON string or "
+                          "an object with a 'text' field (--samples of them, a seeded subset, when there are more)."))
     split: str = opt("evaluation", panel=DATA,
                      help="Which split of --task to read: evaluation (held out from calibration) or calibration.")
     plots: bool = opt(True, help="Draw the PNG (matplotlib); --no-plots skips it.")
