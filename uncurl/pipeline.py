@@ -62,17 +62,25 @@ class DataOptions:
              "--evaluation-split); lm-eval:TASK or lm-eval:FILE.yaml, an lm-evaluation-harness task (optional "
              "extra: pip install 'uncurl\\[lm-eval]'); a task file (.yaml/.json: template, choices, label field, files or Hub id; see "
              "README); or a .jsonl/.csv file with --template (one file: fixed seeded disjoint halves calibrate "
-             "and evaluate; see --eval-file).")
+             "and evaluate; see --eval-file).",
+        routes=dict(help="The inputs to route: any --task prune takes (a registered task, hf:ORG/NAME, lm-eval:TASK, a "
+                         "task file, a .jsonl/.csv file with --template); --split picks the split. Or see --file."),
+        monitor=dict(help="The traffic: any --task prune takes (a registered task, hf:ORG/NAME, lm-eval:TASK, a task "
+                          "file, a .jsonl/.csv file with --template); --split picks the split. Or see --file."))
     data_dir: str | None = opt(  # else $UNCURL_DATA_DIR (tasks.resolve_data_dir); else the Hub
         None, "--data-dir", panel=DATA, envvar="UNCURL_DATA_DIR", readme_default="`$UNCURL_DATA_DIR`",
         help="Read tasks from local files laid out as ../shared/data instead of the Hub.")
     samples: int = opt(
         256, panel=DATA, min=1,
         help="Calibration examples to profile: a seeded random subset of the task's calibration split "
-             "(all of it when smaller). Profiling time grows linearly with it; memory does not.")
+             "(all of it when smaller). Profiling time grows linearly with it; memory does not.",
+        routes=dict(help="Inputs to read: a seeded random subset of the split (all of it when smaller)."),
+        monitor=dict(help="Traffic examples to read: a seeded random subset of the split (all of it when smaller)."))
     max_length: int = opt(
         512, panel=DATA, min=8,
-        help="Calibration: truncate each example to this many tokens (evaluation has --eval-max-length).")
+        help="Calibration: truncate each example to this many tokens (evaluation has --eval-max-length).",
+        routes=dict(help="Truncate each input to this many tokens."),
+        monitor=dict(help="Truncate each traffic example to this many tokens."))
     eval_max_length: int = opt(
         1024, panel=EVAL, min=8, note="`uncurl eval` calls it `--max-length`.",
         help="Evaluation: keep at most this many tokens of each sequence (from the right; the answer is never cut).",
