@@ -194,7 +194,7 @@ def monitor(opts: MonitorOptions) -> dict:
     from .adapters import find_moe_layers
     from .load import check_family, load_model
     from .output import claim
-    from .pipeline import run_inputs
+    from .pipeline import loaded_inputs, run_inputs
     from .profile import Profile, profile_model, router_fingerprint
     from .report import REPORT_SCHEMA, Timings, command_line, versions
 
@@ -220,6 +220,7 @@ def monitor(opts: MonitorOptions) -> dict:
             with timings.stage("load"):
                 loaded = load_model(parent, device=opts.device, dtype=opts.dtype, seed=seed,
                                     device_map=opts.device_map, max_memory=opts.max_memory)
+            output.check(loaded_inputs(loaded))  # not (in) what the parent was read from
             layers = {layer.name: layer.num_experts for layer in find_moe_layers(loaded.model, loaded.adapter)}
             what = f"--parent {parent}" if opts.parent else f"the parent {parent} (named in --pruned's report.json)"
             check_parent(report, loaded.model.config.model_type, layers,

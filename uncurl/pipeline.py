@@ -37,7 +37,6 @@ from .report import REPORT_SCHEMA, Timings, command_line, layer_entries, version
 from .output import Claim, claim
 from .save import expected_bytes, parse_shard_size, verify_checkpoint, write_checkpoint
 from .serving import ServingOptions, measure as measure_serving, serving_note
-from .stats import balance
 
 log = logging.getLogger(__name__)
 

@@ -228,7 +228,7 @@ def routes(opts: RoutesOptions) -> dict:
     """``uncurl routes``: load, route the inputs, write ``--out``; returns what routes.json holds."""
     from .load import check_family, load_model
     from .output import claim
-    from .pipeline import run_inputs
+    from .pipeline import loaded_inputs, run_inputs
     from .profile import router_fingerprint
     from .report import REPORT_SCHEMA, Timings, command_line, versions
 
@@ -240,7 +240,7 @@ def routes(opts: RoutesOptions) -> dict:
         with timings.stage("load"):
             loaded = load_model(opts.model, device=opts.device, dtype=opts.dtype, seed=opts.seed,
                                 device_map=opts.device_map, max_memory=opts.max_memory)
-        output.check([("the input model folder", loaded.source, True)] if loaded.source else [])
+        output.check(loaded_inputs(loaded))  # not (in) what the model was read from
         texts, info = traffic_texts(opts, loaded.tokenizer)
         with output.staged() as tmp:
             with timings.stage("route"), open(tmp / "routes.jsonl", "w", encoding="utf-8") as fh:
