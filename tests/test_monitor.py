@@ -106,3 +106,19 @@ def test_bad_input_exits_2_naming_it(pruned, tmp_path, data_dir):
     res = monitor(pruned(2), tmp_path / "m", data_dir, "--min-coverage", 1.5)
     assert res.exit_code == 2 and "--min-coverage" in res.output
     assert not (tmp_path / "m").exists()
+
+
+def test_a_local_parent_is_found_from_another_folder(tmp_path, data_dir, tiny_dirs, monkeypatch):
+    """The report records the parent folder's absolute path: monitor finds it from any working folder."""
+    import shutil
+
+    src = tmp_path / "parent"
+    shutil.copytree(tiny_dirs("olmoe"), src)
+    monkeypatch.chdir(tmp_path)
+    assert run("prune", "--model", "parent", "--keep", 4, "--data-dir", data_dir, "--out", "k4", "--no-plots",
+               *FAST).exit_code == 0
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    res = monitor(tmp_path / "k4", tmp_path / "m", data_dir)
+    assert res.exit_code == 0, res.output
+    assert payload(res)["parent"] == str(src.resolve())

@@ -94,3 +94,12 @@ def test_routes_file_of_inputs_and_bad_file(tmp_path):
     bad.write_text('{"prompt": 1}\n')
     res = run("routes", "--model", "builtin:mixtral", "--file", bad, "--out", tmp_path / "r2")
     assert res.exit_code == 2 and "line 1" in res.output and not (tmp_path / "r2").exists()
+
+
+def test_expected_balance_after_pruning_sums_each_group():
+    """The prune report's 'after' balance: each new expert's members' calibration counts summed,
+    dropped experts' slots left out."""
+    from uncurl.report import expected_after
+
+    assert expected_after([5, 3, 2, 0], [[0], [1, 2]]) == [5, 5]
+    assert balance(expected_after([5, 3, 2, 0], [[0], [1, 2]]))["entropy"] == 1.0

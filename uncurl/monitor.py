@@ -1,11 +1,12 @@
 """A coverage gate for staged rollout: does new traffic still route to the experts the pruned model kept?
 
     uncurl monitor --pruned runs/k4 --task superglue-rte --data-dir ../shared/data --out rte-monitor
-    uncurl monitor --pruned runs/k4 --task traffic.jsonl --template '{text}' --min-coverage 0.9 --json
+    uncurl monitor --pruned runs/k4 --file traffic.jsonl --min-coverage 0.9 --json
 
-The traffic runs through the PARENT model (named in the pruned folder's ``report/report.json``, or
-``--parent``; or ``--profile``, a profile of the traffic through the parent from ``uncurl profile``),
-which is where its routing can still choose every expert. Per MoE layer and overall (the layers'
+The traffic runs through the PARENT model (the one the pruned folder's ``report/report.json`` names,
+a local folder by the absolute path it was read from; or ``--parent``; or ``--profile``, a profile
+of the traffic through the parent from ``uncurl profile``), where routing can still choose every
+expert. Per MoE layer and overall (the layers'
 sums pooled), the share of the traffic's routing mass (the gate weights of the top-k choices) that
 lands on experts the pruned model
 
@@ -201,7 +202,7 @@ def monitor(opts: MonitorOptions) -> dict:
     report = read_pruned(opts.pruned)
     if opts.min_coverage is not None and not 0 <= opts.min_coverage <= 1:
         raise UncurlError(f"--min-coverage {opts.min_coverage:g} must be a share between 0 and 1, e.g. 0.95")
-    parent = opts.parent or report["model"]["id"]
+    parent = opts.parent or report["model"].get("source") or report["model"]["id"]  # a local parent: its absolute path
     seed = opts.seed if opts.parent else report.get("seed", opts.seed)  # a built-in parent: the prune's seed
     if opts.profile:
         traffic_profile = Profile.load(opts.profile)

@@ -620,6 +620,7 @@ def _prune(opts: PruneOptions, output: Claim, shard_size: int, evaluating: bool)
             "bytes_before": before["bytes"], "bytes_after": weight_bytes(pruned),
             "placement": modules_per_device,
             "router_fingerprint": prep.profile.meta.get("router_fingerprint"),  # the parent's (uncurl monitor)
+            "source": str(loaded.source) if loaded.source is not None else None,  # the parent's folder, absolute
         },
         "method": method,  # what ran; "method_requested" when the default fell back
         **({"method_requested": opts.method} if method != opts.method else {}),
