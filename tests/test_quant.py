@@ -424,3 +424,25 @@ def test_offloaded_to_disk_writes_the_same_quantized_checkpoint(reap_runs, data_
     assert "disk" in report["model"]["placement"]
     want, got = read_all(out), read_all(tmp_path / "out")
     assert got.keys() == want.keys() and all(raw(got[n]) == raw(want[n]) for n in want)
+
+
+def test_sharded_in_and_out(reap_runs, data_dir, tmp_path):
+    """An FP8 input in two shards with an index, written in shards of 100KB: the same tensors, every
+    one named in the index, scales beside or apart from their weights alike."""
+    fp8, _, out, _, _ = reap_runs("qwen3_moe")
+    folder = tmp_path / "sharded"
+    shutil.copytree(fp8, folder)
+    tensors = read_all(folder)
+    (folder / "model.safetensors").unlink()
+    names = sorted(tensors)
+    weight_map = {}
+    for i, part in enumerate((names[::2], names[1::2])):  # a weight and its scale land in different shards
+        file = f"model-{i + 1:05d}-of-00002.safetensors"
+        save_file({n: tensors[n] for n in part}, str(folder / file), metadata={"format": "pt"})
+        weight_map.update({n: file for n in part})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    run_prune(folder, tmp_path / "out", data_dir, keep=4, method="reap", shard_size="100KB")
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    want, got = read_all(out), read_all(tmp_path / "out")
+    assert set(index["weight_map"]) == got.keys() == want.keys() and all(raw(got[n]) == raw(want[n]) for n in want)
