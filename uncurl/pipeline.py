@@ -196,11 +196,10 @@ class PruneOptions(RunOptions, ServingOptions):
              "The checkpoint and report are still written.")
     dequantize: bool = opt(
         False, "--dequantize", panel=PRUNE, note="See [Quantized checkpoints](#quantized-checkpoints).",
-        help="A quantized input: write the pruned checkpoint in full precision (the dtype transformers dequantizes "
-             "to, or --dtype), without quantization_config, on purpose; also accepts schemes uncurl cannot write "
-             "back, when transformers dequantizes them on load. Default: an FP8 block-scaled or MXFP4 input is "
-             "written in its own format, kept experts byte for byte (merged ones quantized again); other schemes "
-             "are refused.")
+        help="A quantized input: write the pruned checkpoint in full precision (the checkpoint's dtype, or "
+             "--dtype), without quantization_config, on purpose; also accepts schemes uncurl cannot write back, when "
+             "transformers dequantizes them on load. Default: an FP8 block-scaled or MXFP4 input is written in its "
+             "own format, kept experts byte for byte (merged ones quantized again); other schemes are refused.")
 
 
 @dataclass
