@@ -3,11 +3,12 @@
 Tiny qwen3_moe and deepseek_v3 models are saved by transformers and rewritten here, in-process, into
 DeepSeek-V3's FP8 layout (``float8_e4m3fn`` weights of every linear transformers converts, each
 with a float32 ``weight_scale_inv`` per block, ``quantization_config.quant_method = "fp8"``; blocks
-of 16x16 / 8x8, which the format allows, for the tiny shapes). Their *dequantized twins* hold the
-same weights dequantized in float32 and no quantization_config: what transformers loads from the
-FP8 folder on a CPU. Checked: kept experts and every untouched tensor are the input's bytes, merges
-are quantized again within FP8's rounding, the output reloads cleanly and runs as the twin pruned
-the same way, and bad inputs exit 2 with nothing written.
+of 16x16 / 8x8, which the format allows, for the tiny shapes), and a tiny gpt_oss into gpt-oss's
+MXFP4 layout (``experts.*_blocks`` / ``_scales``, ``quant_method = "mxfp4"``), each by an
+independent quantizer below. Their *dequantized twins* hold the same weights dequantized in float32
+and no quantization_config. Checked: kept experts and every untouched tensor are the input's bytes,
+merges are quantized again within the format's rounding, the output reloads cleanly with
+transformers and runs as the twin pruned the same way, and bad inputs exit 2 with nothing written.
 """
 
 from __future__ import annotations

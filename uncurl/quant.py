@@ -42,9 +42,7 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,7 +50,6 @@ import torch
 
 from .errors import UncurlError
 
-log = logging.getLogger(__name__)
 
 _ST = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "F32": torch.float32, "BF16": torch.bfloat16,
        "F16": torch.float16, "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
@@ -120,7 +117,6 @@ class Codec:
         """``w`` (full precision, as transformers holds it) as its ``parts``, in the dtypes of ``like``
         (the input's specs of the same parts)."""
         raise NotImplementedError
-
 
 
 FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
