@@ -35,7 +35,7 @@ from .options import (DATA, DEFAULT_MERGE, DEFAULT_METHOD, DEFAULT_ROUTER, EVAL,
 from .profile import Profile, profile_model, router_fingerprint
 from .report import REPORT_SCHEMA, Timings, command_line, layer_entries, versions, write_report
 from .output import Claim, claim
-from .save import expected_bytes, parse_shard_size, verify_checkpoint, write_checkpoint
+from .save import expected_bytes, parse_shard_size, stored_bytes, verify_checkpoint, write_checkpoint
 from .serving import ServingOptions, measure as measure_serving, serving_note
 
 log = logging.getLogger(__name__)
@@ -194,6 +194,12 @@ class PruneOptions(RunOptions, ServingOptions):
         None, panel=EVAL,
         help="CI gate (implies --eval): exit 4 when --metric drops by more than this many points. "
              "The checkpoint and report are still written.")
+    dequantize: bool = opt(
+        False, "--dequantize", panel=PRUNE, note="See [Quantized checkpoints](#quantized-checkpoints).",
+        help="A quantized input: write the pruned checkpoint in full precision (the checkpoint's dtype, or "
+             "--dtype), without quantization_config, on purpose; also accepts schemes uncurl cannot write back, when "
+             "transformers dequantizes them on load. Default: an FP8 block-scaled or MXFP4 input is written in its "
+             "own format, kept experts byte for byte (merged ones quantized again); other schemes are refused.")
 
 
 @dataclass
@@ -465,15 +471,18 @@ def loaded_inputs(loaded: Loaded) -> list[tuple[str, Path, bool]]:
         ("the folder the input model's files link into", t, False) for t in sorted(targets)]
 
 
-def loaded_check(output: Claim, keeps: list[int], copies: int = 1):
+def loaded_check(output: Claim, keeps: list[int], copies: int = 1, dequantize: bool = False):
     """``prepare``'s check once the model is loaded, before profiling: ``--out`` is not (in) what it
-    was read from, and its file system has room for ``copies`` checkpoints per K in ``keeps``."""
+    was read from, and its file system has room for ``copies`` checkpoints per K in ``keeps`` (a
+    quantized input's as stored, unless ``dequantize``)."""
     def check(loaded: Loaded) -> None:
         output.check(loaded_inputs(loaded))
         if copies:
             n = copies * len(keeps)
-            output.check_space(copies * sum(expected_bytes(loaded.model, loaded.adapter, k) for k in keeps),
-                               "the checkpoint" if n == 1 else f"the {n} checkpoints")
+            stored = 1.0 if loaded.quantized is None or dequantize else (
+                loaded.quantized.stored_bytes / max(weight_bytes(loaded.model), 1))  # bytes on disk per byte held
+            need = copies * sum(expected_bytes(loaded.model, loaded.adapter, k) for k in keeps)
+            output.check_space(int(need * stored), "the checkpoint" if n == 1 else f"the {n} checkpoints")
     return check
 
 
@@ -482,7 +491,11 @@ def prepare(opts: RunOptions, keeps: list[int], timings: Timings, *, check_loade
     ``check_loaded(loaded)`` runs between loading and profiling (see ``loaded_check``)."""
     with timings.stage("load"):
         loaded = load_model(opts.model, device=opts.device, dtype=opts.dtype, seed=opts.seed,
-                            device_map=opts.device_map, max_memory=opts.max_memory)
+                            device_map=opts.device_map, max_memory=opts.max_memory,
+                            dequantize=getattr(opts, "dequantize", False))
+    if loaded.quantized is not None:
+        log.info("%s is %s: the profile runs on its weights, dequantized as they are read", opts.model,
+                 loaded.quantized.format)
     if check_loaded is not None:
         check_loaded(loaded)
     config, adapter = loaded.model.config, loaded.adapter
@@ -573,7 +586,8 @@ def prune(opts: PruneOptions) -> PruneResult:
 
 def _prune(opts: PruneOptions, output: Claim, shard_size: int, evaluating: bool) -> PruneResult:
     timings, out = Timings(), output.path
-    prep = prepare(opts, [opts.keep], timings, check_loaded=loaded_check(output, [opts.keep]))
+    prep = prepare(opts, [opts.keep], timings,
+                   check_loaded=loaded_check(output, [opts.keep], dequantize=opts.dequantize))
     loaded, adapter = prep.loaded, prep.loaded.adapter
     evaluation = {}
     if evaluating:
@@ -582,8 +596,19 @@ def _prune(opts: PruneOptions, output: Claim, shard_size: int, evaluating: bool)
     with timings.stage("cluster"):
         method = method_used(prep, opts.method)
         plans = plan_all(prep, opts.keep, method, opts.seed)
+    dtype = str(loaded.model.dtype).removeprefix("torch.")
     before = {"params": parameter_count(loaded.model), "bytes": weight_bytes(loaded.model),
-              "cost": static_cost(loaded.model, adapter)}
+              "cost": static_cost(loaded.model, adapter), "format": dtype}
+    stored = loaded.quantized  # a quantized input: written back in its format, unless --dequantize
+    if stored is not None:
+        before.update(bytes=stored.stored_bytes, format=stored.format)
+        if opts.dequantize:
+            log.warning("--dequantize: writing %s in full precision (%s), not in its own %s, on purpose",
+                        opts.model, dtype, stored.format)
+            stored = None
+    as_input = (stored, adapter, plans) if stored is not None else None
+    fmt_after = before["format"] if stored is not None else (
+        f"{dtype} (dequantized from {before['format']})" if loaded.quantized is not None else dtype)
     measured = {}
     if opts.measure_serving:
         with timings.stage("serving_before"):
@@ -617,7 +642,8 @@ def _prune(opts: PruneOptions, output: Claim, shard_size: int, evaluating: bool)
             "experts_before": prep.num_experts, "experts_after": opts.keep,
             "top_k_before": prep.top_k_before, "top_k_after": prep.top_k_after,
             "params_before": before["params"], "params_after": parameter_count(pruned),
-            "bytes_before": before["bytes"], "bytes_after": weight_bytes(pruned),
+            "bytes_before": before["bytes"], "bytes_after": weight_bytes(pruned),  # as stored (after: see save)
+            "format_before": before["format"], "format": fmt_after,
             "placement": modules_per_device,
             "router_fingerprint": prep.profile.meta.get("router_fingerprint"),  # the parent's (uncurl monitor)
             "source": str(loaded.source) if loaded.source is not None else None,  # the parent's folder, absolute
@@ -641,7 +667,10 @@ def _prune(opts: PruneOptions, output: Claim, shard_size: int, evaluating: bool)
                           "passed": measured is not None and measured <= opts.max_drop}
     with output.staged() as tmp:
         with timings.stage("save"):
-            write_checkpoint(pruned, loaded.tokenizer, tmp, shard_size, extra_files=loaded.processor_files)
+            write_checkpoint(pruned, loaded.tokenizer, tmp, shard_size, extra_files=loaded.processor_files,
+                             as_input=as_input)
+        if as_input is not None:  # the bytes as stored, from the files written
+            report["model"]["bytes_after"] = stored_bytes(tmp)
         del pruned  # the checks below reload from disk: never hold both copies
         if hooked:
             gc.collect()

@@ -112,6 +112,7 @@ def markdown(r: dict) -> str:
         f"| top-k | {m['top_k_before']} | {m['top_k_after']} |",
         f"| parameters | {m['params_before']:,} | {m['params_after']:,} |",
         f"| weight bytes | {m['bytes_before']:,} | {m['bytes_after']:,} |",
+        *([f"| format | {m['format_before']} | {m['format']} |"] if "format" in m else []),
         "",
         f"Method **{r['method']}** (merge: {r['merge']}, router rows: {r['router_rows']}), seed {r['seed']}, "
         f"{t['calibration_examples']} calibration examples ({t['tokens']:,} tokens, "

@@ -129,7 +129,9 @@ def _sweep(opts: SweepOptions, output, on_row, skip) -> dict:
                            "groups": {layer: [list(g) for g in p.groups] for layer, p in plans.items()}}
                     if opts.keep_checkpoints:
                         folder = tmp / "checkpoints" / f"{name.replace('/', '-')}-k{keep}"
-                        write_checkpoint(pruned, tok, folder, extra_files=prep.loaded.processor_files)
+                        stored = prep.loaded.quantized  # a quantized input: written in its format
+                        write_checkpoint(pruned, tok, folder, extra_files=prep.loaded.processor_files,
+                                         as_input=(stored, prep.loaded.adapter, plans) if stored else None)
                         verify_checkpoint(folder, prep.loaded.adapter, keep, prep.top_k_after, tok,
                                           prep.loaded.placement)
                         row["checkpoint"] = str(out / "checkpoints" / folder.name)
