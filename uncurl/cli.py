@@ -25,7 +25,9 @@ from rich.text import Text
 
 from .errors import EXIT_GATE, Terminated, UncurlError
 from .options import RUN, Option, markdown, markdown_besides, opt, options, parameters
-from .pipeline import ProfileOptions, PruneOptions, RunOptions
+from .pipeline import CostOptions, ProfileOptions, PruneOptions, RunOptions
+from .monitor import MonitorOptions
+from .routes import RoutesOptions
 from .sweep import SweepOptions
 
 UsageError = typer.BadParameter.__base__  # typer vendors click: its UsageError, base of BadParameter
@@ -57,7 +59,8 @@ app = typer.Typer(
         "the task's data, then keep the best-scoring experts (REAP, EAN, frequency) or cluster them by "
         "routing behaviour and merge each cluster into one expert (UNCURL), then save a checkpoint "
         "that transformers loads. Exit codes: 0 ok, 1 internal error, 2 bad input (nothing written), "
-        "3 the written checkpoint failed its checks, 4 the --max-drop gate failed, 128+N stopped by "
+        "3 the written checkpoint failed its checks, 4 the --max-drop gate failed, 5 monitor's --min-coverage "
+        "gate failed, 128+N stopped by "
         "signal N (130 Ctrl-C, 143 SIGTERM; the unfinished output removed)."
     ),
     no_args_is_help=True,
@@ -119,6 +122,8 @@ def command_options(name: str) -> list[Option]:
 DATA_FIELDS = ["data_dir", "samples", "max_length", "batch_size", "template", "choices", "choices_field", "label_field",
                "eval_file", "calibration_split", "evaluation_split", "chat_template", "calibrate_on"]
 RUN_FIELDS = ["seed", "device", "device_map", "max_memory", "dtype"]
+SERVING_FIELDS = ["gpu_memory", "context", "serving_batch", "measure_serving", "serving_repeats", "serving_seconds",
+                  "decode_tokens"]
 
 
 def _emit_json(payload: dict) -> None:
@@ -184,8 +189,8 @@ def _setup_logging(verbose: bool) -> None:
 
 @command("prune", PruneOptions, [
     "model", "task", "keep", "out", "method", "merge", "router_rows", "top_k", "profile", "overwrite", "shard_size",
-    "plots", *DATA_FIELDS, "eval", "eval_limit", "eval_max_length", "metric", "max_drop", *RUN_FIELDS, "pipeline",
-    *OUTPUT])
+    "plots", *DATA_FIELDS, "eval", "eval_limit", "eval_max_length", "metric", "max_drop", *SERVING_FIELDS, *RUN_FIELDS,
+    "pipeline", *OUTPUT])
 def prune(ctx: typer.Context, opts: PruneOptions, as_json: bool, verbose: bool):
     """Prune/merge a model's experts down to --keep per layer for one task, and write a report.
 
@@ -344,6 +349,93 @@ def sweep_cmd(ctx: typer.Context, opts: SweepOptions, as_json: bool, verbose: bo
         typer.echo(str(Path(s["output"]) / "sweep.md"))
 
 
+@command("cost", CostOptions, ["model", *SERVING_FIELDS, *RUN_FIELDS, *OUTPUT])
+def cost_cmd(ctx: typer.Context, opts: CostOptions, as_json: bool, verbose: bool):
+    """What a model costs to serve: weight memory, active parameters and FLOPs per token, KV cache, GPUs
+    (dense models too); --measure-serving also times prefill and decode on this device.
+
+    Example: uncurl cost --model runs/k4 --gpu-memory 80GiB --context 4096 --serving-batch 8
+    """
+    from .pipeline import cost
+    from .serving import serving_table
+
+    _setup_logging(verbose)
+    result = cost(opts)
+    if as_json:
+        _emit_json({k: v for k, v in result.items() if k != "table"})
+        return
+    typer.echo(f"# serving cost: {result['model']} ({result['model_type']})\n\n{result['table']}")
+    if "measured" in result:
+        typer.echo("\n" + serving_table({"value": result["measured"]}))
+
+
+TRAFFIC_FIELDS = ["data_dir", "samples", "max_length", "batch_size", "template", "choices", "choices_field",
+                  "label_field", "eval_file", "calibration_split", "evaluation_split", "chat_template"]
+
+
+@command("routes", RoutesOptions, ["model", "task", "file", "split", "out", "overwrite", "plots", *TRAFFIC_FIELDS,
+                                       *RUN_FIELDS, *OUTPUT])
+def routes_cmd(ctx: typer.Context, opts: RoutesOptions, as_json: bool, verbose: bool):
+    """Write the experts (and gate weights) every token of every input chose, per MoE layer, with each
+    layer's load balance and a heat map (layers x experts).
+
+    Example: uncurl routes --model builtin:mixtral --task superglue-rte --data-dir ../shared/data --out rte-routes
+    """
+    from .report import balance_cell
+    from .routes import routes
+
+    _setup_logging(verbose)
+    opts.extra["command"] = _command_line(ctx)
+    r = routes(opts)
+    table = Table(title=Text(f"routes: {r['model']} on {r['inputs']['name']} ({r['inputs']['examples']} inputs, "
+                             f"{r['tokens']:,} tokens)"))
+    for col in ("layer", "balance (entropy/log E, CV, largest share)"):
+        table.add_column(col)
+    for layer in r["layers"]:
+        table.add_row(str(layer["index"]), balance_cell(layer["balance"]))
+    err.print(table)
+    if as_json:
+        _emit_json({"output": r["output"], "tokens": r["tokens"], "inputs": r["inputs"],
+                    "layers": [{k: v for k, v in layer.items() if k in ("name", "index", "balance")}
+                               for layer in r["layers"]]})
+    else:
+        typer.echo(str(Path(r["output"]) / "routes.md"))
+
+
+@command("monitor", MonitorOptions, ["pruned", "task", "file", "split", "parent", "profile", "min_coverage", "out",
+                                     "overwrite", "plots", *TRAFFIC_FIELDS, *RUN_FIELDS, *OUTPUT])
+def monitor_cmd(ctx: typer.Context, opts: MonitorOptions, as_json: bool, verbose: bool):
+    """Profile new traffic through the pruned model's parent: the share of its routing mass on experts the
+    pruned model kept, merged or dropped (coverage), per layer and overall, and its divergence from the
+    calibration; --min-coverage exits 5 below the bound.
+
+    Example: uncurl monitor --pruned runs/k4 --task superglue-cb --data-dir ../shared/data --min-coverage 0.9 --out cb
+    """
+    from .monitor import monitor
+
+    _setup_logging(verbose)
+    opts.extra["command"] = _command_line(ctx)
+    r = monitor(opts)
+    o = r["overall"]
+    table = Table(title=Text(f"monitor: {r['traffic']['name']} on {r['pruned']} ({r['tokens']:,} tokens)"))
+    for col in ("layer", "coverage", "kept", "merged", "dropped", "JS divergence"):
+        table.add_column(col, justify="right")
+    for row in [*r["layers"], {**o, "index": "all"}]:
+        table.add_row(str(row["index"]), *(f"{row[k]:.1%}" if row[k] is not None else "-"
+                                           for k in ("coverage", "kept", "merged", "dropped")),
+                      f"{row['js_divergence']:.3f}")
+    err.print(table)
+    if as_json:
+        _emit_json({k: r[k] for k in ("output", "pruned", "parent", "traffic", "tokens", "overall", "layers",
+                                      "exit_code") if k in r} | ({"gate": r["gate"]} if "gate" in r else {}))
+    else:
+        typer.echo(str(Path(r["output"]) / "monitor.md"))
+    if r["exit_code"]:
+        g = r["gate"]
+        err.print(f"[bold red]coverage gate failed:[/] {g['coverage']:.1%} < {g['min_coverage']:g}")
+        raise typer.Exit(r["exit_code"])
+
+
 @app.command()
 def tasks():
     """List the registered tasks (no model is loaded)."""
@@ -361,7 +453,7 @@ def tasks():
 
 @app.command("options", hidden=True)
 def options_cmd(
-    name: Annotated[str, typer.Argument(metavar="COMMAND", help="prune, profile, eval or sweep")] = "prune",
+    name: Annotated[str, typer.Argument(metavar="COMMAND", help="prune, profile, eval, sweep, cost, routes or monitor")] = "prune",
     as_markdown: Annotated[bool, typer.Option("--markdown", help="print Markdown (README's option tables are "
                                               "this output, one command at a time)")] = False,
 ):

@@ -25,7 +25,7 @@ from . import tasks as T
 from .adapters import expert_count, find_moe_layers, routing_groups, top_k
 from .card import CARD, parent_card, render as render_card
 from .cluster import METHODS, LayerPlan, get_method, plan_layer, validate_keep
-from .cost import finish, measure_kv, release_note, static_cost
+from .cost import cost_table, finish, measure_kv, release_note, serving_cost, static_cost
 from .errors import UncurlError
 from .evaluate import METRICS, drop, evaluate_examples
 from .load import Loaded, check_family, input_device, load_model
@@ -38,6 +38,7 @@ from .sequential import profile_sequential
 from .report import REPORT_SCHEMA, Timings, command_line, layer_entries, versions, write_report
 from .output import Claim, claim
 from .save import expected_bytes, parse_shard_size, verify_checkpoint, write_checkpoint
+from .serving import ServingOptions, measure as measure_serving, serving_note
 
 log = logging.getLogger(__name__)
 
@@ -62,17 +63,25 @@ class DataOptions:
              "--evaluation-split); lm-eval:TASK or lm-eval:FILE.yaml, an lm-evaluation-harness task (optional "
              "extra: pip install 'uncurl\\[lm-eval]'); a task file (.yaml/.json: template, choices, label field, files or Hub id; see "
              "README); or a .jsonl/.csv file with --template (one file: fixed seeded disjoint halves calibrate "
-             "and evaluate; see --eval-file).")
+             "and evaluate; see --eval-file).",
+        routes=dict(help="The inputs to route: any --task prune takes (a registered task, hf:ORG/NAME, lm-eval:TASK, a "
+                         "task file, a .jsonl/.csv file with --template); --split picks the split. Or see --file."),
+        monitor=dict(help="The traffic: any --task prune takes (a registered task, hf:ORG/NAME, lm-eval:TASK, a task "
+                          "file, a .jsonl/.csv file with --template); --split picks the split. Or see --file."))
     data_dir: str | None = opt(  # else $UNCURL_DATA_DIR (tasks.resolve_data_dir); else the Hub
         None, "--data-dir", panel=DATA, envvar="UNCURL_DATA_DIR", readme_default="`$UNCURL_DATA_DIR`",
         help="Read tasks from local files laid out as ../shared/data instead of the Hub.")
     samples: int = opt(
         256, panel=DATA, min=1,
         help="Calibration examples to profile: a seeded random subset of the task's calibration split "
-             "(all of it when smaller). Profiling time grows linearly with it; memory does not.")
+             "(all of it when smaller). Profiling time grows linearly with it; memory does not.",
+        routes=dict(help="Inputs to read: a seeded random subset of the split (all of it when smaller)."),
+        monitor=dict(help="Traffic examples to read: a seeded random subset of the split (all of it when smaller)."))
     max_length: int = opt(
         512, panel=DATA, min=8,
-        help="Calibration: truncate each example to this many tokens (evaluation has --eval-max-length).")
+        help="Calibration: truncate each example to this many tokens (evaluation has --eval-max-length).",
+        routes=dict(help="Truncate each input to this many tokens."),
+        monitor=dict(help="Truncate each traffic example to this many tokens."))
     eval_max_length: int = opt(
         1024, panel=EVAL, min=8, note="`uncurl eval` calls it `--max-length`.",
         help="Evaluation: keep at most this many tokens of each sequence (from the right; the answer is never cut).",
@@ -135,12 +144,18 @@ class RunOptions(DataOptions):
         sweep=dict(help="Lower the router's top-k.", note=""))
     profile: str | None = opt(
         None, panel=PRUNE, help="Reuse a profile written by `uncurl profile` (skips the forward pass).",
-        sweep=dict(help="Reuse a profile file."))
+        sweep=dict(help="Reuse a profile file."),
+        monitor=dict(panel=DATA, help="A profile of the traffic through the parent, written by uncurl profile on "
+                                      "the parent and the traffic, instead of profiling --task here; checked against "
+                                      "the pruned model's parent."))
     overwrite: bool = opt(
         False, panel=PRUNE,
         help="Replace an earlier uncurl output at --out (uncurl's report/report.json or sweep.json); "
              "anything else is refused.",
-        profile=dict(panel=None, help="Replace an earlier uncurl profile at --out (nothing else)."))
+        profile=dict(panel=None, help="Replace an earlier uncurl profile at --out (nothing else)."),
+        routes=dict(panel=None, help="Replace an earlier uncurl routes output at --out (its routes.json); anything else is refused."),
+        monitor=dict(panel=None, help="Replace an earlier uncurl monitor output at --out (its monitor.json); anything else is "
+                          "refused."))
     seed: int = opt(0, panel=RUN, help="Seed for sampling, tiny models and clustering.")
     device: str = opt("auto", panel=RUN, help="auto (CUDA when present), cpu, cuda, cuda:N.")
     device_map: str | None = opt(
@@ -171,7 +186,7 @@ class RunOptions(DataOptions):
 
 
 @dataclass
-class PruneOptions(RunOptions):
+class PruneOptions(RunOptions, ServingOptions):
     keep: int = opt(
         4, "--keep", "-k", panel=PRUNE, note="For grouped routers, at least 2 per group.",
         help="Experts to keep per MoE layer (>= top-k; a multiple of n_group for grouped routers). "
@@ -200,6 +215,11 @@ class ProfileOptions(RunOptions):
         None, note="`uncurl profile-merge OUT FILES...` adds the N files into one profile.",
         help="I/N (0 <= I < N): profile only shard I of N of the calibration texts (whole texts, contiguous, "
              "sizes differing by at most one), for a job array; the file records it.")
+
+
+@dataclass
+class CostOptions(RunOptions, ServingOptions):
+    """What ``uncurl cost`` takes: a model, where to load it, and the serving assumptions."""
 
 
 @dataclass
@@ -578,12 +598,43 @@ def follow(opts: RunOptions, keeps: list[int]) -> None:
     return None
 
 
+def check_serving(opts: ServingOptions) -> None:
+    """The serving options, before any model is loaded."""
+    from .cost import parse_bytes
+
+    parse_bytes(opts.gpu_memory)
+    if not opts.serving_seconds > 0 or math.isinf(opts.serving_seconds):
+        raise UncurlError(f"--serving-seconds {opts.serving_seconds:g} must be a positive number of seconds, e.g. 60")
+
+
+def cost(opts: CostOptions) -> dict:
+    """``uncurl cost``: the serving cost of one model (any causal LM uncurl loads; a dense one has no
+    experts), with ``--measure-serving`` its measured throughput on this device."""
+    check_family(opts.model)
+    check_serving(opts)
+    timings = Timings()
+    with timings.stage("load"):
+        loaded = load_model(opts.model, device=opts.device, dtype=opts.dtype, seed=opts.seed,
+                            device_map=opts.device_map, max_memory=opts.max_memory, moe=False)
+    with timings.stage("cost"):
+        c = serving_cost(loaded.model, loaded.adapter, gpu_memory=opts.gpu_memory, context=opts.context,
+                         batch=opts.serving_batch)
+    out = {"model": opts.model, "model_type": loaded.model.config.model_type, "moe": loaded.adapter is not None,
+           "cost": c.as_dict(), "table": cost_table(c)}
+    if opts.measure_serving:
+        with timings.stage("serving"):
+            out["measured"] = measure_serving(loaded.model, opts, opts.seed)
+    out["timings_s"] = timings
+    return out
+
+
 def prune(opts: PruneOptions) -> PruneResult | None:
     """load -> (validate) -> profile -> cluster -> merge -> save + verify -> report (+ eval, gate).
     ``--out`` is checked and claimed first and held to the end (see ``output.claim``). Under
     torchrun, ranks other than 0 profile their share and return None (``follow``)."""
     evaluating = opts.eval or opts.max_drop is not None
     check_options(opts, evaluating)
+    check_serving(opts)
     shard_size = parse_shard_size(opts.shard_size)
     if distributed.follower():
         return follow(opts, [opts.keep])
@@ -604,6 +655,10 @@ def _prune(opts: PruneOptions, output: Claim, shard_size: int, evaluating: bool)
         plans = plan_all(prep, opts.keep, method, opts.seed)
     before = {"params": parameter_count(loaded.model), "bytes": weight_bytes(loaded.model),
               "cost": static_cost(loaded.model, adapter)}
+    measured = {}
+    if opts.measure_serving:
+        with timings.stage("serving_before"):
+            measured["before"] = measure_serving(loaded.model, opts, opts.seed)
     # accelerate's map: module name -> GPU index, "cpu" or "disk"; else the one device
     device_map = getattr(loaded.model, "hf_device_map", None) or {"": input_device(loaded.model)}
     modules_per_device = dict(Counter(str(device) for device in device_map.values()))
@@ -617,7 +672,11 @@ def _prune(opts: PruneOptions, output: Claim, shard_size: int, evaluating: bool)
         gc.collect()  # accelerate's hooks make modules self-referencing: free the original now
     with timings.stage("cost"):  # the KV cache is the same before and after: attention is untouched
         kv = measure_kv(pruned)
-        costs = {"before": finish(before["cost"], kv), "after": finish(static_cost(pruned, adapter), kv)}
+        serve = dict(gpu_memory=opts.gpu_memory, context=opts.context, batch=opts.serving_batch)
+        costs = {"before": finish(before["cost"], kv, **serve), "after": finish(static_cost(pruned, adapter), kv, **serve)}
+    if opts.measure_serving:
+        with timings.stage("serving_after"):
+            measured["after"] = measure_serving(pruned, opts, opts.seed)
     if evaluating:
         with timings.stage("eval_after"):
             evaluation["after"] = run_eval(pruned, loaded.tokenizer, opts, opts.eval_limit, opts.seed)
@@ -631,6 +690,8 @@ def _prune(opts: PruneOptions, output: Claim, shard_size: int, evaluating: bool)
             "params_before": before["params"], "params_after": parameter_count(pruned),
             "bytes_before": before["bytes"], "bytes_after": weight_bytes(pruned),
             "placement": modules_per_device,
+            "router_fingerprint": prep.profile.meta.get("router_fingerprint"),  # the parent's (uncurl monitor)
+            "source": str(loaded.source) if loaded.source is not None else None,  # the parent's folder, absolute
         },
         "method": method,  # what ran; "method_requested" when the default fell back
         **({"method_requested": opts.method} if method != opts.method else {}),
@@ -638,8 +699,9 @@ def _prune(opts: PruneOptions, output: Claim, shard_size: int, evaluating: bool)
         "router_rows": opts.router_rows,
         "keep": opts.keep,
         "layers": layer_entries(prep.profile, plans),
-        "cost": {"note": release_note(costs["before"], costs["after"]),
-                 **{k: c.as_dict() for k, c in costs.items()}},
+        "cost": {"note": release_note(costs["before"], costs["after"])
+                 + (f"; {serving_note(measured['before'], measured['after'])}" if measured else ""),
+                 **{k: c.as_dict() for k, c in costs.items()}, **({"measured": measured} if measured else {})},
         "output": str(out),
     }
     if evaluating:

@@ -422,3 +422,20 @@ class Profile:
         header.pop("schema")
         header.pop("statistics", None)
         return cls(layers, index, header)
+
+
+def balance(counts) -> dict:
+    """Load balance of one layer from its expert-usage counts [E]: ``entropy`` of the usage share
+    normalised by log E (1: every expert used equally, 0: one expert takes every slot), ``cv`` the
+    coefficient of variation of the counts (population std / mean; 0 when balanced), and
+    ``max_share`` the largest expert's share of the slots (1/E when balanced)."""
+    c = torch.as_tensor(counts, dtype=torch.float64).reshape(-1)
+    e, total = c.numel(), float(c.sum())
+    if total <= 0 or e == 0:
+        return {"experts": e, "entropy": None, "cv": None, "max_share": None}
+    p = c / total
+    nz = p[p > 0]
+    entropy = float(-(nz * nz.log()).sum() / np.log(e)) if e > 1 else 1.0
+    mean = total / e
+    cv = float(((c - mean) ** 2).mean().sqrt() / mean)
+    return {"experts": e, "entropy": round(entropy, 6), "cv": round(cv, 6), "max_share": round(float(p.max()), 6)}
