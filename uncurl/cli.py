@@ -190,7 +190,7 @@ def _setup_logging(verbose: bool) -> None:
 @command("prune", PruneOptions, [
     "model", "task", "keep", "out", "method", "merge", "router_rows", "top_k", "profile", "overwrite", "shard_size",
     "dequantize", "plots", *DATA_FIELDS, "eval", "eval_limit", "eval_max_length", "metric", "max_drop", *SERVING_FIELDS,
-    *RUN_FIELDS, *OUTPUT])
+    *RUN_FIELDS, "pipeline", *OUTPUT])
 def prune(ctx: typer.Context, opts: PruneOptions, as_json: bool, verbose: bool):
     """Prune/merge a model's experts down to --keep per layer for one task, and write a report.
 
@@ -201,6 +201,8 @@ def prune(ctx: typer.Context, opts: PruneOptions, as_json: bool, verbose: bool):
     _setup_logging(verbose)
     opts.extra["command"] = _command_line(ctx)
     result = run(opts)
+    if result is None:  # a rank other than 0 under torchrun: rank 0 reports
+        return
     _summary(result.report)
     r = result.report
     if as_json:
@@ -237,27 +239,56 @@ def _summary(r: dict) -> None:
               f"checkpoint reloaded and checked. Output: {r['output']}", markup=False)
 
 
-@command("profile", ProfileOptions, ["model", "task", "out", "overwrite", *DATA_FIELDS, *RUN_FIELDS, "verbose"])
+@command("profile", ProfileOptions, ["model", "task", "out", "overwrite", "shard", *DATA_FIELDS, *RUN_FIELDS,
+                                     "pipeline", "verbose"])
 def profile_cmd(ctx: typer.Context, opts: ProfileOptions, verbose: bool):
     """Record router statistics on a task's calibration data; `prune --profile FILE` reuses them.
 
     Example: uncurl profile --model builtin:mixtral --task superglue-rte --data-dir ../shared/data --out rte.profile
     """
+    from contextlib import nullcontext
+
+    from . import distributed
     from .load import load_model
-    from .pipeline import check_data, run_profile
+    from .pipeline import check_data, check_pipeline, parse_shard, run_profile
     from .profile import Profile
     from .report import Timings
 
     _setup_logging(verbose)
+    check_pipeline(opts)
+    parse_shard(opts.shard)
     check_data(opts, calibrating=True, evaluating=False, seed=opts.seed)  # before the model is loaded
-    stages = Timings()
-    with Profile.claim(opts.out, overwrite=opts.overwrite):  # refused or held before the model is loaded
+    stages, leader = Timings(), not distributed.follower()
+    # refused or held before the model is loaded; under torchrun by rank 0 only, which alone writes
+    with Profile.claim(opts.out, overwrite=opts.overwrite) if leader else nullcontext():
         with stages.stage("load"):
-            loaded = load_model(opts.model, device=opts.device, dtype=opts.dtype, seed=opts.seed,
-                                device_map=opts.device_map, max_memory=opts.max_memory)
+            loaded = load_model(opts.model, device=distributed.rank_device(opts.device), dtype=opts.dtype,
+                                seed=opts.seed, device_map=opts.device_map, max_memory=opts.max_memory)
         with stages.stage("profile"):
-            path = run_profile(loaded, opts, opts.seed).save(opts.out, overwrite=opts.overwrite)
+            profile = run_profile(loaded, opts, opts.seed)
+            if not leader:
+                return
+            path = profile.save(opts.out, overwrite=opts.overwrite)
     typer.echo(str(path))
+
+
+@app.command("profile-merge")
+@_handled
+def profile_merge(
+    out: Annotated[str, typer.Argument(help="Profile file to write (safetensors).")],
+    shards: Annotated[list[str], typer.Argument(help="The N files of `uncurl profile --shard I/N`, I = 0..N-1.")],
+    overwrite: Annotated[bool, typer.Option(help="Replace an earlier uncurl profile at OUT (nothing else).")] = False,
+):
+    """Add the shard profiles of a job array into the profile of all the calibration texts.
+
+    Example: uncurl profile-merge rte.profile rte-0.profile rte-1.profile rte-2.profile
+    """
+    from .profile import Profile
+
+    with Profile.claim(out, overwrite=overwrite):
+        profile = Profile.combine_shards([Profile.load(path) for path in shards], shards)
+        profile.save(out, overwrite=overwrite)
+    typer.echo(out)
 
 
 @command("eval", RunOptions, [
@@ -289,7 +320,7 @@ def eval_cmd(ctx: typer.Context, opts: RunOptions, as_json: bool, verbose: bool)
 
 @command("sweep", SweepOptions, [
     "model", "task", "keeps", "methods", "merges", "out", "routers", "top_k", "profile", "keep_checkpoints", "overwrite",
-    "tolerance", "metric", "eval_limit", "eval_max_length", *DATA_FIELDS, *RUN_FIELDS, *OUTPUT])
+    "tolerance", "metric", "eval_limit", "eval_max_length", *DATA_FIELDS, *RUN_FIELDS, "pipeline", *OUTPUT])
 def sweep_cmd(ctx: typer.Context, opts: SweepOptions, as_json: bool, verbose: bool):
     """Profile once, then prune and evaluate every (method, K); name the threshold K per method.
 
@@ -300,6 +331,8 @@ def sweep_cmd(ctx: typer.Context, opts: SweepOptions, as_json: bool, verbose: bo
     _setup_logging(verbose)
     opts.extra["command"] = _command_line(ctx)
     s = sweep(opts)
+    if s is None:  # a rank other than 0 under torchrun: rank 0 reports
+        return
     table = Table(title=Text(f"sweep: {opts.model} on {s['unpruned']['task']} ({s['metric']})"))
     for col in ("method", "K", s["metric"], "loss", "drop"):
         table.add_column(col, justify="right")

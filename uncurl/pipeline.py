@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
 from . import tasks as T
 from .adapters import expert_count, find_moe_layers, routing_groups, top_k
 from .card import CARD, parent_card, render as render_card
@@ -32,7 +33,8 @@ from .merge import MERGE_RULES, ROUTER_RULES, get_rule, parameter_count, rewrite
 from .offload import dispatched
 from .options import (DATA, DEFAULT_MERGE, DEFAULT_METHOD, DEFAULT_ROUTER, EVAL, MODEL, PRUNE, RUN, STUDY_EVIDENCE,
                       choices_help, items, opt)
-from .profile import Profile, profile_model, router_fingerprint
+from .profile import Profile, profile_model, router_fingerprint, shard_range
+from .sequential import profile_sequential
 from .report import REPORT_SCHEMA, Timings, command_line, layer_entries, versions, write_report
 from .output import Claim, claim
 from .save import expected_bytes, parse_shard_size, stored_bytes, verify_checkpoint, write_checkpoint
@@ -172,6 +174,14 @@ class RunOptions(DataOptions):
         help="Evaluation examples: a seeded subset of the evaluation split (default: all of it).")
     metric: str = opt("acc", panel=EVAL, help="Metric a drop is measured on: acc, acc_norm (points of accuracy) or "
                                                "loss (its increase in percent).")
+    pipeline: str = opt(
+        "whole", panel=RUN, note="See [Models larger than the machine](#models-larger-than-the-machine).",
+        help="How the profile runs the model: whole (one forward of the whole model per batch) or sequential "
+             "(one decoder layer at a time over every batch, the hidden states kept in CPU memory between "
+             "layers: with --device-map offload each layer's weights are read once instead of once per batch). "
+             "Both give the same statistics, so the same plan. whole is the default: it needs no memory for "
+             "cached states and runs every family; use sequential when --device-map offloads layers to CPU "
+             "or disk. A family whose layers cannot be run one at a time is refused, saying why.")
     extra: dict = field(default_factory=dict)  # merged into the report (e.g. the CLI's command line)
 
 
@@ -207,6 +217,10 @@ class ProfileOptions(RunOptions):
     """What ``uncurl profile`` takes: a run's model and data options, and the file to write."""
 
     out: str = opt("profile.safetensors", "--out", "-o", help="Profile file to write (safetensors).")
+    shard: str | None = opt(
+        None, note="`uncurl profile-merge OUT FILES...` adds the N files into one profile.",
+        help="I/N (0 <= I < N): profile only shard I of N of the calibration texts (whole texts, contiguous, "
+             "sizes differing by at most one), for a job array; the file records it.")
 
 
 @dataclass
@@ -334,15 +348,55 @@ def calibration_texts(opts: DataOptions, seed: int, tokenizer=None) -> tuple[lis
     return [e.text for e in examples], info
 
 
+PIPELINES = {"whole": profile_model, "sequential": profile_sequential}
+
+
+def check_pipeline(opts: DataOptions) -> None:
+    pipeline = getattr(opts, "pipeline", "whole")
+    if pipeline not in PIPELINES:
+        raise UncurlError(f"--pipeline {pipeline!r} is not one of {', '.join(PIPELINES)}")
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``--shard 1/4`` -> (1, 4); None without one."""
+    if text is None:
+        return None
+    index, sep, count = text.strip().partition("/")
+    try:
+        i, n = int(index), int(count)
+    except ValueError:
+        i = n = -1
+    if not sep or n < 1 or not 0 <= i < n:
+        raise UncurlError(f"--shard {text!r} must be I/N with 0 <= I < N, e.g. 0/4 .. 3/4 for four shards")
+    if distributed.world() is not None:
+        raise UncurlError("--shard splits the texts over separate runs; under torchrun the ranks split them already")
+    return i, n
+
+
 def run_profile(loaded: Loaded, opts: DataOptions, seed: int = 0) -> Profile:
-    """Profile ``loaded`` on the calibration split (the expensive pass)."""
+    """Profile ``loaded`` on the calibration split (the expensive pass): all of it, the shard
+    ``--shard I/N`` names (recorded in the meta), or under torchrun this rank's share, gathered
+    from every rank (``distributed``)."""
     texts, info = calibration_texts(opts, seed, loaded.tokenizer)
     meta = {"model": loaded.model_id, "model_type": loaded.model.config.model_type,
             "router_fingerprint": router_fingerprint(loaded.model, loaded.adapter), "task": info,
             "seed": seed, "max_length": opts.max_length, "versions": versions()}
+    shard, ranks = parse_shard(getattr(opts, "shard", None)), distributed.world()
+    index, count = shard or ranks or (0, 1)
+    if count > len(texts):
+        what = f"{count} ranks" if ranks else f"--shard {index}/{count}"
+        raise UncurlError(f"{what}: more than the {len(texts)} calibration texts, so a share would be empty; use at "
+                          f"most {len(texts)} (or more --samples)")
+    ids = shard_range(len(texts), index, count)
+    if shard:
+        meta["shard"] = {"index": index, "count": count, "of": len(texts), "texts": [ids.start, ids.stop]}
     torch.manual_seed(seed)
-    profile = profile_model(loaded.model, loaded.tokenizer, loaded.adapter, texts, batch_size=opts.batch_size,
-                            max_length=opts.max_length, progress=opts.progress, meta=meta, seed=seed)
+    driver = PIPELINES[getattr(opts, "pipeline", "whole")]
+    profile = driver(loaded.model, loaded.tokenizer, loaded.adapter, [texts[i] for i in ids], text_ids=list(ids),
+                     batch_size=opts.batch_size, max_length=opts.max_length, progress=opts.progress, meta=meta,
+                     seed=seed)
+    if ranks:
+        profile = distributed.gather_profile(profile, input_device(loaded.model))
     for name, stats in profile.layers.items():  # finite weights can still overflow (e.g. float16)
         if not all(bool(torch.isfinite(getattr(stats, f)).all()) for f in ("mass", "logit_sum", "gram")):
             raise UncurlError(f"the router of {name} gave NaN/Inf logits on the calibration text; the weights are "
@@ -382,6 +436,11 @@ def _check_profile(profile: Profile, loaded: Loaded, path: str, opts: DataOption
     with a warning that the weights could not be compared."""
     meta, model_type = profile.meta, loaded.model.config.model_type
     recorded_on = f"--profile {path} was recorded on {meta.get('model')!r}"
+    if "shard" in meta:
+        shard = meta["shard"]
+        raise UncurlError(f"--profile {path} is shard {shard['index']}/{shard['count']} of the calibration texts "
+                          f"only: add the {shard['count']} shard files with `uncurl profile-merge OUT FILES...` and "
+                          f"pass OUT")
     if meta.get("model_type") not in (None, model_type):
         raise UncurlError(f"{recorded_on}, a {meta['model_type']} model; {loaded.model_id!r} is a {model_type} model: "
                           f"profile this model with `uncurl profile`")
@@ -428,6 +487,7 @@ DROP_BOUNDS = {"max_drop": "--max-drop", "tolerance": "--tolerance"}
 def check_options(opts: RunOptions, evaluating: bool) -> None:
     """Cheap checks of everything that does not need the model, before loading it."""
     check_family(opts.model)  # a refused family says why before any data is read
+    check_pipeline(opts)
     for method in opts.method.split(","):
         get_method(method)
     for merge in opts.merge.split(","):
@@ -490,8 +550,8 @@ def prepare(opts: RunOptions, keeps: list[int], timings: Timings, *, check_loade
     """Load the model, validate every K against it, then profile (or read --profile).
     ``check_loaded(loaded)`` runs between loading and profiling (see ``loaded_check``)."""
     with timings.stage("load"):
-        loaded = load_model(opts.model, device=opts.device, dtype=opts.dtype, seed=opts.seed,
-                            device_map=opts.device_map, max_memory=opts.max_memory,
+        loaded = load_model(opts.model, device=distributed.rank_device(opts.device), dtype=opts.dtype,
+                            seed=opts.seed, device_map=opts.device_map, max_memory=opts.max_memory,
                             dequantize=getattr(opts, "dequantize", False))
     if loaded.quantized is not None:
         log.info("%s is %s: the profile runs on its weights, dequantized as they are read", opts.model,
@@ -543,6 +603,14 @@ def base_report(opts: RunOptions, prep: Prepared, timings: Timings) -> dict:
     }
 
 
+def follow(opts: RunOptions, keeps: list[int]) -> None:
+    """A data-parallel run's rank other than 0: load, check every K, profile this rank's share and
+    hand the statistics to every rank (``distributed``); rank 0 does the rest. Never touches ``--out``."""
+    if not opts.profile:
+        prepare(opts, keeps, Timings())
+    return None
+
+
 def check_serving(opts: ServingOptions) -> None:
     """The serving options, before any model is loaded."""
     from .cost import parse_bytes
@@ -573,13 +641,16 @@ def cost(opts: CostOptions) -> dict:
     return out
 
 
-def prune(opts: PruneOptions) -> PruneResult:
+def prune(opts: PruneOptions) -> PruneResult | None:
     """load -> (validate) -> profile -> cluster -> merge -> save + verify -> report (+ eval, gate).
-    ``--out`` is checked and claimed first and held to the end (see ``output.claim``)."""
+    ``--out`` is checked and claimed first and held to the end (see ``output.claim``). Under
+    torchrun, ranks other than 0 profile their share and return None (``follow``)."""
     evaluating = opts.eval or opts.max_drop is not None
     check_options(opts, evaluating)
     check_serving(opts)
     shard_size = parse_shard_size(opts.shard_size)
+    if distributed.follower():
+        return follow(opts, [opts.keep])
     with claim(opts.out, overwrite=opts.overwrite, inputs=run_inputs(opts)) as output:
         return _prune(opts, output, shard_size, evaluating)
 

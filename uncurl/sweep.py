@@ -17,13 +17,14 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import distributed
 from .cluster import METHODS, get_method
 from .errors import UncurlError
 from .evaluate import METRICS, drop
 from .merge import MERGE_RULES, ROUTER_RULES, parameter_count, rewrite_model
 from .options import DEFAULT_MERGE, DEFAULT_METHOD, DEFAULT_ROUTER, EVAL, PRUNE, ints, names, opt
 from .output import claim
-from .pipeline import (RunOptions, base_report, check_options, loaded_check, method_used, plan_all, prepare,
+from .pipeline import (RunOptions, base_report, check_options, follow, loaded_check, method_used, plan_all, prepare,
                        run_eval, run_inputs)
 from .report import Timings
 from .save import verify_checkpoint, write_checkpoint
@@ -91,7 +92,7 @@ def cell_model(prep, model, method: str, merge: str, router: str, keep: int, see
     return pruned, plans
 
 
-def sweep(opts: SweepOptions, on_row=None, skip=None) -> dict:
+def sweep(opts: SweepOptions, on_row=None, skip=None) -> dict | None:
     """Run the sweep. ``on_row(row, unpruned)`` is called as each cell finishes (e.g. to save
     results as they come); ``skip(method, merge, router, keep)`` -> True leaves a cell out (e.g.
     one a resumed study already has)."""
@@ -100,6 +101,8 @@ def sweep(opts: SweepOptions, on_row=None, skip=None) -> dict:
                           "e.g. --keep 6,4,2 --method uncurl")
     opts.method, opts.merge, opts.router_rows = (",".join(v) for v in (opts.methods, opts.merges, opts.routers))
     check_options(opts, evaluating=True)
+    if distributed.follower():  # a rank other than 0 under torchrun: its share of the profile only
+        return follow(opts, list(opts.keeps))
     with claim(opts.out, overwrite=opts.overwrite, inputs=run_inputs(opts)) as output:  # held to the end
         return _sweep(opts, output, on_row, skip)
 
