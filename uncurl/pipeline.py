@@ -348,7 +348,13 @@ def calibration_texts(opts: DataOptions, seed: int, tokenizer=None) -> tuple[lis
     return [e.text for e in examples], info
 
 
-PIPELINES = {"whole": profile_model, "sequential": profile_sequential}
+PIPELINES = ("whole", "sequential")  # --pipeline
+
+
+def profile_driver(name: str):
+    """The profile driver ``--pipeline NAME`` runs, looked up when a run starts (a caller that
+    replaces ``pipeline.profile_model`` is obeyed)."""
+    return {"whole": profile_model, "sequential": profile_sequential}[name]
 
 
 def check_pipeline(opts: DataOptions) -> None:
@@ -391,7 +397,7 @@ def run_profile(loaded: Loaded, opts: DataOptions, seed: int = 0) -> Profile:
     if shard:
         meta["shard"] = {"index": index, "count": count, "of": len(texts), "texts": [ids.start, ids.stop]}
     torch.manual_seed(seed)
-    driver = PIPELINES[getattr(opts, "pipeline", "whole")]
+    driver = profile_driver(getattr(opts, "pipeline", "whole"))
     profile = driver(loaded.model, loaded.tokenizer, loaded.adapter, [texts[i] for i in ids], text_ids=list(ids),
                      batch_size=opts.batch_size, max_length=opts.max_length, progress=opts.progress, meta=meta,
                      seed=seed)
