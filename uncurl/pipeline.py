@@ -28,6 +28,7 @@ from .cost import finish, measure_kv, release_note, static_cost
 from .errors import UncurlError
 from .evaluate import METRICS, drop, evaluate_examples
 from .load import Loaded, check_family, input_device, load_model
+from .fit import fit_model
 from .merge import MERGE_RULES, ROUTER_RULES, get_rule, parameter_count, rewrite_model, weight_bytes
 from .offload import dispatched
 from .options import (DATA, DEFAULT_MERGE, DEFAULT_METHOD, DEFAULT_ROUTER, EVAL, MODEL, PRUNE, RUN, STUDY_EVIDENCE,
@@ -405,7 +406,9 @@ def check_options(opts: RunOptions, evaluating: bool) -> None:
     for method in opts.method.split(","):
         get_method(method)
     for merge in opts.merge.split(","):
-        get_rule(MERGE_RULES, merge, "--merge")
+        if get_rule(MERGE_RULES, merge, "--merge").fit and opts.device_map:
+            raise UncurlError(f"--merge {merge} does not run under --device-map yet (it holds the original model "
+                              f"beside the merged one); use --merge aligned, or a device that holds the model")
     for rule in opts.router_rows.split(","):
         get_rule(ROUTER_RULES, rule, "--router")
     if opts.metric not in METRICS:
@@ -497,6 +500,14 @@ def plan_all(prep: Prepared, keep: int, method: str, seed: int) -> dict[str, Lay
     return {name: plan_layer(stats, keep, method, prep.n_group, seed) for name, stats in prep.profile.layers.items()}
 
 
+def fit_after_merge(loaded: Loaded, pruned, plans: dict[str, LayerPlan], opts: RunOptions) -> dict:
+    """``--merge fit``: ``pruned``'s down projections fitted (in place) to ``loaded.model``'s routed
+    outputs on the calibration texts (``fit.fit_model``); the report's ``fit`` entry."""
+    texts, _ = calibration_texts(opts, opts.seed, loaded.tokenizer)
+    return fit_model(loaded.model, pruned, loaded.adapter, plans, loaded.tokenizer, texts, batch_size=opts.batch_size,
+                     max_length=opts.max_length, progress=opts.progress)
+
+
 def base_report(opts: RunOptions, prep: Prepared, timings: Timings) -> dict:
     return {
         "schema_version": REPORT_SCHEMA,
@@ -537,10 +548,14 @@ def _prune(opts: PruneOptions, output: Claim, shard_size: int, evaluating: bool)
     device_map = getattr(loaded.model, "hf_device_map", None) or {"": input_device(loaded.model)}
     modules_per_device = dict(Counter(str(device) for device in device_map.values()))
     hooked = dispatched(loaded.model)  # then a collection is what frees a model, not `del`
-    with timings.stage("merge"):
+    fitting = MERGE_RULES[opts.merge].fit
+    with timings.stage("merge"):  # originals are freed layer by layer (never two copies), unless a fit needs them
         pruned = rewrite_model(loaded.model, adapter, plans, router_rule=opts.router_rows, merge=opts.merge,
-                               stats=prep.profile.layers, top_k=opts.top_k,
-                               consume=True)  # originals are freed layer by layer: never two copies
+                               stats=prep.profile.layers, top_k=opts.top_k, consume=not fitting)
+    fit_report = None
+    if fitting:
+        with timings.stage("fit"):
+            fit_report = fit_after_merge(loaded, pruned, plans, opts)
     loaded.model = None
     if hooked:
         gc.collect()  # accelerate's hooks make modules self-referencing: free the original now
@@ -567,6 +582,7 @@ def _prune(opts: PruneOptions, output: Claim, shard_size: int, evaluating: bool)
         "router_rows": opts.router_rows,
         "keep": opts.keep,
         "layers": layer_entries(prep.profile, plans),
+        **({"fit": fit_report} if fit_report is not None else {}),
         "cost": {"note": release_note(costs["before"], costs["after"]),
                  **{k: c.as_dict() for k, c in costs.items()}},
         "output": str(out),
