@@ -29,6 +29,7 @@ from .errors import UncurlError
 from .evaluate import METRICS, drop, evaluate_examples
 from .load import Loaded, check_family, input_device, load_model
 from .fit import fit_model
+from .recover import recover
 from .merge import MERGE_RULES, ROUTER_RULES, get_rule, parameter_count, rewrite_model, weight_bytes
 from .offload import dispatched
 from .options import (DATA, DEFAULT_MERGE, DEFAULT_METHOD, DEFAULT_ROUTER, EVAL, MODEL, PRUNE, RUN, STUDY_EVIDENCE,
@@ -180,6 +181,14 @@ class PruneOptions(RunOptions):
         None, panel=EVAL,
         help="CI gate (implies --eval): exit 4 when --metric drops by more than this many points. "
              "The checkpoint and report are still written.")
+    recover: int = opt(
+        0, "--recover", panel=PRUNE, min=0,
+        help="After merging, train the pruned model's routers for this many steps (one calibration batch each; "
+             "Adam, lr 1e-3) to match the parent's next-token distribution (KL on the logits) on the calibration "
+             "texts only; seeded. With --eval the recovered weights are kept only if the task loss did not rise "
+             "(the report says which). The parent is held in memory meanwhile. 0: off.")
+    recover_experts: bool = opt(
+        False, panel=PRUNE, help="With --recover: train the MoE experts' weights too (lr 1e-4).")
 
 
 @dataclass
@@ -411,6 +420,9 @@ def check_options(opts: RunOptions, evaluating: bool) -> None:
                               f"beside the merged one); use --merge aligned, or a device that holds the model")
     for rule in opts.router_rows.split(","):
         get_rule(ROUTER_RULES, rule, "--router")
+    if getattr(opts, "recover", 0) and opts.device_map:
+        raise UncurlError("--recover does not run under --device-map yet (it trains beside the parent model); "
+                          "use a device that holds both")
     if opts.metric not in METRICS:
         raise UncurlError(f"--metric {opts.metric!r} is not one of {', '.join(METRICS)}")
     for name, flag in DROP_BOUNDS.items():
@@ -508,6 +520,33 @@ def fit_after_merge(loaded: Loaded, pruned, plans: dict[str, LayerPlan], opts: R
                      max_length=opts.max_length, progress=opts.progress)
 
 
+def recover_after_merge(loaded: Loaded, pruned, opts: "PruneOptions"):
+    """``--recover STEPS``: distil ``loaded.model``'s logits into ``pruned`` on the calibration texts
+    (``recover.recover``); returns the ``Recovery`` (report entry, and a way back)."""
+    texts, _ = calibration_texts(opts, opts.seed, loaded.tokenizer)
+    return recover(pruned, loaded.model, loaded.adapter, loaded.tokenizer, texts, steps=opts.recover, seed=opts.seed,
+                   experts=opts.recover_experts, batch_size=opts.batch_size, max_length=opts.max_length,
+                   progress=opts.progress)
+
+
+def judge_recovery(recovery, evaluation: dict, pruned) -> None:
+    """With --eval: keep the recovered weights only if the task loss did not rise over the merged
+    model's (``evaluation["merged"]``); else put the merged weights back and say so in the report."""
+    merged, after = evaluation["merged"]["loss"], evaluation["after"]["loss"]
+    rep = recovery.report
+    rep["task_loss"] = {"before_recovery": merged, "after_recovery": after}
+    rep["kept"] = not after > merged
+    if not rep["kept"]:
+        recovery.restore()
+        evaluation["recovered_discarded"] = evaluation["after"]
+        evaluation["after"] = evaluation["merged"]
+        rep["note"] = (f"recovery raised the task loss ({merged:.4f} -> {after:.4f} on the evaluation split): the "
+                       f"checkpoint is the model before recovery")
+        log.warning("--recover: %s", rep["note"])
+    else:
+        rep["note"] = f"recovery changed the task loss {merged:.4f} -> {after:.4f} on the evaluation split: kept"
+
+
 def base_report(opts: RunOptions, prep: Prepared, timings: Timings) -> dict:
     return {
         "schema_version": REPORT_SCHEMA,
@@ -549,13 +588,19 @@ def _prune(opts: PruneOptions, output: Claim, shard_size: int, evaluating: bool)
     modules_per_device = dict(Counter(str(device) for device in device_map.values()))
     hooked = dispatched(loaded.model)  # then a collection is what frees a model, not `del`
     fitting = MERGE_RULES[opts.merge].fit
-    with timings.stage("merge"):  # originals are freed layer by layer (never two copies), unless a fit needs them
+    with timings.stage("merge"):  # originals are freed layer by layer (never two copies), unless fit or recovery
         pruned = rewrite_model(loaded.model, adapter, plans, router_rule=opts.router_rows, merge=opts.merge,
-                               stats=prep.profile.layers, top_k=opts.top_k, consume=not fitting)
-    fit_report = None
+                               stats=prep.profile.layers, top_k=opts.top_k, consume=not (fitting or opts.recover))
+    fit_report = recovery = None
     if fitting:
         with timings.stage("fit"):
             fit_report = fit_after_merge(loaded, pruned, plans, opts)
+    if opts.recover:
+        if evaluating:
+            with timings.stage("eval_merged"):
+                evaluation["merged"] = run_eval(pruned, loaded.tokenizer, opts, opts.eval_limit, opts.seed)
+        with timings.stage("recover"):
+            recovery = recover_after_merge(loaded, pruned, opts)
     loaded.model = None
     if hooked:
         gc.collect()  # accelerate's hooks make modules self-referencing: free the original now
@@ -565,6 +610,8 @@ def _prune(opts: PruneOptions, output: Claim, shard_size: int, evaluating: bool)
     if evaluating:
         with timings.stage("eval_after"):
             evaluation["after"] = run_eval(pruned, loaded.tokenizer, opts, opts.eval_limit, opts.seed)
+        if recovery is not None:
+            judge_recovery(recovery, evaluation, pruned)
         evaluation["drop"] = {m: drop(evaluation["before"], evaluation["after"], m) for m in METRICS}
     report = {
         **base_report(opts, prep, timings),
@@ -583,6 +630,7 @@ def _prune(opts: PruneOptions, output: Claim, shard_size: int, evaluating: bool)
         "keep": opts.keep,
         "layers": layer_entries(prep.profile, plans),
         **({"fit": fit_report} if fit_report is not None else {}),
+        **({"recover": recovery.report} if recovery is not None else {}),
         "cost": {"note": release_note(costs["before"], costs["after"]),
                  **{k: c.as_dict() for k, c in costs.items()}},
         "output": str(out),
