@@ -6,7 +6,7 @@ DATA   ?= ../shared/data
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: setup demo test test-newest bench clean
+.PHONY: setup demo test test-newest bench readme clean
 
 setup: $(VENV)/.installed
 
@@ -42,6 +42,10 @@ $(NEWEST)/.installed: pyproject.toml constraints.txt
 	grep -v '^transformers==' constraints.txt > $(NEWEST)/constraints.txt
 	$(NEWEST)/bin/pip install -q -c $(NEWEST)/constraints.txt -e '.[test]'
 	touch $@
+
+# README's generated option tables, from the options dataclasses (tests/test_options.py checks them)
+readme: setup
+	$(BIN)/python examples/update_readme.py README.md
 
 bench: setup
 	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)

@@ -327,7 +327,7 @@ def scaling(repeats: int) -> list[dict]:
             plans = {n: plan_layer(st, experts // 2, "uncurl") for n, st in prof.layers.items()}
             t["cluster"] = time.perf_counter() - start
             start = time.perf_counter()
-            new = rewrite_model(model, adapter, plans)
+            new = rewrite_model(model, adapter, plans, router_rule="mean", merge="average")
             t["merge"] = time.perf_counter() - start
             with tempfile.TemporaryDirectory() as d:
                 start = time.perf_counter()
@@ -509,7 +509,7 @@ def ratios(args) -> dict:
     def prune_all():
         p = profile()
         plans = {n: plan_layer(s, args.experts // 2, "uncurl") for n, s in p.layers.items()}
-        new = rewrite_model(model, adapter, plans)
+        new = rewrite_model(model, adapter, plans, router_rule="mean", merge="average")
         with tempfile.TemporaryDirectory() as d:
             write_checkpoint(new, tok, Path(d))
             verify_checkpoint(Path(d), adapter, args.experts // 2, 2, tok)
@@ -517,7 +517,7 @@ def ratios(args) -> dict:
     t_save = timed(save_original, args.repeats)
     t_prune = timed(prune_all, args.repeats)
     plans = {n: plan_layer(s, args.experts // 2, "uncurl") for n, s in prof.layers.items()}
-    new = rewrite_model(model, adapter, plans)
+    new = rewrite_model(model, adapter, plans, router_rule="mean", merge="average")
     with tempfile.TemporaryDirectory() as d:
         write_checkpoint(new, tok, Path(d))
         on_disk = sum(f.stat().st_size for f in Path(d).glob("*.safetensors"))

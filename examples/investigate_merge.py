@@ -50,7 +50,7 @@ def main() -> None:
             "frequency": (plan_all(prep, keep, "frequency", 0), "mean"),
         }
         for name, (plans, rule) in variants.items():
-            pruned = rewrite_model(model, adapter, plans, router_rule=rule)
+            pruned = rewrite_model(model, adapter, plans, router_rule=rule, merge="average")
             results[f"K={keep}: {name}"] = run_eval(pruned, tok, opts, None)["loss"]
             print(f"K={keep} {name:34s} loss {results[f'K={keep}: {name}']:.4f}", flush=True)
     out = ROOT / "benchmarks" / "results" / "merge_investigation.json"

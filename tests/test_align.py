@@ -79,7 +79,7 @@ def test_permuted_copies_merge_back_to_the_original_model(family, ids):
     plan = LayerPlan(((0, 4), (1, 5), (2, 6), (3, 7)), ((0.5, 0.5),) * 4)
     plans = {layer.name: plan for layer in find_moe_layers(model, adapter)}
     with torch.no_grad():
-        aligned = rewrite_model(model, adapter, plans, merge="aligned")(ids).logits
-        average = rewrite_model(model, adapter, plans, merge="average")(ids).logits
+        aligned = rewrite_model(model, adapter, plans, merge="aligned", router_rule="mean")(ids).logits
+        average = rewrite_model(model, adapter, plans, merge="average", router_rule="mean")(ids).logits
     torch.testing.assert_close(aligned, reference, rtol=0, atol=1e-5)
     assert (average - reference).abs().max() > 1e-3

@@ -83,8 +83,8 @@ def test_pruning_experts_keeps_active_parameters_lowering_top_k_cuts_them():
     plans = {name: LayerPlan(groups=tuple((j,) for j in range(4)), weights=((1.0,),) * 4)
              for name in ("model.layers.0.mlp", "model.layers.1.mlp")}
     before = serving_cost(model, adapter, gpu_memory=300_000)
-    kept = serving_cost(rewrite_model(model, adapter, plans, merge="select"), adapter, gpu_memory=300_000)
-    lower = serving_cost(rewrite_model(model, adapter, plans, merge="select", top_k=1), adapter)
+    kept = serving_cost(rewrite_model(model, adapter, plans, merge="select", router_rule="mean"), adapter, gpu_memory=300_000)
+    lower = serving_cost(rewrite_model(model, adapter, plans, merge="select", top_k=1, router_rule="mean"), adapter)
     # a token still runs k experts: only the router's dropped rows leave the active count
     c = model.config
     assert before.active_params - kept.active_params == c.num_hidden_layers * 4 * c.hidden_size

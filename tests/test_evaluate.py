@@ -139,11 +139,12 @@ def prune_args(tmp_path, data_dir, *extra):
 
 
 def test_gate_fails_with_exit_4_after_writing_the_report(tmp_path, data_dir):
-    # a negative bound cannot be met (the drop of a merge on a random model is ~0, never < -50 points)
-    res = runner.invoke(app, prune_args(tmp_path, data_dir, "--max-drop", "-50", "--metric", "loss", "--json"))
+    # a bound of 0: any rise in the task loss fails it (halving a random model's experts raises it a little)
+    res = runner.invoke(app, prune_args(tmp_path, data_dir, "--max-drop", "0", "--metric", "loss", "--json"))
     assert res.exit_code == 4, res.output
     report = json.loads((tmp_path / "out" / "report" / "report.json").read_text())
     assert report["gate"]["passed"] is False and report["gate"]["metric"] == "loss"
+    assert report["gate"]["drop"] > 0 and report["eval"]["after"]["loss"] > report["eval"]["before"]["loss"]
     assert set(report["eval"]) == {"before", "after", "drop"}
     summary = json.loads(res.stdout[res.stdout.index("{"):])
     assert summary["exit_code"] == 4 and summary["gate"]["passed"] is False

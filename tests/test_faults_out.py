@@ -263,15 +263,17 @@ def _start(tmp_path, phase, out, data_dir):
 
 
 @pytest.mark.parametrize("phase", ["save", "profile"])
-def test_sigterm_removes_the_partial_and_the_lock_and_exits_143(phase, tmp_path, data_dir):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_removes_the_partial_and_the_lock_and_exits_128_plus_it(phase, signum, tmp_path, data_dir):
     out = tmp_path / "out"
     proc = _start(tmp_path, phase, out, data_dir)
     if phase == "save":
         assert [n for n in leftovers(out) if n.endswith(".partial")], leftovers(out)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 143, stderr
-    assert "stopped by SIGTERM" in stderr and "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1
+    assert proc.returncode == 128 + signum, stderr
+    assert f"stopped by {signal.Signals(signum).name}" in stderr and "Traceback" not in stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
     assert nothing_written(out), leftovers(out)
 
 
@@ -330,6 +332,13 @@ def test_an_unwritable_out_folder_exits_2_naming_it(tmp_path, data_dir, monkeypa
     res = run("prune", "--out", parent / "out", "--data-dir", data_dir, *FAST)
     refused(res, f"cannot write in {parent}", "--out")
     assert list(parent.iterdir()) == []
+
+
+def test_an_out_below_a_file_exits_2_saying_it_is_a_file(tmp_path, data_dir, no_work):
+    (tmp_path / "notes.txt").write_text("mine")
+    res = run("prune", "--out", tmp_path / "notes.txt" / "out", "--data-dir", data_dir, *FAST)
+    refused(res, f"{tmp_path / 'notes.txt'} is a file, not a folder")
+    assert (tmp_path / "notes.txt").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
 def test_a_read_only_file_system_exits_2_naming_the_folder(tmp_path, data_dir, monkeypatch, no_work):

@@ -68,8 +68,8 @@ def test_consuming_rewrite_is_byte_identical_and_frees_the_originals(family, ids
     simple_src, _ = build_tiny(family, seed=0)
     lean_src, _ = build_tiny(family, seed=0)
     plans = halving_plans(simple_src, adapter)
-    simple = rewrite_model(simple_src, adapter, plans)
-    lean = rewrite_model(lean_src, adapter, plans, consume=True)
+    simple = rewrite_model(simple_src, adapter, plans, router_rule="mean", merge="average")
+    lean = rewrite_model(lean_src, adapter, plans, consume=True, router_rule="mean", merge="average")
     same_state(simple, lean)
     with torch.no_grad():
         assert torch.equal(simple(ids).logits, lean(ids).logits)
@@ -93,7 +93,7 @@ def test_a_resident_model_is_freed_by_del_alone(family, tiny_dirs, texts):
     try:
         profile_model(loaded.model, loaded.tokenizer, adapter, texts, batch_size=2, max_length=32)
         plans = halving_plans(loaded.model, adapter)
-        pruned = rewrite_model(loaded.model, adapter, plans, consume=True)
+        pruned = rewrite_model(loaded.model, adapter, plans, consume=True, router_rule="mean", merge="average")
         assert not dispatched(loaded.model) and not dispatched(pruned)
         refs = [weakref.ref(loaded.model), weakref.ref(pruned)]
         loaded.model = None
@@ -290,10 +290,10 @@ def test_cpu_offloaded_model_merges_and_saves_the_same(ids, tmp_path):
     cpu_offload(offloaded, execution_device=torch.device("cpu"))
     assert all(p.device.type == "meta" for p in offloaded.parameters())
     plans = halving_plans(plain, adapter)
-    simple = rewrite_model(plain, adapter, plans)
+    simple = rewrite_model(plain, adapter, plans, router_rule="mean", merge="average")
     store = offloaded.model.layers[0].mlp.experts._hf_hook.weights_map.dataset  # the CPU copies
     assert "model.layers.0.mlp.experts.gate_up_proj" in store
-    lean = rewrite_model(offloaded, adapter, plans, consume=True)
+    lean = rewrite_model(offloaded, adapter, plans, consume=True, router_rule="mean", merge="average")
     assert "model.layers.0.mlp.experts.gate_up_proj" not in store  # the original was released
     assert all(p.device.type == "meta" for p in lean.parameters())  # the placement carried over
     with torch.no_grad():

@@ -165,7 +165,7 @@ def test_refit_is_the_least_squares_solution(family):
     logits = router_logits(model, tok, adapter)
     plan = LayerPlan(((0, 5), (1,), (2, 3, 7), (4, 6)), ((0.5, 0.5), (1.0,), (0.2, 0.3, 0.5), (0.6, 0.4)))
     plans = {name: plan for name in prof.layers}
-    new = rewrite_model(model, adapter, plans, router_rule="refit", stats=prof.layers)
+    new = rewrite_model(model, adapter, plans, router_rule="refit", stats=prof.layers, merge="average")
     bias = adapter.router_logit_bias
     for layer, new_layer in zip(find_moe_layers(model, adapter), find_moe_layers(new, adapter)):
         z = logits[layer.name]
@@ -189,7 +189,7 @@ def test_refit_reproduces_the_routing_when_nothing_is_merged(family, ids):
     for name, stats in prof.layers.items():  # the fit itself returns each expert's own logit
         a = refit_solution(stats.logit_rows(), plan, adapter.router_logit_bias is not None)
         torch.testing.assert_close(a[:8], torch.eye(8, dtype=a.dtype), atol=1e-8, rtol=0)
-    new = rewrite_model(model, adapter, {n: plan for n in prof.layers}, router_rule="refit", stats=prof.layers)
+    new = rewrite_model(model, adapter, {n: plan for n in prof.layers}, router_rule="refit", stats=prof.layers, merge="average")
     with torch.no_grad():
         assert torch.equal(new(ids).logits, model(ids).logits)
 

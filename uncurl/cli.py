@@ -56,8 +56,9 @@ app = typer.Typer(
         "Make a smaller sparse Mixture-of-Experts model for one task: profile routers and experts on "
         "the task's data, then keep the best-scoring experts (REAP, EAN, frequency) or cluster them by "
         "routing behaviour and merge each cluster into one expert (UNCURL), then save a checkpoint "
-        "that transformers loads. Exit codes: 0 ok, 1 internal error, 2 bad input, 3 the written "
-        "checkpoint failed its checks."
+        "that transformers loads. Exit codes: 0 ok, 1 internal error, 2 bad input (nothing written), "
+        "3 the written checkpoint failed its checks, 4 the --max-drop gate failed, 128+N stopped by "
+        "signal N (130 Ctrl-C, 143 SIGTERM; the unfinished output removed)."
     ),
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -137,6 +138,10 @@ def _handled(fn):
             line = re.sub(r"\s*\n\s*", " ", str(e)).strip()
             err.print(Text.assemble(("error:", "bold red"), f" {line}"), highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:  # Ctrl-C: every cleanup has run on the way here; 128 + SIGINT, not click's 1
+            err.print(Text.assemble(("error:", "bold red"), " stopped by SIGINT; the unfinished output was removed "
+                                    "and --out is as it was"), highlight=False, soft_wrap=True)
+            raise typer.Exit(130) from None
 
     return wrapper
 

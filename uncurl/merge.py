@@ -416,8 +416,8 @@ def rewrite_model(
     adapter: MoEAdapter,
     plans: dict[str, LayerPlan],
     *,
-    router_rule: str = "mean",
-    merge: str = "average",
+    router_rule: str,
+    merge: str,
     stats: dict | None = None,
     top_k: int | None = None,
     consume: bool = False,
@@ -425,9 +425,9 @@ def rewrite_model(
     """A new model with each MoE layer reduced per ``plans``, merge rule ``merge`` and router rule
     ``router_rule`` (``stats``: the profile's per-layer statistics, which ``refit`` needs).
 
-    The defaults are the rules that need nothing but the plans (``stats`` is optional), not the
-    studies' ``options.DEFAULT_MERGE``/``DEFAULT_ROUTER`` (aligned, refit) that ``prune`` and
-    ``sweep`` pass: refit cannot run without ``stats``.
+    ``merge`` and ``router_rule`` have no defaults: the Python API must not drift from the CLI's
+    (``options.DEFAULT_MERGE``/``DEFAULT_ROUTER``), and ``refit`` cannot run without ``stats``, so
+    every caller names its rules.
 
     ``model`` is left unchanged unless ``consume``: then each merged tensor replaces the original
     inside ``model`` as it is made (freeing the original), and ``model`` must not be used again.

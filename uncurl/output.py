@@ -336,6 +336,9 @@ class Claim:
     def _acquire(self) -> None:
         parent = self.path.parent
         existing = next(p for p in (parent, *parent.parents) if p.exists())
+        if not existing.is_dir():
+            raise UncurlError(f"{self.flag} {self.path}: {existing} is a file, not a folder; choose an --out whose "
+                              f"parent folders are folders")
         if not os.access(existing, os.W_OK | os.X_OK):
             raise UncurlError(f"{self.flag} {self.path}: cannot write in {existing} (read-only or not writable); "
                               f"choose a writable {self.flag}")
