@@ -135,7 +135,7 @@ def test_keep_all_is_left_bit_for_bit():
     adapter = ADAPTERS["mixtral"]
     layers = find_moe_layers(model, adapter)
     plans = {layer.name: LayerPlan(tuple((i,) for i in range(8)), ((1.0,),) * 8) for layer in layers}
-    pruned = rewrite_model(model, adapter, plans, merge="fit")
+    pruned = rewrite_model(model, adapter, plans, merge="fit", router_rule="mean")
     report = fit_model(model, pruned, adapter, plans, tok, TEXTS)
     assert report["layers"] == {} and "nothing to fit" in report["note"]
     state = pruned.state_dict()
