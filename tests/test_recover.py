@@ -95,3 +95,17 @@ def test_prune_with_recover_and_eval_reports_the_curve_and_the_verdict(tmp_path,
     assert "## Recovery" in (tmp_path / "o" / "report" / "report.md").read_text()
     if not rec["kept"]:
         assert r.report["eval"]["after"] == r.report["eval"]["merged"]
+
+
+def test_a_recovery_that_raised_the_task_loss_is_put_back_and_said(setup):
+    from uncurl.pipeline import judge_recovery
+
+    p = _pruned(setup)
+    start = {n: t.clone() for n, t in p.state_dict().items()}
+    rec = _run(setup, p, 2)
+    assert any(not torch.equal(t, start[n]) for n, t in p.state_dict().items())
+    evaluation = {"merged": {"loss": 1.0}, "after": {"loss": 1.5}}
+    judge_recovery(rec, evaluation)
+    assert rec.report["kept"] is False and "raised the task loss" in rec.report["note"]
+    assert evaluation["after"]["loss"] == 1.0 and evaluation["recovered_discarded"]["loss"] == 1.5
+    assert all(torch.equal(t, start[n]) for n, t in p.state_dict().items())  # the merged weights, bit for bit

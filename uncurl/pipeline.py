@@ -27,14 +27,14 @@ from .cluster import METHODS, LayerPlan, get_method, plan_layer, validate_keep
 from .cost import finish, measure_kv, release_note, static_cost
 from .errors import UncurlError
 from .evaluate import METRICS, drop, evaluate_examples
-from .load import Loaded, check_family, input_device, load_model
 from .fit import fit_model
-from .recover import recover
+from .load import Loaded, check_family, input_device, load_model
 from .merge import MERGE_RULES, ROUTER_RULES, get_rule, parameter_count, rewrite_model, weight_bytes
 from .offload import dispatched
 from .options import (DATA, DEFAULT_MERGE, DEFAULT_METHOD, DEFAULT_ROUTER, EVAL, MODEL, PRUNE, RUN, STUDY_EVIDENCE,
                       choices_help, items, opt)
 from .profile import Profile, profile_model, router_fingerprint
+from .recover import recover
 from .report import REPORT_SCHEMA, Timings, command_line, layer_entries, versions, write_report
 from .output import Claim, claim
 from .save import expected_bytes, parse_shard_size, verify_checkpoint, write_checkpoint
@@ -420,6 +420,8 @@ def check_options(opts: RunOptions, evaluating: bool) -> None:
                               f"beside the merged one); use --merge aligned, or a device that holds the model")
     for rule in opts.router_rows.split(","):
         get_rule(ROUTER_RULES, rule, "--router")
+    if getattr(opts, "recover", 0) < 0:
+        raise UncurlError(f"--recover {opts.recover} must be a number of steps >= 0 (0: no recovery)")
     if getattr(opts, "recover", 0) and opts.device_map:
         raise UncurlError("--recover does not run under --device-map yet (it trains beside the parent model); "
                           "use a device that holds both")
@@ -529,7 +531,7 @@ def recover_after_merge(loaded: Loaded, pruned, opts: "PruneOptions"):
                    progress=opts.progress)
 
 
-def judge_recovery(recovery, evaluation: dict, pruned) -> None:
+def judge_recovery(recovery, evaluation: dict) -> None:
     """With --eval: keep the recovered weights only if the task loss did not rise over the merged
     model's (``evaluation["merged"]``); else put the merged weights back and say so in the report."""
     merged, after = evaluation["merged"]["loss"], evaluation["after"]["loss"]
@@ -611,7 +613,7 @@ def _prune(opts: PruneOptions, output: Claim, shard_size: int, evaluating: bool)
         with timings.stage("eval_after"):
             evaluation["after"] = run_eval(pruned, loaded.tokenizer, opts, opts.eval_limit, opts.seed)
         if recovery is not None:
-            judge_recovery(recovery, evaluation, pruned)
+            judge_recovery(recovery, evaluation)
         evaluation["drop"] = {m: drop(evaluation["before"], evaluation["after"], m) for m in METRICS}
     report = {
         **base_report(opts, prep, timings),
