@@ -4,8 +4,9 @@
     result = prune(PruneOptions(model="builtin:mixtral", task="superglue-rte", keep=4,
                                 out="runs/rte-k4", data_dir="../shared/data"))
 
-``prune`` = load -> validate -> profile -> cluster -> merge -> save + verify -> report, with an
-optional evaluation before and after (and a gate on the drop). ``sweep`` (in ``sweep.py``) reuses
+``prune`` = load -> validate -> profile -> cluster -> merge (-> fit with ``--merge fit``, ``fit.py``;
+-> recover with ``--recover``, ``recover.py``) -> save + verify -> report, with an optional
+evaluation before and after (and a gate on the drop). ``sweep`` (in ``sweep.py``) reuses
 the same preparation once for many (method, K) pairs.
 """
 
