@@ -23,6 +23,12 @@ on what the weights learned), then measures on the same batches:
   same code on a tiny model, so interpreter and library pages are not counted as model memory.
 - how prune time grows with experts (8, 32, 128) and layers (2, 4, 8) at a fixed expert size:
   seconds per stage and seconds per million parameters; goal: linear (flat per parameter).
+- the profile pipelines side by side (`--only pipelines`, ~1-3 minutes on 2 CPU cores): a Mixtral saved to
+  disk (--pipeline-hidden, default ~55 MB fp32), profiled at 8 and 256 samples resident (whole), with
+  `--device-map auto --max-memory cpu=<weights/4>` (disk offload) whole, and the same sequential:
+  bytes of offloaded weights read (``offload.READS``, accelerate's own reads counted too) over the
+  checkpoint's bytes, and wall time over the resident run's. One run each (weights in the page cache:
+  the cheapest case for the whole-model pass).
 Each timing figure is the median of --repeats runs. Writes benchmarks/results/bench.json.
 """
 
@@ -350,6 +356,56 @@ def scaling(repeats: int) -> list[dict]:
     return rows
 
 
+def pipelines(hidden: int, sample_counts=(8, 256), max_length: int = 64) -> dict:
+    """Profile time and offloaded bytes read: resident, disk-offloaded whole, disk-offloaded sequential."""
+    from uncurl.load import load_model
+    from uncurl.offload import READS, counting
+    from uncurl.pipeline import ProfileOptions, run_profile
+
+    model, tok = build_tiny("mixtral", hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=4,
+                            num_local_experts=8, num_attention_heads=8, num_key_value_heads=8)
+    out = {"max_length": max_length, "batch_size": 8, "rows": []}
+    with tempfile.TemporaryDirectory(dir=ROOT / "benchmarks") as d:
+        folder = Path(d) / "model"
+        model.save_pretrained(folder)
+        tok.save_pretrained(folder)
+        del model
+        checkpoint = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+        budget = f"cpu={max(1, checkpoint // 4 // 2**20)}MiB"
+        out.update(checkpoint_mb=round(checkpoint / 2**20, 1), max_memory=budget)
+        # every row through accelerate (resident: --device-map auto, no limit), so all run the same
+        # experts implementation (a plain CPU load switches to eager experts, load.prefer_lean_experts)
+        runs = [("resident", "whole", None), ("offload", "whole", budget), ("offload", "sequential", budget)]
+        for round_, samples in enumerate((sample_counts[0], *sample_counts)):  # round 0 warms up, not reported
+            resident_s = None
+            for placement, pipeline, limit in runs:
+                loaded = load_model(str(folder), device_map="auto", max_memory=limit)
+                opts = ProfileOptions(model=str(folder), task="superglue-rte", data_dir=str(DATA), samples=samples,
+                                      max_length=max_length, batch_size=8, pipeline=pipeline)
+                offloaded = sum(t.numel() * t.element_size() for t in loaded.model.state_dict().values()
+                                if t.device.type == "meta")
+                with counting(loaded.model):
+                    READS.reset()
+                    start = time.perf_counter()
+                    profile = run_profile(loaded, opts, 0)
+                    sync()
+                    seconds = time.perf_counter() - start
+                    read = READS.bytes
+                resident_s = resident_s or seconds
+                if round_ == 0:
+                    del loaded, profile
+                    continue
+                out["rows"].append({"samples": samples, "placement": placement, "pipeline": pipeline,
+                                    "tokens": profile.tokens, "seconds": round(seconds, 3),
+                                    "time_over_resident": round(seconds / resident_s, 3),
+                                    "offloaded_mb": round(offloaded / 2**20, 1), "read_mb": round(read / 2**20, 1),
+                                    "read_over_checkpoint": round(read / checkpoint, 3)})
+                print(out["rows"][-1], flush=True)
+                del loaded, profile
+                return_freed_memory()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hidden", type=int, default=512)
@@ -359,7 +415,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, help="default: benchmarks/results/bench.json (bench-cuda.json on a GPU)")
     ap.add_argument("--prune-hidden", type=int, default=768, help="hidden size of the prune-memory model")
-    ap.add_argument("--only", choices=["ratios", "profile_memory", "prune_memory", "scaling"], help="run one part (others kept)")
+    ap.add_argument("--pipeline-hidden", type=int, default=256, help="hidden size of the pipelines model")
+    ap.add_argument("--only", choices=["ratios", "profile_memory", "prune_memory", "scaling", "pipelines"],
+                    help="run one part (others kept)")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda[:N] to benchmark on a GPU (host RSS is "
                     "still measured; GPU peaks are added as gpu_peak_mb)")
     ap.add_argument("--profile-memory-child", type=int, help=argparse.SUPPRESS)
@@ -388,6 +446,7 @@ def main() -> None:
         "profile_memory": profile_memory,
         "prune_memory": lambda: prune_memory(args.prune_hidden, args.repeats),
         "scaling": lambda: scaling(args.repeats),
+        "pipelines": lambda: pipelines(args.pipeline_hidden),
     }
     result = json.loads(args.out.read_text()) if args.only and args.out.is_file() else {}
     result["machine"] = {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
@@ -409,6 +468,12 @@ def stage_line(run: dict) -> str:
 
 
 def summarise(result: dict) -> None:
+    pipes = result.get("pipelines")
+    if pipes:
+        print(f"pipelines: {pipes['checkpoint_mb']} MB checkpoint, offload --max-memory {pipes['max_memory']}")
+        for row in pipes["rows"]:
+            print(f"  {row['samples']:4d} samples  {row['placement']:8s} {row['pipeline']:10s} "
+                  f"read/checkpoint {row['read_over_checkpoint']:7.3f}  time/resident {row['time_over_resident']:6.2f}")
     r = result.get("ratios")
     if r and "model" in r:
         print(f"ratios: model {r['model']['params']:,} parameters, {r['calibration_tokens']:,} calibration tokens")

@@ -19,7 +19,7 @@ def spelled(value):
     return ",".join(map(str, value)) if isinstance(value, tuple) else value
 
 
-@pytest.mark.parametrize("command", ["prune", "profile", "eval", "sweep"])
+@pytest.mark.parametrize("command", ["prune", "profile", "eval", "sweep", "cost", "routes", "monitor"])
 def test_every_cli_default_is_the_python_api_default(command):
     cls, names = COMMANDS[command]
     api, output = cls(), Output()
@@ -43,7 +43,7 @@ def test_the_defaults_are_the_studies_everywhere():
     assert inspect.signature(plan_layer).parameters["method"].default == DEFAULT_METHOD
 
 
-@pytest.mark.parametrize("command", ["prune", "profile", "eval", "sweep"])
+@pytest.mark.parametrize("command", ["prune", "profile", "eval", "sweep", "cost", "routes", "monitor"])
 def test_readme_option_tables_are_uncurl_options(command):
     """README's option tables are `uncurl options --markdown COMMAND`, as `families --markdown` is its family table."""
     from pathlib import Path

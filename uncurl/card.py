@@ -151,6 +151,10 @@ def render(report: dict, parent: dict | None = None, source: Path | None = None)
         lines += ["", "## Serving cost", "", f"{report['cost']['note']}.", "", cost_table(before, after),
                   "", "Counted from the checkpoint's tensors; the KV cache as transformers holds it (see uncurl's "
                   "`cost.py`). Weight memory excludes activations; GPUs are counted at 90% of their memory."]
+        if "measured" in report["cost"]:
+            from .serving import serving_table
+
+            lines += ["", serving_table(report["cost"]["measured"])]
     lines += ["", "## Reproduce", "", "```bash", report["command"], "```", "",
               "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), ""]
     return "\n".join(lines)

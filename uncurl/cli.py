@@ -25,7 +25,9 @@ from rich.text import Text
 
 from .errors import EXIT_GATE, Terminated, UncurlError
 from .options import RUN, Option, markdown, markdown_besides, opt, options, parameters
-from .pipeline import ProfileOptions, PruneOptions, RunOptions
+from .pipeline import CostOptions, ProfileOptions, PruneOptions, RunOptions
+from .monitor import MonitorOptions
+from .routes import RoutesOptions
 from .sweep import SweepOptions
 
 UsageError = typer.BadParameter.__base__  # typer vendors click: its UsageError, base of BadParameter
@@ -57,7 +59,8 @@ app = typer.Typer(
         "the task's data, then keep the best-scoring experts (REAP, EAN, frequency) or cluster them by "
         "routing behaviour and merge each cluster into one expert (UNCURL), then save a checkpoint "
         "that transformers loads. Exit codes: 0 ok, 1 internal error, 2 bad input (nothing written), "
-        "3 the written checkpoint failed its checks, 4 the --max-drop gate failed, 128+N stopped by "
+        "3 the written checkpoint failed its checks, 4 the --max-drop gate failed, 5 monitor's --min-coverage "
+        "gate failed, 128+N stopped by "
         "signal N (130 Ctrl-C, 143 SIGTERM; the unfinished output removed)."
     ),
     no_args_is_help=True,
@@ -119,6 +122,8 @@ def command_options(name: str) -> list[Option]:
 DATA_FIELDS = ["data_dir", "samples", "max_length", "batch_size", "template", "choices", "choices_field", "label_field",
                "eval_file", "calibration_split", "evaluation_split", "chat_template", "calibrate_on"]
 RUN_FIELDS = ["seed", "device", "device_map", "max_memory", "dtype"]
+SERVING_FIELDS = ["gpu_memory", "context", "serving_batch", "measure_serving", "serving_repeats", "serving_seconds",
+                  "decode_tokens"]
 
 
 def _emit_json(payload: dict) -> None:
@@ -184,8 +189,8 @@ def _setup_logging(verbose: bool) -> None:
 
 @command("prune", PruneOptions, [
     "model", "task", "keep", "out", "method", "merge", "router_rows", "top_k", "profile", "overwrite", "shard_size",
-    "plots", "recover", "recover_experts", *DATA_FIELDS, "eval", "eval_limit", "eval_max_length", "metric", "max_drop",
-    *RUN_FIELDS, *OUTPUT])
+    "dequantize", "plots", "recover", "recover_experts", *DATA_FIELDS, "eval", "eval_limit", "eval_max_length", "metric",
+    "max_drop", *SERVING_FIELDS, *RUN_FIELDS, "pipeline", *OUTPUT])
 def prune(ctx: typer.Context, opts: PruneOptions, as_json: bool, verbose: bool):
     """Prune/merge a model's experts down to --keep per layer for one task, and write a report.
 
@@ -196,6 +201,8 @@ def prune(ctx: typer.Context, opts: PruneOptions, as_json: bool, verbose: bool):
     _setup_logging(verbose)
     opts.extra["command"] = _command_line(ctx)
     result = run(opts)
+    if result is None:  # a rank other than 0 under torchrun: rank 0 reports
+        return
     _summary(result.report)
     r = result.report
     if as_json:
@@ -232,27 +239,56 @@ def _summary(r: dict) -> None:
               f"checkpoint reloaded and checked. Output: {r['output']}", markup=False)
 
 
-@command("profile", ProfileOptions, ["model", "task", "out", "overwrite", *DATA_FIELDS, *RUN_FIELDS, "verbose"])
+@command("profile", ProfileOptions, ["model", "task", "out", "overwrite", "shard", *DATA_FIELDS, *RUN_FIELDS,
+                                     "pipeline", "verbose"])
 def profile_cmd(ctx: typer.Context, opts: ProfileOptions, verbose: bool):
     """Record router statistics on a task's calibration data; `prune --profile FILE` reuses them.
 
     Example: uncurl profile --model builtin:mixtral --task superglue-rte --data-dir ../shared/data --out rte.profile
     """
+    from contextlib import nullcontext
+
+    from . import distributed
     from .load import load_model
-    from .pipeline import check_data, run_profile
+    from .pipeline import check_data, check_pipeline, parse_shard, run_profile
     from .profile import Profile
     from .report import Timings
 
     _setup_logging(verbose)
+    check_pipeline(opts)
+    parse_shard(opts.shard)
     check_data(opts, calibrating=True, evaluating=False, seed=opts.seed)  # before the model is loaded
-    stages = Timings()
-    with Profile.claim(opts.out, overwrite=opts.overwrite):  # refused or held before the model is loaded
+    stages, leader = Timings(), not distributed.follower()
+    # refused or held before the model is loaded; under torchrun by rank 0 only, which alone writes
+    with Profile.claim(opts.out, overwrite=opts.overwrite) if leader else nullcontext():
         with stages.stage("load"):
-            loaded = load_model(opts.model, device=opts.device, dtype=opts.dtype, seed=opts.seed,
-                                device_map=opts.device_map, max_memory=opts.max_memory)
+            loaded = load_model(opts.model, device=distributed.rank_device(opts.device), dtype=opts.dtype,
+                                seed=opts.seed, device_map=opts.device_map, max_memory=opts.max_memory)
         with stages.stage("profile"):
-            path = run_profile(loaded, opts, opts.seed).save(opts.out, overwrite=opts.overwrite)
+            profile = run_profile(loaded, opts, opts.seed)
+            if not leader:
+                return
+            path = profile.save(opts.out, overwrite=opts.overwrite)
     typer.echo(str(path))
+
+
+@app.command("profile-merge")
+@_handled
+def profile_merge(
+    out: Annotated[str, typer.Argument(help="Profile file to write (safetensors).")],
+    shards: Annotated[list[str], typer.Argument(help="The N files of `uncurl profile --shard I/N`, I = 0..N-1.")],
+    overwrite: Annotated[bool, typer.Option(help="Replace an earlier uncurl profile at OUT (nothing else).")] = False,
+):
+    """Add the shard profiles of a job array into the profile of all the calibration texts.
+
+    Example: uncurl profile-merge rte.profile rte-0.profile rte-1.profile rte-2.profile
+    """
+    from .profile import Profile
+
+    with Profile.claim(out, overwrite=overwrite):
+        profile = Profile.combine_shards([Profile.load(path) for path in shards], shards)
+        profile.save(out, overwrite=overwrite)
+    typer.echo(out)
 
 
 @command("eval", RunOptions, [
@@ -284,7 +320,7 @@ def eval_cmd(ctx: typer.Context, opts: RunOptions, as_json: bool, verbose: bool)
 
 @command("sweep", SweepOptions, [
     "model", "task", "keeps", "methods", "merges", "out", "routers", "top_k", "profile", "keep_checkpoints", "overwrite",
-    "tolerance", "metric", "eval_limit", "eval_max_length", *DATA_FIELDS, *RUN_FIELDS, *OUTPUT])
+    "tolerance", "metric", "eval_limit", "eval_max_length", *DATA_FIELDS, *RUN_FIELDS, "pipeline", *OUTPUT])
 def sweep_cmd(ctx: typer.Context, opts: SweepOptions, as_json: bool, verbose: bool):
     """Profile once, then prune and evaluate every (method, K); name the threshold K per method.
 
@@ -295,6 +331,8 @@ def sweep_cmd(ctx: typer.Context, opts: SweepOptions, as_json: bool, verbose: bo
     _setup_logging(verbose)
     opts.extra["command"] = _command_line(ctx)
     s = sweep(opts)
+    if s is None:  # a rank other than 0 under torchrun: rank 0 reports
+        return
     table = Table(title=Text(f"sweep: {opts.model} on {s['unpruned']['task']} ({s['metric']})"))
     for col in ("method", "K", s["metric"], "loss", "drop"):
         table.add_column(col, justify="right")
@@ -309,6 +347,93 @@ def sweep_cmd(ctx: typer.Context, opts: SweepOptions, as_json: bool, verbose: bo
         _emit_json({k: s[k] for k in ("output", "metric", "tolerance", "threshold", "unpruned", "results")})
     else:
         typer.echo(str(Path(s["output"]) / "sweep.md"))
+
+
+@command("cost", CostOptions, ["model", *SERVING_FIELDS, *RUN_FIELDS, *OUTPUT])
+def cost_cmd(ctx: typer.Context, opts: CostOptions, as_json: bool, verbose: bool):
+    """What a model costs to serve: weight memory, active parameters and FLOPs per token, KV cache, GPUs
+    (dense models too); --measure-serving also times prefill and decode on this device.
+
+    Example: uncurl cost --model runs/k4 --gpu-memory 80GiB --context 4096 --serving-batch 8
+    """
+    from .pipeline import cost
+    from .serving import serving_table
+
+    _setup_logging(verbose)
+    result = cost(opts)
+    if as_json:
+        _emit_json({k: v for k, v in result.items() if k != "table"})
+        return
+    typer.echo(f"# serving cost: {result['model']} ({result['model_type']})\n\n{result['table']}")
+    if "measured" in result:
+        typer.echo("\n" + serving_table({"value": result["measured"]}))
+
+
+TRAFFIC_FIELDS = ["data_dir", "samples", "max_length", "batch_size", "template", "choices", "choices_field",
+                  "label_field", "eval_file", "calibration_split", "evaluation_split", "chat_template"]
+
+
+@command("routes", RoutesOptions, ["model", "task", "file", "split", "out", "overwrite", "plots", *TRAFFIC_FIELDS,
+                                       *RUN_FIELDS, *OUTPUT])
+def routes_cmd(ctx: typer.Context, opts: RoutesOptions, as_json: bool, verbose: bool):
+    """Write the experts (and gate weights) every token of every input chose, per MoE layer, with each
+    layer's load balance and a heat map (layers x experts).
+
+    Example: uncurl routes --model builtin:mixtral --task superglue-rte --data-dir ../shared/data --out rte-routes
+    """
+    from .report import balance_cell
+    from .routes import routes
+
+    _setup_logging(verbose)
+    opts.extra["command"] = _command_line(ctx)
+    r = routes(opts)
+    table = Table(title=Text(f"routes: {r['model']} on {r['inputs']['name']} ({r['inputs']['examples']} inputs, "
+                             f"{r['tokens']:,} tokens)"))
+    for col in ("layer", "balance (entropy/log E, CV, largest share)"):
+        table.add_column(col)
+    for layer in r["layers"]:
+        table.add_row(str(layer["index"]), balance_cell(layer["balance"]))
+    err.print(table)
+    if as_json:
+        _emit_json({"output": r["output"], "tokens": r["tokens"], "inputs": r["inputs"],
+                    "layers": [{k: v for k, v in layer.items() if k in ("name", "index", "balance")}
+                               for layer in r["layers"]]})
+    else:
+        typer.echo(str(Path(r["output"]) / "routes.md"))
+
+
+@command("monitor", MonitorOptions, ["pruned", "task", "file", "split", "parent", "profile", "min_coverage", "out",
+                                     "overwrite", "plots", *TRAFFIC_FIELDS, *RUN_FIELDS, *OUTPUT])
+def monitor_cmd(ctx: typer.Context, opts: MonitorOptions, as_json: bool, verbose: bool):
+    """Profile new traffic through the pruned model's parent: the share of its routing mass on experts the
+    pruned model kept, merged or dropped (coverage), per layer and overall, and its divergence from the
+    calibration; --min-coverage exits 5 below the bound.
+
+    Example: uncurl monitor --pruned runs/k4 --task superglue-cb --data-dir ../shared/data --min-coverage 0.9 --out cb
+    """
+    from .monitor import monitor
+
+    _setup_logging(verbose)
+    opts.extra["command"] = _command_line(ctx)
+    r = monitor(opts)
+    o = r["overall"]
+    table = Table(title=Text(f"monitor: {r['traffic']['name']} on {r['pruned']} ({r['tokens']:,} tokens)"))
+    for col in ("layer", "coverage", "kept", "merged", "dropped", "JS divergence"):
+        table.add_column(col, justify="right")
+    for row in [*r["layers"], {**o, "index": "all"}]:
+        table.add_row(str(row["index"]), *(f"{row[k]:.1%}" if row[k] is not None else "-"
+                                           for k in ("coverage", "kept", "merged", "dropped")),
+                      f"{row['js_divergence']:.3f}")
+    err.print(table)
+    if as_json:
+        _emit_json({k: r[k] for k in ("output", "pruned", "parent", "traffic", "tokens", "overall", "layers",
+                                      "exit_code") if k in r} | ({"gate": r["gate"]} if "gate" in r else {}))
+    else:
+        typer.echo(str(Path(r["output"]) / "monitor.md"))
+    if r["exit_code"]:
+        g = r["gate"]
+        err.print(f"[bold red]coverage gate failed:[/] {g['coverage']:.1%} < {g['min_coverage']:g}")
+        raise typer.Exit(r["exit_code"])
 
 
 @app.command()
@@ -328,7 +453,7 @@ def tasks():
 
 @app.command("options", hidden=True)
 def options_cmd(
-    name: Annotated[str, typer.Argument(metavar="COMMAND", help="prune, profile, eval or sweep")] = "prune",
+    name: Annotated[str, typer.Argument(metavar="COMMAND", help="prune, profile, eval, sweep, cost, routes or monitor")] = "prune",
     as_markdown: Annotated[bool, typer.Option("--markdown", help="print Markdown (README's option tables are "
                                               "this output, one command at a time)")] = False,
 ):

@@ -1,6 +1,6 @@
 """What a model costs to serve, before and after pruning: weights, active parameters, KV cache, GPUs.
 
-    uncurl cost --model pruned/ --gpu-memory 80GiB --context 4096 --batch 8
+    uncurl cost --model pruned/ --gpu-memory 80GiB --context 4096 --serving-batch 8
 
 Computed from the model's own tensors and config, never guessed from a family name:
 
@@ -84,19 +84,19 @@ def _unique_params(module) -> dict[int, torch.Tensor]:
     return {id(p): p for p in module.parameters()}
 
 
-def active_params(model, adapter: MoEAdapter) -> tuple[int, int, int]:
+def active_params(model, adapter: MoEAdapter | None) -> tuple[int, int, int]:
     """(all parameters, active per token, of which the input embedding's) of ``model``."""
     total = sum(p.numel() for p in _unique_params(model).values())  # merge.parameter_count, tied once
-    _, stack = language_stack(model, adapter)
+    stack = language_stack(model, adapter)[1] if adapter is not None else getattr(model, "get_decoder", lambda: model)()
     run = _unique_params(stack)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None:
         run.update(_unique_params(head))
     embedding = model.get_input_embeddings()
-    k = top_k(model.config, adapter)
+    k = top_k(model.config, adapter) if adapter is not None else 0
     state = model.state_dict()
     unused = 0
-    for layer in find_moe_layers(model, adapter):
+    for layer in find_moe_layers(model, adapter) if adapter is not None else []:
         e = layer.num_experts
         for name in per_expert_names(layer, adapter)[0]:
             t = state[name]
@@ -153,12 +153,13 @@ def kv_total(rows: list[dict], context: int, batch: int) -> int:
                        for r in rows)
 
 
-def static_cost(model, adapter: MoEAdapter) -> dict:
-    """The figures that need no forward: weights, parameters, active parameters, FLOPs, experts, top-k."""
+def static_cost(model, adapter: MoEAdapter | None) -> dict:
+    """The figures that need no forward: weights, parameters, active parameters, FLOPs, experts, top-k
+    (``adapter`` None: a dense model, every parameter of its language stack active, no experts)."""
     params, active, matmul = active_params(model, adapter)
-    layers = find_moe_layers(model, adapter)
+    layers = find_moe_layers(model, adapter) if adapter is not None else []
     return {"weight_bytes": weight_bytes(model), "params": params, "active_params": active,
-            "flops_per_token": 2 * matmul, "top_k": top_k(model.config, adapter),
+            "flops_per_token": 2 * matmul, "top_k": top_k(model.config, adapter) if adapter is not None else None,
             "experts": layers[0].num_experts if layers else None}
 
 
@@ -173,7 +174,7 @@ def finish(static: dict, kv: list[dict] | None, *, gpu_memory: str | int = DEFAU
                 kv_bytes=cache, context=context, batch=batch, gpu_memory=memory, gpus=gpus)
 
 
-def serving_cost(model, adapter: MoEAdapter, *, gpu_memory: str | int = DEFAULT_GPU_MEMORY,
+def serving_cost(model, adapter: MoEAdapter | None, *, gpu_memory: str | int = DEFAULT_GPU_MEMORY,
                  context: int = DEFAULT_CONTEXT, batch: int = DEFAULT_BATCH, kv: list[dict] | None = None,
                  measure: bool = True) -> Cost:
     """The :class:`Cost` of ``model``; ``kv`` reuses a ``measure_kv`` result (pruning experts does not
@@ -218,7 +219,7 @@ def cost_table(before: Cost, after: Cost | None = None) -> str:
             ("parameters", lambda c: f"{c.params:,}"),
             ("active parameters / token", lambda c: f"{c.active_params:,}"),
             ("FLOPs / token (2N, weights)", lambda c: f"{c.flops_per_token:,}"),
-            ("experts / MoE layer, top-k", lambda c: f"{c.experts}, {c.top_k}"),
+            ("experts / MoE layer, top-k", lambda c: "dense" if c.experts is None else f"{c.experts}, {c.top_k}"),
             ("KV cache / token", lambda c: "n/a" if c.kv_bytes_per_token is None else size(c.kv_bytes_per_token)),
             (f"KV cache, batch {(after or before).batch} x {(after or before).context:,} tokens",
              lambda c: "n/a" if c.kv_bytes is None else size(c.kv_bytes)),

@@ -7,6 +7,8 @@ Exit codes (documented in README):
      not uncurl's to replace or is held by another run, a full or read-only disk, ...
   3  the written checkpoint failed its own checks (reload, keys, shapes, NaN/Inf, forward)
   4  gate: the task metric dropped by more than --max-drop (the checkpoint and report are written)
+  5  coverage gate (uncurl monitor --min-coverage): the traffic's routing mass on experts the pruned
+     model kept or merged is below the bound (the monitor's output is written)
   128 + N  stopped by signal N while holding --out: 143 SIGTERM, 129 SIGHUP (the unfinished output
      removed, --out as it was; SIGINT stays KeyboardInterrupt, which cleans up the same way)
 """
@@ -18,6 +20,7 @@ EXIT_INTERNAL = 1
 EXIT_BAD_INPUT = 2
 EXIT_CHECK_FAILED = 3
 EXIT_GATE = 4
+EXIT_COVERAGE = 5
 
 
 class Terminated(SystemExit):

@@ -47,6 +47,7 @@ class Loaded:
     source: Path | None  # the local folder the model came from (never written to), if any
     placement: dict = field(default_factory=dict)  # device_map and max_memory, for reloading alike
     processor_files: list = field(default_factory=list)  # copied beside the pruned checkpoint
+    quantized: object | None = None  # quant.Source: a quantized input's files and format (profiled dequantized)
 
 
 # A multimodal model's processor (image, video, audio preprocessing; chat template): written beside
@@ -509,25 +510,36 @@ def from_folder(folder: Path, config, dtype, device_map=None, output_loading_inf
     """``from_pretrained(folder)`` with the shards read by ``pread`` instead of mmap (see above).
 
     Falls back to plain ``from_pretrained`` for anything but safetensors shards. ``placement``:
-    ``max_memory``/``offload_folder`` for a ``device_map``.
+    ``max_memory``/``offload_folder`` for a ``device_map``. A checkpoint in a format uncurl writes
+    back (``quant.CODECS``) is dequantized by uncurl as each tensor is read, on every device alike,
+    and the model gets a config without ``quantization_config`` (quant.py, "Reading").
     """
     from transformers import GenerationConfig
 
     files = checkpoint_files(folder)
+    source = None
+    if files and getattr(config, "quantization_config", None) is not None:
+        from .quant import check_source, dequantized_state, without_quantization
+
+        source = check_source(folder, _read_json(folder / "config.json", "configuration"), dequantize=True)
+        if source is not None:
+            config = without_quantization(config)
     cls = model_class(config)
     if not files:
         return cls.from_pretrained(folder, config=config, dtype=dtype, device_map=device_map,
                                    output_loading_info=output_loading_info, **placement)
     from safetensors import safe_open
 
-    handles = [safe_open(str(f), framework="pt", device="cpu", backend="pread") for f in files]
+    handles = [] if source else [safe_open(str(f), framework="pt", device="cpu", backend="pread") for f in files]
     try:
-        state = {name: h.get_slice(name) for h in handles for name in h.keys()}
+        state = dequantized_state(source) if source else {name: h.get_slice(name) for h in handles for name in h.keys()}
         model = cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype, device_map=device_map,
                                     output_loading_info=output_loading_info, **placement)
     finally:
         for h in handles:
             h.__exit__(None, None, None)
+        if source is not None:
+            source.close()
     loaded = model[0] if output_loading_info else model
     loaded.config._name_or_path = loaded.name_or_path = str(folder)
     if (folder / "generation_config.json").is_file():
@@ -536,13 +548,17 @@ def from_folder(folder: Path, config, dtype, device_map=None, output_loading_inf
 
 
 def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto", seed: int = 0,
-               device_map: str | None = None, max_memory: str | None = None, moe: bool = True) -> Loaded:
+               device_map: str | None = None, max_memory: str | None = None, moe: bool = True,
+               dequantize: bool = False) -> Loaded:
     """Load ``model_id`` for inference (eval mode, no gradients) on ``device``, or spread over the
     GPUs by accelerate when ``device_map`` is given (``auto``: fill GPUs in order), with what does not
     fit (or exceeds ``max_memory``, e.g. ``0=20GiB,cpu=60GiB``) offloaded to CPU memory, then disk.
 
     ``moe=False`` (evaluation only) accepts any causal LM transformers can load, dense ones included;
-    ``adapter`` is then the family's when uncurl knows it, else None."""
+    ``adapter`` is then the family's when uncurl knows it, else None.
+
+    A quantized checkpoint is loaded dequantized; a format uncurl writes back (``quant.CODECS``) is
+    described by ``Loaded.quantized``, any other is refused unless ``dequantize`` (quant.py)."""
     return_freed_memory()
     dev = resolve_device(device)
     if device_map is not None:
@@ -576,6 +592,7 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto", seed
             check_moe_keys(folder, config, adapter)
         check_weight_files(folder)  # missing or truncated files fail here, named
         check_weights_fit(folder, config)  # a missing, extra or mis-shaped tensor, before any weight is read
+    quantized = check_quantized(model_id, folder, config, dequantize or not moe)  # scheme and scales, named
     tokenizer = load_tokenizer(model_id, padding=moe)  # before the weights: it is cheap
     log.info("loading %s (%s) on %s", model_id, config.model_type, dev)
     placement = placement_kwargs(device_map, limits) or {"device_map": {"": dev}}
@@ -591,10 +608,41 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto", seed
         if not refused_by_transformers(err):
             raise
         raise damaged(model_id, err) from None
+    except (ImportError, NotImplementedError, ValueError) as err:
+        if getattr(config, "quantization_config", None) is None or quantized is not None:
+            raise
+        from .quant import quantization_config, scheme
+
+        raise UncurlError(f"model {model_id}: transformers cannot load its {scheme(quantization_config(config))!r} "
+                          f"weights here ({' '.join(str(err).split())[:200]}), so --dequantize cannot either; "
+                          f"dequantize the checkpoint first where its scheme's kernels are installed and prune "
+                          f"that") from None
     check_loading_info(info, model_id)  # transformers would have initialised the missing ones at random
+    if getattr(config, "quantization_config", None) is not None:
+        from .quant import check_dequantized, quantization_config
+
+        check_dequantized(model, quantization_config(config), model_id)
     if device_map is None:
         prefer_lean_experts(model, dev)
     check_finite(model)  # NaN weights fail here, named, not as a clustering traceback later
     source = Path(model_id).resolve() if Path(model_id).is_dir() else None
     again = {"device_map": device_map, "max_memory": limits} if device_map else {}
-    return Loaded(model.eval(), tokenizer, adapter, model_id, source, again, processor_files(model_id))
+    return Loaded(model.eval(), tokenizer, adapter, model_id, source, again, processor_files(model_id), quantized)
+
+
+def check_quantized(model_id: str, folder: Path | None, config, dequantize: bool):
+    """A quantized checkpoint's scheme must be one uncurl writes back, and its scales must fit its
+    weights (headers only; quant.check_source), else exit 2 naming it; ``dequantize`` accepts any
+    scheme transformers dequantizes on load. A quantized Hub model is read from a local folder."""
+    from .quant import check_source, codec_for, quantization_config
+
+    qc = quantization_config(config)
+    if qc is None:
+        return None
+    if folder is None:
+        if codec_for(qc, f"model {model_id!r}", dequantize) is not None:
+            raise UncurlError(f"model {model_id!r} is quantized ({qc.get('quant_method')}): uncurl writes it back in "
+                              f"its format from its files, so pass a local folder (e.g. hf download {model_id} "
+                              f"--local-dir DIR), or --dequantize to write full precision")
+        return None
+    return check_source(folder, _read_json(folder / "config.json", "configuration"), dequantize)

@@ -13,6 +13,14 @@ Profiling and evaluation therefore just work. Merging and saving need the tensor
   hook over the same offloaded weights (nothing is copied), merged modules a hook over their new,
   smaller tensors (spilled to disk, or kept in CPU memory when the original was there).
 
+- ``onloaded`` brings a module's offloaded weights onto its execution device once and keeps them
+  there for a while (its hook told not to offload), so a layer runs over many batches with its
+  weights read once (``sequential.py``), then puts them back on ``meta``.
+
+Every offloaded tensor these functions read is counted in ``READS`` (bytes and tensors), and
+``counting(model)`` counts accelerate's own per-forward reads too, so both pipelines can be
+measured alike (tests, ``make bench``).
+
 Without offload (one device, or every layer on some GPU) these functions are pass-throughs.
 """
 
@@ -22,8 +30,36 @@ import shutil
 import tempfile
 import weakref
 from collections.abc import Mapping
+from contextlib import contextmanager
 
 import torch
+
+
+class Reads:
+    """Bytes and tensors of offloaded weights read (from CPU memory or disk) since ``reset``."""
+
+    def __init__(self):
+        self.bytes = self.tensors = 0
+
+    def reset(self) -> None:
+        self.bytes = self.tensors = 0
+
+    def add(self, tensor) -> None:
+        if isinstance(tensor, torch.Tensor):
+            self.bytes += tensor.numel() * tensor.element_size()
+            self.tensors += 1
+
+
+READS = Reads()
+
+
+def _fetch(weights, key: str) -> torch.Tensor:
+    """``weights[key]`` (an accelerate weights map), counted in ``READS``."""
+    if isinstance(weights, _Counted):  # counted here, once
+        weights = weights.weights
+    tensor = weights[key]
+    READS.add(tensor)
+    return tensor
 
 
 def dispatched(model) -> bool:
@@ -69,7 +105,7 @@ def read_tensor(model, name: str, tensor: torch.Tensor | None = None) -> torch.T
     weights = getattr(hook, "weights_map", None)
     if weights is None:
         raise RuntimeError(f"{name} is on the meta device and no accelerate hook holds its weights")
-    return weights[attr]
+    return _fetch(weights, attr)
 
 
 def drop_offloaded(model, name: str) -> None:
@@ -77,6 +113,90 @@ def drop_offloaded(model, name: str) -> None:
     loader, key = _store(model, name)
     if loader is not None:
         _in_memory(loader).pop(key, None)
+
+
+def _offloading(module):
+    hook = getattr(module, "_hf_hook", None)
+    return hook if getattr(hook, "offload", False) and getattr(hook, "weights_map", None) is not None else None
+
+
+class Onload:
+    """Modules whose offloaded weights were brought onto their execution device once (``add``),
+    their hooks set not to offload, until ``release`` puts the weights back on ``meta``."""
+
+    def __init__(self):
+        self.modules: list[tuple[torch.nn.Module, object, list[str]]] = []
+
+    def add(self, module, recurse: bool = True) -> None:
+        """``module`` and (``recurse``) every offloading module inside it, weights read once each
+        (``READS``); a module already held is skipped."""
+        from accelerate.utils import set_module_tensor_to_device
+        from accelerate.utils.modeling import named_module_tensors
+
+        for sub in module.modules() if recurse else [module]:
+            hook = _offloading(sub)
+            if hook is None:
+                continue
+            names = [name for name, _ in named_module_tensors(sub, include_buffers=hook.offload_buffers,
+                                                              recurse=hook.place_submodules, remove_non_persistent=True)]
+            for name in names:
+                set_module_tensor_to_device(sub, name, hook.execution_device, value=_fetch(hook.weights_map, name))
+            hook.offload = False
+            self.modules.append((sub, hook, names))
+
+    def release(self) -> None:
+        from accelerate.utils import set_module_tensor_to_device
+
+        for sub, hook, names in reversed(self.modules):
+            for name in names:
+                set_module_tensor_to_device(sub, name, "meta")
+            hook.offload = True
+        self.modules = []
+
+
+@contextmanager
+def onloaded(module):
+    """``module``'s offloaded weights on its execution device for the duration, read once."""
+    held = Onload()
+    try:
+        held.add(module)
+        yield
+    finally:
+        held.release()
+
+
+class _Counted(Mapping):
+    """A hook's weights map whose reads are counted in ``READS``."""
+
+    def __init__(self, weights):
+        self.weights = weights
+
+    def __getitem__(self, key):
+        return _fetch(self.weights, key)
+
+    def __iter__(self):
+        return iter(self.weights)
+
+    def __len__(self):
+        return len(self.weights)
+
+    def __getattr__(self, name):  # dataset, prefix, ... of accelerate's PrefixedDataset
+        return getattr(self.__dict__["weights"], name)
+
+
+@contextmanager
+def counting(model):
+    """accelerate's own reads of ``model``'s offloaded weights (each forward) counted in ``READS``
+    too, for the duration: what a whole-model pass reads, measured as uncurl's reader is."""
+    hooks = [h for m in model.modules() if (h := _offloading(m)) is not None]
+    for hook in hooks:
+        hook.weights_map = _Counted(hook.weights_map)
+    try:
+        yield READS
+    finally:
+        for hook in hooks:
+            if isinstance(hook.weights_map, _Counted):
+                hook.weights_map = hook.weights_map.weights
 
 
 class Spill:

@@ -198,6 +198,8 @@ def markdown_besides(opts: list[Option], base: list[Option], base_name: str) -> 
     same = {o.name for o in opts if o in base}
     shared = ", ".join("/".join(f"`{f}`" for f in long_flags(o)) for o in opts if o.name in same)
     own = [o for o in opts if o.name not in same]
+    if not own:
+        return f"Options as in `{base_name}`: {shared}."
     return f"Options as in `{base_name}`: {shared}. Its own options:\n\n" + markdown(own)
 
 

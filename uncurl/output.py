@@ -85,10 +85,13 @@ def _holds(folder: Path) -> str:
 
 def uncurl_output(path: Path) -> str | None:
     """What earlier uncurl output ``path`` is, or None: a folder with uncurl's ``report/report.json``
-    (prune) or ``sweep.json`` (sweep), or a file with a profile's safetensors header."""
+    (prune), ``sweep.json`` (sweep), ``routes.json`` or ``monitor.json``, or a file with a profile's
+    safetensors header."""
     if path.is_dir():
         for name, what in (("report/report.json", "an earlier uncurl prune output"),
-                           ("sweep.json", "an earlier uncurl sweep output")):
+                           ("sweep.json", "an earlier uncurl sweep output"),
+                           ("routes.json", "an earlier uncurl routes output"),
+                           ("monitor.json", "an earlier uncurl monitor output")):
             try:
                 record = json.loads((path / name).read_text())
             except (OSError, ValueError):

@@ -21,11 +21,12 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
 from . import tasks as T
 from .adapters import expert_count, find_moe_layers, routing_groups, top_k
 from .card import CARD, parent_card, render as render_card
 from .cluster import METHODS, LayerPlan, get_method, plan_layer, validate_keep
-from .cost import finish, measure_kv, release_note, static_cost
+from .cost import cost_table, finish, measure_kv, release_note, serving_cost, static_cost
 from .errors import UncurlError
 from .evaluate import METRICS, drop, evaluate_examples
 from .fit import fit_model
@@ -34,11 +35,13 @@ from .merge import MERGE_RULES, ROUTER_RULES, get_rule, parameter_count, rewrite
 from .offload import dispatched
 from .options import (DATA, DEFAULT_MERGE, DEFAULT_METHOD, DEFAULT_ROUTER, EVAL, MODEL, PRUNE, RUN, STUDY_EVIDENCE,
                       choices_help, items, opt)
-from .profile import Profile, profile_model, router_fingerprint
+from .profile import Profile, profile_model, router_fingerprint, shard_range
 from .recover import recover
+from .sequential import profile_sequential
 from .report import REPORT_SCHEMA, Timings, command_line, layer_entries, versions, write_report
 from .output import Claim, claim
-from .save import expected_bytes, parse_shard_size, verify_checkpoint, write_checkpoint
+from .save import expected_bytes, parse_shard_size, stored_bytes, verify_checkpoint, write_checkpoint
+from .serving import ServingOptions, measure as measure_serving, serving_note
 
 log = logging.getLogger(__name__)
 
@@ -63,17 +66,25 @@ class DataOptions:
              "--evaluation-split); lm-eval:TASK or lm-eval:FILE.yaml, an lm-evaluation-harness task (optional "
              "extra: pip install 'uncurl\\[lm-eval]'); a task file (.yaml/.json: template, choices, label field, files or Hub id; see "
              "README); or a .jsonl/.csv file with --template (one file: fixed seeded disjoint halves calibrate "
-             "and evaluate; see --eval-file).")
+             "and evaluate; see --eval-file).",
+        routes=dict(help="The inputs to route: any --task prune takes (a registered task, hf:ORG/NAME, lm-eval:TASK, a "
+                         "task file, a .jsonl/.csv file with --template); --split picks the split. Or see --file."),
+        monitor=dict(help="The traffic: any --task prune takes (a registered task, hf:ORG/NAME, lm-eval:TASK, a task "
+                          "file, a .jsonl/.csv file with --template); --split picks the split. Or see --file."))
     data_dir: str | None = opt(  # else $UNCURL_DATA_DIR (tasks.resolve_data_dir); else the Hub
         None, "--data-dir", panel=DATA, envvar="UNCURL_DATA_DIR", readme_default="`$UNCURL_DATA_DIR`",
         help="Read tasks from local files laid out as ../shared/data instead of the Hub.")
     samples: int = opt(
         256, panel=DATA, min=1,
         help="Calibration examples to profile: a seeded random subset of the task's calibration split "
-             "(all of it when smaller). Profiling time grows linearly with it; memory does not.")
+             "(all of it when smaller). Profiling time grows linearly with it; memory does not.",
+        routes=dict(help="Inputs to read: a seeded random subset of the split (all of it when smaller)."),
+        monitor=dict(help="Traffic examples to read: a seeded random subset of the split (all of it when smaller)."))
     max_length: int = opt(
         512, panel=DATA, min=8,
-        help="Calibration: truncate each example to this many tokens (evaluation has --eval-max-length).")
+        help="Calibration: truncate each example to this many tokens (evaluation has --eval-max-length).",
+        routes=dict(help="Truncate each input to this many tokens."),
+        monitor=dict(help="Truncate each traffic example to this many tokens."))
     eval_max_length: int = opt(
         1024, panel=EVAL, min=8, note="`uncurl eval` calls it `--max-length`.",
         help="Evaluation: keep at most this many tokens of each sequence (from the right; the answer is never cut).",
@@ -136,12 +147,18 @@ class RunOptions(DataOptions):
         sweep=dict(help="Lower the router's top-k.", note=""))
     profile: str | None = opt(
         None, panel=PRUNE, help="Reuse a profile written by `uncurl profile` (skips the forward pass).",
-        sweep=dict(help="Reuse a profile file."))
+        sweep=dict(help="Reuse a profile file."),
+        monitor=dict(panel=DATA, help="A profile of the traffic through the parent, written by uncurl profile on "
+                                      "the parent and the traffic, instead of profiling --task here; checked against "
+                                      "the pruned model's parent."))
     overwrite: bool = opt(
         False, panel=PRUNE,
         help="Replace an earlier uncurl output at --out (uncurl's report/report.json or sweep.json); "
              "anything else is refused.",
-        profile=dict(panel=None, help="Replace an earlier uncurl profile at --out (nothing else)."))
+        profile=dict(panel=None, help="Replace an earlier uncurl profile at --out (nothing else)."),
+        routes=dict(panel=None, help="Replace an earlier uncurl routes output at --out (its routes.json); anything else is refused."),
+        monitor=dict(panel=None, help="Replace an earlier uncurl monitor output at --out (its monitor.json); anything else is "
+                          "refused."))
     seed: int = opt(0, panel=RUN, help="Seed for sampling, tiny models and clustering.")
     device: str = opt("auto", panel=RUN, help="auto (CUDA when present), cpu, cuda, cuda:N.")
     device_map: str | None = opt(
@@ -160,11 +177,19 @@ class RunOptions(DataOptions):
         help="Evaluation examples: a seeded subset of the evaluation split (default: all of it).")
     metric: str = opt("acc", panel=EVAL, help="Metric a drop is measured on: acc, acc_norm (points of accuracy) or "
                                                "loss (its increase in percent).")
+    pipeline: str = opt(
+        "whole", panel=RUN, note="See [Models larger than the machine](#models-larger-than-the-machine).",
+        help="How the profile runs the model: whole (one forward of the whole model per batch) or sequential "
+             "(one decoder layer at a time over every batch, the hidden states kept in CPU memory between "
+             "layers: with --device-map offload each layer's weights are read once instead of once per batch). "
+             "Both give the same statistics, so the same plan. whole is the default: it needs no memory for "
+             "cached states and runs every family; use sequential when --device-map offloads layers to CPU "
+             "or disk. A family whose layers cannot be run one at a time is refused, saying why.")
     extra: dict = field(default_factory=dict)  # merged into the report (e.g. the CLI's command line)
 
 
 @dataclass
-class PruneOptions(RunOptions):
+class PruneOptions(RunOptions, ServingOptions):
     keep: int = opt(
         4, "--keep", "-k", panel=PRUNE, note="For grouped routers, at least 2 per group.",
         help="Experts to keep per MoE layer (>= top-k; a multiple of n_group for grouped routers). "
@@ -182,6 +207,12 @@ class PruneOptions(RunOptions):
         None, panel=EVAL,
         help="CI gate (implies --eval): exit 4 when --metric drops by more than this many points. "
              "The checkpoint and report are still written.")
+    dequantize: bool = opt(
+        False, "--dequantize", panel=PRUNE, note="See [Quantized checkpoints](#quantized-checkpoints).",
+        help="A quantized input: write the pruned checkpoint in full precision (the checkpoint's dtype, or "
+             "--dtype), without quantization_config, on purpose; also accepts schemes uncurl cannot write back, when "
+             "transformers dequantizes them on load. Default: an FP8 block-scaled or MXFP4 input is written in its "
+             "own format, kept experts byte for byte (merged ones quantized again); other schemes are refused.")
     recover: int = opt(
         0, "--recover", panel=PRUNE, min=0,
         help="After merging, train the pruned model's routers for this many steps (one calibration batch each; "
@@ -197,6 +228,15 @@ class ProfileOptions(RunOptions):
     """What ``uncurl profile`` takes: a run's model and data options, and the file to write."""
 
     out: str = opt("profile.safetensors", "--out", "-o", help="Profile file to write (safetensors).")
+    shard: str | None = opt(
+        None, note="`uncurl profile-merge OUT FILES...` adds the N files into one profile.",
+        help="I/N (0 <= I < N): profile only shard I of N of the calibration texts (whole texts, contiguous, "
+             "sizes differing by at most one), for a job array; the file records it.")
+
+
+@dataclass
+class CostOptions(RunOptions, ServingOptions):
+    """What ``uncurl cost`` takes: a model, where to load it, and the serving assumptions."""
 
 
 @dataclass
@@ -319,15 +359,55 @@ def calibration_texts(opts: DataOptions, seed: int, tokenizer=None) -> tuple[lis
     return [e.text for e in examples], info
 
 
+PIPELINES = {"whole": profile_model, "sequential": profile_sequential}
+
+
+def check_pipeline(opts: DataOptions) -> None:
+    pipeline = getattr(opts, "pipeline", "whole")
+    if pipeline not in PIPELINES:
+        raise UncurlError(f"--pipeline {pipeline!r} is not one of {', '.join(PIPELINES)}")
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``--shard 1/4`` -> (1, 4); None without one."""
+    if text is None:
+        return None
+    index, sep, count = text.strip().partition("/")
+    try:
+        i, n = int(index), int(count)
+    except ValueError:
+        i = n = -1
+    if not sep or n < 1 or not 0 <= i < n:
+        raise UncurlError(f"--shard {text!r} must be I/N with 0 <= I < N, e.g. 0/4 .. 3/4 for four shards")
+    if distributed.world() is not None:
+        raise UncurlError("--shard splits the texts over separate runs; under torchrun the ranks split them already")
+    return i, n
+
+
 def run_profile(loaded: Loaded, opts: DataOptions, seed: int = 0) -> Profile:
-    """Profile ``loaded`` on the calibration split (the expensive pass)."""
+    """Profile ``loaded`` on the calibration split (the expensive pass): all of it, the shard
+    ``--shard I/N`` names (recorded in the meta), or under torchrun this rank's share, gathered
+    from every rank (``distributed``)."""
     texts, info = calibration_texts(opts, seed, loaded.tokenizer)
     meta = {"model": loaded.model_id, "model_type": loaded.model.config.model_type,
             "router_fingerprint": router_fingerprint(loaded.model, loaded.adapter), "task": info,
             "seed": seed, "max_length": opts.max_length, "versions": versions()}
+    shard, ranks = parse_shard(getattr(opts, "shard", None)), distributed.world()
+    index, count = shard or ranks or (0, 1)
+    if count > len(texts):
+        what = f"{count} ranks" if ranks else f"--shard {index}/{count}"
+        raise UncurlError(f"{what}: more than the {len(texts)} calibration texts, so a share would be empty; use at "
+                          f"most {len(texts)} (or more --samples)")
+    ids = shard_range(len(texts), index, count)
+    if shard:
+        meta["shard"] = {"index": index, "count": count, "of": len(texts), "texts": [ids.start, ids.stop]}
     torch.manual_seed(seed)
-    profile = profile_model(loaded.model, loaded.tokenizer, loaded.adapter, texts, batch_size=opts.batch_size,
-                            max_length=opts.max_length, progress=opts.progress, meta=meta, seed=seed)
+    driver = PIPELINES[getattr(opts, "pipeline", "whole")]
+    profile = driver(loaded.model, loaded.tokenizer, loaded.adapter, [texts[i] for i in ids], text_ids=list(ids),
+                     batch_size=opts.batch_size, max_length=opts.max_length, progress=opts.progress, meta=meta,
+                     seed=seed)
+    if ranks:
+        profile = distributed.gather_profile(profile, input_device(loaded.model))
     for name, stats in profile.layers.items():  # finite weights can still overflow (e.g. float16)
         if not all(bool(torch.isfinite(getattr(stats, f)).all()) for f in ("mass", "logit_sum", "gram")):
             raise UncurlError(f"the router of {name} gave NaN/Inf logits on the calibration text; the weights are "
@@ -367,6 +447,11 @@ def _check_profile(profile: Profile, loaded: Loaded, path: str, opts: DataOption
     with a warning that the weights could not be compared."""
     meta, model_type = profile.meta, loaded.model.config.model_type
     recorded_on = f"--profile {path} was recorded on {meta.get('model')!r}"
+    if "shard" in meta:
+        shard = meta["shard"]
+        raise UncurlError(f"--profile {path} is shard {shard['index']}/{shard['count']} of the calibration texts "
+                          f"only: add the {shard['count']} shard files with `uncurl profile-merge OUT FILES...` and "
+                          f"pass OUT")
     if meta.get("model_type") not in (None, model_type):
         raise UncurlError(f"{recorded_on}, a {meta['model_type']} model; {loaded.model_id!r} is a {model_type} model: "
                           f"profile this model with `uncurl profile`")
@@ -413,6 +498,7 @@ DROP_BOUNDS = {"max_drop": "--max-drop", "tolerance": "--tolerance"}
 def check_options(opts: RunOptions, evaluating: bool) -> None:
     """Cheap checks of everything that does not need the model, before loading it."""
     check_family(opts.model)  # a refused family says why before any data is read
+    check_pipeline(opts)
     for method in opts.method.split(","):
         get_method(method)
     for merge in opts.merge.split(","):
@@ -463,15 +549,18 @@ def loaded_inputs(loaded: Loaded) -> list[tuple[str, Path, bool]]:
         ("the folder the input model's files link into", t, False) for t in sorted(targets)]
 
 
-def loaded_check(output: Claim, keeps: list[int], copies: int = 1):
+def loaded_check(output: Claim, keeps: list[int], copies: int = 1, dequantize: bool = False):
     """``prepare``'s check once the model is loaded, before profiling: ``--out`` is not (in) what it
-    was read from, and its file system has room for ``copies`` checkpoints per K in ``keeps``."""
+    was read from, and its file system has room for ``copies`` checkpoints per K in ``keeps`` (a
+    quantized input's as stored, unless ``dequantize``)."""
     def check(loaded: Loaded) -> None:
         output.check(loaded_inputs(loaded))
         if copies:
             n = copies * len(keeps)
-            output.check_space(copies * sum(expected_bytes(loaded.model, loaded.adapter, k) for k in keeps),
-                               "the checkpoint" if n == 1 else f"the {n} checkpoints")
+            stored = 1.0 if loaded.quantized is None or dequantize else (
+                loaded.quantized.stored_bytes / max(weight_bytes(loaded.model), 1))  # bytes on disk per byte held
+            need = copies * sum(expected_bytes(loaded.model, loaded.adapter, k) for k in keeps)
+            output.check_space(int(need * stored), "the checkpoint" if n == 1 else f"the {n} checkpoints")
     return check
 
 
@@ -479,8 +568,12 @@ def prepare(opts: RunOptions, keeps: list[int], timings: Timings, *, check_loade
     """Load the model, validate every K against it, then profile (or read --profile).
     ``check_loaded(loaded)`` runs between loading and profiling (see ``loaded_check``)."""
     with timings.stage("load"):
-        loaded = load_model(opts.model, device=opts.device, dtype=opts.dtype, seed=opts.seed,
-                            device_map=opts.device_map, max_memory=opts.max_memory)
+        loaded = load_model(opts.model, device=distributed.rank_device(opts.device), dtype=opts.dtype,
+                            seed=opts.seed, device_map=opts.device_map, max_memory=opts.max_memory,
+                            dequantize=getattr(opts, "dequantize", False))
+    if loaded.quantized is not None:
+        log.info("%s is %s: the profile runs on its weights, dequantized as they are read", opts.model,
+                 loaded.quantized.format)
     if check_loaded is not None:
         check_loaded(loaded)
     config, adapter = loaded.model.config, loaded.adapter
@@ -532,6 +625,18 @@ def recover_after_merge(loaded: Loaded, pruned, opts: "PruneOptions"):
                    progress=opts.progress)
 
 
+def check_changes_stored(opts: "PruneOptions", loaded: Loaded) -> None:
+    """A quantized input is written back with its kept experts' and routers' bytes as they were
+    stored (``quant.py``): what ``--merge fit`` and ``--recover`` change there would be lost, so they
+    need ``--dequantize``. Runs once the model is loaded, before profiling."""
+    if loaded.quantized is None or opts.dequantize:
+        return
+    for used, flag in ((MERGE_RULES[opts.merge].fit, f"--merge {opts.merge}"), (opts.recover, "--recover")):
+        if used:
+            raise UncurlError(f"{flag} changes kept experts and routers, which a {loaded.quantized.format} checkpoint "
+                              f"is written back with byte for byte: add --dequantize to write it in full precision")
+
+
 def judge_recovery(recovery, evaluation: dict) -> None:
     """With --eval: keep the recovered weights only if the task loss did not rise over the merged
     model's (``evaluation["merged"]``); else put the merged weights back and say so in the report."""
@@ -563,19 +668,67 @@ def base_report(opts: RunOptions, prep: Prepared, timings: Timings) -> dict:
     }
 
 
-def prune(opts: PruneOptions) -> PruneResult:
+def follow(opts: RunOptions, keeps: list[int]) -> None:
+    """A data-parallel run's rank other than 0: load, check every K, profile this rank's share and
+    hand the statistics to every rank (``distributed``); rank 0 does the rest. Never touches ``--out``."""
+    if not opts.profile:
+        prepare(opts, keeps, Timings())
+    return None
+
+
+def check_serving(opts: ServingOptions) -> None:
+    """The serving options, before any model is loaded."""
+    from .cost import parse_bytes
+
+    parse_bytes(opts.gpu_memory)
+    if not opts.serving_seconds > 0 or math.isinf(opts.serving_seconds):
+        raise UncurlError(f"--serving-seconds {opts.serving_seconds:g} must be a positive number of seconds, e.g. 60")
+
+
+def cost(opts: CostOptions) -> dict:
+    """``uncurl cost``: the serving cost of one model (any causal LM uncurl loads; a dense one has no
+    experts), with ``--measure-serving`` its measured throughput on this device."""
+    check_family(opts.model)
+    check_serving(opts)
+    timings = Timings()
+    with timings.stage("load"):
+        loaded = load_model(opts.model, device=opts.device, dtype=opts.dtype, seed=opts.seed,
+                            device_map=opts.device_map, max_memory=opts.max_memory, moe=False)
+    with timings.stage("cost"):
+        c = serving_cost(loaded.model, loaded.adapter, gpu_memory=opts.gpu_memory, context=opts.context,
+                         batch=opts.serving_batch)
+    out = {"model": opts.model, "model_type": loaded.model.config.model_type, "moe": loaded.adapter is not None,
+           "cost": c.as_dict(), "table": cost_table(c)}
+    if opts.measure_serving:
+        with timings.stage("serving"):
+            out["measured"] = measure_serving(loaded.model, opts, opts.seed)
+    out["timings_s"] = timings
+    return out
+
+
+def prune(opts: PruneOptions) -> PruneResult | None:
     """load -> (validate) -> profile -> cluster -> merge -> save + verify -> report (+ eval, gate).
-    ``--out`` is checked and claimed first and held to the end (see ``output.claim``)."""
+    ``--out`` is checked and claimed first and held to the end (see ``output.claim``). Under
+    torchrun, ranks other than 0 profile their share and return None (``follow``)."""
     evaluating = opts.eval or opts.max_drop is not None
     check_options(opts, evaluating)
+    check_serving(opts)
     shard_size = parse_shard_size(opts.shard_size)
+    if distributed.follower():
+        return follow(opts, [opts.keep])
     with claim(opts.out, overwrite=opts.overwrite, inputs=run_inputs(opts)) as output:
         return _prune(opts, output, shard_size, evaluating)
 
 
 def _prune(opts: PruneOptions, output: Claim, shard_size: int, evaluating: bool) -> PruneResult:
     timings, out = Timings(), output.path
-    prep = prepare(opts, [opts.keep], timings, check_loaded=loaded_check(output, [opts.keep]))
+    checks = loaded_check(output, [opts.keep], dequantize=opts.dequantize)
+
+    def check_loaded(loaded: Loaded) -> None:
+        checks(loaded)
+        check_changes_stored(opts, loaded)
+
+    prep = prepare(opts, [opts.keep], timings, check_loaded=check_loaded)
     loaded, adapter = prep.loaded, prep.loaded.adapter
     evaluation = {}
     if evaluating:
@@ -584,8 +737,23 @@ def _prune(opts: PruneOptions, output: Claim, shard_size: int, evaluating: bool)
     with timings.stage("cluster"):
         method = method_used(prep, opts.method)
         plans = plan_all(prep, opts.keep, method, opts.seed)
+    dtype = str(loaded.model.dtype).removeprefix("torch.")
     before = {"params": parameter_count(loaded.model), "bytes": weight_bytes(loaded.model),
-              "cost": static_cost(loaded.model, adapter)}
+              "cost": static_cost(loaded.model, adapter), "format": dtype}
+    stored = loaded.quantized  # a quantized input: written back in its format, unless --dequantize
+    if stored is not None:
+        before.update(bytes=stored.stored_bytes, format=stored.format)
+        if opts.dequantize:
+            log.warning("--dequantize: writing %s in full precision (%s), not in its own %s, on purpose",
+                        opts.model, dtype, stored.format)
+            stored = None
+    as_input = (stored, adapter, plans) if stored is not None else None
+    fmt_after = before["format"] if stored is not None else (
+        f"{dtype} (dequantized from {before['format']})" if loaded.quantized is not None else dtype)
+    measured = {}
+    if opts.measure_serving:
+        with timings.stage("serving_before"):
+            measured["before"] = measure_serving(loaded.model, opts, opts.seed)
     # accelerate's map: module name -> GPU index, "cpu" or "disk"; else the one device
     device_map = getattr(loaded.model, "hf_device_map", None) or {"": input_device(loaded.model)}
     modules_per_device = dict(Counter(str(device) for device in device_map.values()))
@@ -609,7 +777,11 @@ def _prune(opts: PruneOptions, output: Claim, shard_size: int, evaluating: bool)
         gc.collect()  # accelerate's hooks make modules self-referencing: free the original now
     with timings.stage("cost"):  # the KV cache is the same before and after: attention is untouched
         kv = measure_kv(pruned)
-        costs = {"before": finish(before["cost"], kv), "after": finish(static_cost(pruned, adapter), kv)}
+        serve = dict(gpu_memory=opts.gpu_memory, context=opts.context, batch=opts.serving_batch)
+        costs = {"before": finish(before["cost"], kv, **serve), "after": finish(static_cost(pruned, adapter), kv, **serve)}
+    if opts.measure_serving:
+        with timings.stage("serving_after"):
+            measured["after"] = measure_serving(pruned, opts, opts.seed)
     if evaluating:
         with timings.stage("eval_after"):
             evaluation["after"] = run_eval(pruned, loaded.tokenizer, opts, opts.eval_limit, opts.seed)
@@ -623,8 +795,11 @@ def _prune(opts: PruneOptions, output: Claim, shard_size: int, evaluating: bool)
             "experts_before": prep.num_experts, "experts_after": opts.keep,
             "top_k_before": prep.top_k_before, "top_k_after": prep.top_k_after,
             "params_before": before["params"], "params_after": parameter_count(pruned),
-            "bytes_before": before["bytes"], "bytes_after": weight_bytes(pruned),
+            "bytes_before": before["bytes"], "bytes_after": weight_bytes(pruned),  # as stored (after: see save)
+            "format_before": before["format"], "format": fmt_after,
             "placement": modules_per_device,
+            "router_fingerprint": prep.profile.meta.get("router_fingerprint"),  # the parent's (uncurl monitor)
+            "source": str(loaded.source) if loaded.source is not None else None,  # the parent's folder, absolute
         },
         "method": method,  # what ran; "method_requested" when the default fell back
         **({"method_requested": opts.method} if method != opts.method else {}),
@@ -634,8 +809,9 @@ def _prune(opts: PruneOptions, output: Claim, shard_size: int, evaluating: bool)
         "layers": layer_entries(prep.profile, plans),
         **({"fit": fit_report} if fit_report is not None else {}),
         **({"recover": recovery.report} if recovery is not None else {}),
-        "cost": {"note": release_note(costs["before"], costs["after"]),
-                 **{k: c.as_dict() for k, c in costs.items()}},
+        "cost": {"note": release_note(costs["before"], costs["after"])
+                 + (f"; {serving_note(measured['before'], measured['after'])}" if measured else ""),
+                 **{k: c.as_dict() for k, c in costs.items()}, **({"measured": measured} if measured else {})},
         "output": str(out),
     }
     if evaluating:
@@ -646,7 +822,10 @@ def _prune(opts: PruneOptions, output: Claim, shard_size: int, evaluating: bool)
                           "passed": measured is not None and measured <= opts.max_drop}
     with output.staged() as tmp:
         with timings.stage("save"):
-            write_checkpoint(pruned, loaded.tokenizer, tmp, shard_size, extra_files=loaded.processor_files)
+            write_checkpoint(pruned, loaded.tokenizer, tmp, shard_size, extra_files=loaded.processor_files,
+                             as_input=as_input)
+        if as_input is not None:  # the bytes as stored, from the files written
+            report["model"]["bytes_after"] = stored_bytes(tmp)
         del pruned  # the checks below reload from disk: never hold both copies
         if hooked:
             gc.collect()

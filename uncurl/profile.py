@@ -160,6 +160,7 @@ class _Recorder:
         self.read, self.output, self.top_k = ROUTER_OUTPUTS[output], output, top_k
         self.mask: torch.Tensor | None = None
         self.tokens: torch.Tensor | None = None
+        self.listen = None  # listen(name, weights [n, k], indices [n, k]) per router call, padding removed (routes.py)
         self.logits: dict[str, torch.Tensor] = {}
         self.handles = [layer.router.register_forward_hook(self._hook(layer.name)) for layer in moe_layers]
         if router_logits is not None:
@@ -217,6 +218,8 @@ class _Recorder:
             keep = self._keep(logits.shape[0])
             if keep is not None:
                 logits, weights, indices = logits[keep], weights[keep], indices[keep]
+            if self.listen is not None:  # each token's top-k as the router chose it (tail slots included)
+                self.listen(name, weights, indices)
             if self.tail:  # router tail rows (adapter.tail_rows): count the experts only
                 e = self.stats[name].num_experts
                 routed = (indices < e) & (weights != 0)  # zaya returns a skip slot as expert 0, weight 0

@@ -55,11 +55,20 @@ class Timings(dict):
         log.info("%s done in %.1f s", name, self[name])
 
 
+def expected_after(counts: list, groups: list) -> list:
+    """The calibration counts of each new expert: its group's members' counts summed. Dropped
+    experts' slots are left out: where those tokens go instead is only known by routing them again."""
+    return [sum(counts[e] for e in g) for g in groups]
+
+
 def layer_entries(profile, plans) -> list[dict]:
-    """Per-layer usage statistics and the groups chosen for it."""
+    """Per-layer usage statistics, load balance and the groups chosen for it."""
+    from .stats import balance
+
     rows = []
     for name, stats in profile.layers.items():
         plan = plans[name]
+        counts = [int(c) for c in stats.counts.tolist()]
         rows.append(
             {
                 "name": name,
@@ -71,6 +80,8 @@ def layer_entries(profile, plans) -> list[dict]:
                 "groups": [list(g) for g in plan.groups],
                 "merge_weights": [[round(w, 6) for w in ws] for ws in plan.weights],
                 "dropped": sorted(set(range(stats.num_experts)) - {e for g in plan.groups for e in g}),
+                "balance_before": balance(counts),
+                "balance_after_expected": balance(expected_after(counts, plan.groups)),
             }
         )
     return sorted(rows, key=lambda r: r["index"])
@@ -101,6 +112,7 @@ def markdown(r: dict) -> str:
         f"| top-k | {m['top_k_before']} | {m['top_k_after']} |",
         f"| parameters | {m['params_before']:,} | {m['params_after']:,} |",
         f"| weight bytes | {m['bytes_before']:,} | {m['bytes_after']:,} |",
+        *([f"| format | {m['format_before']} | {m['format']} |"] if "format" in m else []),
         "",
         f"Method **{r['method']}** (merge: {r['merge']}, router rows: {r['router_rows']}), seed {r['seed']}, "
         f"{t['calibration_examples']} calibration examples ({t['tokens']:,} tokens, "
@@ -109,8 +121,8 @@ def markdown(r: dict) -> str:
         "",
         "## Per layer",
         "",
-        "| layer | tokens | most used (share) | groups (merged experts) | dropped |",
-        "|---|---|---|---|---|",
+        "| layer | tokens | most used (share) | groups (merged experts) | dropped | balance before | balance after (expected) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for layer in r["layers"]:
         freq = layer["frequency"]
@@ -118,13 +130,20 @@ def markdown(r: dict) -> str:
         groups = " ".join("{" + ",".join(map(str, g)) + "}" for g in layer["groups"])
         lines.append(
             f"| {layer['index']} | {layer['tokens']:,} | {top} ({freq[top]:.1%}) | {groups} | "
-            f"{', '.join(map(str, layer['dropped'])) or '-'} |"
+            f"{', '.join(map(str, layer['dropped'])) or '-'} | {balance_cell(layer.get('balance_before'))} | "
+            f"{balance_cell(layer.get('balance_after_expected'))} |"
         )
+    if r["layers"] and "balance_before" in r["layers"][0]:
+        lines += ["", BALANCE_NOTE]
     if "cost" in r:
         from .cost import Cost, cost_table
 
         lines += ["", "## Serving cost", "", f"{r['cost']['note']}.", "",
                   cost_table(Cost(**r["cost"]["before"]), Cost(**r["cost"]["after"]))]
+        if "measured" in r["cost"]:
+            from .serving import serving_table
+
+            lines += ["", serving_table(r["cost"]["measured"])]
     if "fit" in r:
         f = r["fit"]
         lines += ["", "## Output fit (--merge fit)", "",
@@ -158,6 +177,17 @@ def markdown(r: dict) -> str:
             lines += [f"![{name}]({r['files'][key]})", ""]
     lines += ["## Versions", "", ", ".join(f"{k} {v}" for k, v in r["versions"].items()), ""]
     return "\n".join(lines)
+
+
+BALANCE_NOTE = ("Balance: entropy of the expert-usage share / log E (1 = even), coefficient of variation of the "
+                "counts, largest share; before from the calibration profile's counts, after *expected*: each new "
+                "expert's members' calibration counts summed, dropped experts' slots left out (not routed again).")
+
+
+def balance_cell(b: dict | None) -> str:
+    if not b or b.get("entropy") is None:
+        return "-"
+    return f"H {b['entropy']:.3f}, CV {b['cv']:.2f}, max {b['max_share']:.1%}"
 
 
 def task_lines(t: dict) -> list[str]:

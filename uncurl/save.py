@@ -57,11 +57,18 @@ def expected_bytes(model, adapter: MoEAdapter, keep: int) -> int:
 
 
 def write_checkpoint(model, tokenizer, folder: Path, shard_size: str | int = SHARD_SIZE, *, stream: bool = True,
-                     extra_files=()) -> None:
+                     extra_files=(), as_input=None) -> None:
     """Safetensors shards of at most ``shard_size`` + index (transformers' names), config,
     generation config, tokenizer files, and ``extra_files`` (the input's processor files, see
-    ``load.PROCESSOR_FILES``) copied as they are. ``stream=False`` is plain ``save_pretrained``."""
-    if not (stream and stream_checkpoint(model, folder, shard_size)):
+    ``load.PROCESSOR_FILES``) copied as they are. ``stream=False`` is plain ``save_pretrained``.
+    ``as_input``: (``quant.Source``, adapter, plans) of a quantized input, written in its format
+    from its files (``quant.write_quantized``)."""
+    if as_input is not None:
+        from .quant import write_quantized
+
+        source, adapter, plans = as_input
+        write_quantized(model, adapter, plans, source, folder, shard_size)
+    elif not (stream and stream_checkpoint(model, folder, shard_size)):
         model.save_pretrained(folder, max_shard_size=shard_size)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
@@ -72,8 +79,9 @@ def write_checkpoint(model, tokenizer, folder: Path, shard_size: str | int = SHA
 
 # safetensors orders a file's tensors by dtype (this order), then by name
 _ST_DTYPES = {torch.int64: "I64", torch.float64: "F64", torch.float32: "F32", torch.int32: "I32",
-              torch.bfloat16: "BF16", torch.float16: "F16", torch.int16: "I16", torch.uint8: "U8",
-              torch.int8: "I8", torch.bool: "BOOL"}
+              torch.bfloat16: "BF16", torch.float16: "F16", torch.int16: "I16", torch.float8_e8m0fnu: "F8_E8M0",
+              torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.uint8: "U8", torch.int8: "I8",
+              torch.bool: "BOOL"}
 _ST_RANK = {d: i for i, d in enumerate(_ST_DTYPES)}
 
 
@@ -180,6 +188,14 @@ class _ShardWriter:
         self.file.seek(self.base + offset)
         self.file.write(memoryview(data.numpy()))
         self.missing.discard(name)
+
+
+def stored_bytes(folder: Path) -> int:
+    """The weight bytes of a checkpoint as its safetensors files store them (their headers' tensors)."""
+    from .load import checkpoint_files
+    from .quant import headers
+
+    return sum(spec.nbytes for spec in headers(checkpoint_files(folder)).values())
 
 
 def verify_checkpoint(folder: Path, adapter: MoEAdapter, expected_experts: int, expected_top_k: int, tokenizer,

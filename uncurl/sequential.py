@@ -27,9 +27,22 @@ list order, with the arguments of step 1 and the previous layer's outputs); a mo
 refused with an ``UncurlError`` naming what differs (a layer run twice, as looped stacks do; hidden
 states transformed between layers; an argument computed from earlier layers).
 
-Not covered yet: a model dispatched by accelerate with offloaded layers (the layers' weights are
-read per call, as in ``profile_model``), a disk cache for the hidden states, and feeding layer i+1
-with the PRUNED layer i's outputs.
+**Offloaded models** (``--device-map`` with CPU or disk offload): each decoder layer's weights
+are read once (``offload.onloaded``: onto the layer's execution device, its accelerate hooks told
+not to offload) and every batch runs through it, then they go back; the modules outside the layers
+that the inputs pass (embeddings, rotary) are read once on first use in step 1, and the forward of
+step 1 stops after the last layer (no final norm, no LM head). The check's one real forward reads
+the decoder layers' offloaded weights once more, so a profile reads about twice the offloaded
+bytes of the layers (the embeddings and the LM head once) whatever the number of batches (a
+whole-model pass: everything once per batch). Reads are counted in ``offload.READS``.
+
+**The cache**: between layers, each batch's hidden states (and what a layer hands to the next)
+are kept in CPU memory and moved to the layer's device for its turn; what step 1 captured besides
+them (masks, position embeddings) is kept in CPU memory too, one copy per batch however many
+layers share it. No disk cache: tokens x hidden x dtype bytes must fit in CPU memory.
+
+Not covered yet: feeding layer i+1 with the PRUNED layer i's outputs, and merging a layer while
+its weights are on the device (the merge reads the weights once more, ``merge.rewrite_model``).
 """
 
 from __future__ import annotations
@@ -42,6 +55,7 @@ from torch import nn
 from .adapters import MoEAdapter, find_moe_layers, language_stack, top_k
 from .errors import UncurlError
 from .load import input_device
+from .offload import Onload, onloaded
 from .profile import _Recorder, check_text_ids, indexed_batches, progress_bar, token_positions
 from .stats import Profile
 
@@ -103,15 +117,22 @@ def _forward(model, batch) -> None:
     model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=1, use_cache=False)
 
 
+class _Stop(Exception):
+    """Raised in the last decoder layer's stand-in: nothing after it is needed (norm, LM head)."""
+
+
 def layer_inputs(model, layers, batch, forms: list[int | None]) -> list[list[tuple[tuple, dict]]]:
     """What the model calls each decoder layer with on ``batch``, every layer the identity: per
     layer, one (args, kwargs) per call. ``forms``: what each layer returns, a tensor (None) or a
-    tuple of n (the identity returns the hidden states and n - 1 Nones)."""
+    tuple of n (the identity returns the hidden states and n - 1 Nones). The forward stops when
+    the last layer of the list is called."""
     calls: list[list] = [[] for _ in layers]
 
     def make(i, layer):
         def identity(*args, **kwargs):
             calls[i].append((args, kwargs))
+            if i == len(layers) - 1:
+                raise _Stop
             hidden = _hidden(args, kwargs)
             return hidden if forms[i] is None else (hidden, *[None] * (forms[i] - 1))  # nothing carried
 
@@ -120,10 +141,52 @@ def layer_inputs(model, layers, batch, forms: list[int | None]) -> list[list[tup
     try:
         with _layers_replaced(layers, make):
             _forward(model, batch)
+    except _Stop:
+        pass
     except Exception as err:  # noqa: BLE001 - whatever fails, the family's layers cannot be skipped
         raise UncurlError(f"{model.config.model_type}: its forward fails with the decoder layers skipped "
                           f"({type(err).__name__}: {err}), so its layers cannot be profiled one at a time") from err
     return calls
+
+
+def _moved(value, device, memo: dict):
+    """``value`` (tensors in tuples, lists, dicts) on ``device``; a tensor met twice is moved once."""
+    if isinstance(value, torch.Tensor):
+        if id(value) not in memo:
+            memo[id(value)] = value.to(device)
+        return memo[id(value)]
+    if isinstance(value, (tuple, list)):
+        moved = [_moved(v, device, memo) for v in value]
+        return type(value)(moved) if type(value) in (tuple, list) else type(value)(*moved)
+    if isinstance(value, dict):
+        return {k: _moved(v, device, memo) for k, v in value.items()}
+    return value
+
+
+def layer_device(layer: nn.Module) -> torch.device:
+    """Where ``layer`` runs: its accelerate hook's execution device, else its first tensor's."""
+    hook = getattr(layer, "_hf_hook", None)
+    if getattr(hook, "execution_device", None) is not None:
+        return torch.device(hook.execution_device)
+    tensor = next((t for t in [*layer.parameters(), *layer.buffers()] if t.device.type != "meta"), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+@contextmanager
+def _outer_onloaded(model, layers):
+    """Modules outside the decoder layers (embeddings, rotary) with offloaded weights read once, on
+    their first call, and kept on their device for the duration."""
+    prefixes = tuple(name + "." for name, _ in layers)
+    held, handles = Onload(), []
+    for name, module in model.named_modules():
+        if getattr(module, "_hf_hook", None) is not None and not (name + ".").startswith(prefixes):
+            handles.append(module.register_forward_pre_hook(lambda m, args: held.add(m, recurse=False)))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        held.release()
 
 
 def _real_calls(model, layers, batch) -> tuple[list[list], list[int]]:
@@ -258,9 +321,16 @@ def profile_sequential(
         names.append((batch["attention_mask"].reshape(-1).bool().to(device),
                       token_positions(batch["attention_mask"], [text_ids[r] for r in rows])))
         batches.append(batch.to(device))
-    used, forms, links = check_sequential(model, layers, batches[0])
-    inputs = [layer_inputs(model, layers, batch, forms) for batch in batches]  # [batch][layer] -> [(args, kwargs)]
-    outputs = [(_hidden(*calls[used[0]][0]),) for calls in inputs]  # per batch: the last layer's outputs
+    cpu = torch.device("cpu")
+    inputs, outputs = [], []  # [batch][layer] -> [(args, kwargs)]; per batch: the last layer's outputs
+    with _outer_onloaded(model, layers):
+        used, forms, links = check_sequential(model, layers, batches[0])
+        for batch in batches:
+            calls = layer_inputs(model, layers, batch, forms)
+            outputs.append((_hidden(*calls[used[0]][0]).to(cpu),))
+            memo: dict = {}  # per batch: a mask all layers share is one tensor in CPU memory
+            inputs.append([[_moved(_filled(*c, {HIDDEN: None}), cpu, memo) for c in layer_calls]
+                           for layer_calls in calls])
     recorder = _Recorder(moe_layers, moe_layers[0].num_experts, seed, tail=bool(adapter.tail_rows),
                          output=adapter.router_output, top_k=top_k(model.config, adapter),
                          router_logits=adapter.router_logits)
@@ -268,13 +338,15 @@ def profile_sequential(
         with progress_bar(progress, len(used) * len(batches), "profiling layer by layer") as advance:
             for i in used:
                 layer = layers[i][1]
-                for b in range(len(batches)):
-                    recorder.mask, recorder.tokens = names[b]
-                    values = {HIDDEN: outputs[b][0], **{s: outputs[b][k] for s, k in links.get(i, {}).items()}}
-                    args, kwargs = _filled(*inputs[b][i][0], values)
-                    outputs[b] = _outputs(layer(*args, **kwargs))
-                    inputs[b][i] = None  # this layer's arguments are no longer needed
-                    advance()
+                with onloaded(layer):  # an offloaded layer's weights: read once for every batch
+                    where = layer_device(layer)
+                    for b in range(len(batches)):
+                        recorder.mask, recorder.tokens = names[b]
+                        values = {HIDDEN: outputs[b][0], **{s: outputs[b][k] for s, k in links.get(i, {}).items()}}
+                        args, kwargs = _moved(_filled(*inputs[b][i][0], values), where, {})
+                        outputs[b] = _moved(_outputs(layer(*args, **kwargs)), cpu, {})
+                        inputs[b][i] = None  # this layer's arguments are no longer needed
+                        advance()
     finally:
         recorder.close()
     index = {layer.name: layer.index for layer in moe_layers}

@@ -321,6 +321,51 @@ class Profile:
         layers = {name: LayerStats.combine([p.layers[name] for p in profiles]) for name in first.layers}
         return cls(layers, dict(first.layer_index), meta)
 
+    @classmethod
+    def combine_shards(cls, profiles: Sequence["Profile"], names: Sequence[str] | None = None) -> "Profile":
+        """The profile of all texts from the files of ``uncurl profile --shard I/N``: each records
+        its shard (``meta["shard"]``); all N shards must be there, once each, of the same model
+        (router weights), task data, seed and max length (``combine``'s own checks add the layers)."""
+        profiles = list(profiles)
+        names = list(names or (f"profile {i + 1}" for i in range(len(profiles))))
+        if not profiles:
+            raise UncurlError("no shard profiles to combine")
+        shards = []
+        for name, p in zip(names, profiles):
+            shard = p.meta.get("shard")
+            if not isinstance(shard, dict):
+                raise UncurlError(f"{name} is not a shard profile (it records no --shard I/N): only the files of "
+                                  f"`uncurl profile --shard I/N` are combined")
+            shards.append(shard)
+        count = shards[0]["count"]
+        for name, shard in zip(names, shards):
+            if shard["count"] != count or shard.get("of") != shards[0].get("of"):
+                raise UncurlError(f"{name} is shard {shard['index']}/{shard['count']} of {shard.get('of')} texts, "
+                                  f"{names[0]} is of {count} shards of {shards[0].get('of')} texts: not one split")
+        seen: dict[int, str] = {}
+        for name, shard in zip(names, shards):
+            if shard["index"] in seen:
+                raise UncurlError(f"{name} and {seen[shard['index']]} are both shard {shard['index']}/{count}")
+            seen[shard["index"]] = name
+        missing = sorted(set(range(count)) - set(seen))
+        if missing:
+            raise UncurlError(f"shards {', '.join(f'{i}/{count}' for i in missing)} are missing: the {count} shards "
+                              f"must cover the calibration set (profile them with --shard I/{count})")
+        for key, what in (*((k, f"a {k!r}") for k in MUST_AGREE), ("router_fingerprint", "router weights"),
+                          ("task", "task data")):
+            values = [p.meta.get(key) for p in profiles]
+            for name, value in zip(names, values):
+                if value != values[0]:
+                    raise UncurlError(f"{name} was profiled with {what} other than {names[0]}'s ({value!r}, "
+                                      f"{values[0]!r}): "
+                                      f"shards of one profile share the model, task, seed and max length")
+        order = sorted(range(len(profiles)), key=lambda i: shards[i]["index"])
+        stripped = [cls(profiles[i].layers, profiles[i].layer_index,
+                        {k: v for k, v in profiles[i].meta.items() if k != "shard"}) for i in order]
+        combined = cls.combine(stripped)
+        combined.meta["shards"] = count
+        return combined
+
     @staticmethod
     def claim(path: str | Path, *, overwrite: bool = False):
         """Claim ``path`` for a profile before the expensive work (``output.claim``): refused if it
@@ -377,3 +422,20 @@ class Profile:
         header.pop("schema")
         header.pop("statistics", None)
         return cls(layers, index, header)
+
+
+def balance(counts) -> dict:
+    """Load balance of one layer from its expert-usage counts [E]: ``entropy`` of the usage share
+    normalised by log E (1: every expert used equally, 0: one expert takes every slot), ``cv`` the
+    coefficient of variation of the counts (population std / mean; 0 when balanced), and
+    ``max_share`` the largest expert's share of the slots (1/E when balanced)."""
+    c = torch.as_tensor(counts, dtype=torch.float64).reshape(-1)
+    e, total = c.numel(), float(c.sum())
+    if total <= 0 or e == 0:
+        return {"experts": e, "entropy": None, "cv": None, "max_share": None}
+    p = c / total
+    nz = p[p > 0]
+    entropy = float(-(nz * nz.log()).sum() / np.log(e)) if e > 1 else 1.0
+    mean = total / e
+    cv = float(((c - mean) ** 2).mean().sqrt() / mean)
+    return {"experts": e, "entropy": round(entropy, 6), "cv": round(cv, 6), "max_share": round(float(p.max()), 6)}

@@ -17,15 +17,15 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import distributed
 from .cluster import METHODS, get_method
 from .errors import UncurlError
 from .evaluate import METRICS, drop
 from .merge import MERGE_RULES, ROUTER_RULES, parameter_count, rewrite_model
 from .options import DEFAULT_MERGE, DEFAULT_METHOD, DEFAULT_ROUTER, EVAL, PRUNE, ints, names, opt
 from .output import claim
-from .pipeline import (RunOptions, base_report, check_options, fit_after_merge, loaded_check, method_used, plan_all,
-                       prepare,
-                       run_eval, run_inputs)
+from .pipeline import (RunOptions, base_report, check_options, fit_after_merge, follow, loaded_check, method_used,
+                       plan_all, prepare, run_eval, run_inputs)
 from .report import Timings
 from .save import verify_checkpoint, write_checkpoint
 
@@ -98,7 +98,7 @@ def cell_model(prep, model, method: str, merge: str, router: str, keep: int, see
     return pruned, plans
 
 
-def sweep(opts: SweepOptions, on_row=None, skip=None) -> dict:
+def sweep(opts: SweepOptions, on_row=None, skip=None) -> dict | None:
     """Run the sweep. ``on_row(row, unpruned)`` is called as each cell finishes (e.g. to save
     results as they come); ``skip(method, merge, router, keep)`` -> True leaves a cell out (e.g.
     one a resumed study already has)."""
@@ -107,6 +107,8 @@ def sweep(opts: SweepOptions, on_row=None, skip=None) -> dict:
                           "e.g. --keep 6,4,2 --method uncurl")
     opts.method, opts.merge, opts.router_rows = (",".join(v) for v in (opts.methods, opts.merges, opts.routers))
     check_options(opts, evaluating=True)
+    if distributed.follower():  # a rank other than 0 under torchrun: its share of the profile only
+        return follow(opts, list(opts.keeps))
     with claim(opts.out, overwrite=opts.overwrite, inputs=run_inputs(opts)) as output:  # held to the end
         return _sweep(opts, output, on_row, skip)
 
@@ -136,7 +138,9 @@ def _sweep(opts: SweepOptions, output, on_row, skip) -> dict:
                            "groups": {layer: [list(g) for g in p.groups] for layer, p in plans.items()}}
                     if opts.keep_checkpoints:
                         folder = tmp / "checkpoints" / f"{name.replace('/', '-')}-k{keep}"
-                        write_checkpoint(pruned, tok, folder, extra_files=prep.loaded.processor_files)
+                        stored = prep.loaded.quantized  # a quantized input: written in its format
+                        write_checkpoint(pruned, tok, folder, extra_files=prep.loaded.processor_files,
+                                         as_input=(stored, prep.loaded.adapter, plans) if stored else None)
                         verify_checkpoint(folder, prep.loaded.adapter, keep, prep.top_k_after, tok,
                                           prep.loaded.placement)
                         row["checkpoint"] = str(out / "checkpoints" / folder.name)
