@@ -152,3 +152,15 @@ def test_prune_merge_fit_end_to_end(tmp_path):
     assert fit["ridge"] == 1e-3 and len(fit["layers"]) == len(r.report["layers"]) == 2
     assert all(v["error_after"] <= v["error_before"] for v in fit["layers"].values())
     assert r.report["checks"]
+
+
+def test_fit_and_recover_on_a_quantized_input_need_dequantize(data_dir, tmp_path, tmp_path_factory):
+    """A quantized input is written back with its kept bytes as stored: a fit or a recovery would be lost."""
+    from tests.test_quant import FAMILIES as QUANT, cli_prune, fp8_dirs, nothing_written
+
+    family = next(iter(QUANT))
+    model = fp8_dirs.__wrapped__(tmp_path_factory)(family)[0]
+    for extra in (["--merge", "fit", "--method", "uncurl"], ["--recover", "1"]):
+        res = cli_prune(model, tmp_path / "o", data_dir, *extra)
+        assert res.exit_code == 2 and "--dequantize" in res.output, res.output
+        assert nothing_written(tmp_path / "o")
