@@ -4,8 +4,9 @@
     result = prune(PruneOptions(model="builtin:mixtral", task="superglue-rte", keep=4,
                                 out="runs/rte-k4", data_dir="../shared/data"))
 
-``prune`` = load -> validate -> profile -> cluster -> merge -> save + verify -> report, with an
-optional evaluation before and after (and a gate on the drop). ``sweep`` (in ``sweep.py``) reuses
+``prune`` = load -> validate -> profile -> cluster -> merge (-> fit with ``--merge fit``, ``fit.py``;
+-> recover with ``--recover``, ``recover.py``) -> save + verify -> report, with an optional
+evaluation before and after (and a gate on the drop). ``sweep`` (in ``sweep.py``) reuses
 the same preparation once for many (method, K) pairs.
 """
 
@@ -28,12 +29,14 @@ from .cluster import METHODS, LayerPlan, get_method, plan_layer, validate_keep
 from .cost import cost_table, finish, measure_kv, release_note, serving_cost, static_cost
 from .errors import UncurlError
 from .evaluate import METRICS, drop, evaluate_examples
+from .fit import fit_model
 from .load import Loaded, check_family, input_device, load_model
 from .merge import MERGE_RULES, ROUTER_RULES, get_rule, parameter_count, rewrite_model, weight_bytes
 from .offload import dispatched
 from .options import (DATA, DEFAULT_MERGE, DEFAULT_METHOD, DEFAULT_ROUTER, EVAL, MODEL, PRUNE, RUN, STUDY_EVIDENCE,
                       choices_help, items, opt)
 from .profile import Profile, profile_model, router_fingerprint, shard_range
+from .recover import recover
 from .sequential import profile_sequential
 from .report import REPORT_SCHEMA, Timings, command_line, layer_entries, versions, write_report
 from .output import Claim, claim
@@ -210,6 +213,14 @@ class PruneOptions(RunOptions, ServingOptions):
              "--dtype), without quantization_config, on purpose; also accepts schemes uncurl cannot write back, when "
              "transformers dequantizes them on load. Default: an FP8 block-scaled or MXFP4 input is written in its "
              "own format, kept experts byte for byte (merged ones quantized again); other schemes are refused.")
+    recover: int = opt(
+        0, "--recover", panel=PRUNE, min=0,
+        help="After merging, train the pruned model's routers for this many steps (one calibration batch each; "
+             "Adam, lr 1e-3) to match the parent's next-token distribution (KL on the logits) on the calibration "
+             "texts only; seeded. With --eval the recovered weights are kept only if the task loss did not rise "
+             "(the report says which). The parent is held in memory meanwhile. 0: off.")
+    recover_experts: bool = opt(
+        False, panel=PRUNE, help="With --recover: train the MoE experts' weights too (lr 1e-4).")
 
 
 @dataclass
@@ -497,9 +508,16 @@ def check_options(opts: RunOptions, evaluating: bool) -> None:
     for method in opts.method.split(","):
         get_method(method)
     for merge in opts.merge.split(","):
-        get_rule(MERGE_RULES, merge, "--merge")
+        if get_rule(MERGE_RULES, merge, "--merge").fit and opts.device_map:
+            raise UncurlError(f"--merge {merge} does not run under --device-map yet (it holds the original model "
+                              f"beside the merged one); use --merge aligned, or a device that holds the model")
     for rule in opts.router_rows.split(","):
         get_rule(ROUTER_RULES, rule, "--router")
+    if getattr(opts, "recover", 0) < 0:
+        raise UncurlError(f"--recover {opts.recover} must be a number of steps >= 0 (0: no recovery)")
+    if getattr(opts, "recover", 0) and opts.device_map:
+        raise UncurlError("--recover does not run under --device-map yet (it trains beside the parent model); "
+                          "use a device that holds both")
     if opts.metric not in METRICS:
         raise UncurlError(f"--metric {opts.metric!r} is not one of {', '.join(METRICS)}")
     for name, flag in DROP_BOUNDS.items():
@@ -596,6 +614,53 @@ def plan_all(prep: Prepared, keep: int, method: str, seed: int) -> dict[str, Lay
     return {name: plan_layer(stats, keep, method, prep.n_group, seed) for name, stats in prep.profile.layers.items()}
 
 
+def fit_after_merge(loaded: Loaded, pruned, plans: dict[str, LayerPlan], opts: RunOptions) -> dict:
+    """``--merge fit``: ``pruned``'s down projections fitted (in place) to ``loaded.model``'s routed
+    outputs on the calibration texts (``fit.fit_model``); the report's ``fit`` entry."""
+    texts, _ = calibration_texts(opts, opts.seed, loaded.tokenizer)
+    return fit_model(loaded.model, pruned, loaded.adapter, plans, loaded.tokenizer, texts, batch_size=opts.batch_size,
+                     max_length=opts.max_length, progress=opts.progress)
+
+
+def recover_after_merge(loaded: Loaded, pruned, opts: "PruneOptions"):
+    """``--recover STEPS``: distil ``loaded.model``'s logits into ``pruned`` on the calibration texts
+    (``recover.recover``); returns the ``Recovery`` (report entry, and a way back)."""
+    texts, _ = calibration_texts(opts, opts.seed, loaded.tokenizer)
+    return recover(pruned, loaded.model, loaded.adapter, loaded.tokenizer, texts, steps=opts.recover, seed=opts.seed,
+                   experts=opts.recover_experts, batch_size=opts.batch_size, max_length=opts.max_length,
+                   progress=opts.progress)
+
+
+def check_changes_stored(opts: "PruneOptions", loaded: Loaded) -> None:
+    """A quantized input is written back with its kept experts' and routers' bytes as they were
+    stored (``quant.py``): what ``--merge fit`` and ``--recover`` change there would be lost, so they
+    need ``--dequantize``. Runs once the model is loaded, before profiling."""
+    if loaded.quantized is None or opts.dequantize:
+        return
+    for used, flag in ((MERGE_RULES[opts.merge].fit, f"--merge {opts.merge}"), (opts.recover, "--recover")):
+        if used:
+            raise UncurlError(f"{flag} changes kept experts and routers, which a {loaded.quantized.format} checkpoint "
+                              f"is written back with byte for byte: add --dequantize to write it in full precision")
+
+
+def judge_recovery(recovery, evaluation: dict) -> None:
+    """With --eval: keep the recovered weights only if the task loss did not rise over the merged
+    model's (``evaluation["merged"]``); else put the merged weights back and say so in the report."""
+    merged, after = evaluation["merged"]["loss"], evaluation["after"]["loss"]
+    rep = recovery.report
+    rep["task_loss"] = {"before_recovery": merged, "after_recovery": after}
+    rep["kept"] = not after > merged
+    if not rep["kept"]:
+        recovery.restore()
+        evaluation["recovered_discarded"] = evaluation["after"]
+        evaluation["after"] = evaluation["merged"]
+        rep["note"] = (f"recovery raised the task loss ({merged:.4f} -> {after:.4f} on the evaluation split): the "
+                       f"checkpoint is the model before recovery")
+        log.warning("--recover: %s", rep["note"])
+    else:
+        rep["note"] = f"recovery changed the task loss {merged:.4f} -> {after:.4f} on the evaluation split: kept"
+
+
 def base_report(opts: RunOptions, prep: Prepared, timings: Timings) -> dict:
     return {
         "schema_version": REPORT_SCHEMA,
@@ -663,8 +728,13 @@ def prune(opts: PruneOptions) -> PruneResult | None:
 
 def _prune(opts: PruneOptions, output: Claim, shard_size: int, evaluating: bool) -> PruneResult:
     timings, out = Timings(), output.path
-    prep = prepare(opts, [opts.keep], timings,
-                   check_loaded=loaded_check(output, [opts.keep], dequantize=opts.dequantize))
+    checks = loaded_check(output, [opts.keep], dequantize=opts.dequantize)
+
+    def check_loaded(loaded: Loaded) -> None:
+        checks(loaded)
+        check_changes_stored(opts, loaded)
+
+    prep = prepare(opts, [opts.keep], timings, check_loaded=check_loaded)
     loaded, adapter = prep.loaded, prep.loaded.adapter
     evaluation = {}
     if evaluating:
@@ -694,10 +764,20 @@ def _prune(opts: PruneOptions, output: Claim, shard_size: int, evaluating: bool)
     device_map = getattr(loaded.model, "hf_device_map", None) or {"": input_device(loaded.model)}
     modules_per_device = dict(Counter(str(device) for device in device_map.values()))
     hooked = dispatched(loaded.model)  # then a collection is what frees a model, not `del`
-    with timings.stage("merge"):
+    fitting = MERGE_RULES[opts.merge].fit
+    with timings.stage("merge"):  # originals are freed layer by layer (never two copies), unless fit or recovery
         pruned = rewrite_model(loaded.model, adapter, plans, router_rule=opts.router_rows, merge=opts.merge,
-                               stats=prep.profile.layers, top_k=opts.top_k,
-                               consume=True)  # originals are freed layer by layer: never two copies
+                               stats=prep.profile.layers, top_k=opts.top_k, consume=not (fitting or opts.recover))
+    fit_report = recovery = None
+    if fitting:
+        with timings.stage("fit"):
+            fit_report = fit_after_merge(loaded, pruned, plans, opts)
+    if opts.recover:
+        if evaluating:
+            with timings.stage("eval_merged"):
+                evaluation["merged"] = run_eval(pruned, loaded.tokenizer, opts, opts.eval_limit, opts.seed)
+        with timings.stage("recover"):
+            recovery = recover_after_merge(loaded, pruned, opts)
     loaded.model = None
     if hooked:
         gc.collect()  # accelerate's hooks make modules self-referencing: free the original now
@@ -711,6 +791,8 @@ def _prune(opts: PruneOptions, output: Claim, shard_size: int, evaluating: bool)
     if evaluating:
         with timings.stage("eval_after"):
             evaluation["after"] = run_eval(pruned, loaded.tokenizer, opts, opts.eval_limit, opts.seed)
+        if recovery is not None:
+            judge_recovery(recovery, evaluation)
         evaluation["drop"] = {m: drop(evaluation["before"], evaluation["after"], m) for m in METRICS}
     report = {
         **base_report(opts, prep, timings),
@@ -731,6 +813,8 @@ def _prune(opts: PruneOptions, output: Claim, shard_size: int, evaluating: bool)
         "router_rows": opts.router_rows,
         "keep": opts.keep,
         "layers": layer_entries(prep.profile, plans),
+        **({"fit": fit_report} if fit_report is not None else {}),
+        **({"recover": recovery.report} if recovery is not None else {}),
         "cost": {"note": release_note(costs["before"], costs["after"])
                  + (f"; {serving_note(measured['before'], measured['after'])}" if measured else ""),
                  **{k: c.as_dict() for k, c in costs.items()}, **({"measured": measured} if measured else {})},

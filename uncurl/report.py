@@ -144,6 +144,27 @@ def markdown(r: dict) -> str:
             from .serving import serving_table
 
             lines += ["", serving_table(r["cost"]["measured"])]
+    if "fit" in r:
+        f = r["fit"]
+        lines += ["", "## Output fit (--merge fit)", "",
+                  f"Down projections fitted to {f['target']} on the calibration tokens; ridge {f['ridge']:g} x the "
+                  f"mean diagonal of the Gram matrix. {f.get('note', '')}".rstrip(), ""]
+        if f["layers"]:
+            lines += ["| layer | solve | relative error before | after | step | experts fitted / left |",
+                      "|---|---|---|---|---|---|"]
+            lines += [f"| {name} | {v['solve']} | {v['error_before']:.4f} | {v['error_after']:.4f} | {v['step']:.3f} | "
+                      f"{v['fitted']} / {v['unfitted']} |" for name, v in f["layers"].items()]
+    if "recover" in r:
+        rec = r["recover"]
+        curve = rec.get("loss_curve") or []
+        lines += ["", "## Recovery (--recover)", "",
+                  f"{rec['steps']} steps training the {rec['trains']} ({rec['parameters']:,} parameters) on {rec['loss']}"
+                  + (f": {curve[0]:.4f} -> {curve[-1]:.4f} in {rec['seconds']:.1f} s on {rec.get('device')}" if curve
+                     else "") + ".", ""]
+        if "note" in rec:
+            lines += [f"**{rec['note'][0].upper()}{rec['note'][1:]}.**", ""]
+        elif curve:
+            lines += ["Not evaluated (run with `--eval` to keep it only if the task loss does not rise).", ""]
     if "eval" in r:
         lines += ["", "## Evaluation", "", eval_table(r["eval"])]
     if "gate" in r:

@@ -24,8 +24,8 @@ from .evaluate import METRICS, drop
 from .merge import MERGE_RULES, ROUTER_RULES, parameter_count, rewrite_model
 from .options import DEFAULT_MERGE, DEFAULT_METHOD, DEFAULT_ROUTER, EVAL, PRUNE, ints, names, opt
 from .output import claim
-from .pipeline import (RunOptions, base_report, check_options, follow, loaded_check, method_used, plan_all, prepare,
-                       run_eval, run_inputs)
+from .pipeline import (RunOptions, base_report, check_options, fit_after_merge, follow, loaded_check, method_used,
+                       plan_all, prepare, run_eval, run_inputs)
 from .report import Timings
 from .save import verify_checkpoint, write_checkpoint
 
@@ -83,12 +83,18 @@ def parse_label(name: str) -> tuple[str, str, str]:
     return method, merge, router
 
 
-def cell_model(prep, model, method: str, merge: str, router: str, keep: int, seed: int, top_k: int | None = None):
+def cell_model(prep, model, method: str, merge: str, router: str, keep: int, seed: int, top_k: int | None = None,
+               opts=None):
     """One cell's pruned model (``model`` is left as it is) and its plans; a criterion's singletons
-    ("-" merge and router) are kept as they are."""
+    ("-" merge and router) are kept as they are. A fitting merge rule (``--merge fit``) fits on
+    ``opts``' calibration texts."""
     plans = plan_all(prep, keep, method, seed)
     pruned = rewrite_model(model, prep.loaded.adapter, plans, router_rule="mean" if router == "-" else router,
                            merge="select" if merge == "-" else merge, stats=prep.profile.layers, top_k=top_k)
+    if merge != "-" and MERGE_RULES[merge].fit:
+        if opts is None:
+            raise ValueError(f"--merge {merge} needs the run's options (its calibration texts)")
+        fit_after_merge(prep.loaded, pruned, plans, opts)
     return pruned, plans
 
 
@@ -124,7 +130,7 @@ def _sweep(opts: SweepOptions, output, on_row, skip) -> dict:
                     continue
                 name = label(method, merge, router)
                 with timings.stage(f"{name}-k{keep}"):
-                    pruned, plans = cell_model(prep, model, used, merge, router, keep, opts.seed, opts.top_k)
+                    pruned, plans = cell_model(prep, model, used, merge, router, keep, opts.seed, opts.top_k, opts)
                     metrics = run_eval(pruned, tok, opts, opts.eval_limit, opts.seed)
                     row = {"method": used, **({"method_requested": method} if used != method else {}), "merge": merge, "router": router, "label": name, "keep": keep,
                            "params": parameter_count(pruned), **metrics,

@@ -1,0 +1,123 @@
+"""Does fitting merged experts to the layer's output, or recovery by distillation, beat pruning alone?
+
+    .venv/bin/python examples/study_fit.py --model ~/.cache/uncurl/smoe-mixtral-8x/model \\
+        --task superglue-rte --keep 4 --recover 60 --out benchmarks/results/fit_recover_study.json
+
+One profile of the task's calibration split; then, at one K, the grouping ``uncurl`` with merges
+select / aligned / fit (router refit) and the criterion ``ean`` alone and with ``fit``, each without
+and with ``--recover STEPS`` (routers only, the default learning rate) at a fixed budget. Every
+model is scored on the same evaluation examples, so differences of task loss are paired: their
+standard errors are examples/paired_loss.py's (ratio estimator over examples). Recovery and the fit
+see only the calibration texts. Writes ``--out`` (JSON) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from paired_loss import ratio_stderr  # noqa: E402
+from uncurl.fit import layer_errors  # noqa: E402
+from uncurl.merge import MERGE_RULES, rewrite_model  # noqa: E402
+from uncurl.pipeline import RunOptions, calibration_texts, fit_after_merge, plan_all, prepare, run_eval  # noqa: E402
+from uncurl.recover import recover  # noqa: E402
+from uncurl.report import Timings, versions  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CELLS = [("uncurl", "select", "refit"), ("uncurl", "aligned", "refit"), ("uncurl", "fit", "refit"),
+         ("ean", "select", "mean"), ("ean", "fit", "mean")]  # a criterion's "select" keeps its experts as they are
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--task", default="superglue-rte")
+    ap.add_argument("--keep", type=int, default=4)
+    ap.add_argument("--recover", type=int, default=60, help="recovery steps (one calibration batch each)")
+    ap.add_argument("--samples", type=int, default=128)
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--eval-limit", type=int, default=None)
+    ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+
+    opts = RunOptions(model=args.model, task=args.task, data_dir=args.data_dir, samples=args.samples,
+                      max_length=args.max_length, batch_size=args.batch_size, seed=args.seed,
+                      eval_limit=args.eval_limit, eval_max_length=512)
+    timings = Timings()
+    prep = prepare(opts, [args.keep], timings)
+    model, tok, adapter = prep.loaded.model, prep.loaded.tokenizer, prep.loaded.adapter
+    texts, _ = calibration_texts(opts, opts.seed, tok)
+
+    def scored(m) -> tuple[list[float], list[int], dict]:
+        ev = run_eval(m, tok, opts, args.eval_limit, args.seed, per_example=True)
+        rows = ev.pop("examples")
+        return [r["nll"] for r in rows], [r["tokens"] for r in rows], ev
+
+    results, nll = {}, {}
+    nll["unpruned"], tokens, ev = scored(model)
+    results["unpruned"] = {k: ev[k] for k in ("acc", "loss", "n") if k in ev}
+    for method, merge, router in CELLS:
+        for steps in (0, args.recover):
+            name = f"{method}/{merge}" + (f"+recover{steps}" if steps else "")
+            start = time.perf_counter()
+            plans = plan_all(prep, args.keep, method, args.seed)
+            pruned = rewrite_model(model, adapter, plans, router_rule=router, merge=merge, stats=prep.profile.layers)
+            entry = {}
+            if MERGE_RULES[merge].fit:
+                fit = fit_after_merge(prep.loaded, pruned, plans, opts)
+                entry["fit_error"] = {n: [round(v["error_before"], 4), round(v["error_after"], 4)]
+                                      for n, v in fit["layers"].items()}
+            else:
+                entry["layer_error"] = {n: round(v, 4) for n, v in
+                                        layer_errors(model, pruned, adapter, tok, texts[:32]).items()}
+            if steps:
+                rec = recover(pruned, model, adapter, tok, texts, steps=steps, seed=args.seed,
+                              batch_size=args.batch_size, max_length=args.max_length)
+                curve = rec.report["loss_curve"]
+                entry["recover"] = {"steps": steps, "kl_first5": sum(curve[:5]) / 5, "kl_last5": sum(curve[-5:]) / 5,
+                                    "seconds": rec.report["seconds"]}
+            nll[name], _, ev = scored(pruned)
+            entry.update({k: ev[k] for k in ("acc", "loss") if k in ev})
+            entry["seconds"] = round(time.perf_counter() - start, 1)
+            results[name] = entry
+            print(f"{name:28s} loss {ev['loss']:.4f} acc {ev.get('acc', float('nan')):.4f} ({entry['seconds']} s)",
+                  flush=True)
+            del pruned
+
+    n = len(tokens)
+    table = {name: dict(zip(("loss", "stderr"), ratio_stderr(v, tokens))) for name, v in nll.items()}
+
+    def paired(a, b):
+        d, se = ratio_stderr([x - y for x, y in zip(nll[a], nll[b])], tokens)
+        return {"diff": round(d, 6), "stderr": round(se, 6)}
+
+    base = "ean/select"
+    diffs = {f"{a} - {base}": paired(a, base) for a in nll if a not in (base, "unpruned")}
+    diffs.update({f"{a}+recover{args.recover} - {a}": paired(f"{a}+recover{args.recover}", a)
+                  for a in (f"{m}/{g}" for m, g, _ in CELLS)})
+    diffs.update({f"{a} - unpruned": paired(a, "unpruned") for a in nll if a != "unpruned"})
+    out = {"model": args.model, "task": args.task, "keep": args.keep, "n": n, "tokens": sum(tokens),
+           "samples": args.samples, "recover_steps": args.recover, "seed": args.seed,
+           "cells": [list(c) for c in CELLS], "results": results,
+           "loss": {k: {"loss": round(v["loss"], 6), "stderr": round(v["stderr"], 6)} for k, v in table.items()},
+           "paired_differences": diffs, "timings_s": timings, "versions": versions(),
+           "threads": torch.get_num_threads()}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=1, default=str) + "\n")
+    print(f"{args.task}, K={args.keep}, n={n}: task loss ± paired standard error")
+    for k, v in diffs.items():
+        print(f"  {k:50s} {v['diff']:+.4f} ± {v['stderr']:.4f}")
+
+
+if __name__ == "__main__":
+    main()
