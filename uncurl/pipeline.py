@@ -213,14 +213,14 @@ class PruneOptions(RunOptions, ServingOptions):
              "--dtype), without quantization_config, on purpose; also accepts schemes uncurl cannot write back, when "
              "transformers dequantizes them on load. Default: an FP8 block-scaled or MXFP4 input is written in its "
              "own format, kept experts byte for byte (merged ones quantized again); other schemes are refused.")
-    recover: int = opt(
-        0, "--recover", panel=PRUNE, min=0,
+    recover: int = opt(  # >= 0, checked in check_options (a min= range would crowd --help's Pruning panel)
+        0, "--recover", panel=PRUNE,
         help="After merging, train the pruned model's routers for this many steps (one calibration batch each; "
              "Adam, lr 1e-3) to match the parent's next-token distribution (KL on the logits) on the calibration "
              "texts only; seeded. With --eval the recovered weights are kept only if the task loss did not rise "
              "(the report says which). The parent is held in memory meanwhile. 0: off.")
     recover_experts: bool = opt(
-        False, panel=PRUNE, help="With --recover: train the MoE experts' weights too (lr 1e-4).")
+        False, "--recover-experts", panel=PRUNE, help="With --recover: train the MoE experts' weights too (lr 1e-4).")
 
 
 @dataclass

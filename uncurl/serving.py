@@ -47,7 +47,7 @@ class ServingOptions:
     serving_batch: int = opt(DEFAULT_BATCH, panel=SERVING, min=1,
                              help="Sequences served at once, for the KV cache (and --measure-serving).")
     measure_serving: bool = opt(
-        False, panel=SERVING,
+        False, "--measure-serving", panel=SERVING,
         help="Also time the model on this run's device (prune: before and after): prefill and decode tokens/s "
              "at --serving-batch x --context and peak memory (CUDA; n/a on CPU), over --serving-repeats repeats "
              "(min/median/max), stopping after --serving-seconds.")
