@@ -46,7 +46,6 @@ TRANSPOSED_INTERLEAVED = (  # gpt_oss: [E,H,2I] gate/up interleaved (+ bias [E,2
     NeuronAxis("gate_up_proj", 1, "interleaved"), NeuronAxis("gate_up_proj_bias", 0, "interleaved"),
     NeuronAxis("down_proj", 0),
 )
-TRANSPOSED_GATED = (NeuronAxis("gate_up_proj", 1, "concat"), NeuronAxis("down_proj", 0))  # [E,H,2I], [E,I,H] (aria)
 
 
 @dataclass(frozen=True)
