@@ -29,6 +29,10 @@ on what the weights learned), then measures on the same batches:
   bytes of offloaded weights read (``offload.READS``, accelerate's own reads counted too) over the
   checkpoint's bytes, and wall time over the resident run's. One run each (weights in the page cache:
   the cheapest case for the whole-model pass).
+- an FP8 checkpoint against its dequantized twin (`--only quantized`, --quant-hidden, default a
+  qwen3_moe of ~30 MB in FP8): `uncurl prune --keep 8` of each with `reap` (copies the kept experts'
+  FP8 bytes) and `uncurl` (re-quantizes merged experts), in fresh processes: wall time, peak RSS and
+  bytes written, min/median/max of --repeats runs, and FP8 over twin.
 Each timing figure is the median of --repeats runs. Writes benchmarks/results/bench.json.
 """
 
@@ -187,8 +191,10 @@ def prune_memory_child(arg: str) -> None:
     """In a fresh process: `prune` of the checkpoint in ``folder``; peak RSS per stage, wall time."""
     from uncurl.pipeline import PruneOptions, prune
 
-    folder, batch, max_memory = arg.split("::")
+    folder, batch, max_memory, *method = arg.split("::")
     PRUNE_ARGS["batch_size"] = int(batch)
+    if method:
+        PRUNE_ARGS["method"] = method[0]
     PRUNE_ARGS["device"] = str(DEVICE)
     placement = {"device_map": "auto", "max_memory": max_memory, "device": "auto"} if max_memory else {}
     base = warm_up()
@@ -203,6 +209,8 @@ def prune_memory_child(arg: str) -> None:
                       "peak_mb": round(max(peaks.values()) - base, 1), "seconds": wall,
                       "peak_anon_mb": round(anon.peak - base_anon, 1),
                       "stage_seconds": result.report["timings_s"], "weight_bytes": result.report["model"]["bytes_before"],
+                      "weight_bytes_after": result.report["model"]["bytes_after"],
+                      "format": result.report["model"].get("format"),
                       "placement": result.report["model"]["placement"], "gpu_peak_mb": gpu_peak_mb()}))
 
 
@@ -416,7 +424,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="default: benchmarks/results/bench.json (bench-cuda.json on a GPU)")
     ap.add_argument("--prune-hidden", type=int, default=768, help="hidden size of the prune-memory model")
     ap.add_argument("--pipeline-hidden", type=int, default=256, help="hidden size of the pipelines model")
-    ap.add_argument("--only", choices=["ratios", "profile_memory", "prune_memory", "scaling", "pipelines"],
+    ap.add_argument("--quant-hidden", type=int, default=512, help="hidden size of the FP8-vs-twin model")
+    ap.add_argument("--only", choices=["ratios", "profile_memory", "prune_memory", "scaling", "pipelines", "quantized"],
                     help="run one part (others kept)")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda[:N] to benchmark on a GPU (host RSS is "
                     "still measured; GPU peaks are added as gpu_peak_mb)")
@@ -447,6 +456,7 @@ def main() -> None:
         "prune_memory": lambda: prune_memory(args.prune_hidden, args.repeats),
         "scaling": lambda: scaling(args.repeats),
         "pipelines": lambda: pipelines(args.pipeline_hidden),
+        "quantized": lambda: quantized(args.quant_hidden, args.repeats),
     }
     result = json.loads(args.out.read_text()) if args.only and args.out.is_file() else {}
     result["machine"] = {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
@@ -467,7 +477,84 @@ def stage_line(run: dict) -> str:
     return "    stage peaks (MB): " + ", ".join(f"{k} {v:.0f}" for k, v in run["stage_peak_mb"].items())
 
 
+def fp8_twin(folder: Path, block: int = 128) -> tuple[Path, Path]:
+    """``folder``'s checkpoint written twice: in DeepSeek-V3's FP8 layout (every linear weight but
+    the head as float8_e4m3fn with 128x128 ``weight_scale_inv`` blocks) and as its dequantized twin
+    (the same values in bfloat16), side by side."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from uncurl.quant import CODECS
+
+    qc = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [block, block],
+          "modules_to_not_convert": ["lm_head"]}
+    codec, state = CODECS["fp8"], load_file(str(folder / "model.safetensors"))
+    like = (torch.empty(0, dtype=torch.float8_e4m3fn), torch.empty(0, dtype=torch.float32))
+    fp8, twin = {}, {}
+    for name, t in state.items():
+        if name.endswith(".weight") and t.dim() == 2 and "norm" not in name and "embed" not in name \
+                and not name.startswith("lm_head") and not name.endswith(".gate.weight"):
+            q, scale = codec.quantize(t, like, qc)
+            fp8[name], fp8[name.removesuffix("weight") + "weight_scale_inv"] = q, scale
+            twin[name] = codec.dequantize(q, (scale,), qc).to(torch.bfloat16)
+        else:
+            fp8[name] = twin[name] = t.to(torch.bfloat16)
+    out = []
+    for kind, tensors in (("fp8", fp8), ("twin", twin)):
+        dst = folder.parent / kind
+        shutil.copytree(folder, dst, ignore=shutil.ignore_patterns("*.safetensors"))
+        save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+        config = json.loads((dst / "config.json").read_text())
+        config["dtype"] = "bfloat16"
+        if kind == "fp8":
+            config["quantization_config"] = qc
+        (dst / "config.json").write_text(json.dumps(config, indent=2))
+        out.append(dst)
+    return out[0], out[1]
+
+
+def quantized(hidden: int, repeats: int) -> dict:
+    """`uncurl prune` of an FP8 block-scaled qwen3_moe and of its dequantized bf16 twin, each in fresh
+    processes: peak RSS, wall time, bytes in and out; a criterion (copies the kept experts' FP8
+    bytes) and a merge (re-quantizes the merged experts)."""
+    model, tok = build_tiny("qwen3_moe", hidden_size=hidden, intermediate_size=2 * hidden, moe_intermediate_size=hidden // 2,
+                            num_hidden_layers=4, num_experts=16, num_attention_heads=8, num_key_value_heads=8,
+                            head_dim=hidden // 8)
+    with tempfile.TemporaryDirectory(dir=ROOT / "benchmarks") as d:
+        folder = Path(d) / "plain"
+        model.save_pretrained(folder)
+        tok.save_pretrained(folder)
+        del model
+        fp8, twin = fp8_twin(folder)
+        out = {"model": f"qwen3_moe hidden {hidden}, 4 layers, 16 experts of {hidden // 2}, keep {PRUNE_ARGS['keep']}",
+               "prune_args": PRUNE_ARGS,
+               "bytes": {k: sum(f.stat().st_size for f in p.glob("*.safetensors")) for k, p in (("fp8", fp8), ("twin", twin))}}
+        for method in ("reap", "uncurl"):
+            for kind, path in (("fp8", fp8), ("twin", twin)):
+                runs = [child("--prune-memory-child", f"{path}::8::::{method}") for _ in range(repeats)]
+                seconds, peaks = sorted(r["seconds"] for r in runs), sorted(r["peak_mb"] for r in runs)
+                out[f"{method}_{kind}"] = {"runs": runs, "format": runs[0]["format"],
+                                           "bytes_after": runs[0]["weight_bytes_after"],
+                                           "seconds": [seconds[0], statistics.median(seconds), seconds[-1]],
+                                           "peak_mb": [peaks[0], statistics.median(peaks), peaks[-1]]}
+            f, t = out[f"{method}_fp8"], out[f"{method}_twin"]
+            out[f"{method}_fp8_over_twin"] = {"seconds": round(f["seconds"][1] / t["seconds"][1], 3),
+                                              "peak": round(f["peak_mb"][1] / t["peak_mb"][1], 3),
+                                              "bytes_after": round(f["bytes_after"] / t["bytes_after"], 3)}
+    return out
+
+
 def summarise(result: dict) -> None:
+    q = result.get("quantized")
+    if q:
+        print(f"quantized: {q['model']}; input {q['bytes']['fp8'] / 1e6:.1f} MB FP8, {q['bytes']['twin'] / 1e6:.1f} MB bf16")
+        for method in ("reap", "uncurl"):
+            f, t, r = q[f"{method}_fp8"], q[f"{method}_twin"], q[f"{method}_fp8_over_twin"]
+            print(f"  {method:7s} FP8 {f['seconds'][1]:.1f} s (min {f['seconds'][0]:.1f}, max {f['seconds'][2]:.1f}), "
+                  f"peak {f['peak_mb'][1]:.0f} MB, out {f['bytes_after'] / 1e6:.1f} MB | twin {t['seconds'][1]:.1f} s, "
+                  f"peak {t['peak_mb'][1]:.0f} MB, out {t['bytes_after'] / 1e6:.1f} MB | FP8/twin time {r['seconds']}, "
+                  f"peak {r['peak']}, bytes out {r['bytes_after']}")
     pipes = result.get("pipelines")
     if pipes:
         print(f"pipelines: {pipes['checkpoint_mb']} MB checkpoint, offload --max-memory {pipes['max_memory']}")
