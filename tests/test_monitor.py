@@ -70,6 +70,20 @@ def test_gate_exit_code_and_shares(pruned, tmp_path, data_dir):
     assert ok.exit_code == 0 and payload(ok)["exit_code"] == 0
 
 
+def test_divergence_gate(pruned, tmp_path, data_dir):
+    """--max-divergence: exit 5 above the bound (any other task's usage differs from RTE's calibration
+    a little, so 0 fails), 0 within it, 2 for a bound outside 0..1; both bounds are checked together."""
+    res = monitor(pruned(2), tmp_path / "m", data_dir, "--max-divergence", 0.0)
+    assert res.exit_code == EXIT_COVERAGE, res.output
+    r = json.loads((tmp_path / "m" / "monitor.json").read_text())
+    assert r["overall"]["js_divergence"] > 0 and not r["gate"]["passed"]
+    assert r["gate"]["failed"] == [f"js_divergence {r['overall']['js_divergence']:.4g} not <= 0"]
+    both = monitor(pruned(2), tmp_path / "m2", data_dir, "--max-divergence", 1.0, "--min-coverage", 0.0)
+    assert both.exit_code == 0 and payload(both)["gate"]["passed"], both.output
+    bad = monitor(pruned(2), tmp_path / "m3", data_dir, "--max-divergence", 2)
+    assert bad.exit_code == 2 and "--max-divergence 2" in bad.output and not (tmp_path / "m3").exists()
+
+
 def test_merged_experts_count_as_covered_and_apart(pruned, tmp_path, data_dir):
     res = monitor(pruned(4, "uncurl"), tmp_path / "m", data_dir)
     assert res.exit_code == 0, res.output
