@@ -447,3 +447,41 @@ def test_sharded_in_and_out(reap_runs, data_dir, tmp_path):
     assert len(set(index["weight_map"].values())) > 1
     want, got = read_all(out), read_all(tmp_path / "out")
     assert set(index["weight_map"]) == got.keys() == want.keys() and all(raw(got[n]) == raw(want[n]) for n in want)
+
+
+def test_a_quantized_hub_model_is_read_from_its_snapshot_in_the_hub_cache(fp8_dirs, data_dir, tmp_path):
+    """`--model ORG/NAME` of an FP8 model: uncurl reads the files of its snapshot in the Hub cache
+    (laid out as huggingface_hub lays it out; offline, so only the cache is asked) and keeps the
+    format, exactly as for the same files in a local folder; the cache is never written to."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    fp8, _, _ = fp8_dirs("qwen3_moe")
+    revision = "0" * 40
+    repo = tmp_path / "hub" / "models--someorg--tiny-fp8"
+    shutil.copytree(fp8, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in repo.rglob("*") if p.is_file()}
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    common = ["--keep", "4", "--method", "reap", "--data-dir", str(data_dir), "--samples", "8", "--max-length", "64",
+              "--no-plots", "--device", "cpu"]
+    res = subprocess.run([sys.executable, "-m", "uncurl", "prune", "--model", "someorg/tiny-fp8", "--out",
+                          str(tmp_path / "hub-out"), *common], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    local = runner.invoke(app, ["prune", "--model", str(fp8), "--out", str(tmp_path / "local-out"), *common])
+    assert local.exit_code == 0, local.output
+    assert read_all(tmp_path / "hub-out").keys() == read_all(tmp_path / "local-out").keys()
+    for name, t in read_all(tmp_path / "hub-out").items():
+        assert raw(t) == raw(read_all(tmp_path / "local-out")[name]), name
+    config = json.loads((tmp_path / "hub-out" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "fp8"
+    assert "base_model: \"someorg/tiny-fp8\"" in (tmp_path / "hub-out" / "README.md").read_text()
+    assert before == {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in repo.rglob("*") if p.is_file()}
+    # not in the cache: exit 2, saying to pass a local folder
+    res = subprocess.run([sys.executable, "-m", "uncurl", "prune", "--model", "someorg/absent", "--out",
+                          str(tmp_path / "none"), *common], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "someorg/absent" in res.stderr and not (tmp_path / "none").exists(), res.stderr

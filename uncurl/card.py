@@ -43,7 +43,8 @@ def parent_card(model_id: str, source: Path | None) -> dict:
 
 def _hub_id(model_id: str, source) -> str | None:
     """The parent as a Hub id, when it is one (a local folder or a built-in model is not)."""
-    if source is not None or model_id.startswith("builtin:"):
+    in_hub_cache = source is not None and source.parent.name == "snapshots"  # a quantized Hub model's files
+    if (source is not None and not in_hub_cache) or model_id.startswith("builtin:"):
         return None
     return model_id if re.fullmatch(r"[\w.-]+/[\w.-]+", model_id) else None
 

@@ -587,6 +587,8 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto", seed
     # an unknown family fails here, before the weights, unless only evaluating
     adapter = get_adapter(config.model_type) if moe else ADAPTERS.get(config.model_type)
     folder = Path(model_id) if Path(model_id).is_dir() else None
+    if folder is None and keeps_format(model_id, config, dequantize or not moe):
+        folder = hub_files(model_id)  # a quantized Hub model: uncurl reads (and writes back) its own files
     if folder is not None:
         if adapter is not None:
             check_moe_keys(folder, config, adapter)
@@ -625,15 +627,43 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto", seed
     if device_map is None:
         prefer_lean_experts(model, dev)
     check_finite(model)  # NaN weights fail here, named, not as a clustering traceback later
-    source = Path(model_id).resolve() if Path(model_id).is_dir() else None
+    source = folder.resolve() if folder is not None else None  # never written to (a Hub snapshot included)
     again = {"device_map": device_map, "max_memory": limits} if device_map else {}
     return Loaded(model.eval(), tokenizer, adapter, model_id, source, again, processor_files(model_id), quantized)
+
+
+# what a quantized Hub model's snapshot needs: config, index and shards, tokenizer, processor, its card
+HUB_FILES = ("*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.tiktoken", "README.md")
+
+
+def keeps_format(model_id: str, config, dequantize: bool) -> bool:
+    """Whether ``config`` is quantized in a format uncurl writes back (quant.CODECS), so its files
+    are read by uncurl itself; an unsupported scheme is refused here, naming it (quant.codec_for)."""
+    from .quant import codec_for, quantization_config
+
+    qc = quantization_config(config)
+    return qc is not None and codec_for(qc, f"model {model_id!r}", dequantize) is not None
+
+
+def hub_files(model_id: str) -> Path:
+    """A Hub model's snapshot folder in the Hub cache (downloaded when missing; offline, the cached
+    one), read like a local folder and never written to."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(model_id, allow_patterns=list(HUB_FILES)))
+    except Exception as err:  # noqa: BLE001 - offline, gated, missing: one message
+        raise UncurlError(f"model {model_id!r} is quantized, and uncurl reads its files itself to keep its format, "
+                          f"but they could not be had from the Hub or its cache ({type(err).__name__}: "
+                          f"{' '.join(str(err).split())[:200]}); pass a local folder (hf download {model_id} "
+                          f"--local-dir DIR), or --dequantize to write full precision") from None
 
 
 def check_quantized(model_id: str, folder: Path | None, config, dequantize: bool):
     """A quantized checkpoint's scheme must be one uncurl writes back, and its scales must fit its
     weights (headers only; quant.check_source), else exit 2 naming it; ``dequantize`` accepts any
-    scheme transformers dequantizes on load. A quantized Hub model is read from a local folder."""
+    scheme transformers dequantizes on load. A quantized Hub model in a format uncurl keeps is read from
+    its snapshot (``hub_files``), so ``folder`` is None here only for one transformers dequantizes."""
     from .quant import check_source, codec_for, quantization_config
 
     qc = quantization_config(config)
