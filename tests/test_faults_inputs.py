@@ -285,3 +285,33 @@ def test_verbose_logs_each_stage_with_its_time(command, args, stages, tmp_path, 
     text = " ".join(res.output.split())
     for stage in stages:
         assert f"{stage} ..." in text and re.search(rf"{stage} done in \d+\.\d s", text), (stage, text)
+
+
+def test_a_model_too_big_for_the_device_is_refused_before_loading_saying_how_to_place_it(
+        tiny_dirs, tmp_path, data_dir, monkeypatch, no_profiling):
+    """Without --device-map the whole model goes onto the device: weights that cannot fit (here the
+    machine's memory is made to look smaller than the 1 MB tiny Mixtral) exit 2 before any weight is
+    read, naming both sizes and --device-map; with --device-map the check does not apply."""
+    from uncurl import load
+
+    src = copy_of(tiny_dirs, "mixtral", tmp_path)
+    before = digest(src)
+    monkeypatch.setattr(load, "available_memory", lambda device: 100_000)
+    monkeypatch.setattr(load, "from_folder", lambda *a, **k: pytest.fail("read the weights before refusing"))
+    out = tmp_path / "out"
+    stored = sum(f.stat().st_size for f in src.glob("*.safetensors"))  # float32: loaded as stored
+    refused(run("prune", "--model", src, "--out", out, "--data-dir", data_dir, *FAST), out,
+            f"its weights need {stored / 2**20:.1f} MiB and there is 0.1 MiB of memory available", "--device-map auto")
+    refused(run("eval", "--model", src, "--data-dir", data_dir, "--limit", 2), None, "--device-map auto")
+    monkeypatch.undo()
+    monkeypatch.setattr(load, "available_memory", lambda device: 100_000)
+    placed = run("eval", "--model", src, "--data-dir", data_dir, "--limit", 2, "--device-map", "auto")
+    assert placed.exit_code == 0, placed.output  # accelerate places it: the check is not for it
+    # in float32 the bf16-sized estimate doubles: --dtype is counted
+    config = json.loads((src / "config.json").read_text())
+    from transformers import AutoConfig
+
+    f32, _ = load.weights_needed(src, AutoConfig.from_pretrained(src), "auto")
+    bf16, _ = load.weights_needed(src, AutoConfig.from_pretrained(src), "bfloat16")
+    assert config.get("dtype", "float32") == "float32" and f32 == 2 * bf16
+    assert digest(src) == before

@@ -21,6 +21,7 @@ were hit) instead of the default ``grouped_mm``. On a 2-core CPU its speed is wi
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -357,6 +358,58 @@ def check_weights_fit(folder: Path, config) -> None:
     check_loading_info(info, str(folder))
 
 
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for the weights on ``device``: CUDA's free memory, or the kernel's MemAvailable
+    (what can be had without swapping: free memory plus reclaimable caches); None when unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def weights_needed(folder: Path, config, dtype: str) -> tuple[int, bool]:
+    """(bytes the loaded weights take at least, whether that is a lower bound) from the headers
+    alone: each floating tensor at ``--dtype``'s size (``auto``: its own); a quantized checkpoint,
+    which is held dequantized, at twice its stored bytes at least (FP8 to bf16; MXFP4 takes more)."""
+    from safetensors import safe_open
+
+    size = DTYPES[dtype].itemsize if dtype in DTYPES else None
+    total = 0
+    for path in checkpoint_files(folder):
+        with safe_open(str(path), framework="pt") as handle:
+            for name in handle.keys():
+                view = handle.get_slice(name)
+                own = _SAFETENSORS_DTYPES.get(view.get_dtype(), torch.uint8)
+                numel = math.prod(view.get_shape())
+                total += numel * (size if size and own.is_floating_point and own.itemsize > 1 else own.itemsize)
+    quantized = getattr(config, "quantization_config", None) is not None
+    return (2 * total if quantized else total), quantized
+
+
+def check_fits_memory(folder: Path, config, dtype: str, device: torch.device) -> None:
+    """Without ``--device-map`` the whole model is loaded onto ``device``: a checkpoint that cannot
+    fit there is refused before any weight is read (exit 2), saying how to place it instead, rather
+    than ending in the kernel's out-of-memory kill or CUDA's error halfway through."""
+    free = available_memory(device)
+    if free is None:
+        return
+    needed, lower_bound = weights_needed(folder, config, dtype)
+    if needed > free:
+        where = f"{device} memory free" if device.type == "cuda" else "memory available on this machine"
+        def amount(n: int) -> str:
+            return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+        raise UncurlError(f"model {folder}: its weights need {'at least ' if lower_bound else ''}{amount(needed)} "
+                          f"and there is {amount(free)} of {where}; place it with --device-map auto "
+                          f"(--max-memory caps each device; the rest is offloaded to disk), and --pipeline sequential "
+                          f"reads each offloaded layer once")
+
+
 def check_finite(model) -> None:
     """Refuse weights holding NaN or Inf, naming the first such tensor (offloaded ones are skipped).
 
@@ -594,6 +647,8 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto", seed
             check_moe_keys(folder, config, adapter)
         check_weight_files(folder)  # missing or truncated files fail here, named
         check_weights_fit(folder, config)  # a missing, extra or mis-shaped tensor, before any weight is read
+        if device_map is None:
+            check_fits_memory(folder, config, dtype, dev)  # too big for the device: say how to place it
     quantized = check_quantized(model_id, folder, config, dequantize or not moe)  # scheme and scales, named
     tokenizer = load_tokenizer(model_id, padding=moe)  # before the weights: it is cheap
     log.info("loading %s (%s) on %s", model_id, config.model_type, dev)
