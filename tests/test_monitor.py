@@ -70,6 +70,14 @@ def test_gate_exit_code_and_shares(pruned, tmp_path, data_dir):
     assert ok.exit_code == 0 and payload(ok)["exit_code"] == 0
 
 
+def test_the_traffic_must_be_named(pruned, tmp_path, data_dir):
+    """A gate has no default traffic: without --task or --file it exits 2 saying so (prune's default
+    task, superglue-rte, would silently check the calibration task itself)."""
+    res = run("monitor", "--pruned", pruned(2), "--data-dir", data_dir, "--out", tmp_path / "m", *FAST)
+    assert res.exit_code == 2 and "--task" in res.output and "--file" in res.output, res.output
+    assert not (tmp_path / "m").exists()
+
+
 def test_divergence_gate(pruned, tmp_path, data_dir):
     """--max-divergence: exit 5 above the bound (any other task's usage differs from RTE's calibration
     a little, so 0 fails), 0 within it, 2 for a bound outside 0..1; both bounds are checked together."""

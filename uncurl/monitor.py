@@ -25,6 +25,7 @@ fingerprint), is bad input: exit 2, naming it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass, replace
@@ -37,10 +38,13 @@ from .options import EVAL, MODEL, opt
 from .routes import TrafficOptions, traffic_texts
 
 log = logging.getLogger(__name__)
+_TASK = next(f for f in dataclasses.fields(TrafficOptions) if f.name == "task")  # its flag, help and panel
 
 
 @dataclass
 class MonitorOptions(TrafficOptions):
+    # no default traffic (prune's is superglue-rte): a gate must be told what it checks, --task or --file
+    task: str | None = dataclasses.field(default=None, metadata=_TASK.metadata)
     pruned: str | None = opt(
         None, "--pruned", panel=MODEL,
         help="The pruned model's folder (an `uncurl prune` output): its report.json names the parent and the plan.")
@@ -226,6 +230,9 @@ def monitor(opts: MonitorOptions) -> dict:
     from .profile import Profile, profile_model, router_fingerprint
     from .report import REPORT_SCHEMA, Timings, command_line, versions
 
+    if not (opts.task or opts.file or opts.profile):
+        raise UncurlError("uncurl monitor needs the traffic to check: --task TASK (e.g. superglue-cb), --file "
+                          "inputs.jsonl, or --profile of the traffic")
     report = read_pruned(opts.pruned)
     for flag, bound in (("--min-coverage", opts.min_coverage), ("--max-divergence", opts.max_divergence)):
         if bound is not None and not 0 <= bound <= 1:

@@ -539,7 +539,8 @@ def run_inputs(opts: RunOptions) -> list[tuple[str, Path, bool]]:
     found = [("the input model folder", Path(opts.model), True)] if Path(opts.model).is_dir() else []
     data_dir = T.resolve_data_dir(opts.data_dir)
     for what, path in (("the --profile file", opts.profile), ("the --data-dir folder", data_dir),
-                       ("the --task file", opts.task), ("the --eval-file", opts.eval_file)):
+                       ("the --task file", opts.task), ("the --eval-file", opts.eval_file),
+                       ("the --file of inputs", getattr(opts, "file", None))):  # routes, monitor
         if path and Path(path).exists():
             found.append((what, Path(path), False))
     return found
