@@ -63,3 +63,6 @@ def test_card_of_a_criterion_run_without_eval(tmp_path, data_dir):
     report = json.loads((out / "report" / "report.json").read_text())
     assert report["cost"]["before"]["experts"] == 8 and report["cost"]["after"]["experts"] == 4
     assert report["cost"]["after"]["weight_bytes"] == report["model"]["bytes_after"]
+    # the KV cache, taken from the checkpoint check's forward: K and V of 2 layers x 2 heads x 16, float32
+    assert report["cost"]["before"]["kv_bytes_per_token"] == report["cost"]["after"]["kv_bytes_per_token"] == 512
+    assert "kv_cache" not in report["checks"]

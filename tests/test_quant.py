@@ -179,6 +179,11 @@ def reap_runs(fp8_dirs, data_dir, tmp_path_factory):
 def test_reap_writes_the_kept_experts_quantized_bytes_and_scales_as_they_were(family, reap_runs):
     fp8, _, out, _, report = reap_runs(family)
     src, got = read_all(fp8), read_all(out)
+    # the serving cost counts the weights as stored, not as held dequantized while pruning
+    for when in ("before", "after"):
+        assert report["cost"][when]["weight_bytes"] == report["model"][f"bytes_{when}"]
+    assert report["model"]["bytes_before"] == sum(f.stat().st_size for f in fp8.glob("*.safetensors")) - sum(
+        8 + int.from_bytes(open(f, "rb").read(8), "little") for f in fp8.glob("*.safetensors"))  # tensor bytes on disk
     router = ADAPTERS[family].router_attr
     kept = 0
     for layer in report["layers"]:

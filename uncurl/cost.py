@@ -12,9 +12,10 @@ Computed from the model's own tensors and config, never guessed from a family na
 - **FLOPs per token**: 2 x the active parameters a token multiplies with (the input embedding is a
   lookup; a tied output head is a real matmul), the usual ``2N`` rule. Attention over the context
   adds ``4 x context x heads x head_dim`` per attention layer, which is not counted here;
-- **KV cache**: measured, not derived: two short forwards (``KV_PROBE`` tokens) fill transformers'
-  own cache for this model, and each cache layer's bytes give a per-token growth and a fixed part
-  (the recurrent state of linear-attention and Mamba layers). A sliding-window layer stops growing
+- **KV cache**: measured, not derived: one short forward fills transformers' own cache for this
+  model (``prune`` reuses the forward that checks its checkpoint), and each cache layer gives the
+  bytes its keys and values take per token and a fixed part (the recurrent state of
+  linear-attention and Mamba layers). A sliding-window layer stops growing
   at its window. So multi-latent attention (DeepSeek), sliding windows (gpt-oss) and hybrid stacks
   are counted as transformers holds them; a serving engine with another cache layout may differ;
 - **GPUs**: the fewest GPUs of ``gpu_memory`` each (``USABLE`` of it, the rest left to activations
@@ -32,7 +33,7 @@ import torch
 from .adapters import MoEAdapter, find_moe_layers, language_stack, per_expert_names, top_k
 from .merge import weight_bytes
 
-KV_PROBE = (4, 8)  # token counts of the two cache-measuring forwards
+KV_PROBE = 4  # tokens of the cache-measuring forward (measure_kv)
 USABLE = 0.9  # share of a GPU's memory the weights and the KV cache may take
 DEFAULT_GPU_MEMORY = "80GiB"  # an H100/A100 80GB
 DEFAULT_CONTEXT, DEFAULT_BATCH = 4096, 1
@@ -122,28 +123,37 @@ def _cache_bytes(layer) -> int:
     return total
 
 
-@torch.no_grad()
-def measure_kv(model) -> list[dict] | None:
-    """Per cache layer: bytes per token, fixed bytes, window (None: unbounded), from two forwards of
-    ``KV_PROBE`` tokens of one sequence. None when the model keeps no cache it returns."""
-    from .load import input_device
+def _bytes(t) -> int:
+    return t.numel() * t.element_size() if isinstance(t, torch.Tensor) and t.dim() > 0 else 0
 
-    points = []
-    for n in KV_PROBE:
-        ids = torch.full((1, n), 1, dtype=torch.long, device=input_device(model))
-        out = model(input_ids=ids, use_cache=True)
-        cache = getattr(out, "past_key_values", None)
-        layers = getattr(cache, "layers", None)
-        if not layers:
-            return None
-        points.append([(_cache_bytes(layer), getattr(layer, "sliding_window", None)) for layer in layers])
-        del out, cache
-    (n1, n2), rows = KV_PROBE, []
-    for (b1, window), (b2, _) in zip(*points):
-        per_token = (b2 - b1) // (n2 - n1)
-        rows.append({"per_token": per_token, "fixed": b1 - per_token * n1,
+
+def kv_rows(cache) -> list[dict] | None:
+    """Per layer of a filled transformers cache: the bytes its keys and values take per cached token
+    (over the entries they hold: a sliding-window layer stops at its window), the bytes of what it
+    holds beside them (the fixed recurrent state of linear-attention and Mamba layers), its window.
+    None when the model returned no cache."""
+    layers = getattr(cache, "layers", None)
+    if not layers:
+        return None
+    rows = []
+    for layer in layers:
+        keys = getattr(layer, "keys", None)
+        grows = _bytes(keys) + _bytes(getattr(layer, "values", None))
+        held = keys.shape[-2] if isinstance(keys, torch.Tensor) and keys.dim() >= 2 and keys.shape[-2] else 0
+        window = getattr(layer, "sliding_window", None)
+        rows.append({"per_token": grows // held if held else 0, "fixed": _cache_bytes(layer) - grows,
                      "window": int(window) if isinstance(window, int) and window > 0 else None})
     return rows
+
+
+@torch.no_grad()
+def measure_kv(model) -> list[dict] | None:
+    """``kv_rows`` of one forward of ``KV_PROBE`` tokens (``prune`` takes them from its checkpoint
+    check's forward instead, ``save.verify_checkpoint``: no forward of its own)."""
+    from .load import input_device
+
+    ids = torch.full((1, KV_PROBE), 1, dtype=torch.long, device=input_device(model))
+    return kv_rows(getattr(model(input_ids=ids, use_cache=True), "past_key_values", None))
 
 
 def kv_total(rows: list[dict], context: int, batch: int) -> int:

@@ -26,7 +26,7 @@ from . import tasks as T
 from .adapters import expert_count, find_moe_layers, routing_groups, top_k
 from .card import CARD, parent_card, render as render_card
 from .cluster import METHODS, LayerPlan, get_method, plan_layer, validate_keep
-from .cost import cost_table, finish, measure_kv, release_note, serving_cost, static_cost
+from .cost import cost_table, finish, release_note, serving_cost, static_cost
 from .errors import UncurlError
 from .evaluate import METRICS, drop, evaluate_examples
 from .fit import fit_model
@@ -782,10 +782,8 @@ def _prune(opts: PruneOptions, output: Claim, shard_size: int, evaluating: bool)
     loaded.model = None
     if hooked:
         gc.collect()  # accelerate's hooks make modules self-referencing: free the original now
-    with timings.stage("cost"):  # the KV cache is the same before and after: attention is untouched
-        kv = measure_kv(pruned)
-        serve = dict(gpu_memory=opts.gpu_memory, context=opts.context, batch=opts.serving_batch)
-        costs = {"before": finish(before["cost"], kv, **serve), "after": finish(static_cost(pruned, adapter), kv, **serve)}
+    with timings.stage("cost"):  # no forward: the KV cache comes from the checkpoint check's forward
+        after_cost = static_cost(pruned, adapter)
     if opts.measure_serving:
         with timings.stage("serving_after"):
             measured["after"] = measure_serving(pruned, opts, opts.seed)
@@ -816,17 +814,14 @@ def _prune(opts: PruneOptions, output: Claim, shard_size: int, evaluating: bool)
         "layers": layer_entries(prep.profile, plans),
         **({"fit": fit_report} if fit_report is not None else {}),
         **({"recover": recovery.report} if recovery is not None else {}),
-        "cost": {"note": release_note(costs["before"], costs["after"])
-                 + (f"; {serving_note(measured['before'], measured['after'])}" if measured else ""),
-                 **{k: c.as_dict() for k, c in costs.items()}, **({"measured": measured} if measured else {})},
         "output": str(out),
     }
     if evaluating:
         report["eval"] = evaluation
     if opts.max_drop is not None:
-        measured = evaluation["drop"][opts.metric]
-        report["gate"] = {"metric": opts.metric, "drop": measured, "max_drop": opts.max_drop,
-                          "passed": measured is not None and measured <= opts.max_drop}
+        dropped = evaluation["drop"][opts.metric]
+        report["gate"] = {"metric": opts.metric, "drop": dropped, "max_drop": opts.max_drop,
+                          "passed": dropped is not None and dropped <= opts.max_drop}
     with output.staged() as tmp:
         with timings.stage("save"):
             write_checkpoint(pruned, loaded.tokenizer, tmp, shard_size, extra_files=loaded.processor_files,
@@ -839,6 +834,14 @@ def _prune(opts: PruneOptions, output: Claim, shard_size: int, evaluating: bool)
         with timings.stage("verify"):
             report["checks"] = verify_checkpoint(tmp, adapter, opts.keep, prep.top_k_after, loaded.tokenizer,
                                                  loaded.placement)
+        # the KV cache is the same before and after (attention is untouched); weights as stored
+        kv, serve = report["checks"].pop("kv_cache"), dict(gpu_memory=opts.gpu_memory, context=opts.context,
+                                                            batch=opts.serving_batch)
+        costs = {"before": finish({**before["cost"], "weight_bytes": report["model"]["bytes_before"]}, kv, **serve),
+                 "after": finish({**after_cost, "weight_bytes": report["model"]["bytes_after"]}, kv, **serve)}
+        report["cost"] = {"note": release_note(costs["before"], costs["after"])
+                          + (f"; {serving_note(measured['before'], measured['after'])}" if measured else ""),
+                          **{k: c.as_dict() for k, c in costs.items()}, **({"measured": measured} if measured else {})}
         with timings.stage("report"):
             report["files"] = write_report(report, tmp / "report", with_plots=opts.plots)
             (tmp / CARD).write_text(render_card(report, parent_card(opts.model, loaded.source), loaded.source),

@@ -220,6 +220,7 @@ def _no_nan(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _verify(loaded, folder, adapter, expected_experts, expected_top_k, tokenizer) -> dict:
+    from .cost import kv_rows
     from .load import input_device
     from .offload import read_tensor
 
@@ -248,8 +249,10 @@ def _verify(loaded, folder, adapter, expected_experts, expected_top_k, tokenizer
     if bad:
         problems.append(f"non-finite values in {bad[:5]}")
     ids = tokenizer("uncurl checks the pruned model.", return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        logits = model(input_ids=ids.to(input_device(model))).logits
+    with torch.no_grad():  # the cache it fills is the pruned model's KV cache, measured (cost.kv_rows)
+        out = model(input_ids=ids.to(input_device(model)), use_cache=True)
+    logits, kv_cache = out.logits, kv_rows(getattr(out, "past_key_values", None))
+    del out
     if not torch.isfinite(logits).all():
         problems.append("forward pass produced non-finite logits")
     if problems:
@@ -263,4 +266,5 @@ def _verify(loaded, folder, adapter, expected_experts, expected_top_k, tokenizer
         "forward_ok": True,
         "shards": shards,
         "bytes_on_disk": sum((folder / s).stat().st_size for s in shards),
+        "kv_cache": kv_cache,  # per cache layer: bytes per token, fixed bytes, window (None: no cache)
     }
