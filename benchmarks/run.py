@@ -191,10 +191,12 @@ def prune_memory_child(arg: str) -> None:
     """In a fresh process: `prune` of the checkpoint in ``folder``; peak RSS per stage, wall time."""
     from uncurl.pipeline import PruneOptions, prune
 
-    folder, batch, max_memory, *method = arg.split("::")
+    folder, batch, max_memory, *extra = arg.split("::")
     PRUNE_ARGS["batch_size"] = int(batch)
-    if method:
-        PRUNE_ARGS["method"] = method[0]
+    if extra and extra[0]:
+        PRUNE_ARGS["method"] = extra[0]
+    if len(extra) > 1:  # other options as JSON, e.g. {"samples": 256, "pipeline": "sequential"}
+        PRUNE_ARGS.update(json.loads(extra[1]))
     PRUNE_ARGS["device"] = str(DEVICE)
     placement = {"device_map": "auto", "max_memory": max_memory, "device": "auto"} if max_memory else {}
     base = warm_up()
@@ -211,7 +213,11 @@ def prune_memory_child(arg: str) -> None:
                       "stage_seconds": result.report["timings_s"], "weight_bytes": result.report["model"]["bytes_before"],
                       "weight_bytes_after": result.report["model"]["bytes_after"],
                       "format": result.report["model"].get("format"),
-                      "placement": result.report["model"]["placement"], "gpu_peak_mb": gpu_peak_mb()}))
+                      "placement": result.report["model"]["placement"], "gpu_peak_mb": gpu_peak_mb(),
+                      "offloaded_bytes": result.report["model"].get("offloaded_bytes", 0),
+                      "offload_reads_bytes": result.report.get("offload_reads_bytes", {}),
+                      "tokens": result.report["task"]["tokens"],
+                      "layer_by_layer": result.report.get("pipeline", {}).get("layer_by_layer")}))
 
 
 def floor_child(arg: str) -> None:
@@ -414,6 +420,62 @@ def pipelines(hidden: int, sample_counts=(8, 256), max_length: int = 64) -> dict
     return out
 
 
+def offload_prune(hidden: int, repeats: int, sample_counts=(8, 256), max_length: int = 64) -> dict:
+    """``uncurl prune`` of a Mixtral 4x larger than the CPU memory it may use (``--device-map auto
+    --max-memory cpu=<weights/4>``: the rest offloaded to disk), whole-model and layer by layer, beside
+    the resident run, at 8 and 256 samples; each run in a fresh process. Per run: bytes of weights
+    read from the input (the resident part once at load, plus every offloaded read before the check
+    of the written checkpoint: ``report.offload_reads_bytes``) over the checkpoint's bytes, peak RSS
+    (and anonymous RSS: what the page cache cannot take back) over the weights and over one decoder
+    layer plus the cached states, wall time over the resident run's."""
+    layers = 4
+    model, tok = build_tiny("mixtral", hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                            num_local_experts=8, num_attention_heads=8, num_key_value_heads=8)
+    embed = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "layers." not in n)
+    layer_bytes = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
+    out = {"max_length": max_length, "batch_size": 8, "rows": []}
+    with tempfile.TemporaryDirectory(dir=ROOT / "benchmarks") as d:
+        folder = Path(d) / "model"
+        model.save_pretrained(folder)
+        tok.save_pretrained(folder)
+        del model
+        checkpoint = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+        budget = f"cpu={max(1, checkpoint // 4 // 2**20)}MiB"
+        out.update(checkpoint_mb=round(checkpoint / 2**20, 1), max_memory=budget, layer_mb=round(layer_bytes / 2**20, 1),
+                   outside_layers_mb=round(embed / 2**20, 1), layers=layers, hidden=hidden)
+        runs = [("resident", "whole", ""), ("offload", "whole", budget), ("offload", "sequential", budget)]
+        median = statistics.median
+        for samples in sample_counts:
+            resident_s = None
+            for placement, pipeline, limit in runs:
+                extra = json.dumps({"samples": samples, "max_length": max_length, "pipeline": pipeline,
+                                    "method": "reap", "plots": False})
+                got = [child("--prune-memory-child", f"{folder}::8::{limit}::reap::{extra}") for _ in range(repeats)]
+                seconds = sorted(r["seconds"] for r in got)
+                resident_s = resident_s or median(seconds)
+                r0 = got[0]
+                resident_part = checkpoint - r0["offloaded_bytes"]  # read once, at load
+                read = resident_part + sum(v for k, v in r0["offload_reads_bytes"].items() if k != "verify")
+                states = r0["tokens"] * hidden * 4  # one copy of the calibration set's hidden states (float32)
+                peaks, anon = sorted(r["peak_mb"] for r in got), sorted(r["peak_anon_mb"] for r in got)
+                row = {"samples": samples, "placement": placement, "pipeline": pipeline,
+                       "layer_by_layer": r0["layer_by_layer"], "tokens": r0["tokens"],
+                       "seconds": [seconds[0], median(seconds), seconds[-1]],
+                       "time_over_resident": round(median(seconds) / resident_s, 3),
+                       "read_over_checkpoint": round(read / checkpoint, 3),
+                       "reads_by_stage_mb": {k: round(v / 2**20, 1) for k, v in r0["offload_reads_bytes"].items()},
+                       "peak_mb": [peaks[0], median(peaks), peaks[-1]], "anon_peak_mb": [anon[0], median(anon), anon[-1]],
+                       "peak_over_weights": round(median(peaks) / (checkpoint / 2**20), 3),
+                       "anon_peak_over_weights": round(median(anon) / (checkpoint / 2**20), 3),
+                       "states_mb": round(states / 2**20, 1),
+                       "anon_peak_over_layer_plus_states": round(median(anon) / ((layer_bytes + states) / 2**20), 3),
+                       "stage_seconds": r0["stage_seconds"]}
+                out["rows"].append(row)
+                print({k: row[k] for k in ("samples", "placement", "pipeline", "seconds", "read_over_checkpoint",
+                                           "anon_peak_mb", "time_over_resident")}, flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hidden", type=int, default=512)
@@ -425,7 +487,9 @@ def main() -> None:
     ap.add_argument("--prune-hidden", type=int, default=768, help="hidden size of the prune-memory model")
     ap.add_argument("--pipeline-hidden", type=int, default=256, help="hidden size of the pipelines model")
     ap.add_argument("--quant-hidden", type=int, default=512, help="hidden size of the FP8-vs-twin model")
-    ap.add_argument("--only", choices=["ratios", "profile_memory", "prune_memory", "scaling", "pipelines", "quantized"],
+    ap.add_argument("--offload-hidden", type=int, default=512, help="hidden size of the offload-prune model")
+    ap.add_argument("--only", choices=["ratios", "profile_memory", "prune_memory", "scaling", "pipelines", "quantized",
+                                       "offload_prune"],
                     help="run one part (others kept)")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda[:N] to benchmark on a GPU (host RSS is "
                     "still measured; GPU peaks are added as gpu_peak_mb)")
@@ -457,6 +521,7 @@ def main() -> None:
         "scaling": lambda: scaling(args.repeats),
         "pipelines": lambda: pipelines(args.pipeline_hidden),
         "quantized": lambda: quantized(args.quant_hidden, args.repeats),
+        "offload_prune": lambda: offload_prune(args.offload_hidden, args.repeats),
     }
     result = json.loads(args.out.read_text()) if args.only and args.out.is_file() else {}
     result["machine"] = {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
@@ -561,6 +626,15 @@ def summarise(result: dict) -> None:
         for row in pipes["rows"]:
             print(f"  {row['samples']:4d} samples  {row['placement']:8s} {row['pipeline']:10s} "
                   f"read/checkpoint {row['read_over_checkpoint']:7.3f}  time/resident {row['time_over_resident']:6.2f}")
+    op = result.get("offload_prune")
+    if op:
+        print(f"offload prune: {op['checkpoint_mb']} MB checkpoint ({op['layer_mb']} MB per decoder layer), "
+              f"--max-memory {op['max_memory']}")
+        for row in op["rows"]:
+            print(f"  {row['samples']:4d} samples  {row['placement']:8s} {row['pipeline']:10s} "
+                  f"read/checkpoint {row['read_over_checkpoint']:7.3f}  time/resident {row['time_over_resident']:6.2f}  "
+                  f"anon peak {row['anon_peak_mb'][1]:7.1f} MB ({row['anon_peak_over_weights']:.2f}x weights, "
+                  f"{row['anon_peak_over_layer_plus_states']:.2f}x layer + states)  peak RSS {row['peak_over_weights']:.2f}x")
     r = result.get("ratios")
     if r and "model" in r:
         print(f"ratios: model {r['model']['params']:,} parameters, {r['calibration_tokens']:,} calibration tokens")

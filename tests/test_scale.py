@@ -109,10 +109,10 @@ def test_a_family_whose_layers_cannot_run_alone_exits_2(data_dir, tmp_path, monk
     monkeypatch.setattr(P, "load_model", looped)
     res = run("prune", *common("builtin:mixtral", data_dir), "--pipeline", "sequential", "--out", tmp_path / "o")
     assert res.exit_code == 2, res.output
-    assert "runs 2 times in a forward" in res.output and "cannot be profiled one at a time" in res.output
+    assert "decoder layer model.layers.1 runs twice in a forward" in res.output and "--pipeline whole" in res.output
     assert not (tmp_path / "o").exists()
     res = run("profile", *common("builtin:mixtral", data_dir), "--pipeline", "layered", "--out", tmp_path / "p")
-    assert res.exit_code == 2 and "--pipeline 'layered' is not one of whole, sequential" in res.output
+    assert res.exit_code == 2 and "--pipeline 'layered' is not one of auto, whole, sequential" in res.output
 
 
 # ---- shard profiles (a job array) ----------------------------------------------------------------

@@ -16,6 +16,7 @@ import gc
 import logging
 import math
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -32,15 +33,15 @@ from .evaluate import METRICS, drop, evaluate_examples
 from .fit import fit_model
 from .load import Loaded, check_family, input_device, load_model
 from .merge import MERGE_RULES, ROUTER_RULES, get_rule, parameter_count, rewrite_model, weight_bytes
-from .offload import dispatched
+from .offload import counting, dispatched
 from .options import (DATA, DEFAULT_MERGE, DEFAULT_METHOD, DEFAULT_ROUTER, EVAL, MODEL, PRUNE, RUN, STUDY_EVIDENCE,
                       choices_help, items, opt)
 from .profile import Profile, profile_model, router_fingerprint, shard_range
 from .recover import recover
-from .sequential import profile_sequential
+from .sequential import decoder_layers, profile_sequential
 from .report import REPORT_SCHEMA, Timings, command_line, layer_entries, versions, write_report
 from .output import Claim, claim
-from .save import expected_bytes, parse_shard_size, stored_bytes, verify_checkpoint, write_checkpoint
+from .save import expected_bytes, parse_shard_size, stored_bytes, verify_checkpoint, write_checkpoint, write_extras
 from .serving import ServingOptions, measure as measure_serving, serving_note
 
 log = logging.getLogger(__name__)
@@ -178,13 +179,13 @@ class RunOptions(DataOptions):
     metric: str = opt("acc", panel=EVAL, help="Metric a drop is measured on: acc, acc_norm (points of accuracy) or "
                                                "loss (its increase in percent).")
     pipeline: str = opt(
-        "whole", panel=RUN, note="See [Models larger than the machine](#models-larger-than-the-machine).",
-        help="How the profile runs the model: whole (one forward of the whole model per batch) or sequential "
-             "(one decoder layer at a time over every batch, the hidden states kept in CPU memory between "
-             "layers: with --device-map offload each layer's weights are read once instead of once per batch). "
-             "Both give the same statistics, so the same plan. whole is the default: it needs no memory for "
-             "cached states and runs every family; use sequential when --device-map offloads layers to CPU "
-             "or disk. A family whose layers cannot be run one at a time is refused, saying why.")
+        "auto", panel=RUN, note="See [Models larger than the machine](#models-larger-than-the-machine).",
+        help="How the model is run: whole (one forward of the whole model per batch), sequential (one decoder "
+             "layer at a time over every batch: an offloaded layer's weights are read once instead of once per "
+             "batch, and prune plans, merges and writes each layer while it is loaded, so the input is read once "
+             "in all) or auto (sequential when --device-map leaves weights offloaded to CPU memory or disk, else "
+             "whole). Both give the same statistics, so the same plan and checkpoint; whole holds one batch's "
+             "states at a time, sequential every batch's (on the execution device).")
     extra: dict = field(default_factory=dict)  # merged into the report (e.g. the CLI's command line)
 
 
@@ -221,6 +222,11 @@ class PruneOptions(RunOptions, ServingOptions):
              "(the report says which). The parent is held in memory meanwhile. 0: off.")
     recover_experts: bool = opt(
         False, "--recover-experts", panel=PRUNE, help="With --recover: train the MoE experts' weights too (lr 1e-4).")
+    calibrate_through: str = opt(
+        "original", panel=PRUNE,
+        help="Layer by layer (--pipeline sequential; auto turns it on): the inputs of each layer come from the layers before it as they were "
+             "(original: the one-pass profile, the same plan as --pipeline whole) or as pruned (pruned: each "
+             "layer is planned on what the pruned model will feed it, as REAM and llm-compressor do).")
 
 
 @dataclass
@@ -254,7 +260,7 @@ class Prepared:
     """A loaded model with its profile: what every (method, K) decision starts from."""
 
     loaded: Loaded
-    profile: Profile
+    profile: Profile | None
     n_group: int
     top_k_before: int
     top_k_after: int
@@ -359,12 +365,30 @@ def calibration_texts(opts: DataOptions, seed: int, tokenizer=None) -> tuple[lis
     return [e.text for e in examples], info
 
 
-PIPELINES = ("whole", "sequential")  # --pipeline
+PIPELINES = ("auto", "whole", "sequential")  # --pipeline
+
+
+def pipeline_for(opts, loaded: Loaded) -> str:
+    """What ``--pipeline`` runs for ``loaded``: auto is sequential when weights were left offloaded
+    (on ``meta``, behind accelerate's hooks) or --calibrate-through pruned asks for it, else whole."""
+    pipeline = getattr(opts, "pipeline", "whole")
+    if pipeline != "auto":
+        return pipeline
+    offloaded = dispatched(loaded.model) and any(t.device.type == "meta" for t in loaded.model.state_dict().values())
+    through = getattr(opts, "calibrate_through", "original") == "pruned"
+    if not (offloaded or through):
+        return "whole"
+    try:
+        decoder_layers(loaded.model, loaded.adapter)
+    except UncurlError as err:  # its MoE blocks are not in one list of layers: the whole-model pass runs it
+        log.warning("--pipeline auto: %s; running it whole", err)
+        return "whole"
+    return "sequential"
 
 
 def profile_driver(name: str):
-    """The profile driver ``--pipeline NAME`` runs, looked up when a run starts (a caller that
-    replaces ``pipeline.profile_model`` is obeyed)."""
+    """The profile driver ``--pipeline NAME`` (whole or sequential, ``pipeline_for``) runs, looked up
+    when a run starts (a caller that replaces ``pipeline.profile_model`` is obeyed)."""
     return {"whole": profile_model, "sequential": profile_sequential}[name]
 
 
@@ -395,9 +419,7 @@ def run_profile(loaded: Loaded, opts: DataOptions, seed: int = 0) -> Profile:
     ``--shard I/N`` names (recorded in the meta), or under torchrun this rank's share, gathered
     from every rank (``distributed``)."""
     texts, info = calibration_texts(opts, seed, loaded.tokenizer)
-    meta = {"model": loaded.model_id, "model_type": loaded.model.config.model_type,
-            "router_fingerprint": router_fingerprint(loaded.model, loaded.adapter), "task": info,
-            "seed": seed, "max_length": opts.max_length, "versions": versions()}
+    meta = profile_meta(loaded, info, opts, seed)
     shard, ranks = parse_shard(getattr(opts, "shard", None)), distributed.world()
     index, count = shard or ranks or (0, 1)
     if count > len(texts):
@@ -408,17 +430,28 @@ def run_profile(loaded: Loaded, opts: DataOptions, seed: int = 0) -> Profile:
     if shard:
         meta["shard"] = {"index": index, "count": count, "of": len(texts), "texts": [ids.start, ids.stop]}
     torch.manual_seed(seed)
-    driver = profile_driver(getattr(opts, "pipeline", "whole"))
+    driver = profile_driver(pipeline_for(opts, loaded))
     profile = driver(loaded.model, loaded.tokenizer, loaded.adapter, [texts[i] for i in ids], text_ids=list(ids),
                      batch_size=opts.batch_size, max_length=opts.max_length, progress=opts.progress, meta=meta,
                      seed=seed)
     if ranks:
         profile = distributed.gather_profile(profile, input_device(loaded.model))
+    check_profiled(profile)
+    return profile
+
+
+def profile_meta(loaded: Loaded, info: dict, opts: DataOptions, seed: int) -> dict:
+    """What a profile records of where it came from (checked when it is reused: ``_check_profile``)."""
+    return {"model": loaded.model_id, "model_type": loaded.model.config.model_type,
+            "router_fingerprint": router_fingerprint(loaded.model, loaded.adapter), "task": info,
+            "seed": seed, "max_length": opts.max_length, "versions": versions()}
+
+
+def check_profiled(profile: Profile) -> None:
     for name, stats in profile.layers.items():  # finite weights can still overflow (e.g. float16)
         if not all(bool(torch.isfinite(getattr(stats, f)).all()) for f in ("mass", "logit_sum", "gram")):
             raise UncurlError(f"the router of {name} gave NaN/Inf logits on the calibration text; the weights are "
                               f"finite, so the activations overflowed: try --dtype float32 or bfloat16")
-    return profile
 
 
 def run_eval(model, tokenizer, opts: DataOptions, limit: int | None, seed: int = 0, per_example: bool = False) -> dict:
@@ -501,6 +534,22 @@ def check_data(opts: DataOptions, *, calibrating: bool, evaluating: bool, eval_l
 DROP_BOUNDS = {"max_drop": "--max-drop", "tolerance": "--tolerance"}
 
 
+THROUGH = ("original", "pruned")  # --calibrate-through (layerwise.THROUGH)
+
+
+def check_through(opts) -> None:
+    through = getattr(opts, "calibrate_through", "original")
+    if through not in THROUGH:
+        raise UncurlError(f"--calibrate-through {through!r} is not one of {', '.join(THROUGH)}")
+    if through == "pruned" and not layer_by_layer(opts, "sequential" if opts.pipeline != "whole" else "whole"):
+        why = ("--pipeline sequential or auto" if opts.pipeline == "whole" else
+               "a run that profiles here (no --profile)" if opts.profile else
+               "no --merge fit or --recover (they merge the whole model after profiling)"
+               if (MERGE_RULES[opts.merge].fit or opts.recover) else "one process (not torchrun)")
+        raise UncurlError(f"--calibrate-through pruned feeds each layer the pruned layers' outputs while pruning layer "
+                          f"by layer, so it needs {why}")
+
+
 def check_options(opts: RunOptions, evaluating: bool) -> None:
     """Cheap checks of everything that does not need the model, before loading it."""
     check_family(opts.model)  # a refused family says why before any data is read
@@ -527,6 +576,7 @@ def check_options(opts: RunOptions, evaluating: bool) -> None:
                               f"number of points >= 0, e.g. 1.0")
     if opts.top_k is not None and opts.top_k < 1:
         raise UncurlError(f"--top-k {opts.top_k} must be at least 1")
+    check_through(opts)
     task = check_data(opts, calibrating=not opts.profile, evaluating=evaluating, eval_limit=opts.eval_limit,
                       seed=opts.seed)
     if evaluating and opts.metric != "loss" and task.num_choices == 0:
@@ -571,8 +621,10 @@ def loaded_check(output: Claim, keeps: list[int], copies: int = 1, dequantize: b
     return check
 
 
-def prepare(opts: RunOptions, keeps: list[int], timings: Timings, *, check_loaded=None) -> Prepared:
-    """Load the model, validate every K against it, then profile (or read --profile).
+def prepare(opts: RunOptions, keeps: list[int], timings: Timings, *, check_loaded=None,
+            profiling: bool = True) -> Prepared:
+    """Load the model, validate every K against it, then profile (or read --profile; neither when
+    not ``profiling``: the profile is then None, for the caller to make).
     ``check_loaded(loaded)`` runs between loading and profiling (see ``loaded_check``)."""
     with timings.stage("load"):
         loaded = load_model(opts.model, device=distributed.rank_device(opts.device), dtype=opts.dtype,
@@ -592,11 +644,13 @@ def prepare(opts: RunOptions, keeps: list[int], timings: Timings, *, check_loade
     n_group, topk_group = routing_groups(config, adapter)
     for keep in keeps:
         validate_keep(n_experts, keep, k_after, n_group, topk_group)
-    with timings.stage("profile"):
-        if opts.profile:
+    profile = None
+    if opts.profile:
+        with timings.stage("profile"):
             profile = Profile.load(opts.profile)
             _check_profile(profile, loaded, opts.profile, opts)
-        else:
+    elif profiling:
+        with timings.stage("profile"):
             profile = run_profile(loaded, opts, opts.seed)
     return Prepared(loaded, profile, n_group, k_before, k_after, n_experts)
 
@@ -672,6 +726,7 @@ def base_report(opts: RunOptions, prep: Prepared, timings: Timings) -> dict:
         "task": {**prep.profile.meta.get("task", {}), "tokens": prep.profile.tokens},
         "profile": opts.profile,
         "timings_s": timings,
+        "offload_reads_bytes": timings.reads,  # per stage, for a model under --device-map (else empty)
     }
 
 
@@ -727,23 +782,60 @@ def prune(opts: PruneOptions) -> PruneResult | None:
         return _prune(opts, output, shard_size, evaluating)
 
 
+def layer_by_layer(opts: PruneOptions, pipeline: str) -> bool:
+    """Whether ``prune`` profiles, merges and writes each layer in one visit (``layerwise.py``): when
+    the pipeline run is sequential (``pipeline_for``), unless a profile file is given, something
+    after the merge needs the original model (--merge fit, --recover), or the run is one rank of
+    several (torchrun)."""
+    return (pipeline == "sequential" and not opts.profile and not MERGE_RULES[opts.merge].fit
+            and not opts.recover and distributed.world() is None)
+
+
+def _plan_one(prep: Prepared, keep: int, method: str, seed: int, used: set):
+    """One layer's plan as ``plan_all`` makes it (the default method falls back to frequency on a
+    layer without expert-output statistics, ``method_used``); ``used`` collects the methods run."""
+    def plan(name: str, stats) -> LayerPlan:
+        m = "frequency" if method == DEFAULT_METHOD and stats.missing else method
+        if m != method and not used:
+            log.warning("this profile has no expert-output statistics; the default --method %s falls back to "
+                        "frequency", DEFAULT_METHOD)
+        used.add(m)
+        return plan_layer(stats, keep, m, prep.n_group, seed)
+    return plan
+
+
 def _prune(opts: PruneOptions, output: Claim, shard_size: int, evaluating: bool) -> PruneResult:
-    timings, out = Timings(), output.path
+    timings = Timings()
     checks = loaded_check(output, [opts.keep], dequantize=opts.dequantize)
 
     def check_loaded(loaded: Loaded) -> None:
         checks(loaded)
         check_changes_stored(opts, loaded)
 
-    prep = prepare(opts, [opts.keep], timings, check_loaded=check_loaded)
+    prep = prepare(opts, [opts.keep], timings, check_loaded=check_loaded, profiling=False)  # profiled below
+    pipeline = pipeline_for(opts, prep.loaded)
+    with counting(prep.loaded.model):  # accelerate's own reads of offloaded weights counted too (report)
+        return _pruned(opts, output, shard_size, evaluating, timings, prep, pipeline)
+
+
+def _pruned(opts: PruneOptions, output: Claim, shard_size: int, evaluating: bool, timings: Timings, prep: Prepared,
+            pipeline: str) -> PruneResult:
+    layerwise = layer_by_layer(opts, pipeline)
+    out = output.path
     loaded, adapter = prep.loaded, prep.loaded.adapter
+    if layerwise and loaded.quantized is not None and not opts.dequantize:
+        log.info("%s is written back in its %s format from the whole model's tensors: profiling layer by layer, "
+                 "then merging", opts.model, loaded.quantized.format)
+        layerwise = False
+    if prep.profile is None and not layerwise:
+        with timings.stage("profile"):
+            prep.profile = run_profile(loaded, opts, opts.seed)
     evaluation = {}
     if evaluating:
+        if layerwise and dispatched(loaded.model):
+            log.warning("--eval runs whole-model forwards: each evaluation batch reads the offloaded weights again")
         with timings.stage("eval_before"):
             evaluation["before"] = run_eval(loaded.model, loaded.tokenizer, opts, opts.eval_limit, opts.seed)
-    with timings.stage("cluster"):
-        method = method_used(prep, opts.method)
-        plans = plan_all(prep, opts.keep, method, opts.seed)
     dtype = str(loaded.model.dtype).removeprefix("torch.")
     before = {"params": parameter_count(loaded.model), "bytes": weight_bytes(loaded.model),
               "cost": static_cost(loaded.model, adapter), "format": dtype}
@@ -754,7 +846,6 @@ def _prune(opts: PruneOptions, output: Claim, shard_size: int, evaluating: bool)
             log.warning("--dequantize: writing %s in full precision (%s), not in its own %s, on purpose",
                         opts.model, dtype, stored.format)
             stored = None
-    as_input = (stored, adapter, plans) if stored is not None else None
     fmt_after = before["format"] if stored is not None else (
         f"{dtype} (dequantized from {before['format']})" if loaded.quantized is not None else dtype)
     measured = {}
@@ -765,67 +856,67 @@ def _prune(opts: PruneOptions, output: Claim, shard_size: int, evaluating: bool)
     device_map = getattr(loaded.model, "hf_device_map", None) or {"": input_device(loaded.model)}
     modules_per_device = dict(Counter(str(device) for device in device_map.values()))
     hooked = dispatched(loaded.model)  # then a collection is what frees a model, not `del`
-    fitting = MERGE_RULES[opts.merge].fit
-    with timings.stage("merge"):  # originals are freed layer by layer (never two copies), unless fit or recovery
-        pruned = rewrite_model(loaded.model, adapter, plans, router_rule=opts.router_rows, merge=opts.merge,
-                               stats=prep.profile.layers, top_k=opts.top_k, consume=not (fitting or opts.recover))
-    fit_report = recovery = None
-    if fitting:
-        with timings.stage("fit"):
-            fit_report = fit_after_merge(loaded, pruned, plans, opts)
-    if opts.recover:
-        if evaluating:
-            with timings.stage("eval_merged"):
-                evaluation["merged"] = run_eval(pruned, loaded.tokenizer, opts, opts.eval_limit, opts.seed)
-        with timings.stage("recover"):
-            recovery = recover_after_merge(loaded, pruned, opts)
-    loaded.model = None
-    if hooked:
-        gc.collect()  # accelerate's hooks make modules self-referencing: free the original now
-    with timings.stage("cost"):  # no forward: the KV cache comes from the checkpoint check's forward
-        after_cost = static_cost(pruned, adapter)
-    if opts.measure_serving:
-        with timings.stage("serving_after"):
-            measured["after"] = measure_serving(pruned, opts, opts.seed)
-    if evaluating:
-        with timings.stage("eval_after"):
-            evaluation["after"] = run_eval(pruned, loaded.tokenizer, opts, opts.eval_limit, opts.seed)
-        if recovery is not None:
-            judge_recovery(recovery, evaluation)
-        evaluation["drop"] = {m: drop(evaluation["before"], evaluation["after"], m) for m in METRICS}
-    report = {
-        **base_report(opts, prep, timings),
-        "model": {
-            "id": opts.model, "model_type": pruned.config.model_type,
-            "experts_before": prep.num_experts, "experts_after": opts.keep,
-            "top_k_before": prep.top_k_before, "top_k_after": prep.top_k_after,
-            "params_before": before["params"], "params_after": parameter_count(pruned),
-            "bytes_before": before["bytes"], "bytes_after": weight_bytes(pruned),  # as stored (after: see save)
-            "format_before": before["format"], "format": fmt_after,
-            "placement": modules_per_device,
-            "router_fingerprint": prep.profile.meta.get("router_fingerprint"),  # the parent's (uncurl monitor)
-            "source": str(loaded.source) if loaded.source is not None else None,  # the parent's folder, absolute
-        },
-        "method": method,  # what ran; "method_requested" when the default fell back
-        **({"method_requested": opts.method} if method != opts.method else {}),
-        "merge": opts.merge,
-        "router_rows": opts.router_rows,
-        "keep": opts.keep,
-        "layers": layer_entries(prep.profile, plans),
-        **({"fit": fit_report} if fit_report is not None else {}),
-        **({"recover": recovery.report} if recovery is not None else {}),
-        "output": str(out),
-    }
-    if evaluating:
-        report["eval"] = evaluation
-    if opts.max_drop is not None:
-        dropped = evaluation["drop"][opts.metric]
-        report["gate"] = {"metric": opts.metric, "drop": dropped, "max_drop": opts.max_drop,
-                          "passed": dropped is not None and dropped <= opts.max_drop}
+    offloaded = sum(t.numel() * t.element_size() for t in loaded.model.state_dict().values() if t.device.type == "meta")
     with output.staged() as tmp:
-        with timings.stage("save"):
-            write_checkpoint(pruned, loaded.tokenizer, tmp, shard_size, extra_files=loaded.processor_files,
-                             as_input=as_input)
+        fit_report = recovery = None
+        if layerwise:
+            pruned, plans, method = _prune_layerwise(opts, prep, tmp, shard_size, timings)
+        else:
+            pruned, plans, method, fit_report, recovery = _merge_whole(opts, prep, evaluation, evaluating, timings)
+        loaded.model = None
+        if hooked:
+            gc.collect()  # accelerate's hooks make modules self-referencing: free the original now
+        with timings.stage("cost"):  # no forward: the KV cache comes from the checkpoint check's forward
+            after_cost = static_cost(pruned, adapter)
+        if evaluating or opts.measure_serving:
+            with _model_after(pruned, tmp, loaded, opts, layerwise) as model_after:
+                if opts.measure_serving:
+                    with timings.stage("serving_after"):
+                        measured["after"] = measure_serving(model_after, opts, opts.seed)
+                if evaluating:
+                    with timings.stage("eval_after"):
+                        evaluation["after"] = run_eval(model_after, loaded.tokenizer, opts, opts.eval_limit, opts.seed)
+            if evaluating:
+                if recovery is not None:
+                    judge_recovery(recovery, evaluation)
+                evaluation["drop"] = {m: drop(evaluation["before"], evaluation["after"], m) for m in METRICS}
+        report = {
+            **base_report(opts, prep, timings),
+            "model": {
+                "id": opts.model, "model_type": pruned.config.model_type,
+                "experts_before": prep.num_experts, "experts_after": opts.keep,
+                "top_k_before": prep.top_k_before, "top_k_after": prep.top_k_after,
+                "params_before": before["params"], "params_after": parameter_count(pruned),
+                "bytes_before": before["bytes"], "bytes_after": weight_bytes(pruned),  # as stored (after: see save)
+                "format_before": before["format"], "format": fmt_after,
+                "placement": modules_per_device,
+                "offloaded_bytes": offloaded,  # of the input's weights, left to accelerate's CPU or disk offload
+                "router_fingerprint": prep.profile.meta.get("router_fingerprint"),  # the parent's (uncurl monitor)
+                "source": str(loaded.source) if loaded.source is not None else None,  # the parent's folder, absolute
+            },
+            "pipeline": {"requested": opts.pipeline, "name": pipeline, "layer_by_layer": layerwise,
+                         "calibrate_through": opts.calibrate_through},
+            "method": method,  # what ran; "method_requested" when the default fell back
+            **({"method_requested": opts.method} if method != opts.method else {}),
+            "merge": opts.merge,
+            "router_rows": opts.router_rows,
+            "keep": opts.keep,
+            "layers": layer_entries(prep.profile, plans),
+            **({"fit": fit_report} if fit_report is not None else {}),
+            **({"recover": recovery.report} if recovery is not None else {}),
+            "output": str(out),
+        }
+        if evaluating:
+            report["eval"] = evaluation
+        if opts.max_drop is not None:
+            dropped = evaluation["drop"][opts.metric]
+            report["gate"] = {"metric": opts.metric, "drop": dropped, "max_drop": opts.max_drop,
+                              "passed": dropped is not None and dropped <= opts.max_drop}
+        as_input = (stored, adapter, plans) if stored is not None else None
+        if not layerwise:
+            with timings.stage("save"):
+                write_checkpoint(pruned, loaded.tokenizer, tmp, shard_size, extra_files=loaded.processor_files,
+                                 as_input=as_input)
         if as_input is not None:  # the bytes as stored, from the files written
             report["model"]["bytes_after"] = stored_bytes(tmp)
         del pruned  # the checks below reload from disk: never hold both copies
@@ -848,3 +939,68 @@ def _prune(opts: PruneOptions, output: Claim, shard_size: int, evaluating: bool)
                                     encoding="utf-8")
     log.info("wrote %s", out)
     return PruneResult(out, report)
+
+
+def _merge_whole(opts: PruneOptions, prep: Prepared, evaluation: dict, evaluating: bool, timings: Timings):
+    """The whole-model merge of a profiled model (then --merge fit, --recover): (pruned model,
+    plans, method run, fit report, recovery)."""
+    loaded, adapter = prep.loaded, prep.loaded.adapter
+    with timings.stage("cluster"):
+        method = method_used(prep, opts.method)
+        plans = plan_all(prep, opts.keep, method, opts.seed)
+    fitting = MERGE_RULES[opts.merge].fit
+    with timings.stage("merge"):  # originals are freed layer by layer (never two copies), unless fit or recovery
+        pruned = rewrite_model(loaded.model, adapter, plans, router_rule=opts.router_rows, merge=opts.merge,
+                               stats=prep.profile.layers, top_k=opts.top_k, consume=not (fitting or opts.recover))
+    fit_report = recovery = None
+    if fitting:
+        with timings.stage("fit"):
+            fit_report = fit_after_merge(loaded, pruned, plans, opts)
+    if opts.recover:
+        if evaluating:
+            with timings.stage("eval_merged"):
+                evaluation["merged"] = run_eval(pruned, loaded.tokenizer, opts, opts.eval_limit, opts.seed)
+        with timings.stage("recover"):
+            recovery = recover_after_merge(loaded, pruned, opts)
+    return pruned, plans, method, fit_report, recovery
+
+
+def _prune_layerwise(opts: PruneOptions, prep: Prepared, folder: Path, shard_size: int, timings: Timings):
+    """Profile, plan, merge and write each decoder layer in one visit (``layerwise.py``) into
+    ``folder``: (the pruned model on meta, plans, method run). Consumes the loaded model."""
+    from .layerwise import prune_layer_by_layer
+
+    loaded = prep.loaded
+    texts, info = calibration_texts(opts, opts.seed, loaded.tokenizer)
+    used: set = set()
+    with timings.stage("layers"):  # profile + cluster + merge + save, one decoder layer at a time
+        torch.manual_seed(opts.seed)
+        result = prune_layer_by_layer(
+            loaded.model, loaded.tokenizer, loaded.adapter, texts, folder, keep=opts.keep,
+            plan=_plan_one(prep, opts.keep, opts.method, opts.seed, used), merge=opts.merge,
+            router_rule=opts.router_rows, top_k=opts.top_k, through=opts.calibrate_through, shard_size=shard_size,
+            batch_size=opts.batch_size, max_length=opts.max_length, progress=opts.progress,
+            meta=profile_meta(loaded, info, opts, opts.seed), seed=opts.seed)
+        write_extras(loaded.tokenizer, folder, loaded.processor_files)
+    check_profiled(result.profile)
+    prep.profile = result.profile
+    method = used.pop() if len(used) == 1 else opts.method
+    return result.model, result.plans, method
+
+
+@contextmanager
+def _model_after(pruned, folder: Path, loaded: Loaded, opts: PruneOptions, layerwise: bool):
+    """The pruned model to evaluate: in memory, or (layer by layer: only its checkpoint exists) the
+    checkpoint loaded back, placed as the run's model was."""
+    if not layerwise:
+        yield pruned
+        return
+    back = load_model(str(folder), device=opts.device, dtype=opts.dtype, seed=opts.seed,
+                      device_map=opts.device_map, max_memory=opts.max_memory)
+    try:
+        yield back.model
+    finally:
+        hooked = dispatched(back.model)
+        back.model = None
+        if hooked:
+            gc.collect()

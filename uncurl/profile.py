@@ -249,10 +249,16 @@ class _Recorder:
             config._experts_implementation = previous
         for experts in self.modules:
             del experts._uncurl_record, experts._uncurl_inner
-        for name, stats in self.stats.items():
-            if name in self.missing_outputs:
-                stats.missing = {n for n, spec in STATISTICS.items() if spec.source == "experts"}
-            stats.cpu()
+        for name in self.stats:
+            self.finished(name)
+
+    def finished(self, name: str):
+        """Layer ``name``'s statistics as the profile keeps them (on the CPU, those the recorder
+        could not see marked missing): once no more tokens come for it."""
+        stats = self.stats[name]
+        if name in self.missing_outputs:
+            stats.missing = {n for n, spec in STATISTICS.items() if spec.source == "experts"}
+        return stats.cpu()
 
 
 def token_positions(attention_mask: torch.Tensor, text_ids: Sequence[int]) -> torch.Tensor:

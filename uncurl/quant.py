@@ -495,7 +495,7 @@ def write_quantized(model, adapter, plans: dict, source: Source, folder: Path, s
     layers = find_moe_layers(model, adapter)
     tail_start = expert_count(source_config(source), adapter)
     state = remove_tied_weights_from_state_dict(model.state_dict(), model)
-    runs = _layer_runs(state)
+    runs = [run for _, run in _layer_runs(state)]
     routers = tuple(f"{layer.name}.{adapter.router_attr}." for layer in layers)
 
     def missing(name: str, src: str) -> UncurlError:

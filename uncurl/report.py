@@ -39,12 +39,19 @@ def versions() -> dict[str, str]:
 
 class Timings(dict):
     """Seconds per pipeline stage, in the order the stages ran; each stage is logged (INFO, ``-v``)
-    as it starts and ends."""
+    as it starts and ends. ``reads``: bytes of offloaded weights each stage read (``offload.READS``;
+    accelerate's own reads too while ``offload.counting`` is on), for a model under --device-map."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reads: dict[str, int] = {}
 
     @contextmanager
     def stage(self, name: str):
+        from .offload import READS
+
         log.info("%s ...", name)
-        start = time.perf_counter()
+        start, read = time.perf_counter(), READS.bytes
         try:
             yield
         except BaseException:
@@ -52,6 +59,8 @@ class Timings(dict):
             raise
         finally:
             self[name] = round(self.get(name, 0.0) + time.perf_counter() - start, 4)
+            if READS.bytes != read:
+                self.reads[name] = self.reads.get(name, 0) + READS.bytes - read
         log.info("%s done in %.1f s", name, self[name])
 
 

@@ -70,6 +70,11 @@ def write_checkpoint(model, tokenizer, folder: Path, shard_size: str | int = SHA
         write_quantized(model, adapter, plans, source, folder, shard_size)
     elif not (stream and stream_checkpoint(model, folder, shard_size)):
         model.save_pretrained(folder, max_shard_size=shard_size)
+    write_extras(tokenizer, folder, extra_files)
+
+
+def write_extras(tokenizer, folder: Path, extra_files=()) -> None:
+    """The tokenizer's files and ``extra_files`` (the input's processor files) beside the weights."""
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     for path in map(Path, extra_files):
@@ -85,78 +90,114 @@ _ST_DTYPES = {torch.int64: "I64", torch.float64: "F64", torch.float32: "F32", to
 _ST_RANK = {d: i for i, d in enumerate(_ST_DTYPES)}
 
 
-def _layer_runs(state: dict) -> list[dict]:
+def _layer_runs(state: dict, prefixes=()) -> list[tuple[str | None, dict]]:
     """The state dict in transformers' revert order, cut where the decoder layer changes (weight
-    conversions never cross a layer)."""
+    conversions never cross a layer): (layer name or None, {name: tensor}) per run. A layer is one
+    of ``prefixes`` (``sequential.decoder_layers``' names) when given, else a ``*.layers.N``."""
     from transformers.core_model_loading import dot_natural_key
 
-    runs, last = [], None
+    runs, last = [], object()
     for name in sorted(state, key=dot_natural_key):
-        m = re.match(r"(.*?\.layers\.\d+)\.", name)
-        key = m.group(1) if m else None
+        key = next((p for p in prefixes if name.startswith(p + ".")), None)
+        if key is None:
+            m = re.match(r"(.*?\.layers\.\d+)\.", name)
+            key = m.group(1) if m else None
         if not runs or key != last:
-            runs.append({})
-        runs[-1][name] = state[name]
+            runs.append((key, {}))
+        runs[-1][1][name] = state[name]
         last = key
     return runs
+
+
+def streamable(model) -> bool:
+    """Whether ``CheckpointWriter`` can write ``model`` (not quantized by transformers; dtypes
+    safetensors has)."""
+    return getattr(model, "hf_quantizer", None) is None and all(t.dtype in _ST_DTYPES for t in model.state_dict().values())
+
+
+class CheckpointWriter:
+    """The files ``save_pretrained`` writes for ``model``, written a run of tensors at a time.
+
+    The shard layout (names after reverting transformers' weight conversions, shapes, dtypes, the
+    shard split) comes from ``model``'s state dict up front, on ``meta`` stand-ins: ``model`` may be
+    a model on ``meta`` whose tensors only exist later (``layerwise.py``). ``runs`` lists the runs
+    ((layer name or None, {name: stand-in})); ``write(run)`` takes one run's real tensors, in any
+    order of runs; ``finish`` writes the index and configs and checks every tensor came."""
+
+    def __init__(self, model, folder: Path, shard_size: str | int, prefixes=()):
+        from huggingface_hub.serialization._base import split_state_dict_into_shards_factory
+        from transformers.core_model_loading import revert_weight_conversion
+        from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+        self.model, self.folder = model, folder
+        state = remove_tied_weights_from_state_dict(model.state_dict(), model)
+        self.runs = _layer_runs(state, prefixes)
+        folder.mkdir(parents=True, exist_ok=True)
+        # on meta stand-ins (no data read or copied): final names, shapes, dtypes and which outputs
+        # share storage (views of one tensor), which is what transformers' shard split looks at
+        specs, storage = {}, {}
+        for i, (_, run) in enumerate(self.runs):
+            stand_ins = {name: torch.empty_like(t, device="meta") for name, t in run.items()}
+            for name, t in revert_weight_conversion(model, stand_ins).items():
+                specs[name] = t
+                storage[name] = (i, t.untyped_storage()._cdata), t.untyped_storage().nbytes()
+        self.split = split_state_dict_into_shards_factory(
+            {n: (n,) for n in specs}, get_storage_id=lambda v: storage[v[0]][0],  # (n,): a str would be skipped
+            get_storage_size=lambda v: storage[v[0]][1],
+            filename_pattern="model{suffix}.safetensors", max_shard_size=shard_size)
+        self.shards = {file: _ShardWriter(folder / file, {n: specs[n] for n in names})
+                       for file, names in self.split.filename_to_tensors.items()}
+        self.where = {name: self.shards[file] for file, names in self.split.filename_to_tensors.items()
+                      for name in names}
+
+    def write(self, run: dict) -> None:
+        """One run's tensors {state-dict name: tensor}: reverted and each written at its offset."""
+        from transformers.core_model_loading import revert_weight_conversion
+
+        for name, tensor in revert_weight_conversion(self.model, run).items():
+            self.where[name].write(name, tensor)
+
+    def close(self) -> None:
+        for shard in self.shards.values():
+            shard.file.close()
+
+    def finish(self, config=None, generation_config=None) -> None:
+        """Close the shards, check every tensor was written, write the index, ``config`` (default
+        the model's) and ``generation_config`` as ``save_pretrained`` would."""
+        self.close()
+        model, folder = self.model, self.folder
+        unwritten = sorted(n for shard in self.shards.values() for n in shard.missing)
+        if unwritten:
+            raise RuntimeError(f"streaming save never wrote {unwritten[:5]}")
+        if self.split.is_sharded:
+            index = {"metadata": {"total_parameters": model.num_parameters(), **self.split.metadata},
+                     "weight_map": self.split.tensor_to_filename}
+            (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        config = config if config is not None else model.config
+        config.dtype = str(model.dtype).split(".")[1]  # what save_pretrained records
+        config.architectures = [type(model).__name__]
+        config.save_pretrained(folder)
+        generation_config = generation_config if generation_config is not None else getattr(
+            model, "generation_config", None)
+        if model.can_generate() and generation_config is not None:
+            generation_config.save_pretrained(folder)
 
 
 def stream_checkpoint(model, folder: Path, shard_size: str | int) -> bool:
     """Write what ``save_pretrained`` writes, one decoder layer at a time. False: not supported for
     this model (quantized, an unusual dtype); the caller falls back. Offloaded tensors are read
     from accelerate's offload one decoder layer at a time."""
-    from huggingface_hub.serialization._base import split_state_dict_into_shards_factory
-    from transformers.core_model_loading import revert_weight_conversion
-    from transformers.modeling_utils import remove_tied_weights_from_state_dict
-
     from .offload import read_tensor
 
-    state = remove_tied_weights_from_state_dict(model.state_dict(), model)
-    if getattr(model, "hf_quantizer", None) is not None or any(t.dtype not in _ST_DTYPES for t in state.values()):
+    if not streamable(model):
         return False
-    runs = _layer_runs(state)
-    folder.mkdir(parents=True, exist_ok=True)
-
-    def materialised(run: dict) -> dict:  # tensors accelerate offloaded are read one layer at a time
-        return {name: read_tensor(model, name, t) for name, t in run.items()}
-
-    def converted():
-        for run in runs:
-            yield from revert_weight_conversion(model, materialised(run)).items()
-
-    # pass 1, on meta stand-ins (no data read or copied): final names, shapes, dtypes and which
-    # outputs share storage (views of one tensor), which is what transformers' shard split looks at
-    specs, storage = {}, {}
-    for i, run in enumerate(runs):
-        stand_ins = {name: torch.empty_like(t, device="meta") for name, t in run.items()}
-        for name, t in revert_weight_conversion(model, stand_ins).items():
-            specs[name] = t
-            storage[name] = (i, t.untyped_storage()._cdata), t.untyped_storage().nbytes()
-    split = split_state_dict_into_shards_factory(
-        {n: (n,) for n in specs}, get_storage_id=lambda v: storage[v[0]][0],  # (n,): a str would be skipped
-        get_storage_size=lambda v: storage[v[0]][1],
-        filename_pattern="model{suffix}.safetensors", max_shard_size=shard_size)
-    shards = {file: _ShardWriter(folder / file, {n: specs[n] for n in names})
-              for file, names in split.filename_to_tensors.items()}
-    where = {name: shards[file] for file, names in split.filename_to_tensors.items() for name in names}
-    try:  # pass 2: each tensor straight to its offset
-        for name, tensor in converted():
-            where[name].write(name, tensor)
+    writer = CheckpointWriter(model, folder, shard_size)
+    try:
+        for _, run in writer.runs:  # tensors accelerate offloaded are read one layer at a time
+            writer.write({name: read_tensor(model, name, t) for name, t in run.items()})
     finally:
-        for shard in shards.values():
-            shard.file.close()
-    unwritten = sorted(n for shard in shards.values() for n in shard.missing)
-    if unwritten:
-        raise RuntimeError(f"streaming save never wrote {unwritten[:5]}")
-    if split.is_sharded:
-        index = {"metadata": {"total_parameters": model.num_parameters(), **split.metadata},
-                 "weight_map": split.tensor_to_filename}
-        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    model.config.dtype = str(model.dtype).split(".")[1]  # what save_pretrained records
-    model.config.architectures = [type(model).__name__]
-    model.config.save_pretrained(folder)
-    if model.can_generate():
-        model.generation_config.save_pretrained(folder)
+        writer.close()
+    writer.finish()
     return True
 
 
@@ -176,7 +217,7 @@ class _ShardWriter:
         raw += b" " * (-len(raw) % 8)
         self.base = 8 + len(raw)
         self.missing = set(specs)
-        self.file = open(path, "wb")  # noqa: SIM115 - closed by stream_checkpoint
+        self.file = open(path, "wb")  # noqa: SIM115 - closed by CheckpointWriter.close
         self.file.write(struct.pack("<Q", len(raw)) + raw)
         self.file.truncate(self.base + offset)
 

@@ -1,53 +1,53 @@
-"""Profiling layer by layer: each decoder layer runs over every calibration batch before the next.
+"""Layer by layer: each decoder layer runs over every calibration batch before the next.
 
     from uncurl.sequential import profile_sequential
     profile = profile_sequential(model, tokenizer, adapter, texts)   # == profile_model(...)
 
 The driver a model larger than memory needs (each layer's weights read once, not once per batch;
-``../shared/SCALE.md``), here for a model resident in memory: it gives the same ``Profile`` as
-``profile.profile_model`` and records with the same hooks (``profile._Recorder``).
+``../shared/SCALE.md``). It gives the same ``Profile`` as ``profile.profile_model`` and records
+with the same hooks (``profile._Recorder``); ``layerwise.py`` also merges and writes each layer
+while it is on the device.
 
-1. **Inputs of every layer, without running one.** For each batch the model runs its own forward
-   with every decoder layer replaced by the identity: its code embeds the tokens and computes
-   whatever each layer is called with besides the hidden states (rotary position embeddings, the
-   causal mask of the layer's attention type, gemma4's per-layer inputs, ...). Each layer's
-   arguments are kept (shared tensors stay shared: one mask for all full-attention layers).
-   Unlike capturing the first layer's inputs and stopping there, this gives every layer its own
-   mask and per-layer inputs, and needs no weights of any layer.
-2. **One layer at a time.** Layer i runs over every batch with its own arguments and the hidden
-   states layer i-1 produced; its output replaces them (the ORIGINAL model's states: what a
-   one-pass profile of the unpruned model sees). A value a layer returns beside the hidden states
-   that the model hands to the next layer as it is (zaya's router states, glm_moe_dsa's top-k
-   indices) is carried along too.
+**How** (``drive``). Every calibration batch gets a thread of its own, which runs the model's own
+forward on that batch. Each decoder layer's ``forward`` is replaced, for the duration, by a stand-in
+that hands the call (its arguments, as the model computed them) to the driver and waits. Only one
+thread runs at any time: the driver starts a thread, waits until it stops at a layer, starts the
+next. When every batch waits at the same layer, the driver brings that layer's weights onto its
+device once (``offload.onloaded``), runs the waiting calls through it one batch at a time
+(``visit``), and hands each thread its output, which goes on to the next layer. After the last
+layer each forward runs to its end as usual (final norm, the LM head on the last token only).
 
-That is the model's own computation only if nothing happens between two layers but handing their
-outputs on, and nothing else a layer is called with depends on an earlier layer's output. Before
-profiling, one real forward of the first batch checks both (each layer called at most once, in
-list order, with the arguments of step 1 and the previous layer's outputs); a model that fails is
-refused with an ``UncurlError`` naming what differs (a layer run twice, as looped stacks do; hidden
-states transformed between layers; an argument computed from earlier layers).
+So the arguments every layer gets are the ones the model's own code computes between layers, on
+that batch: rotary position embeddings, each layer's own mask, gemma4's per-layer inputs, zaya's
+router states, glm_moe_dsa's shared top-k indices, or whatever a family does to the hidden states
+between two layers. Nothing is assumed of a family beyond its MoE blocks being in one list of
+decoder layers (else refused, with the reason), and each layer is computed exactly as in a
+whole-model pass (same inputs, same code), so the statistics are the same. A layer the model calls
+twice in one forward (a looped stack) is simply visited twice (its weights read twice); the batches
+must all call the same layers in the same order (they run the same code), else the run is refused.
 
-**Offloaded models** (``--device-map`` with CPU or disk offload): each decoder layer's weights
-are read once (``offload.onloaded``: onto the layer's execution device, its accelerate hooks told
-not to offload) and every batch runs through it, then they go back; the modules outside the layers
-that the inputs pass (embeddings, rotary) are read once on first use in step 1, and the forward of
-step 1 stops after the last layer (no final norm, no LM head). The check's one real forward reads
-the decoder layers' offloaded weights once more, so a profile reads about twice the offloaded
-bytes of the layers (the embeddings and the LM head once) whatever the number of batches (a
-whole-model pass: everything once per batch). Reads are counted in ``offload.READS``.
+**Offloaded models** (``--device-map`` with CPU or disk offload): each decoder layer's weights are
+read once for every batch; the modules outside the layers (embeddings, rotary, final norm, LM head)
+once, on first use, and kept for the duration. A profile therefore reads the offloaded weights once,
+whatever the number of batches (a whole-model pass: once per batch). Reads are counted in
+``offload.READS``.
 
-**The cache**: between layers, each batch's hidden states (and what a layer hands to the next)
-are kept in CPU memory and moved to the layer's device for its turn; what step 1 captured besides
-them (masks, position embeddings) is kept in CPU memory too, one copy per batch however many
-layers share it. No disk cache: tokens x hidden x dtype bytes must fit in CPU memory.
+**The cache**: what the model holds for each batch between two layers (its hidden states, the
+embeddings it started from, masks, position embeddings) stays where the model put it, on the
+execution device: about two to three times tokens x hidden x dtype bytes for the calibration set,
+beside one layer's weights. No disk cache.
 
-Not covered yet: feeding layer i+1 with the PRUNED layer i's outputs, and merging a layer while
-its weights are on the device (the merge reads the weights once more, ``merge.rewrite_model``).
+``--calibrate-through pruned`` (``layerwise.py``): the next layer's inputs come from the layer as
+pruned, not from the original (``visit`` returns those outputs instead).
 """
 
 from __future__ import annotations
 
+import contextvars
+import threading
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -72,28 +72,10 @@ def decoder_layers(model, adapter: MoEAdapter) -> list[tuple[str, nn.Module]]:
                       f"{prefix or 'the model'}, so its layers cannot be profiled one at a time")
 
 
-HIDDEN = ("pos", 0)  # a slot: ("pos", index) of a positional argument or ("kw", name)
-
-
-def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
-
-
-def _filled(args: tuple, kwargs: dict, values: dict) -> tuple[tuple, dict]:
-    """``args``, ``kwargs`` with the hidden states and the slots in ``values`` replaced."""
-    args, kwargs = list(args), dict(kwargs)
-    for slot, value in values.items():
-        if slot == HIDDEN and not args:
-            slot = ("kw", "hidden_states")
-        if slot[0] == "pos":
-            args[slot[1]] = value
-        else:
-            kwargs[slot[1]] = value
-    return tuple(args), kwargs
-
-
-def _outputs(output) -> tuple:
-    return tuple(output) if isinstance(output, (tuple, list)) else (output,)
+def within(block: str, layer: str) -> bool:
+    """Whether MoE block ``block`` is decoder layer ``layer`` or inside it (gemma4's experts and
+    router sit in the decoder layer itself)."""
+    return block == layer or block.startswith(layer + ".")
 
 
 @contextmanager
@@ -117,36 +99,8 @@ def _forward(model, batch) -> None:
     model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=1, use_cache=False)
 
 
-class _Stop(Exception):
-    """Raised in the last decoder layer's stand-in: nothing after it is needed (norm, LM head)."""
-
-
-def layer_inputs(model, layers, batch, forms: list[int | None]) -> list[list[tuple[tuple, dict]]]:
-    """What the model calls each decoder layer with on ``batch``, every layer the identity: per
-    layer, one (args, kwargs) per call. ``forms``: what each layer returns, a tensor (None) or a
-    tuple of n (the identity returns the hidden states and n - 1 Nones). The forward stops when
-    the last layer of the list is called."""
-    calls: list[list] = [[] for _ in layers]
-
-    def make(i, layer):
-        def identity(*args, **kwargs):
-            calls[i].append((args, kwargs))
-            if i == len(layers) - 1:
-                raise _Stop
-            hidden = _hidden(args, kwargs)
-            return hidden if forms[i] is None else (hidden, *[None] * (forms[i] - 1))  # nothing carried
-
-        return identity
-
-    try:
-        with _layers_replaced(layers, make):
-            _forward(model, batch)
-    except _Stop:
-        pass
-    except Exception as err:  # noqa: BLE001 - whatever fails, the family's layers cannot be skipped
-        raise UncurlError(f"{model.config.model_type}: its forward fails with the decoder layers skipped "
-                          f"({type(err).__name__}: {err}), so its layers cannot be profiled one at a time") from err
-    return calls
+class _Abort(BaseException):
+    """Handed to a waiting thread when the drive ends early (an error, a signal): it unwinds."""
 
 
 def _moved(value, device, memo: dict):
@@ -189,165 +143,214 @@ def _outer_onloaded(model, layers):
         held.release()
 
 
-def _real_calls(model, layers, batch) -> tuple[list[list], list[int]]:
-    """One real forward: per layer, its calls as (args, kwargs, output); and the call order."""
-    calls: list[list] = [[] for _ in layers]
-    order: list[int] = []
+@dataclass
+class Call:
+    """One batch's call of a decoder layer, as the model's forward made it."""
+
+    batch: int
+    args: tuple
+    kwargs: dict
+    context: contextvars.Context  # the batch thread's (transformers keeps output collectors there)
+
+    def run(self, forward, device) -> object:
+        """``forward`` (a layer's own, or a stand-in module's) on this call's arguments, on ``device``."""
+        args, kwargs = _moved((self.args, self.kwargs), device, {})
+        return self.context.run(forward, *args, **kwargs)
+
+
+_local = threading.local()
+
+
+class _Batch(threading.Thread):
+    """One batch's forward; it runs only between ``resume`` and its next layer call (or its end)."""
+
+    def __init__(self, model, index: int, batch, baton: threading.Semaphore):
+        super().__init__(name=f"uncurl-batch-{index}", daemon=True)
+        self.model, self.index, self.batch, self.baton = model, index, batch, baton
+        self.go = threading.Semaphore(0)
+        self.call: tuple | None = None  # (layer index, Call) while it waits at a layer
+        self.reply = None
+        self.finished = False
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        _local.batch = self
+        self.go.acquire()
+        try:
+            if not isinstance(self.reply, BaseException):
+                with torch.no_grad():
+                    _forward(self.model, self.batch)
+        except BaseException as err:  # noqa: BLE001 - handed to the driver, which raises it
+            self.error = err
+        finally:
+            self.call, self.finished = None, True
+            self.baton.release()
+
+    def wait(self, layer: int, args: tuple, kwargs: dict):
+        """In this thread, at a layer call: hand it to the driver, wait for its output."""
+        self.call = (layer, Call(self.index, args, kwargs, contextvars.copy_context()))
+        self.baton.release()
+        self.go.acquire()
+        reply, self.reply, self.call = self.reply, None, None
+        if isinstance(reply, BaseException):
+            raise reply
+        return reply
+
+    def resume(self, reply=None) -> None:
+        """In the driver: let this thread go on with ``reply`` until it stops again."""
+        self.reply = reply
+        self.go.release()
+        self.baton.acquire()
+
+
+Visit = Callable[[int, list[Call]], list]
+
+
+def drive(model, layers: list[tuple[str, nn.Module]], batches: list, visit: Visit) -> None:
+    """Run the model's forward on every batch, layer by layer (module docstring): for each layer
+    the model calls, ``visit(index, calls)`` gets every batch's call of it (in batch order) and
+    returns their outputs, which the forwards go on with. ``visit`` runs the layer itself
+    (``Call.run`` with ``forwards()[index]``, the layer's own forward)."""
+    family = model.config.model_type
+    baton = threading.Semaphore(0)
+    threads = [_Batch(model, b, batch, baton) for b, batch in enumerate(batches)]
 
     def make(i, layer):
-        forward = layer.__dict__.get("forward") or type(layer).forward.__get__(layer)
+        def stand_in(*args, **kwargs):
+            batch = getattr(_local, "batch", None)
+            if batch is None:  # not from a batch's forward (a layer run by visit itself)
+                return ORIGINAL[id(layer)](*args, **kwargs)
+            return batch.wait(i, args, kwargs)
 
-        def record(*args, **kwargs):
-            out = forward(*args, **kwargs)
-            calls[i].append((args, kwargs, out))
-            order.append(i)
-            return out
+        return stand_in
 
-        return record
-
-    with _layers_replaced(layers, make):
-        _forward(model, batch)
-    return calls, order
-
-
-def _same(a, b) -> bool:
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
-                and a.dtype == b.dtype and torch.equal(a, b))
-    if isinstance(a, (tuple, list)):
-        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if a is b or a is None or b is None:
-        return a is b
+    ORIGINAL.update({id(layer): layer.__dict__.get("forward") or type(layer).forward.__get__(layer)
+                     for _, layer in layers})
     try:
-        return bool(a == b)
-    except Exception:  # noqa: BLE001 - objects without a usable equality are not the same
-        return False
+        with _layers_replaced(layers, make):
+            for thread in threads:
+                thread.start()
+                thread.resume()
+            while True:
+                failed = next((t for t in threads if t.error is not None), None)
+                if failed is not None:
+                    raise failed.error
+                waiting = [t for t in threads if not t.finished]
+                if not waiting:
+                    return
+                at = {t.call[0] for t in waiting}
+                if len(at) > 1 or len(waiting) < len(threads):
+                    raise UncurlError(f"{family}: its batches do not call the same decoder layers in the same order "
+                                      f"(some at {sorted(layers[i][0] for i in at)}, {len(threads) - len(waiting)} "
+                                      f"done), so its layers cannot be run one at a time")
+                i = at.pop()
+                outputs = visit(i, [t.call[1] for t in waiting])
+                for thread, out in zip(waiting, outputs):
+                    thread.resume(out)
+    finally:
+        for thread in threads:  # an error or a signal: every waiting forward unwinds
+            if thread.is_alive() and thread.call is not None:
+                thread.resume(_Abort())
+        for _, layer in layers:
+            ORIGINAL.pop(id(layer), None)
 
 
-def _differs(stub: tuple[tuple, dict], real: tuple[tuple, dict], carried) -> str | None:
-    """The first argument a layer gets in the real forward that the identity pass did not give
-    it, or None; the hidden states and the ``carried`` slots (from the previous layer) aside."""
-    (sa, sk), (ra, rk) = stub, real
-    if len(sa) != len(ra) or sk.keys() != rk.keys():
-        return f"arguments {sorted(rk)} (+{len(ra)} positional) instead of {sorted(sk)} (+{len(sa)})"
-    for i, (x, y) in enumerate(zip(sa, ra)):
-        if i and ("pos", i) not in carried and not _same(x, y):
-            return f"positional argument {i}"
-    for key in rk:
-        if key != "hidden_states" and ("kw", key) not in carried and not _same(sk[key], rk[key]):
-            return f"argument {key!r}"
-    return None
+ORIGINAL: dict[int, Callable] = {}  # id(layer) -> its own forward while a drive runs
 
 
-def _carried(previous: tuple, args: tuple, kwargs: dict) -> dict:
-    """{slot of this layer's arguments: index in the previous layer's outputs} for each output
-    after the hidden states that the model hands on as it is (zaya's router states, glm_moe_dsa's
-    top-k indices); an output it does not hand on is not needed here."""
-    links = {}
-    for k, value in enumerate(previous[1:], 1):
-        if value is None:
-            continue
-        slot = next((("kw", key) for key, v in kwargs.items() if v is value), None)
-        slot = slot or next((("pos", p) for p, v in enumerate(args) if p and v is value), None)
-        if slot is not None:
-            links[slot] = k
-    return links
+def forward_of(layer: nn.Module) -> Callable:
+    """``layer``'s own forward while ``drive`` has replaced it (accelerate's hook included)."""
+    return ORIGINAL.get(id(layer)) or layer.__dict__.get("forward") or type(layer).forward.__get__(layer)
 
 
-def check_sequential(model, layers, batch) -> tuple[list[int], list[int | None], dict[int, dict]]:
-    """Raise ``UncurlError`` unless ``model``'s forward on ``batch`` is its layers run one after
-    another as ``profile_sequential`` runs them. Returns the indices of the layers it runs, what
-    each returns (``layer_inputs``'s ``forms``) and, per layer, the arguments it takes from the
-    previous layer's outputs besides the hidden states (``_carried``)."""
-    family = model.config.model_type
-    real, order = _real_calls(model, layers, batch)
-    used = [i for i, c in enumerate(real) if c]
-    forms: list[int | None] = [None] * len(layers)
-    for i in used:
-        out = real[i][0][2]
-        if isinstance(out, (tuple, list)):
-            forms[i] = len(out)
-    links = {j: _carried(_outputs(real[i][0][2]), *real[j][0][:2]) for i, j in zip(used, used[1:])}
-    stub = layer_inputs(model, layers, batch, forms)
-    for i, (name, _) in enumerate(layers):
-        if len(real[i]) > 1 or len(stub[i]) != len(real[i]):
-            raise UncurlError(f"{family}: decoder layer {name} runs {len(real[i])} times in a forward "
-                              f"({len(stub[i])} when the layers are skipped), so its layers cannot be profiled "
-                              f"one at a time")
-    if order != used:
-        raise UncurlError(f"{family}: its decoder layers do not run in list order ({order}), so they cannot be "
-                          f"profiled one at a time")
-    previous = None
-    for i in used:
-        args, kwargs, out = real[i][0]
-        what = _differs(stub[i][0], (args, kwargs), links.get(i, {}))
-        if what is not None:
-            raise UncurlError(f"{family}: decoder layer {layers[i][0]} gets {what} computed from earlier layers' "
-                              f"outputs, so its layers cannot be profiled one at a time")
-        if previous is not None and not _same(_hidden(args, kwargs), _outputs(previous)[0]):
-            raise UncurlError(f"{family}: the hidden states entering {layers[i][0]} are not the previous layer's "
-                              f"output (the model transforms them between layers), so its layers cannot be "
-                              f"profiled one at a time")
-        previous = out
-    return used, forms, links
+def encoded(tokenizer, texts, text_ids, *, batch_size: int, max_length: int, device):
+    """The calibration batches on ``device`` and, per batch, what the recorder needs: the mask of
+    its non-padding rows and their (text, position) names."""
+    batches, names = [], []
+    for rows, batch in indexed_batches(tokenizer, texts, batch_size=batch_size, max_length=max_length):
+        names.append((batch["attention_mask"].reshape(-1).bool().to(device),
+                      token_positions(batch["attention_mask"], [text_ids[r] for r in rows])))
+        batches.append(batch.to(device))
+    return batches, names
+
+
+def recorder_for(model, adapter: MoEAdapter, seed: int) -> _Recorder:
+    moe_layers = find_moe_layers(model, adapter)
+    return _Recorder(moe_layers, moe_layers[0].num_experts, seed, tail=bool(adapter.tail_rows),
+                     output=adapter.router_output, top_k=top_k(model.config, adapter),
+                     router_logits=adapter.router_logits)
+
+
+@dataclass
+class Visit:
+    """What ``run_layers``' ``after_layer`` gets: decoder layer ``name`` (``layer``, its weights on
+    ``device``) once every batch went through it, the statistics of its MoE blocks complete
+    (``stats``), and the batches' calls, which ``run(forward)`` runs again through another module."""
+
+    index: int
+    name: str
+    layer: nn.Module
+    device: torch.device
+    stats: dict
+    calls: list[Call]
+
+    def run(self, forward) -> list:
+        return [call.run(forward, self.device) for call in self.calls]
 
 
 @torch.no_grad()
-def profile_sequential(
-    model,
-    tokenizer,
-    adapter: MoEAdapter,
-    texts,
-    *,
-    batch_size: int = 8,
-    max_length: int = 512,
-    progress: bool = False,
-    meta: dict | None = None,
-    seed: int = 0,
-    text_ids=None,
-) -> Profile:
-    """``profile_model`` computed layer by layer: the same statistics (to float rounding; see the
-    module docstring for what is checked first and which families are refused)."""
+def run_layers(model, tokenizer, adapter: MoEAdapter, texts, *, batch_size: int = 8, max_length: int = 512,
+               progress: bool = False, meta: dict | None = None, seed: int = 0, text_ids=None,
+               after_layer: Callable[[Visit], "list | None"] | None = None, after_all: Callable[[], None] | None = None,
+               label: str = "profiling layer by layer") -> Profile:
+    """The profile, computed layer by layer (``drive``). ``after_layer(visit)`` runs after each
+    decoder layer (``Visit``), its weights still on the device; what it returns (the outputs of the
+    layer as pruned: ``--calibrate-through pruned``), if not None, is what the next layer gets.
+    ``after_all()`` runs after the last, while the modules outside the layers are still held."""
     if not texts:
         raise UncurlError("no calibration text to profile: the task's calibration split is empty")
     text_ids = check_text_ids(texts, text_ids)
     moe_layers = find_moe_layers(model, adapter)
     layers = decoder_layers(model, adapter)
-    device = input_device(model)
-    batches, names = [], []  # per batch: the batch on the device; its rows' mask and (text, position)
-    for rows, batch in indexed_batches(tokenizer, texts, batch_size=batch_size, max_length=max_length):
-        names.append((batch["attention_mask"].reshape(-1).bool().to(device),
-                      token_positions(batch["attention_mask"], [text_ids[r] for r in rows])))
-        batches.append(batch.to(device))
-    cpu = torch.device("cpu")
-    inputs, outputs = [], []  # [batch][layer] -> [(args, kwargs)]; per batch: the last layer's outputs
-    with _outer_onloaded(model, layers):
-        used, forms, links = check_sequential(model, layers, batches[0])
-        for batch in batches:
-            calls = layer_inputs(model, layers, batch, forms)
-            outputs.append((_hidden(*calls[used[0]][0]).to(cpu),))
-            memo: dict = {}  # per batch: a mask all layers share is one tensor in CPU memory
-            inputs.append([[_moved(_filled(*c, {HIDDEN: None}), cpu, memo) for c in layer_calls]
-                           for layer_calls in calls])
-    recorder = _Recorder(moe_layers, moe_layers[0].num_experts, seed, tail=bool(adapter.tail_rows),
-                         output=adapter.router_output, top_k=top_k(model.config, adapter),
-                         router_logits=adapter.router_logits)
+    batches, names = encoded(tokenizer, texts, text_ids, batch_size=batch_size, max_length=max_length,
+                             device=input_device(model))
+    recorder = recorder_for(model, adapter, seed)
+
+    visited: set[int] = set()
+
+    def visit(i: int, calls: list[Call]) -> list:
+        name, layer = layers[i]
+        if after_layer is not None and i in visited:
+            raise UncurlError(f"{model.config.model_type}: decoder layer {name} runs twice in a forward, so it cannot be "
+                              f"pruned on its first visit: use --pipeline whole")
+        visited.add(i)
+        with onloaded(layer):  # an offloaded layer's weights: read once for every batch
+            where, forward = layer_device(layer), forward_of(layer)
+            outputs = []
+            for call in calls:
+                recorder.mask, recorder.tokens = names[call.batch]
+                outputs.append(call.run(forward, where))
+                advance()
+            recorder.mask = recorder.tokens = None
+            if after_layer is not None:
+                stats = {b.name: recorder.finished(b.name) for b in moe_layers if within(b.name, name)}
+                instead = after_layer(Visit(i, name, layer, where, stats, calls))
+                outputs = outputs if instead is None else instead
+        return outputs
+
     try:
-        with progress_bar(progress, len(used) * len(batches), "profiling layer by layer") as advance:
-            for i in used:
-                layer = layers[i][1]
-                with onloaded(layer):  # an offloaded layer's weights: read once for every batch
-                    where = layer_device(layer)
-                    for b in range(len(batches)):
-                        recorder.mask, recorder.tokens = names[b]
-                        values = {HIDDEN: outputs[b][0], **{s: outputs[b][k] for s, k in links.get(i, {}).items()}}
-                        args, kwargs = _moved(_filled(*inputs[b][i][0], values), where, {})
-                        outputs[b] = _moved(_outputs(layer(*args, **kwargs)), cpu, {})
-                        inputs[b][i] = None  # this layer's arguments are no longer needed
-                        advance()
+        with progress_bar(progress, len(layers) * len(batches), label) as advance, _outer_onloaded(model, layers):
+            drive(model, layers, batches, visit)
+            if after_all is not None:
+                after_all()
     finally:
         recorder.close()
     index = {layer.name: layer.index for layer in moe_layers}
     return Profile(recorder.stats, index, dict(meta or {}))
+
+
+def profile_sequential(model, tokenizer, adapter: MoEAdapter, texts, *, batch_size: int = 8, max_length: int = 512,
+                       progress: bool = False, meta: dict | None = None, seed: int = 0, text_ids=None) -> Profile:
+    """``profile_model`` computed layer by layer: the same statistics (to float rounding)."""
+    return run_layers(model, tokenizer, adapter, texts, batch_size=batch_size, max_length=max_length,
+                      progress=progress, meta=meta, seed=seed, text_ids=text_ids)

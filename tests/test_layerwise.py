@@ -1,0 +1,177 @@
+"""Pruning layer by layer (``layerwise.py``: profile, plan, merge and write each decoder layer in
+one visit) writes the whole-model pass's checkpoint; ``--calibrate-through pruned`` feeds each layer
+what the pruned layers before it give; an offloaded model's weights are read once in all."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import representatives
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from uncurl.adapters import ADAPTERS, expert_count, find_moe_layers, routing_groups, top_k
+from uncurl.cli import app
+from uncurl.cluster import plan_layer
+from uncurl.layerwise import prune_layer_by_layer
+from uncurl.load import build_tiny
+from uncurl.merge import rewrite_model
+from uncurl.profile import profile_model
+from uncurl.save import write_checkpoint
+from uncurl.stats import STATISTICS
+
+runner = CliRunner()
+RULES = {"criterion": ("reap", "aligned", "mean"), "merge": ("uncurl", "aligned", "refit")}
+
+
+def _keep(model, adapter) -> int:
+    e, n_group = expert_count(model.config, adapter), routing_groups(model.config, adapter)[0]
+    keep = max(top_k(model.config, adapter), e // 2)
+    return -(-keep // n_group) * n_group if n_group > 1 else keep
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(path))
+    return out
+
+
+@pytest.mark.parametrize("rules", list(RULES))
+@pytest.mark.parametrize("family", representatives())
+def test_layer_by_layer_writes_the_whole_model_checkpoint(family, rules, texts, tmp_path):
+    method, merge, router = RULES[rules]
+    adapter = ADAPTERS[family]
+    model, tok = build_tiny(family, seed=0)
+    keep, n_group = _keep(model, adapter), routing_groups(model.config, adapter)[0]
+    if any(s.missing for s in profile_model(model, tok, adapter, texts[:2], max_length=16).layers.values()):
+        method = "frequency"  # llama4, longcat_flash: no expert outputs recorded
+    profile = profile_model(model, tok, adapter, texts, batch_size=2, max_length=32, seed=1)
+    plans = {n: plan_layer(s, keep, method, n_group, 1) for n, s in profile.layers.items()}
+    whole = rewrite_model(model, adapter, plans, router_rule=router, merge=merge, stats=profile.layers)
+    write_checkpoint(whole, None, tmp_path / "whole")
+
+    fresh, _ = build_tiny(family, seed=0)  # consumed by the layer-by-layer run
+    result = prune_layer_by_layer(fresh, tok, adapter, texts, tmp_path / "layers", keep=keep,
+                                  plan=lambda name, stats: plan_layer(stats, keep, method, n_group, 1), merge=merge,
+                                  router_rule=router, batch_size=2, max_length=32, seed=1)
+    assert result.plans == plans
+    assert (tmp_path / "whole" / "config.json").read_text() == (tmp_path / "layers" / "config.json").read_text()
+    names = sorted(p.name for p in (tmp_path / "whole").glob("*.safetensors"))
+    assert names == sorted(p.name for p in (tmp_path / "layers").glob("*.safetensors"))
+    if rules == "criterion":  # the same bytes
+        for name in names:
+            assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "layers" / name).read_bytes(), name
+    else:  # merges: the same tensors to float rounding (the profile's sums come in another order)
+        want, got = _tensors(tmp_path / "whole"), _tensors(tmp_path / "layers")
+        assert want.keys() == got.keys()
+        for name, w in want.items():
+            torch.testing.assert_close(got[name], w, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_calibrate_through_pruned_feeds_the_pruned_layers_outputs(texts, tmp_path, monkeypatch):
+    """Layer 0's statistics are the same either way; layer 1's, through the pruned layer 0, are
+    those of a whole-model pass of the model whose layer 0 is the pruned one (from the checkpoint)."""
+    from uncurl.load import from_folder
+    from transformers import AutoConfig
+
+    adapter, keep = ADAPTERS["mixtral"], 2
+    runs = {}
+    for through in ("original", "pruned"):
+        model, tok = build_tiny("mixtral", seed=0)
+        runs[through] = prune_layer_by_layer(model, tok, adapter, texts, tmp_path / through, keep=keep,
+                                             plan=lambda name, stats: plan_layer(stats, keep, "reap"),
+                                             merge="aligned", router_rule="mean", through=through, batch_size=2,
+                                             max_length=32)
+    first, second = "model.layers.0.mlp", "model.layers.1.mlp"
+    a, b = runs["original"].profile.layers, runs["pruned"].profile.layers
+    assert torch.equal(a[first].counts, b[first].counts)
+    assert not torch.equal(a[second].counts, b[second].counts)
+
+    original, tok = build_tiny("mixtral", seed=0)
+    folder = tmp_path / "pruned"
+    pruned = from_folder(folder, AutoConfig.from_pretrained(folder), torch.float32)
+    original.model.layers[0] = pruned.model.layers[0]  # the pruned layer 0 feeding the original layer 1
+    block = [layer for layer in find_moe_layers(original, adapter) if layer.name == second]
+    monkeypatch.setattr("uncurl.profile.find_moe_layers", lambda m, a: block)
+    truth = profile_model(original, tok, adapter, texts, batch_size=2, max_length=32).layers[second]
+    assert torch.equal(b[second].counts, truth.counts)
+    for stat in STATISTICS:
+        torch.testing.assert_close(getattr(b[second], stat), getattr(truth, stat), rtol=1e-5, atol=1e-6, msg=stat)
+
+
+def test_calibrate_through_pruned_at_keep_e_changes_nothing(texts, tmp_path):
+    adapter = ADAPTERS["mixtral"]
+    for through in ("original", "pruned"):
+        model, tok = build_tiny("mixtral", seed=0)
+        e = expert_count(model.config, adapter)
+        prune_layer_by_layer(model, tok, adapter, texts, tmp_path / through, keep=e,
+                             plan=lambda name, stats: plan_layer(stats, e, "reap"), merge="aligned", router_rule="mean",
+                             through=through, batch_size=2, max_length=32)
+    assert (tmp_path / "original" / "model.safetensors").read_bytes() == (
+        tmp_path / "pruned" / "model.safetensors").read_bytes()
+
+
+def _run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_offloaded_prune_reads_the_input_once(tiny_dirs, data_dir, tmp_path):
+    """Most of mixtral offloaded to disk, 16 texts in 8 batches: the layer-by-layer prune reads the
+    offloaded weights once in all (every stage before the check of the written checkpoint), the
+    whole-model one once per batch in its profile; both write the resident run's checkpoint."""
+    from uncurl.load import load_model
+
+    folder = tiny_dirs("mixtral")
+    loaded = load_model(str(folder), device_map="auto", max_memory="cpu=30KB")
+    offloaded = sum(t.numel() * t.element_size() for t in loaded.model.state_dict().values() if t.device.type == "meta")
+    del loaded
+    data = ["--model", folder, "--task", "superglue-rte", "--data-dir", data_dir, "--samples", 16, "--max-length", 32,
+            "--batch-size", 2, "--keep", 4, "--method", "reap", "--no-plots"]
+    offload = ["--device-map", "auto", "--max-memory", "cpu=30KB"]
+    assert _run("prune", *data, "--out", tmp_path / "plain").exit_code == 0
+    reads = {}
+    for pipeline in ("whole", "sequential"):
+        res = _run("prune", *data, *offload, "--pipeline", pipeline, "--out", tmp_path / pipeline)
+        assert res.exit_code == 0, res.output
+        report = json.loads((tmp_path / pipeline / "report" / "report.json").read_text())
+        assert report["pipeline"]["layer_by_layer"] == (pipeline == "sequential")
+        reads[pipeline] = {k: v / offloaded for k, v in report["offload_reads_bytes"].items()}
+        for name in sorted(p.name for p in (tmp_path / "plain").glob("*.safetensors")):
+            assert (tmp_path / "plain" / name).read_bytes() == (tmp_path / pipeline / name).read_bytes()
+    input_reads = {p: sum(v for k, v in r.items() if k != "verify") for p, r in reads.items()}
+    assert input_reads["sequential"] <= 1.05, reads
+    assert reads["whole"]["profile"] >= 8 - 0.5, reads  # once per batch
+    assert set(reads["sequential"]) <= {"layers", "verify"}, reads
+
+
+def test_calibrate_through_pruned_needs_the_layer_by_layer_prune(data_dir, tmp_path):
+    """It is a layer-by-layer prune (auto turns one on for it); whatever excludes one is refused."""
+    base = ["prune", "--model", "builtin:mixtral", "--task", "superglue-rte", "--data-dir", data_dir, "--samples", 4,
+            "--out", tmp_path / "o", "--calibrate-through"]
+    res = _run(*base, "pruned", "--pipeline", "whole")
+    assert res.exit_code == 2 and "--calibrate-through pruned" in res.output, res.output
+    assert "--pipeline sequential or auto" in res.output
+    res = _run(*base, "pruned", "--pipeline", "sequential", "--merge", "fit")
+    assert res.exit_code == 2 and "no --merge fit or --recover" in res.output, res.output
+    res = _run(*base, "sideways")
+    assert res.exit_code == 2 and "'sideways' is not one of original, pruned" in res.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_auto_runs_an_offloaded_prune_layer_by_layer_and_a_resident_one_whole(tiny_dirs, data_dir, tmp_path):
+    data = ["--model", tiny_dirs("mixtral"), "--task", "superglue-rte", "--data-dir", data_dir, "--samples", 4,
+            "--max-length", 32, "--keep", 4, "--method", "reap", "--no-plots"]
+    assert _run("prune", *data, "--out", tmp_path / "resident").exit_code == 0
+    res = _run("prune", *data, "--device-map", "auto", "--max-memory", "cpu=30KB", "--out", tmp_path / "offloaded")
+    assert res.exit_code == 0, res.output
+    pipelines = {k: json.loads((tmp_path / k / "report" / "report.json").read_text())["pipeline"]
+                 for k in ("resident", "offloaded")}
+    assert pipelines["resident"] == {"requested": "auto", "name": "whole", "layer_by_layer": False,
+                                     "calibrate_through": "original"}
+    assert pipelines["offloaded"]["name"] == "sequential" and pipelines["offloaded"]["layer_by_layer"]
+    assert (tmp_path / "resident" / "model.safetensors").read_bytes() == (
+        tmp_path / "offloaded" / "model.safetensors").read_bytes()

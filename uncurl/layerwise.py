@@ -1,0 +1,183 @@
+"""Prune layer by layer: profile, plan, merge and write each decoder layer while its weights are on the device.
+
+    from uncurl.layerwise import prune_layer_by_layer
+    result = prune_layer_by_layer(model, tokenizer, adapter, texts, folder, keep=4, plan=..., merge="aligned",
+                                  router_rule="refit")
+
+What ``--pipeline sequential`` runs for ``uncurl prune`` (``pipeline._prune``) when nothing after
+the merge needs the original model (``--merge fit`` and ``--recover`` do; they take the profile of
+``sequential.py`` and the usual merge). Each decoder layer's weights are read once, in all
+(``sequential.run_layers``), and while they are on the device:
+
+1. every calibration batch runs through the layer (its MoE blocks' statistics recorded);
+2. each MoE block is planned (``plan(name, stats)``) and rewritten (``merge.rewrite_layer``, the
+   function the whole-model merge calls), so the plan and the tensors are the whole-model pass's;
+3. the layer's tensors, merged and unchanged, are written at their offsets in the checkpoint's
+   shards (``save.CheckpointWriter``: the layout is fixed up front from the pruned model on ``meta``,
+   so the files are the ones ``save_pretrained`` writes, byte for byte);
+4. with ``through="pruned"`` the batches run again through the layer as pruned and the next layer
+   gets those outputs (REAM's and llm-compressor's choice), else the original layer's (then the
+   profile is the one-pass profile);
+5. the layer's original weights are let go (offloaded ones back to ``meta``; resident ones too:
+   the model is consumed and must not be used again).
+
+The tensors outside the decoder layers (embeddings, final norm, LM head, a vision tower) are
+written at the end, read once. A layer the forward runs twice (a looped stack) cannot be merged
+on its first visit and is refused; ``--pipeline whole`` handles it.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .adapters import MoEAdapter, find_moe_layers, set_moe_keys, tail_rows
+from .cluster import LayerPlan
+from .errors import UncurlError
+from .merge import check_layer, layer_tensor_names, rewrite_layer
+from .offload import read_tensor
+from .save import CheckpointWriter
+from .sequential import Visit, decoder_layers, run_layers, within
+from .stats import LayerStats, Profile
+
+THROUGH = ("original", "pruned")  # --calibrate-through (checked in pipeline.check_through)
+
+
+@dataclass
+class LayerwiseResult:
+    profile: Profile
+    plans: dict[str, LayerPlan]
+    model: torch.nn.Module  # the pruned model on meta: its config, shapes and dtypes (costs, counts)
+
+
+def pruned_on_meta(model, adapter: MoEAdapter, keep: int, top_k: int | None):
+    """``model``'s class built for ``keep`` experts (and ``top_k``) on ``meta``, each tensor with the
+    dtype of the original's of the same name, tied weights tied: what the checkpoint will hold."""
+    config = copy.deepcopy(model.config)
+    set_moe_keys(config, adapter, keep, top_k)
+    with torch.device("meta"):
+        new = type(model)(config)
+    state = model.state_dict()
+    for name, tensor in list(new.state_dict().items()):
+        owner, _, attr = name.rpartition(".")
+        module = new.get_submodule(owner)
+        dtype = state[name].dtype if name in state else tensor.dtype
+        if tensor.dtype != dtype:
+            if attr in module._parameters:
+                module._parameters[attr] = torch.nn.Parameter(tensor.to(dtype), requires_grad=False)
+            else:
+                module._buffers[attr] = tensor.to(dtype)
+    new.tie_weights()
+    if getattr(model, "generation_config", None) is not None:
+        new.generation_config = copy.deepcopy(model.generation_config)
+    return new.eval()
+
+
+def _materialised(module: torch.nn.Module, state: dict[str, torch.Tensor], original: torch.nn.Module, device):
+    """``module`` (of the pruned model on meta) given ``state`` (its tensors, names relative to it)
+    on ``device``, and ``original``'s non-persistent buffers (rotary tables)."""
+    module.load_state_dict({k: v.to(device) for k, v in state.items()}, assign=True, strict=True)
+    persistent = set(state)
+    for name, buf in original.named_buffers():
+        if name not in persistent:
+            owner, _, attr = name.rpartition(".")
+            module.get_submodule(owner)._buffers[attr] = buf
+    return module
+
+
+def _to_meta(module: torch.nn.Module) -> None:
+    for sub in module.modules():
+        for attr, t in list(sub._parameters.items()):
+            if t is not None and t.device.type != "meta":
+                sub._parameters[attr] = torch.nn.Parameter(t.to("meta"), requires_grad=False)
+        for attr, t in list(sub._buffers.items()):
+            if t is not None and t.device.type != "meta":
+                sub._buffers[attr] = t.to("meta")
+
+
+@torch.no_grad()
+def prune_layer_by_layer(
+    model,
+    tokenizer,
+    adapter: MoEAdapter,
+    texts,
+    folder: Path,
+    *,
+    keep: int,
+    plan: Callable[[str, LayerStats], LayerPlan],
+    merge: str,
+    router_rule: str,
+    top_k: int | None = None,
+    through: str = "original",
+    shard_size: str | int = "5GB",
+    batch_size: int = 8,
+    max_length: int = 512,
+    progress: bool = False,
+    meta: dict | None = None,
+    seed: int = 0,
+    text_ids=None,
+) -> LayerwiseResult:
+    """Profile ``model`` on ``texts`` layer by layer and write it, cut to ``keep`` experts per MoE
+    layer, into ``folder`` (weights and configs; the tokenizer is the caller's). ``model`` is
+    consumed. See the module docstring."""
+    if through not in THROUGH:
+        raise UncurlError(f"--calibrate-through {through!r} is not one of {', '.join(THROUGH)}")
+    family = model.config.model_type
+    layers = decoder_layers(model, adapter)
+    moe_layers = find_moe_layers(model, adapter)
+    blocks = {name: [b for b in moe_layers if within(b.name, name)] for name, _ in layers}
+    tail = tail_rows(model.config, adapter)
+    pruned = pruned_on_meta(model, adapter, keep, top_k)
+    writer = CheckpointWriter(pruned, folder, shard_size, prefixes=[name for name, _ in layers])
+    runs = dict(writer.runs)  # layer name -> its run; None: the tensors outside the layers, cut in runs
+    plans: dict[str, LayerPlan] = {}
+    done: set[str] = set()
+
+    def after_layer(visit: Visit):
+        done.add(visit.name)  # a second visit is refused before it runs (sequential.run_layers)
+        state = {f"{visit.name}.{k}": v for k, v in visit.layer.state_dict().items()}
+        for block in blocks[visit.name]:
+            stats = visit.stats[block.name]
+            plans[block.name] = plan(block.name, stats)
+            names = layer_tensor_names(block, adapter)
+            check_layer(block, {n: state[n].shape for n in names}, adapter, tail)
+            state.update(rewrite_layer(block, {n: state[n] for n in names}, plans[block.name], adapter, merge=merge,
+                                       router_rule=router_rule, stats=stats, tail=tail))
+        run = runs.get(visit.name)
+        if run is None or set(run) != set(state):
+            raise UncurlError(f"{family}: the tensors of decoder layer {visit.name} are not one run of the checkpoint, "
+                              f"so it cannot be written layer by layer: use --pipeline whole")
+        writer.write(state)
+        outputs = None
+        if through == "pruned" and blocks[visit.name]:
+            module = pruned.get_submodule(visit.name)
+            prefix = visit.name + "."
+            _materialised(module, {k[len(prefix):]: v for k, v in state.items()}, visit.layer, visit.device)
+            outputs = visit.run(module)
+            _to_meta(module)
+        del state
+        _to_meta(visit.layer)  # consumed: resident weights freed too (offloaded ones go back to meta anyway)
+        return outputs
+
+    def after_all():
+        missing = [b.name for name, _ in layers if name not in done for b in blocks[name]]
+        if missing:
+            raise UncurlError(f"{family}: the forward never ran the decoder layers of {missing[:3]}, so they cannot be "
+                              f"planned from the calibration text")
+        state = model.state_dict()
+        for key, run in writer.runs:  # outside the decoder layers (and layers without weights run)
+            if key not in done:
+                writer.write({name: read_tensor(model, name, state[name]) for name in run})
+
+    try:
+        profile = run_layers(model, tokenizer, adapter, texts, batch_size=batch_size, max_length=max_length,
+                             progress=progress, meta=meta, seed=seed, text_ids=text_ids, after_layer=after_layer,
+                             after_all=after_all, label="pruning layer by layer")
+    finally:
+        writer.close()
+    writer.finish(pruned.config, getattr(pruned, "generation_config", None))
+    return LayerwiseResult(profile, plans, pruned)
