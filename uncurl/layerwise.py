@@ -176,7 +176,7 @@ def prune_layer_by_layer(
     try:
         profile = run_layers(model, tokenizer, adapter, texts, batch_size=batch_size, max_length=max_length,
                              progress=progress, meta=meta, seed=seed, text_ids=text_ids, after_layer=after_layer,
-                             after_all=after_all, label="pruning layer by layer")
+                             after_all=after_all, rerun=through == "pruned", label="pruning layer by layer")
     finally:
         writer.close()
     writer.finish(pruned.config, getattr(pruned, "generation_config", None))

@@ -15,7 +15,8 @@ weights; with ``pread`` it is one copy plus the tensors being converted (benchma
 On CPU the experts run with transformers' ``eager`` implementation (a loop over the experts that
 were hit) instead of the default ``grouped_mm``. On a 2-core CPU its speed is within noise of it
 (three runs: -10%, -10%, +8%), and it needs a fraction of the activation memory per batch
-(benchmarks/run.py, "experts_implementation"). On CUDA the default is kept.
+(benchmarks/run.py, "experts_implementation"). On CUDA the default is kept; a model accelerate
+places (``--device-map``) gets ``eager`` when every layer runs on the CPU (none on a GPU).
 """
 
 from __future__ import annotations
@@ -679,8 +680,9 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto", seed
         from .quant import check_dequantized, quantization_config
 
         check_dequantized(model, quantization_config(config), model_id)
-    if device_map is None:
-        prefer_lean_experts(model, dev)
+    executes = {str(d) for d in (getattr(model, "hf_device_map", None) or {"": dev}).values()}
+    if executes <= {"cpu", "disk"}:  # every layer runs on the CPU, placed by accelerate or not
+        prefer_lean_experts(model, torch.device("cpu"))
     check_finite(model)  # NaN weights fail here, named, not as a clustering traceback later
     source = folder.resolve() if folder is not None else None  # never written to (a Hub snapshot included)
     again = {"device_map": device_map, "max_memory": limits} if device_map else {}

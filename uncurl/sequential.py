@@ -34,8 +34,11 @@ whatever the number of batches (a whole-model pass: once per batch). Reads are c
 
 **The cache**: what the model holds for each batch between two layers (its hidden states, the
 embeddings it started from, masks, position embeddings) stays where the model put it, on the
-execution device: about two to three times tokens x hidden x dtype bytes for the calibration set,
-beside one layer's weights. No disk cache.
+execution device. Each batch goes on as soon as its output is computed, so its layer input is
+freed at once: about twice tokens x hidden x dtype bytes for the calibration set (the states and
+the embeddings the forward keeps), three times with ``--calibrate-through pruned`` (the inputs
+wait for the pruned layer), plus each batch's attention mask, beside one layer's weights. No disk
+cache.
 
 ``--calibrate-through pruned`` (``layerwise.py``): the next layer's inputs come from the layer as
 pruned, not from the original (``visit`` returns those outputs instead).
@@ -151,11 +154,20 @@ class Call:
     args: tuple
     kwargs: dict
     context: contextvars.Context  # the batch thread's (transformers keeps output collectors there)
+    thread: "_Batch"
+    answered: bool = False
 
     def run(self, forward, device) -> object:
         """``forward`` (a layer's own, or a stand-in module's) on this call's arguments, on ``device``."""
         args, kwargs = _moved((self.args, self.kwargs), device, {})
         return self.context.run(forward, *args, **kwargs)
+
+    def answer(self, output) -> None:
+        """Hand ``output`` to the batch's forward now (it goes on to its next layer call), and let go
+        of the arguments: the layer's input states are freed before the next batch runs."""
+        self.args = self.kwargs = None
+        self.answered = True
+        self.thread.resume(output)
 
 
 _local = threading.local()
@@ -188,7 +200,7 @@ class _Batch(threading.Thread):
 
     def wait(self, layer: int, args: tuple, kwargs: dict):
         """In this thread, at a layer call: hand it to the driver, wait for its output."""
-        self.call = (layer, Call(self.index, args, kwargs, contextvars.copy_context()))
+        self.call = (layer, Call(self.index, args, kwargs, contextvars.copy_context(), self))
         self.baton.release()
         self.go.acquire()
         reply, self.reply, self.call = self.reply, None, None
@@ -197,10 +209,18 @@ class _Batch(threading.Thread):
         return reply
 
     def resume(self, reply=None) -> None:
-        """In the driver: let this thread go on with ``reply`` until it stops again."""
+        """In the driver: let this thread go on with ``reply`` until it stops again. It runs torch's
+        CPU ops on one thread: what a forward does between layers is small, and its own OpenMP
+        team, spinning after each op, would take the cores from the layers the driver runs next
+        (1.3x slower profiling on 2 cores, measured)."""
         self.reply = reply
-        self.go.release()
-        self.baton.acquire()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            self.go.release()
+            self.baton.acquire()
+        finally:
+            torch.set_num_threads(threads)
 
 
 Visit = Callable[[int, list[Call]], list]
@@ -209,8 +229,9 @@ Visit = Callable[[int, list[Call]], list]
 def drive(model, layers: list[tuple[str, nn.Module]], batches: list, visit: Visit) -> None:
     """Run the model's forward on every batch, layer by layer (module docstring): for each layer
     the model calls, ``visit(index, calls)`` gets every batch's call of it (in batch order) and
-    returns their outputs, which the forwards go on with. ``visit`` runs the layer itself
-    (``Call.run`` with ``forwards()[index]``, the layer's own forward)."""
+    returns their outputs, which the forwards go on with (a call ``visit`` answered itself,
+    ``Call.answer``, is skipped). ``visit`` runs the layer itself (``Call.run`` with
+    ``forward_of(layer)``, the layer's own forward)."""
     family = model.config.model_type
     baton = threading.Semaphore(0)
     threads = [_Batch(model, b, batch, baton) for b, batch in enumerate(batches)]
@@ -244,9 +265,11 @@ def drive(model, layers: list[tuple[str, nn.Module]], batches: list, visit: Visi
                                       f"(some at {sorted(layers[i][0] for i in at)}, {len(threads) - len(waiting)} "
                                       f"done), so its layers cannot be run one at a time")
                 i = at.pop()
-                outputs = visit(i, [t.call[1] for t in waiting])
-                for thread, out in zip(waiting, outputs):
-                    thread.resume(out)
+                calls = [t.call[1] for t in waiting]
+                outputs = visit(i, calls)
+                for call, out in zip(calls, outputs):
+                    if not call.answered:
+                        call.answer(out)
     finally:
         for thread in threads:  # an error or a signal: every waiting forward unwinds
             if thread.is_alive() and thread.call is not None:
@@ -302,10 +325,12 @@ class Visit:
 def run_layers(model, tokenizer, adapter: MoEAdapter, texts, *, batch_size: int = 8, max_length: int = 512,
                progress: bool = False, meta: dict | None = None, seed: int = 0, text_ids=None,
                after_layer: Callable[[Visit], "list | None"] | None = None, after_all: Callable[[], None] | None = None,
-               label: str = "profiling layer by layer") -> Profile:
+               rerun: bool = False, label: str = "profiling layer by layer") -> Profile:
     """The profile, computed layer by layer (``drive``). ``after_layer(visit)`` runs after each
-    decoder layer (``Visit``), its weights still on the device; what it returns (the outputs of the
-    layer as pruned: ``--calibrate-through pruned``), if not None, is what the next layer gets.
+    decoder layer (``Visit``), its weights still on the device. With ``rerun``, what it returns
+    (the outputs of the layer as pruned: ``--calibrate-through pruned``) is what the next layer
+    gets, so every batch's input states are held until then; without, each batch goes on with the
+    original layer's output as soon as it is computed, and its input is freed at once.
     ``after_all()`` runs after the last, while the modules outside the layers are still held."""
     if not texts:
         raise UncurlError("no calibration text to profile: the task's calibration split is empty")
@@ -329,13 +354,20 @@ def run_layers(model, tokenizer, adapter: MoEAdapter, texts, *, batch_size: int 
             outputs = []
             for call in calls:
                 recorder.mask, recorder.tokens = names[call.batch]
-                outputs.append(call.run(forward, where))
+                out = call.run(forward, where)
+                recorder.mask = recorder.tokens = None
+                if rerun:
+                    outputs.append(out)
+                else:  # on at once: at most one layer input and its output per batch held
+                    call.answer(out)
+                    outputs.append(None)
+                del out
                 advance()
-            recorder.mask = recorder.tokens = None
             if after_layer is not None:
                 stats = {b.name: recorder.finished(b.name) for b in moe_layers if within(b.name, name)}
                 instead = after_layer(Visit(i, name, layer, where, stats, calls))
-                outputs = outputs if instead is None else instead
+                if rerun and instead is not None:
+                    outputs = instead
         return outputs
 
     try:
