@@ -476,6 +476,47 @@ def offload_prune(hidden: int, repeats: int, sample_counts=(8, 256), max_length:
     return out
 
 
+def ranks(hidden: int, repeats: int, samples: int = 256, max_length: int = 64) -> dict:
+    """``uncurl profile`` in one process (torch on every core) against ``torchrun --nproc-per-node 2``
+    (gloo; each rank one core, OMP_NUM_THREADS=1), wall time of the whole command, same model and
+    texts, each pipeline; the machine's load average is recorded beside (other work skews it)."""
+    import subprocess
+    import sys
+
+    model, tok = build_tiny("mixtral", hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=4,
+                            num_local_experts=8, num_attention_heads=8, num_key_value_heads=8)
+    out = {"hidden": hidden, "samples": samples, "max_length": max_length, "rows": [], "load_average": []}
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    with tempfile.TemporaryDirectory(dir=ROOT / "benchmarks") as d:
+        folder = Path(d) / "model"
+        model.save_pretrained(folder)
+        tok.save_pretrained(folder)
+        del model
+        args = ["profile", "--model", str(folder), "--task", "superglue-rte", "--data-dir", str(DATA), "--samples",
+                str(samples), "--max-length", str(max_length), "--batch-size", "8"]
+        for pipeline in ("whole", "sequential"):
+            times = {}
+            for nproc in (1, 2):
+                launch = [sys.executable, "-m", "uncurl"] if nproc == 1 else [
+                    torchrun, "--standalone", "--nproc-per-node", "2", "-m", "uncurl"]
+                env = {**os.environ, **({"OMP_NUM_THREADS": "1"} if nproc > 1 else {})}
+                times[nproc] = []
+                for r in range(repeats):
+                    target = Path(d) / f"p-{pipeline}-{nproc}-{r}.profile"
+                    start = time.perf_counter()
+                    subprocess.run([*launch, *args, "--pipeline", pipeline, "--out", str(target)], check=True, env=env,
+                                   capture_output=True, cwd=ROOT)
+                    times[nproc].append(time.perf_counter() - start)
+                    out["load_average"].append(os.getloadavg()[0])
+            one, two = (sorted(times[n]) for n in (1, 2))
+            median = statistics.median
+            out["rows"].append({"pipeline": pipeline, "one_process_s": [one[0], median(one), one[-1]],
+                                "two_ranks_s": [two[0], median(two), two[-1]],
+                                "two_ranks_over_one": round(median(two) / median(one), 3)})
+            print(out["rows"][-1], flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hidden", type=int, default=512)
@@ -489,7 +530,7 @@ def main() -> None:
     ap.add_argument("--quant-hidden", type=int, default=512, help="hidden size of the FP8-vs-twin model")
     ap.add_argument("--offload-hidden", type=int, default=512, help="hidden size of the offload-prune model")
     ap.add_argument("--only", choices=["ratios", "profile_memory", "prune_memory", "scaling", "pipelines", "quantized",
-                                       "offload_prune"],
+                                       "offload_prune", "ranks"],
                     help="run one part (others kept)")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda[:N] to benchmark on a GPU (host RSS is "
                     "still measured; GPU peaks are added as gpu_peak_mb)")
@@ -522,6 +563,7 @@ def main() -> None:
         "pipelines": lambda: pipelines(args.pipeline_hidden),
         "quantized": lambda: quantized(args.quant_hidden, args.repeats),
         "offload_prune": lambda: offload_prune(args.offload_hidden, args.repeats),
+        "ranks": lambda: ranks(args.pipeline_hidden, args.repeats),
     }
     result = json.loads(args.out.read_text()) if args.only and args.out.is_file() else {}
     result["machine"] = {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
@@ -626,6 +668,13 @@ def summarise(result: dict) -> None:
         for row in pipes["rows"]:
             print(f"  {row['samples']:4d} samples  {row['placement']:8s} {row['pipeline']:10s} "
                   f"read/checkpoint {row['read_over_checkpoint']:7.3f}  time/resident {row['time_over_resident']:6.2f}")
+    rk = result.get("ranks")
+    if rk:
+        print(f"ranks: uncurl profile, {rk['samples']} samples; torchrun --nproc-per-node 2 over one process "
+              f"(load average {min(rk['load_average']):.1f}-{max(rk['load_average']):.1f})")
+        for row in rk["rows"]:
+            print(f"  {row['pipeline']:10s} one {row['one_process_s'][1]:.2f} s, two ranks {row['two_ranks_s'][1]:.2f} s: "
+                  f"{row['two_ranks_over_one']:.2f}x")
     op = result.get("offload_prune")
     if op:
         print(f"offload prune: {op['checkpoint_mb']} MB checkpoint ({op['layer_mb']} MB per decoder layer), "
