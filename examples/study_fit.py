@@ -8,7 +8,8 @@ select / aligned / fit (router refit) and the criterion ``ean`` alone and with `
 and with ``--recover STEPS`` (routers only, the default learning rate) at a fixed budget. Every
 model is scored on the same evaluation examples, so differences of task loss are paired: their
 standard errors are examples/paired_loss.py's (ratio estimator over examples). Recovery and the fit
-see only the calibration texts. Writes ``--out`` (JSON) and prints a table.
+see only the calibration texts. Writes ``--out`` (JSON) and prints a table; each cell as it is
+done goes to ``--out``.partial, from which a stopped run resumes.
 """
 
 from __future__ import annotations
@@ -63,12 +64,28 @@ def main() -> None:
         rows = ev.pop("examples")
         return [r["nll"] for r in rows], [r["tokens"] for r in rows], ev
 
-    results, nll = {}, {}
-    nll["unpruned"], tokens, ev = scored(model)
-    results["unpruned"] = {k: ev[k] for k in ("acc", "loss", "n") if k in ev}
+    # cells done so far are kept beside --out (per-example losses too), so a stopped run resumes
+    partial = args.out.with_name(args.out.name + ".partial")
+    key = {k: str(v) for k, v in vars(args).items()}
+    saved = json.loads(partial.read_text()) if partial.is_file() else {}
+    if saved.get("args") != key:
+        saved = {}
+    results, nll, tokens = saved.get("results", {}), saved.get("nll", {}), saved.get("tokens")
+
+    def checkpoint() -> None:
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps({"args": key, "results": results, "nll": nll, "tokens": tokens}))
+
+    if "unpruned" not in nll:
+        nll["unpruned"], tokens, ev = scored(model)
+        results["unpruned"] = {k: ev[k] for k in ("acc", "loss", "n") if k in ev}
+        checkpoint()
     for method, merge, router in CELLS:
         for steps in (0, args.recover):
             name = f"{method}/{merge}" + (f"+recover{steps}" if steps else "")
+            if name in nll:
+                print(f"{name:28s} (resumed)", flush=True)
+                continue
             start = time.perf_counter()
             plans = plan_all(prep, args.keep, method, args.seed)
             pruned = rewrite_model(model, adapter, plans, router_rule=router, merge=merge, stats=prep.profile.layers)
@@ -90,6 +107,7 @@ def main() -> None:
             entry.update({k: ev[k] for k in ("acc", "loss") if k in ev})
             entry["seconds"] = round(time.perf_counter() - start, 1)
             results[name] = entry
+            checkpoint()
             print(f"{name:28s} loss {ev['loss']:.4f} acc {ev.get('acc', float('nan')):.4f} ({entry['seconds']} s)",
                   flush=True)
             del pruned
@@ -114,6 +132,7 @@ def main() -> None:
            "threads": torch.get_num_threads()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1, default=str) + "\n")
+    partial.unlink(missing_ok=True)
     print(f"{args.task}, K={args.keep}, n={n}: task loss ± paired standard error")
     for k, v in diffs.items():
         print(f"  {k:50s} {v['diff']:+.4f} ± {v['stderr']:.4f}")

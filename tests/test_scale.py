@@ -190,6 +190,15 @@ def test_torchrun_two_ranks_write_the_one_process_checkpoint(tiny_dirs, data_dir
     assert two.returncode == 0, two.stderr[-3000:]
     assert files(tmp_path / "one") == files(tmp_path / "two")
     assert two.stdout.count('"output"') == 1  # rank 0 alone reports
+    # layer by layer: each rank takes its share of every layer, the statistics gathered per layer,
+    # rank 0 writes; through the pruned layers too
+    for through in ("original", "pruned"):
+        seq = [*args, "--pipeline", "sequential", "--calibrate-through", through]
+        assert run("prune", *seq, "--out", tmp_path / f"one-{through}").exit_code == 0
+        res = torchrun("prune", *seq, "--out", tmp_path / f"two-{through}", "--json")
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert files(tmp_path / f"one-{through}") == files(tmp_path / f"two-{through}"), through
+    assert files(tmp_path / "one-original") == files(tmp_path / "one")
     # the profile, layer by layer on each rank: the gathered statistics are the two shards' combined
     # (to float64 rounding: the same per-token values, added in the same order) ...
     prof = [*common(tiny_dirs("mixtral"), data_dir, samples=13), "--pipeline", "sequential"]
@@ -215,10 +224,12 @@ def test_torchrun_more_ranks_than_texts_exits_2_on_every_rank(tiny_dirs, data_di
     assert not (tmp_path / "p.profile").exists()
 
 
-def test_a_rank_that_dies_fails_the_run_on_every_rank(tiny_dirs, data_dir, tmp_path):
+@pytest.mark.parametrize("pipeline", ["whole", "sequential"])  # sequential: it dies at the first layer's gather
+def test_a_rank_that_dies_fails_the_run_on_every_rank(pipeline, tiny_dirs, data_dir, tmp_path):
     start = time.monotonic()
     res = torchrun("prune", *common(tiny_dirs("mixtral"), data_dir, samples=13), "--keep", 4, "--no-plots",
-                   "--out", tmp_path / "o", env={"UNCURL_TEST_DIE_RANK": "1", "UNCURL_DIST_TIMEOUT": "60"})
+                   "--pipeline", pipeline, "--out", tmp_path / "o",
+                   env={"UNCURL_TEST_DIE_RANK": "1", "UNCURL_DIST_TIMEOUT": "60"})
     assert res.returncode != 0, res.stderr[-3000:]
     assert time.monotonic() - start < 300
     assert not (tmp_path / "o").exists()

@@ -11,7 +11,10 @@ their global indices, so the logit sample's keys are those of one pass), then ev
 every layer is all-gathered and combined in rank order by its own ``combine`` (``stats``: sums
 add; the sample keeps the smallest keys), the rule ``Profile.combine`` applies to shard files, so
 a 2-rank run gives what two ``--shard`` files combined give. Rank 0 goes on alone; the other ranks
-exit 0 without output and never touch ``--out``.
+exit 0 without output and never touch ``--out``. A layer-by-layer prune (``layerwise.py``) gathers
+each layer's statistics as that layer is done; every rank then plans and merges it alike (the same
+statistics, the same deterministic merge: what ``--calibrate-through pruned`` runs its share
+through), and rank 0 alone writes it.
 
 Backend: gloo when the model runs on the CPU, nccl on CUDA (each rank on ``cuda:LOCAL_RANK``). The
 process group's timeout (``UNCURL_DIST_TIMEOUT`` seconds, default 1800, torch's own) bounds how
@@ -92,20 +95,28 @@ def gather_profile(profile: Profile, device: torch.device) -> Profile:
     combined in rank order by its ``combine``; token counts summed."""
     import torch.distributed as dist
 
+    for name in sorted(profile.layers):
+        gather_layer(profile.layers[name], device)
+    profile.meta["ranks"] = dist.get_world_size()
+    return profile
+
+
+def gather_layer(stats, device: torch.device) -> None:
+    """One layer's statistics (``LayerStats``) combined over every rank, in place, on every rank:
+    what ``gather_profile`` does per layer (the layer-by-layer prune calls it as each layer is done;
+    every rank visits the layers in the same order, so the collectives pair up)."""
+    import torch.distributed as dist
+
     backend = init(device)
     if os.environ.get(DIE_ENV) == str(dist.get_rank()):  # tests: a rank that dies before the collective
         os._exit(1)
     where = device if backend == "nccl" else torch.device("cpu")
     size = dist.get_world_size()
-    for name in sorted(profile.layers):
-        stats = profile.layers[name]
-        counts = torch.tensor([stats.tokens], dtype=torch.int64, device=where)
-        dist.all_reduce(counts)
-        stats.tokens = int(counts.item())
-        for stat, spec in STATISTICS.items():
-            mine = stats.tensors[stat].to(where, torch.float64).contiguous()
-            parts = [torch.empty_like(mine) for _ in range(size)]
-            dist.all_gather(parts, mine)
-            stats.tensors[stat] = reduce(spec.combine, parts).cpu()
-    profile.meta["ranks"] = size
-    return profile
+    counts = torch.tensor([stats.tokens], dtype=torch.int64, device=where)
+    dist.all_reduce(counts)
+    stats.tokens = int(counts.item())
+    for stat, spec in STATISTICS.items():
+        mine = stats.tensors[stat].to(where, torch.float64).contiguous()
+        parts = [torch.empty_like(mine) for _ in range(size)]
+        dist.all_gather(parts, mine)
+        stats.tensors[stat] = reduce(spec.combine, parts).cpu()

@@ -105,7 +105,7 @@ def prune_layer_by_layer(
     tokenizer,
     adapter: MoEAdapter,
     texts,
-    folder: Path,
+    folder: Path | None,
     *,
     keep: int,
     plan: Callable[[str, LayerStats], LayerPlan],
@@ -120,10 +120,13 @@ def prune_layer_by_layer(
     meta: dict | None = None,
     seed: int = 0,
     text_ids=None,
+    gather: Callable[[LayerStats], None] | None = None,
 ) -> LayerwiseResult:
     """Profile ``model`` on ``texts`` layer by layer and write it, cut to ``keep`` experts per MoE
-    layer, into ``folder`` (weights and configs; the tokenizer is the caller's). ``model`` is
-    consumed. See the module docstring."""
+    layer, into ``folder`` (weights and configs; the tokenizer is the caller's; None: write nothing,
+    a torchrun rank other than 0). ``gather(stats)``, under torchrun, combines a layer's statistics
+    over the ranks (``distributed.gather_layer``) before it is planned. ``model`` is consumed. See
+    the module docstring."""
     if through not in THROUGH:
         raise UncurlError(f"--calibrate-through {through!r} is not one of {', '.join(THROUGH)}")
     family = model.config.model_type
@@ -132,8 +135,9 @@ def prune_layer_by_layer(
     blocks = {name: [b for b in moe_layers if within(b.name, name)] for name, _ in layers}
     tail = tail_rows(model.config, adapter)
     pruned = pruned_on_meta(model, adapter, keep, top_k)
-    writer = CheckpointWriter(pruned, folder, shard_size, prefixes=[name for name, _ in layers])
-    runs = dict(writer.runs)  # layer name -> its run; None: the tensors outside the layers, cut in runs
+    prefixes = [name for name, _ in layers]
+    writer = CheckpointWriter(pruned, folder, shard_size, prefixes=prefixes) if folder is not None else None
+    runs = dict(writer.runs if writer is not None else [(name, None) for name in prefixes])  # layer -> its run
     plans: dict[str, LayerPlan] = {}
     done: set[str] = set()
 
@@ -142,16 +146,19 @@ def prune_layer_by_layer(
         state = {f"{visit.name}.{k}": v for k, v in visit.layer.state_dict().items()}
         for block in blocks[visit.name]:
             stats = visit.stats[block.name]
+            if gather is not None:
+                gather(stats)
             plans[block.name] = plan(block.name, stats)
             names = layer_tensor_names(block, adapter)
             check_layer(block, {n: state[n].shape for n in names}, adapter, tail)
             state.update(rewrite_layer(block, {n: state[n] for n in names}, plans[block.name], adapter, merge=merge,
                                        router_rule=router_rule, stats=stats, tail=tail))
-        run = runs.get(visit.name)
-        if run is None or set(run) != set(state):
-            raise UncurlError(f"{family}: the tensors of decoder layer {visit.name} are not one run of the checkpoint, "
-                              f"so it cannot be written layer by layer: use --pipeline whole")
-        writer.write(state)
+        if writer is not None:
+            run = runs.get(visit.name)
+            if run is None or set(run) != set(state):
+                raise UncurlError(f"{family}: the tensors of decoder layer {visit.name} are not one run of the "
+                                  f"checkpoint, so it cannot be written layer by layer: use --pipeline whole")
+            writer.write(state)
         outputs = None
         if through == "pruned" and blocks[visit.name]:
             module = pruned.get_submodule(visit.name)
@@ -168,6 +175,8 @@ def prune_layer_by_layer(
         if missing:
             raise UncurlError(f"{family}: the forward never ran the decoder layers of {missing[:3]}, so they cannot be "
                               f"planned from the calibration text")
+        if writer is None:
+            return
         state = model.state_dict()
         for key, run in writer.runs:  # outside the decoder layers (and layers without weights run)
             if key not in done:
@@ -178,6 +187,8 @@ def prune_layer_by_layer(
                              progress=progress, meta=meta, seed=seed, text_ids=text_ids, after_layer=after_layer,
                              after_all=after_all, rerun=through == "pruned", label="pruning layer by layer")
     finally:
-        writer.close()
-    writer.finish(pruned.config, getattr(pruned, "generation_config", None))
+        if writer is not None:
+            writer.close()
+    if writer is not None:
+        writer.finish(pruned.config, getattr(pruned, "generation_config", None))
     return LayerwiseResult(profile, plans, pruned)

@@ -544,8 +544,7 @@ def check_through(opts) -> None:
     if through == "pruned" and not layer_by_layer(opts, "sequential" if opts.pipeline != "whole" else "whole"):
         why = ("--pipeline sequential or auto" if opts.pipeline == "whole" else
                "a run that profiles here (no --profile)" if opts.profile else
-               "no --merge fit or --recover (they merge the whole model after profiling)"
-               if (MERGE_RULES[opts.merge].fit or opts.recover) else "one process (not torchrun)")
+               "no --merge fit or --recover (they merge the whole model after profiling)")
         raise UncurlError(f"--calibrate-through pruned feeds each layer the pruned layers' outputs while pruning layer "
                           f"by layer, so it needs {why}")
 
@@ -738,6 +737,17 @@ def follow(opts: RunOptions, keeps: list[int]) -> None:
     return None
 
 
+def follow_prune(opts: PruneOptions, shard_size: int) -> None:
+    """``follow`` for prune: a layer-by-layer prune's other ranks take their share of every layer
+    (the statistics gathered per layer) and write nothing."""
+    prep = prepare(opts, [opts.keep], Timings(), profiling=False)
+    if layer_by_layer(opts, pipeline_for(opts, prep.loaded)):
+        _prune_layerwise(opts, prep, None, shard_size, Timings())
+    elif not opts.profile:
+        run_profile(prep.loaded, opts, opts.seed)
+    return None
+
+
 def check_serving(opts: ServingOptions) -> None:
     """The serving options, before any model is loaded."""
     from .cost import parse_bytes
@@ -777,18 +787,17 @@ def prune(opts: PruneOptions) -> PruneResult | None:
     check_serving(opts)
     shard_size = parse_shard_size(opts.shard_size)
     if distributed.follower():
-        return follow(opts, [opts.keep])
+        return follow_prune(opts, shard_size)
     with claim(opts.out, overwrite=opts.overwrite, inputs=run_inputs(opts)) as output:
         return _prune(opts, output, shard_size, evaluating)
 
 
 def layer_by_layer(opts: PruneOptions, pipeline: str) -> bool:
     """Whether ``prune`` profiles, merges and writes each layer in one visit (``layerwise.py``): when
-    the pipeline run is sequential (``pipeline_for``), unless a profile file is given, something
-    after the merge needs the original model (--merge fit, --recover), or the run is one rank of
-    several (torchrun)."""
-    return (pipeline == "sequential" and not opts.profile and not MERGE_RULES[opts.merge].fit
-            and not opts.recover and distributed.world() is None)
+    the pipeline run is sequential (``pipeline_for``), unless a profile file is given or something
+    after the merge needs the original model (--merge fit, --recover). Under torchrun every rank
+    takes its share of the batches through each layer (``distributed.gather_layer``)."""
+    return pipeline == "sequential" and not opts.profile and not MERGE_RULES[opts.merge].fit and not opts.recover
 
 
 def _plan_one(prep: Prepared, keep: int, method: str, seed: int, used: set):
@@ -965,23 +974,35 @@ def _merge_whole(opts: PruneOptions, prep: Prepared, evaluation: dict, evaluatin
     return pruned, plans, method, fit_report, recovery
 
 
-def _prune_layerwise(opts: PruneOptions, prep: Prepared, folder: Path, shard_size: int, timings: Timings):
+def _prune_layerwise(opts: PruneOptions, prep: Prepared, folder: Path | None, shard_size: int, timings: Timings):
     """Profile, plan, merge and write each decoder layer in one visit (``layerwise.py``) into
-    ``folder``: (the pruned model on meta, plans, method run). Consumes the loaded model."""
+    ``folder`` (None: a torchrun rank other than 0, which takes its share and writes nothing):
+    (the pruned model on meta, plans, method run). Consumes the loaded model."""
     from .layerwise import prune_layer_by_layer
 
     loaded = prep.loaded
     texts, info = calibration_texts(opts, opts.seed, loaded.tokenizer)
+    meta = profile_meta(loaded, info, opts, opts.seed)
+    ids, gather, ranks = range(len(texts)), None, distributed.world()
+    if ranks:  # this rank's share of the texts; each layer's statistics gathered from every rank
+        ids = shard_range(len(texts), *ranks)
+        if not len(ids):
+            raise UncurlError(f"{ranks[1]} ranks: more than the {len(texts)} calibration texts, so a share would be "
+                              f"empty; use at most {len(texts)} (or more --samples)")
+        device = input_device(loaded.model)
+        gather = lambda stats: distributed.gather_layer(stats, device)  # noqa: E731
+        meta["ranks"] = ranks[1]
     used: set = set()
     with timings.stage("layers"):  # profile + cluster + merge + save, one decoder layer at a time
         torch.manual_seed(opts.seed)
         result = prune_layer_by_layer(
-            loaded.model, loaded.tokenizer, loaded.adapter, texts, folder, keep=opts.keep,
+            loaded.model, loaded.tokenizer, loaded.adapter, [texts[i] for i in ids], folder, keep=opts.keep,
             plan=_plan_one(prep, opts.keep, opts.method, opts.seed, used), merge=opts.merge,
             router_rule=opts.router_rows, top_k=opts.top_k, through=opts.calibrate_through, shard_size=shard_size,
-            batch_size=opts.batch_size, max_length=opts.max_length, progress=opts.progress,
-            meta=profile_meta(loaded, info, opts, opts.seed), seed=opts.seed)
-        write_extras(loaded.tokenizer, folder, loaded.processor_files)
+            batch_size=opts.batch_size, max_length=opts.max_length, progress=opts.progress, meta=meta,
+            seed=opts.seed, text_ids=list(ids), gather=gather)
+        if folder is not None:
+            write_extras(loaded.tokenizer, folder, loaded.processor_files)
     check_profiled(result.profile)
     prep.profile = result.profile
     method = used.pop() if len(used) == 1 else opts.method
