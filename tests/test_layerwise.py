@@ -175,3 +175,72 @@ def test_auto_runs_an_offloaded_prune_layer_by_layer_and_a_resident_one_whole(ti
     assert pipelines["offloaded"]["name"] == "sequential" and pipelines["offloaded"]["layer_by_layer"]
     assert (tmp_path / "resident" / "model.safetensors").read_bytes() == (
         tmp_path / "offloaded" / "model.safetensors").read_bytes()
+
+
+# ---- --recover-local: each pruned block trained on its own layer's calibration inputs ---------
+
+def _local(tmp_path, name, texts, steps, keep=2, seed=0, experts=False):
+    model, tok = build_tiny("mixtral", seed=0)
+    return prune_layer_by_layer(model, tok, ADAPTERS["mixtral"], texts, tmp_path / name, keep=keep,
+                                plan=lambda n, stats: plan_layer(stats, keep, "uncurl"), merge="aligned",
+                                router_rule="mean", batch_size=2, max_length=32, seed=seed, recover_local=steps,
+                                recover_experts=experts)
+
+
+def test_recover_local_trains_only_routers_and_lowers_each_blocks_error(texts, tmp_path):
+    """The errors the report gives are the written checkpoint's: layer 0's block, reloaded, against
+    the original block on the same inputs (layer 0's inputs do not depend on the pruning)."""
+    from transformers import AutoConfig
+
+    from uncurl.load import from_folder
+
+    plain = _local(tmp_path, "plain", texts, 0)
+    trained = _local(tmp_path, "trained", texts, 40)
+    assert trained.plans == plain.plans
+    for name, rep in trained.local.items():
+        assert rep["kept"] == (rep["after"] < rep["before"]), name
+    assert all(rep["kept"] for rep in trained.local.values()), trained.local
+    want, got = _tensors(tmp_path / "plain"), _tensors(tmp_path / "trained")
+    changed = sorted(n for n in want if not torch.equal(want[n], got[n]))
+    assert changed and all(".gate." in n or "router" in n for n in changed), changed
+
+    original, tok = build_tiny("mixtral", seed=0)
+    folder = tmp_path / "trained"
+    pruned = from_folder(folder, AutoConfig.from_pretrained(folder), torch.float32)
+    seen = {}
+    original.model.layers[0].mlp.register_forward_hook(lambda m, a, out: seen.update(x=a[0], y=out))
+    from uncurl.profile import indexed_batches
+
+    num = den = 0.0
+    for _, batch in indexed_batches(tok, texts, batch_size=2, max_length=32):
+        with torch.no_grad():
+            original(**batch)
+            y2 = pruned.model.layers[0].mlp(seen["x"])
+        mask = batch["attention_mask"].reshape(-1).bool()
+        h = seen["y"].shape[-1]
+        y, y2 = seen["y"].reshape(-1, h)[mask], y2.reshape(-1, h)[mask]
+        num += float(((y2 - y) ** 2).sum())
+        den += float((y ** 2).sum())
+    assert abs(num / den - trained.local["model.layers.0.mlp"]["after"]) < 1e-5 * max(1.0, num / den)
+
+
+def test_recover_local_is_seeded_and_changes_nothing_at_keep_e(texts, tmp_path):
+    a, b = _local(tmp_path, "a", texts, 10, seed=3), _local(tmp_path, "b", texts, 10, seed=3)
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    _local(tmp_path, "e0", texts, 0, keep=8)
+    _local(tmp_path, "e10", texts, 10, keep=8, experts=True)
+    assert (tmp_path / "e0" / "model.safetensors").read_bytes() == (tmp_path / "e10" / "model.safetensors").read_bytes()
+
+
+def test_recover_local_needs_the_layer_by_layer_prune(data_dir, tmp_path):
+    base = ["prune", "--model", "builtin:mixtral", "--task", "superglue-rte", "--data-dir", data_dir, "--samples", 4,
+            "--out", tmp_path / "o"]
+    res = _run(*base, "--recover-local", -1)
+    assert res.exit_code == 2 and "--recover-local -1 must be a number of steps >= 0" in res.output, res.output
+    res = _run(*base, "--recover-local", 5, "--pipeline", "whole")
+    assert res.exit_code == 2 and "--recover-local" in res.output and "--pipeline sequential or auto" in res.output
+    res = _run(*base, "--recover-local", 5, "--keep", 4, "--no-plots")  # auto: layer by layer
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "o" / "report" / "report.json").read_text())
+    assert report["pipeline"]["layer_by_layer"] and report["recover_local"]["steps"] == 5
+    assert set(report["recover_local"]["layers"]) == {"model.layers.0.mlp", "model.layers.1.mlp"}

@@ -189,7 +189,7 @@ def _setup_logging(verbose: bool) -> None:
 
 @command("prune", PruneOptions, [
     "model", "task", "keep", "out", "method", "merge", "router_rows", "top_k", "profile", "overwrite", "shard_size",
-    "dequantize", "plots", "recover", "recover_experts", *DATA_FIELDS, "eval", "eval_limit", "eval_max_length", "metric",
+    "dequantize", "plots", "recover", "recover_experts", "recover_local", *DATA_FIELDS, "eval", "eval_limit", "eval_max_length", "metric",
     "max_drop", *SERVING_FIELDS, *RUN_FIELDS, "pipeline", "calibrate_through", *OUTPUT])
 def prune(ctx: typer.Context, opts: PruneOptions, as_json: bool, verbose: bool):
     """Prune/merge a model's experts down to --keep per layer for one task, and write a report.

@@ -18,7 +18,10 @@ the merge needs the original model (``--merge fit`` and ``--recover`` do; they t
 4. with ``through="pruned"`` the batches run again through the layer as pruned and the next layer
    gets those outputs (REAM's and llm-compressor's choice), else the original layer's (then the
    profile is the one-pass profile);
-5. the layer's original weights are let go (offloaded ones back to ``meta``; resident ones too:
+5. with ``recover_local`` steps (``--recover-local``) each pruned MoE block's routers are first
+   trained to give the original block's output on the layer's own calibration inputs
+   (``recover.recover_block``; layer-local recovery, one layer in memory);
+6. the layer's original weights are let go (offloaded ones back to ``meta``; resident ones too:
    the model is consumed and must not be used again).
 
 The tensors outside the decoder layers (embeddings, final norm, LM head, a vision tower) are
@@ -29,7 +32,7 @@ on its first visit and is refused; ``--pipeline whole`` handles it.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -52,6 +55,7 @@ class LayerwiseResult:
     profile: Profile
     plans: dict[str, LayerPlan]
     model: torch.nn.Module  # the pruned model on meta: its config, shapes and dtypes (costs, counts)
+    local: dict = field(default_factory=dict)  # --recover-local: per MoE block, its error before/after
 
 
 def pruned_on_meta(model, adapter: MoEAdapter, keep: int, top_k: int | None):
@@ -121,12 +125,16 @@ def prune_layer_by_layer(
     seed: int = 0,
     text_ids=None,
     gather: Callable[[LayerStats], None] | None = None,
+    recover_local: int = 0,
+    recover_experts: bool = False,
 ) -> LayerwiseResult:
     """Profile ``model`` on ``texts`` layer by layer and write it, cut to ``keep`` experts per MoE
     layer, into ``folder`` (weights and configs; the tokenizer is the caller's; None: write nothing,
     a torchrun rank other than 0). ``gather(stats)``, under torchrun, combines a layer's statistics
-    over the ranks (``distributed.gather_layer``) before it is planned. ``model`` is consumed. See
-    the module docstring."""
+    over the ranks (``distributed.gather_layer``) before it is planned. ``recover_local`` steps:
+    each pruned MoE block's routers (``recover_experts``: and experts) trained to give the original
+    block's output on the layer's calibration inputs (``recover.recover_block``), before it is
+    written. ``model`` is consumed. See the module docstring."""
     if through not in THROUGH:
         raise UncurlError(f"--calibrate-through {through!r} is not one of {', '.join(THROUGH)}")
     family = model.config.model_type
@@ -140,6 +148,11 @@ def prune_layer_by_layer(
     runs = dict(writer.runs if writer is not None else [(name, None) for name in prefixes])  # layer -> its run
     plans: dict[str, LayerPlan] = {}
     done: set[str] = set()
+    local: dict[str, dict] = {}
+    seen: dict[str, list] = {b.name: [] for b in moe_layers}  # --recover-local: each block's calls, this layer's
+    hooks = [model.get_submodule(b.name).register_forward_hook(
+        lambda module, args, kwargs, out, name=b.name: seen[name].append((args, kwargs, out)), with_kwargs=True)
+        for b in moe_layers] if recover_local else []
 
     def after_layer(visit: Visit):
         done.add(visit.name)  # a second visit is refused before it runs (sequential.run_layers)
@@ -153,22 +166,43 @@ def prune_layer_by_layer(
             check_layer(block, {n: state[n].shape for n in names}, adapter, tail)
             state.update(rewrite_layer(block, {n: state[n] for n in names}, plans[block.name], adapter, merge=merge,
                                        router_rule=router_rule, stats=stats, tail=tail))
+        module = None
+        if blocks[visit.name] and (through == "pruned" or recover_local):
+            module = pruned.get_submodule(visit.name)
+            prefix = visit.name + "."
+            _materialised(module, {k[len(prefix):]: v for k, v in state.items()}, visit.layer, visit.device)
+        if recover_local and module is not None:
+            state = _recovered(module, visit, state)
         if writer is not None:
             run = runs.get(visit.name)
             if run is None or set(run) != set(state):
                 raise UncurlError(f"{family}: the tensors of decoder layer {visit.name} are not one run of the "
                                   f"checkpoint, so it cannot be written layer by layer: use --pipeline whole")
             writer.write(state)
-        outputs = None
-        if through == "pruned" and blocks[visit.name]:
-            module = pruned.get_submodule(visit.name)
-            prefix = visit.name + "."
-            _materialised(module, {k[len(prefix):]: v for k, v in state.items()}, visit.layer, visit.device)
-            outputs = visit.run(module)
+        outputs = visit.run(module) if through == "pruned" and module is not None else None
+        if module is not None:
             _to_meta(module)
         del state
         _to_meta(visit.layer)  # consumed: resident weights freed too (offloaded ones go back to meta anyway)
         return outputs
+
+    def _recovered(module, visit: Visit, state: dict) -> dict:
+        """--recover-local: each of the layer's pruned blocks trained on its original's calls; the
+        layer's state as trained."""
+        from .recover import EXPERT_LR, ROUTER_LR, recover_block, trainable
+
+        params = trainable(pruned, adapter, recover_experts)
+        for b in blocks[visit.name]:
+            calls = [(a, k, out[0] if isinstance(out, (tuple, list)) else out, m)
+                     for (a, k, out), m in zip(seen[b.name], visit.masks)]
+            seen[b.name] = []
+            mine = {n: p for n, p in params.items() if n.startswith(b.name + ".")}
+            experts = {n for n in mine if f".{adapter.experts_attr}." in n}
+            local[b.name] = recover_block(pruned.get_submodule(b.name), mine, calls, steps=recover_local,
+                                          seed=seed + b.index, router_lr=ROUTER_LR, expert_lr=EXPERT_LR,
+                                          expert_names=experts)
+        prefix = visit.name + "."
+        return {prefix + k: v.detach() for k, v in module.state_dict().items()}
 
     def after_all():
         missing = [b.name for name, _ in layers if name not in done for b in blocks[name]]
@@ -187,8 +221,10 @@ def prune_layer_by_layer(
                              progress=progress, meta=meta, seed=seed, text_ids=text_ids, after_layer=after_layer,
                              after_all=after_all, rerun=through == "pruned", label="pruning layer by layer")
     finally:
+        for hook in hooks:
+            hook.remove()
         if writer is not None:
             writer.close()
     if writer is not None:
         writer.finish(pruned.config, getattr(pruned, "generation_config", None))
-    return LayerwiseResult(profile, plans, pruned)
+    return LayerwiseResult(profile, plans, pruned, local)

@@ -221,7 +221,14 @@ class PruneOptions(RunOptions, ServingOptions):
              "texts only; seeded. With --eval the recovered weights are kept only if the task loss did not rise "
              "(the report says which). The parent is held in memory meanwhile. 0: off.")
     recover_experts: bool = opt(
-        False, "--recover-experts", panel=PRUNE, help="With --recover: train the MoE experts' weights too (lr 1e-4).")
+        False, "--recover-experts", panel=PRUNE, help="With --recover or --recover-local: train the MoE experts' weights too (lr 1e-4).")
+    recover_local: int = opt(  # >= 0, checked in check_through
+        0, "--recover-local", panel=PRUNE,
+        help="Layer by layer (auto turns it on): after merging each MoE block, train its router rows for this many "
+             "steps (Adam, lr 1e-3, one calibration batch each; with --recover-experts its experts too, lr 1e-4) so "
+             "that its output matches the original block's on that layer's own calibration inputs (squared error "
+             "relative to the output's); kept only where it lowered that error. One layer in memory, no parent "
+             "beside it. 0: off.")
     calibrate_through: str = opt(
         "original", panel=PRUNE,
         help="Layer by layer (--pipeline sequential; auto turns it on): the inputs of each layer come from the layers before it as they were "
@@ -265,6 +272,7 @@ class Prepared:
     top_k_before: int
     top_k_after: int
     num_experts: int
+    local: dict | None = None  # --recover-local's report entry, once it ran
 
 
 def resolve_task(opts: DataOptions, name: str | None = None) -> T.Task:
@@ -375,7 +383,7 @@ def pipeline_for(opts, loaded: Loaded) -> str:
     if pipeline != "auto":
         return pipeline
     offloaded = dispatched(loaded.model) and any(t.device.type == "meta" for t in loaded.model.state_dict().values())
-    through = getattr(opts, "calibrate_through", "original") == "pruned"
+    through = getattr(opts, "calibrate_through", "original") == "pruned" or getattr(opts, "recover_local", 0)
     if not (offloaded or through):
         return "whole"
     try:
@@ -538,15 +546,19 @@ THROUGH = ("original", "pruned")  # --calibrate-through (layerwise.THROUGH)
 
 
 def check_through(opts) -> None:
-    through = getattr(opts, "calibrate_through", "original")
+    """The options that only a layer-by-layer prune runs: --calibrate-through pruned, --recover-local."""
+    through, local = getattr(opts, "calibrate_through", "original"), getattr(opts, "recover_local", 0)
     if through not in THROUGH:
         raise UncurlError(f"--calibrate-through {through!r} is not one of {', '.join(THROUGH)}")
-    if through == "pruned" and not layer_by_layer(opts, "sequential" if opts.pipeline != "whole" else "whole"):
-        why = ("--pipeline sequential or auto" if opts.pipeline == "whole" else
-               "a run that profiles here (no --profile)" if opts.profile else
-               "no --merge fit or --recover (they merge the whole model after profiling)")
-        raise UncurlError(f"--calibrate-through pruned feeds each layer the pruned layers' outputs while pruning layer "
-                          f"by layer, so it needs {why}")
+    if local < 0:
+        raise UncurlError(f"--recover-local {local} must be a number of steps >= 0 (0: off)")
+    for flag, used, what in (("--calibrate-through pruned", through == "pruned", "feeds each layer the pruned layers' "
+                              "outputs"), ("--recover-local", local, "trains each pruned block on its layer's inputs")):
+        if used and not layer_by_layer(opts, "sequential" if opts.pipeline != "whole" else "whole"):
+            why = ("--pipeline sequential or auto" if opts.pipeline == "whole" else
+                   "a run that profiles here (no --profile)" if opts.profile else
+                   "no --merge fit or --recover (they merge the whole model after profiling)")
+            raise UncurlError(f"{flag} {what} while pruning layer by layer, so it needs {why}")
 
 
 def check_options(opts: RunOptions, evaluating: bool) -> None:
@@ -913,6 +925,7 @@ def _pruned(opts: PruneOptions, output: Claim, shard_size: int, evaluating: bool
             "layers": layer_entries(prep.profile, plans),
             **({"fit": fit_report} if fit_report is not None else {}),
             **({"recover": recovery.report} if recovery is not None else {}),
+            **({"recover_local": prep.local} if prep.local is not None else {}),
             "output": str(out),
         }
         if evaluating:
@@ -1000,12 +1013,17 @@ def _prune_layerwise(opts: PruneOptions, prep: Prepared, folder: Path | None, sh
             plan=_plan_one(prep, opts.keep, opts.method, opts.seed, used), merge=opts.merge,
             router_rule=opts.router_rows, top_k=opts.top_k, through=opts.calibrate_through, shard_size=shard_size,
             batch_size=opts.batch_size, max_length=opts.max_length, progress=opts.progress, meta=meta,
-            seed=opts.seed, text_ids=list(ids), gather=gather)
+            seed=opts.seed, text_ids=list(ids), gather=gather, recover_local=opts.recover_local,
+            recover_experts=opts.recover_experts)
         if folder is not None:
             write_extras(loaded.tokenizer, folder, loaded.processor_files)
     check_profiled(result.profile)
     prep.profile = result.profile
     method = used.pop() if len(used) == 1 else opts.method
+    if opts.recover_local:
+        prep.local = {"steps": opts.recover_local, "trains": "routers and experts" if opts.recover_experts
+                      else "routers", "loss": "||y' - y||^2 / ||y||^2 of each block on its layer's calibration inputs",
+                      "layers": result.local}
     return result.model, result.plans, method
 
 

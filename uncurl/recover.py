@@ -171,3 +171,65 @@ def recover(student, teacher, adapter: MoEAdapter, tokenizer, texts, *, steps: i
     log.info("recovery: KL %.4f -> %.4f in %d steps (%.1f s)", curve[0], curve[-1], steps, seconds)
     return Recovery(params, saved, {**report, "loss_curve": curve, "seconds": round(seconds, 3),
                                     "device": str(device), "batches": len(batches)})
+
+
+@torch.enable_grad()
+def recover_block(block: torch.nn.Module, params: dict[str, torch.nn.Parameter], calls: list, *, steps: int,
+                  seed: int = 0, router_lr: float = ROUTER_LR, expert_lr: float = EXPERT_LR,
+                  expert_names=frozenset()) -> dict:
+    """Layer-local recovery (``--recover-local STEPS``): train ``params`` of one pruned MoE ``block``
+    in place so its output matches the original block's on the layer's own calibration inputs.
+
+    ``calls``: per calibration batch (args, kwargs, target output, mask of its non-padding rows or
+    None), what the ORIGINAL block was called with and returned. Loss: the squared error over the
+    non-padding tokens relative to the target's energy, ||y' - y||^2 / ||y||^2; Adam, one batch per
+    step in a seeded order. Kept only if it lowered that error over all the batches (measured before
+    and after); else the weights are put back. Returns the report entry."""
+    def error_of(out, target, mask):
+        out = (out[0] if isinstance(out, (tuple, list)) else out).float()
+        o, t = out.reshape(-1, out.shape[-1]), target.float().reshape(-1, out.shape[-1])
+        if mask is not None and mask.numel() == o.shape[0]:
+            o, t = o[mask], t[mask]
+        return ((o - t) ** 2).sum(), (t ** 2).sum()
+
+    def total() -> float:
+        with torch.no_grad():
+            parts = [error_of(block(*a, **k), y, m) for a, k, y, m in calls]
+        return float(sum(e for e, _ in parts) / sum(n for _, n in parts).clamp_min(1e-30))
+
+    saved = {n: p.detach().clone() for n, p in params.items()}
+    report = {"steps": steps, "before": total()}
+    if steps == 0 or not params or report["before"] == 0.0:
+        return {**report, "after": report["before"], "kept": False}
+    flags = {id(p): p.requires_grad for p in block.parameters()}
+    train = {id(p) for p in params.values()}
+    for p in block.parameters():
+        p.requires_grad_(id(p) in train)
+    groups = [{"params": [p for n, p in params.items() if n not in expert_names], "lr": router_lr}]
+    if any(n in expert_names for n in params):
+        groups.append({"params": [p for n, p in params.items() if n in expert_names], "lr": expert_lr})
+    gen = torch.Generator().manual_seed(seed)
+    try:
+        with _deterministic():
+            optimiser = torch.optim.Adam(groups, betas=(0.9, 0.999), weight_decay=0.0)
+            order: list[int] = []
+            for _ in range(steps):
+                if not order:
+                    order = torch.randperm(len(calls), generator=gen).tolist()
+                args, kwargs, target, mask = calls[order.pop(0)]
+                err, norm = error_of(block(*args, **kwargs), target, mask)
+                loss = err / norm.clamp_min(1e-30)
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+    finally:
+        for p in block.parameters():
+            p.requires_grad_(flags[id(p)])
+            p.grad = None
+    report["after"] = total()
+    report["kept"] = report["after"] < report["before"]
+    if not report["kept"]:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(saved[n])
+    return report

@@ -316,6 +316,7 @@ class Visit:
     device: torch.device
     stats: dict
     calls: list[Call]
+    masks: list  # per call: its batch's non-padding rows ([B*T] bool, on the device)
 
     def run(self, forward) -> list:
         return [call.run(forward, self.device) for call in self.calls]
@@ -365,7 +366,7 @@ def run_layers(model, tokenizer, adapter: MoEAdapter, texts, *, batch_size: int 
                 advance()
             if after_layer is not None:
                 stats = {b.name: recorder.finished(b.name) for b in moe_layers if within(b.name, name)}
-                instead = after_layer(Visit(i, name, layer, where, stats, calls))
+                instead = after_layer(Visit(i, name, layer, where, stats, calls, [names[c.batch][0] for c in calls]))
                 if rerun and instead is not None:
                     outputs = instead
         return outputs
