@@ -244,3 +244,43 @@ def test_recover_local_needs_the_layer_by_layer_prune(data_dir, tmp_path):
     report = json.loads((tmp_path / "o" / "report" / "report.json").read_text())
     assert report["pipeline"]["layer_by_layer"] and report["recover_local"]["steps"] == 5
     assert set(report["recover_local"]["layers"]) == {"model.layers.0.mlp", "model.layers.1.mlp"}
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_layer_by_layer_fit_equals_the_whole_model_fit(family, texts, tmp_path):
+    """--merge fit in the layer visit (its blocks' own calls replayed) fits what the whole-model fit
+    (two more passes of the original model) fits: the same down projections to float rounding."""
+    from uncurl.fit import fit_model
+
+    adapter = ADAPTERS[family]
+    model, tok = build_tiny(family, seed=0)
+    keep = _keep(model, adapter)
+    profile = profile_model(model, tok, adapter, texts, batch_size=2, max_length=32)
+    plans = {n: plan_layer(s, keep, "uncurl") for n, s in profile.layers.items()}
+    whole = rewrite_model(model, adapter, plans, router_rule="refit", merge="fit", stats=profile.layers)
+    report = fit_model(model, whole, adapter, plans, tok, texts, batch_size=2, max_length=32)
+    write_checkpoint(whole, None, tmp_path / "whole")
+    fresh, _ = build_tiny(family, seed=0)
+    result = prune_layer_by_layer(fresh, tok, adapter, texts, tmp_path / "layers", keep=keep,
+                                  plan=lambda name, stats: plan_layer(stats, keep, "uncurl"), merge="fit",
+                                  router_rule="refit", batch_size=2, max_length=32)
+    assert result.fits.keys() == report["layers"].keys() and result.fits
+    for name, entry in result.fits.items():
+        assert entry["error_after"] < entry["error_before"], name
+        assert abs(entry["error_after"] - report["layers"][name]["error_after"]) < 1e-4, name
+    want, got = _tensors(tmp_path / "whole"), _tensors(tmp_path / "layers")
+    for name, w in want.items():
+        torch.testing.assert_close(got[name], w, rtol=1e-3, atol=1e-4, msg=name)
+    changed = [n for n in want if "down" in n or "w2" in n]
+    assert changed
+
+
+def test_fit_under_device_map_runs_layer_by_layer(tiny_dirs, data_dir, tmp_path):
+    data = ["--model", tiny_dirs("mixtral"), "--task", "superglue-rte", "--data-dir", data_dir, "--samples", 8,
+            "--max-length", 32, "--batch-size", 2, "--keep", 4, "--merge", "fit", "--no-plots"]
+    res = _run("prune", *data, "--device-map", "auto", "--max-memory", "cpu=30KB", "--out", tmp_path / "o")
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "o" / "report" / "report.json").read_text())
+    assert report["pipeline"]["layer_by_layer"] and report["fit"]["layers"]
+    res = _run("prune", *data, "--device-map", "auto", "--pipeline", "whole", "--out", tmp_path / "w")
+    assert res.exit_code == 2 and "runs layer by layer" in res.output, res.output

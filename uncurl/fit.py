@@ -35,8 +35,10 @@ inputs are the original model's hidden states (as the profile sees them), so eve
 in the same two calibration passes, each one forward of the original model plus the pruned MoE
 blocks; both models are held meanwhile (``prune`` frees the original after the fit: its peak is the
 model plus the merged experts, where a plain merge's is the model plus one merged layer). The
-normal equations of every fitted layer are held at once (the sizes above, per layer); the
-layer-by-layer driver (``sequential.py``) would bound that to one layer: not wired yet.
+normal equations of every fitted layer are held at once (the sizes above, per layer). In the
+layer-by-layer prune (``layerwise.py``) each block is fitted in its layer's visit instead, over the
+calls its original made there (``fit_blocks``): one layer's normal equations and calibration
+inputs at a time, no second model, and it runs under ``--device-map``.
 
 Families whose experts are not transformers' switchable fused experts, or that normalise each
 expert's output (``post_expert_norm``: not linear in D), are refused with a message.
@@ -287,23 +289,45 @@ def fit_model(original, pruned, adapter: MoEAdapter, plans: dict[str, LayerPlan]
     and the experts fitted or left (too few pairs)."""
     layers = find_moe_layers(original, adapter)
     names = [layer.name for layer in layers if not identity_plan(plans[layer.name], layer.num_experts)]
-    report = {"ridge": ridge, "ridge_is": "ridge x mean diagonal of each expert's A = sum g^2 h h^T",
-              "min_pairs": f"{FIT_MIN_PAIRS:g} x intermediate size", "target": "the original layer's routed output",
-              "layers": {}}
+    report = fit_report(ridge)
     if not names:
         report["note"] = "every layer keeps every expert alone: nothing to fit"
         return report
+
+    def replay(passes: _Passes, mode: str) -> None:
+        _run(passes, original, tokenizer, texts, batch_size, max_length, progress,
+             f"fitting ({'normal equations' if mode == 'gram' else 'step'})")
+
+    report["layers"] = fit_blocks(original, pruned, adapter, names, replay, ridge=ridge, joint_max=joint_max)
+    return report
+
+
+def fit_report(ridge: float = FIT_RIDGE) -> dict:
+    """The report's ``fit`` entry without its layers (``fit_blocks`` gives those)."""
+    return {"ridge": ridge, "ridge_is": "ridge x mean diagonal of each expert's A = sum g^2 h h^T",
+            "min_pairs": f"{FIT_MIN_PAIRS:g} x intermediate size", "target": "the original layer's routed output",
+            "layers": {}}
+
+
+@torch.no_grad()
+def fit_blocks(original, pruned, adapter: MoEAdapter, names: list[str], replay, *, ridge: float = FIT_RIDGE,
+               joint_max: int = FIT_JOINT_MAX) -> dict:
+    """Fit the down projections of ``pruned``'s MoE blocks ``names`` (in place) to ``original``'s;
+    ``replay(passes, mode)`` runs the calibration data through ``original``'s blocks ``names``
+    (setting ``passes.mask`` per batch), once per mode ("gram", then "step"): the whole model over
+    the texts (``fit_model``) or each block over its cached calls (the layer-by-layer prune).
+    Returns the per-layer report entries."""
     passes = _Passes(original, pruned, adapter, names, joint_max)
     try:
         for mode in ("gram", "step"):
             passes.mode = mode
-            _run(passes, original, tokenizer, texts, batch_size, max_length, progress,
-                 f"fitting ({'normal equations' if mode == 'gram' else 'step'})")
+            replay(passes, mode)
             if mode == "gram":
                 for fit in passes.layers.values():
                     fit.solve(ridge)
     finally:
         passes.close()
+    out = {}
     for name, fit in passes.layers.items():
         s = fit.sums
         step = min(max(s["ed"] / s["dd"], 0.0), 1.0) if s["dd"] > 0 else 0.0
@@ -316,11 +340,11 @@ def fit_model(original, pruned, adapter: MoEAdapter, plans: dict[str, LayerPlan]
             change = step * (delta if experts.is_transposed else delta.T)
             w.data[k] = (w.data[k].double() + change.to(w.device)).to(w.dtype)
         yy = s["yy"] or 1.0
-        report["layers"][name] = {
+        out[name] = {
             "error_before": s["ee"] / yy, "error_after": max(after, 0.0) / yy,  # relative to ||y||^2
             "step": step, "solve": "joint" if fit.joint else "per expert", "tokens": s["tokens"],
             "pairs": fit.pairs.tolist(),
             "fitted": sum(d is not None for d in fit.delta), "unfitted": sum(d is None for d in fit.delta),
         }
         log.info("fit %s: relative error %.4f -> %.4f (step %.3f)", name, s["ee"] / yy, after / yy, step)
-    return report
+    return out

@@ -4,9 +4,9 @@
     result = prune_layer_by_layer(model, tokenizer, adapter, texts, folder, keep=4, plan=..., merge="aligned",
                                   router_rule="refit")
 
-What ``--pipeline sequential`` runs for ``uncurl prune`` (``pipeline._prune``) when nothing after
-the merge needs the original model (``--merge fit`` and ``--recover`` do; they take the profile of
-``sequential.py`` and the usual merge). Each decoder layer's weights are read once, in all
+What ``--pipeline sequential`` runs for ``uncurl prune`` (``pipeline._prune``) unless ``--recover``
+needs the original model after the merge (then the profile of ``sequential.py`` and the usual
+merge). Each decoder layer's weights are read once, in all
 (``sequential.run_layers``), and while they are on the device:
 
 1. every calibration batch runs through the layer (its MoE blocks' statistics recorded);
@@ -15,6 +15,8 @@ the merge needs the original model (``--merge fit`` and ``--recover`` do; they t
 3. the layer's tensors, merged and unchanged, are written at their offsets in the checkpoint's
    shards (``save.CheckpointWriter``: the layout is fixed up front from the pruned model on ``meta``,
    so the files are the ones ``save_pretrained`` writes, byte for byte);
+3b. with ``--merge fit`` each block's down projections are fitted to its original's outputs on the
+   calls the original made in this visit (``fit.fit_blocks``), one layer's normal equations at a time;
 4. with ``through="pruned"`` the batches run again through the layer as pruned and the next layer
    gets those outputs (REAM's and llm-compressor's choice), else the original layer's (then the
    profile is the one-pass profile);
@@ -41,7 +43,7 @@ import torch
 from .adapters import MoEAdapter, find_moe_layers, set_moe_keys, tail_rows
 from .cluster import LayerPlan
 from .errors import UncurlError
-from .merge import check_layer, layer_tensor_names, rewrite_layer
+from .merge import MERGE_RULES, check_layer, layer_tensor_names, rewrite_layer
 from .offload import read_tensor
 from .save import CheckpointWriter
 from .sequential import Visit, decoder_layers, run_layers, within
@@ -56,6 +58,7 @@ class LayerwiseResult:
     plans: dict[str, LayerPlan]
     model: torch.nn.Module  # the pruned model on meta: its config, shapes and dtypes (costs, counts)
     local: dict = field(default_factory=dict)  # --recover-local: per MoE block, its error before/after
+    fits: dict = field(default_factory=dict)  # --merge fit: per MoE block, fit.fit_blocks' entry
 
 
 def pruned_on_meta(model, adapter: MoEAdapter, keep: int, top_k: int | None):
@@ -149,13 +152,18 @@ def prune_layer_by_layer(
     plans: dict[str, LayerPlan] = {}
     done: set[str] = set()
     local: dict[str, dict] = {}
-    seen: dict[str, list] = {b.name: [] for b in moe_layers}  # --recover-local: each block's calls, this layer's
+    fits: dict[str, dict] = {}
+    fitting = MERGE_RULES[merge].fit
+    seen: dict[str, list] = {b.name: [] for b in moe_layers}  # --merge fit, --recover-local: each block's calls
+    captured: dict[str, list] = {}
     hooks = [model.get_submodule(b.name).register_forward_hook(
         lambda module, args, kwargs, out, name=b.name: seen[name].append((args, kwargs, out)), with_kwargs=True)
-        for b in moe_layers] if recover_local else []
+        for b in moe_layers] if (recover_local or fitting) else []
 
     def after_layer(visit: Visit):
         done.add(visit.name)  # a second visit is refused before it runs (sequential.run_layers)
+        for b in blocks[visit.name]:  # the calls its blocks made in this visit (what runs again appends anew)
+            captured[b.name], seen[b.name] = seen[b.name], []
         state = {f"{visit.name}.{k}": v for k, v in visit.layer.state_dict().items()}
         for block in blocks[visit.name]:
             stats = visit.stats[block.name]
@@ -167,12 +175,19 @@ def prune_layer_by_layer(
             state.update(rewrite_layer(block, {n: state[n] for n in names}, plans[block.name], adapter, merge=merge,
                                        router_rule=router_rule, stats=stats, tail=tail))
         module = None
-        if blocks[visit.name] and (through == "pruned" or recover_local):
+        if blocks[visit.name] and (through == "pruned" or recover_local or fitting):
             module = pruned.get_submodule(visit.name)
             prefix = visit.name + "."
             _materialised(module, {k[len(prefix):]: v for k, v in state.items()}, visit.layer, visit.device)
+        if fitting and module is not None:
+            _fitted(visit)
         if recover_local and module is not None:
-            state = _recovered(module, visit, state)
+            _recovered(visit)
+        if module is not None:  # what the writer and the next layer get: the layer as fitted, trained
+            state = {f"{visit.name}.{k}": v.detach() for k, v in module.state_dict().items()}
+        for b in blocks[visit.name]:
+            captured.pop(b.name, None)
+            seen[b.name] = []
         if writer is not None:
             run = runs.get(visit.name)
             if run is None or set(run) != set(state):
@@ -186,23 +201,37 @@ def prune_layer_by_layer(
         _to_meta(visit.layer)  # consumed: resident weights freed too (offloaded ones go back to meta anyway)
         return outputs
 
-    def _recovered(module, visit: Visit, state: dict) -> dict:
-        """--recover-local: each of the layer's pruned blocks trained on its original's calls; the
-        layer's state as trained."""
+    def _fitted(visit: Visit) -> None:
+        """--merge fit: the layer's pruned blocks' down projections fitted (in place) to the original
+        blocks' outputs on the calls the original blocks made in this visit (``fit.fit_blocks``)."""
+        from .fit import fit_blocks, identity_plan
+
+        names = [b.name for b in blocks[visit.name] if not identity_plan(plans[b.name], b.num_experts)]
+        if not names:
+            return
+
+        def replay(passes, mode):
+            for name in names:
+                block = model.get_submodule(name)
+                for (args, kwargs, _), mask in zip(captured[name], visit.masks):
+                    passes.mask = mask
+                    block(*args, **kwargs)
+
+        fits.update(fit_blocks(model, pruned, adapter, names, replay))
+
+    def _recovered(visit: Visit) -> None:
+        """--recover-local: each of the layer's pruned blocks trained (in place) on its original's calls."""
         from .recover import EXPERT_LR, ROUTER_LR, recover_block, trainable
 
         params = trainable(pruned, adapter, recover_experts)
         for b in blocks[visit.name]:
             calls = [(a, k, out[0] if isinstance(out, (tuple, list)) else out, m)
-                     for (a, k, out), m in zip(seen[b.name], visit.masks)]
-            seen[b.name] = []
+                     for (a, k, out), m in zip(captured[b.name], visit.masks)]
             mine = {n: p for n, p in params.items() if n.startswith(b.name + ".")}
             experts = {n for n in mine if f".{adapter.experts_attr}." in n}
             local[b.name] = recover_block(pruned.get_submodule(b.name), mine, calls, steps=recover_local,
                                           seed=seed + b.index, router_lr=ROUTER_LR, expert_lr=EXPERT_LR,
                                           expert_names=experts)
-        prefix = visit.name + "."
-        return {prefix + k: v.detach() for k, v in module.state_dict().items()}
 
     def after_all():
         missing = [b.name for name, _ in layers if name not in done for b in blocks[name]]
@@ -227,4 +256,4 @@ def prune_layer_by_layer(
             writer.close()
     if writer is not None:
         writer.finish(pruned.config, getattr(pruned, "generation_config", None))
-    return LayerwiseResult(profile, plans, pruned, local)
+    return LayerwiseResult(profile, plans, pruned, local, fits)

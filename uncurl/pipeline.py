@@ -30,7 +30,7 @@ from .cluster import METHODS, LayerPlan, get_method, plan_layer, validate_keep
 from .cost import cost_table, finish, release_note, serving_cost, static_cost
 from .errors import UncurlError
 from .evaluate import METRICS, drop, evaluate_examples
-from .fit import fit_model
+from .fit import fit_model, fit_report as fit_entry
 from .load import Loaded, check_family, input_device, load_model
 from .merge import MERGE_RULES, ROUTER_RULES, get_rule, parameter_count, rewrite_model, weight_bytes
 from .offload import counting, dispatched
@@ -273,6 +273,7 @@ class Prepared:
     top_k_after: int
     num_experts: int
     local: dict | None = None  # --recover-local's report entry, once it ran
+    fit: dict | None = None  # --merge fit's, when the layer-by-layer prune ran it
 
 
 def resolve_task(opts: DataOptions, name: str | None = None) -> T.Task:
@@ -384,7 +385,9 @@ def pipeline_for(opts, loaded: Loaded) -> str:
         return pipeline
     offloaded = dispatched(loaded.model) and any(t.device.type == "meta" for t in loaded.model.state_dict().values())
     through = getattr(opts, "calibrate_through", "original") == "pruned" or getattr(opts, "recover_local", 0)
-    if not (offloaded or through):
+    placed_fit = dispatched(loaded.model) and any(MERGE_RULES[m].fit for m in getattr(opts, "merge", "").split(",")
+                                                  if m in MERGE_RULES)
+    if not (offloaded or through or placed_fit):
         return "whole"
     try:
         decoder_layers(loaded.model, loaded.adapter)
@@ -557,7 +560,7 @@ def check_through(opts) -> None:
         if used and not layer_by_layer(opts, "sequential" if opts.pipeline != "whole" else "whole"):
             why = ("--pipeline sequential or auto" if opts.pipeline == "whole" else
                    "a run that profiles here (no --profile)" if opts.profile else
-                   "no --merge fit or --recover (they merge the whole model after profiling)")
+                   "no --recover (it distils the whole model after merging)")
             raise UncurlError(f"{flag} {what} while pruning layer by layer, so it needs {why}")
 
 
@@ -568,9 +571,10 @@ def check_options(opts: RunOptions, evaluating: bool) -> None:
     for method in opts.method.split(","):
         get_method(method)
     for merge in opts.merge.split(","):
-        if get_rule(MERGE_RULES, merge, "--merge").fit and opts.device_map:
-            raise UncurlError(f"--merge {merge} does not run under --device-map yet (it holds the original model "
-                              f"beside the merged one); use --merge aligned, or a device that holds the model")
+        if get_rule(MERGE_RULES, merge, "--merge").fit and opts.device_map and (
+                getattr(opts, "pipeline", "whole") == "whole" or not hasattr(opts, "recover_local")):
+            raise UncurlError(f"--merge {merge} under --device-map runs layer by layer (prune with --pipeline auto or "
+                              f"sequential): the whole-model fit holds the original model beside the merged one")
     for rule in opts.router_rows.split(","):
         get_rule(ROUTER_RULES, rule, "--router")
     if getattr(opts, "recover", 0) < 0:
@@ -809,7 +813,7 @@ def layer_by_layer(opts: PruneOptions, pipeline: str) -> bool:
     the pipeline run is sequential (``pipeline_for``), unless a profile file is given or something
     after the merge needs the original model (--merge fit, --recover). Under torchrun every rank
     takes its share of the batches through each layer (``distributed.gather_layer``)."""
-    return pipeline == "sequential" and not opts.profile and not MERGE_RULES[opts.merge].fit and not opts.recover
+    return pipeline == "sequential" and not opts.profile and not opts.recover
 
 
 def _plan_one(prep: Prepared, keep: int, method: str, seed: int, used: set):
@@ -882,6 +886,7 @@ def _pruned(opts: PruneOptions, output: Claim, shard_size: int, evaluating: bool
         fit_report = recovery = None
         if layerwise:
             pruned, plans, method = _prune_layerwise(opts, prep, tmp, shard_size, timings)
+            fit_report = prep.fit
         else:
             pruned, plans, method, fit_report, recovery = _merge_whole(opts, prep, evaluation, evaluating, timings)
         loaded.model = None
@@ -1020,6 +1025,8 @@ def _prune_layerwise(opts: PruneOptions, prep: Prepared, folder: Path | None, sh
     check_profiled(result.profile)
     prep.profile = result.profile
     method = used.pop() if len(used) == 1 else opts.method
+    if MERGE_RULES[opts.merge].fit:
+        prep.fit = {**fit_entry(), "layers": result.fits}
     if opts.recover_local:
         prep.local = {"steps": opts.recover_local, "trains": "routers and experts" if opts.recover_experts
                       else "routers", "loss": "||y' - y||^2 / ||y||^2 of each block on its layer's calibration inputs",

@@ -160,6 +160,7 @@ class _Recorder:
         self.read, self.output, self.top_k = ROUTER_OUTPUTS[output], output, top_k
         self.mask: torch.Tensor | None = None
         self.tokens: torch.Tensor | None = None
+        self.paused = False  # set while a layer's blocks run again for other ends (layerwise.py's fit)
         self.listen = None  # listen(name, weights [n, k], indices [n, k]) per router call, padding removed (routes.py)
         self.logits: dict[str, torch.Tensor] = {}
         self.handles = [layer.router.register_forward_hook(self._hook(layer.name)) for layer in moe_layers]
@@ -196,7 +197,8 @@ class _Recorder:
 
     def _logits(self, name: str):
         def hook(module, args, output):
-            self.logits[name] = output
+            if not self.paused:
+                self.logits[name] = output
 
         return hook
 
@@ -206,6 +208,8 @@ class _Recorder:
 
     def _hook(self, name: str):
         def hook(module, args, output):
+            if self.paused:
+                return
             read = self.read(output, self.top_k)
             if read is None:
                 raise UncurlError(
@@ -231,6 +235,8 @@ class _Recorder:
 
     def _record(self, name: str):
         def record(expert, gate, norm):
+            if self.paused:
+                return
             keep = self.mask
             if keep is not None and keep.numel() and expert.shape[0] % keep.numel() == 0:
                 pairs = keep.repeat_interleave(expert.shape[0] // keep.numel())  # token-major pairs

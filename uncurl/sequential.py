@@ -366,7 +366,12 @@ def run_layers(model, tokenizer, adapter: MoEAdapter, texts, *, batch_size: int 
                 advance()
             if after_layer is not None:
                 stats = {b.name: recorder.finished(b.name) for b in moe_layers if within(b.name, name)}
-                instead = after_layer(Visit(i, name, layer, where, stats, calls, [names[c.batch][0] for c in calls]))
+                recorder.paused = True  # what after_layer runs again is not calibration
+                try:
+                    instead = after_layer(Visit(i, name, layer, where, stats, calls,
+                                                [names[c.batch][0] for c in calls]))
+                finally:
+                    recorder.paused = False
                 if rerun and instead is not None:
                     outputs = instead
         return outputs
