@@ -155,8 +155,8 @@ def test_calibrate_through_pruned_needs_the_layer_by_layer_prune(data_dir, tmp_p
     res = _run(*base, "pruned", "--pipeline", "whole")
     assert res.exit_code == 2 and "--calibrate-through pruned" in res.output, res.output
     assert "--pipeline sequential or auto" in res.output
-    res = _run(*base, "pruned", "--pipeline", "sequential", "--merge", "fit")
-    assert res.exit_code == 2 and "no --merge fit or --recover" in res.output, res.output
+    res = _run(*base, "pruned", "--pipeline", "sequential", "--recover", 3)
+    assert res.exit_code == 2 and "no --recover" in res.output, res.output
     res = _run(*base, "sideways")
     assert res.exit_code == 2 and "'sideways' is not one of original, pruned" in res.output
     assert not (tmp_path / "o").exists()

@@ -183,7 +183,8 @@ class RunOptions(DataOptions):
         help="How the model is run: whole (one forward of the whole model per batch), sequential (one decoder "
              "layer at a time over every batch: an offloaded layer's weights are read once instead of once per "
              "batch, and prune plans, merges and writes each layer while it is loaded, so the input is read once "
-             "in all) or auto (sequential when --device-map leaves weights offloaded to CPU memory or disk, else "
+             "in all) or auto (sequential when --device-map leaves weights offloaded to CPU memory or disk, or an "
+             "option needs it: --calibrate-through pruned, --recover-local, --merge fit under --device-map; else "
              "whole). Both give the same statistics, so the same plan and checkpoint; whole holds one batch's "
              "states at a time, sequential every batch's (on the execution device).")
     extra: dict = field(default_factory=dict)  # merged into the report (e.g. the CLI's command line)
