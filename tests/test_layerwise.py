@@ -284,3 +284,34 @@ def test_fit_under_device_map_runs_layer_by_layer(tiny_dirs, data_dir, tmp_path)
     assert report["pipeline"]["layer_by_layer"] and report["fit"]["layers"]
     res = _run("prune", *data, "--device-map", "auto", "--pipeline", "whole", "--out", tmp_path / "w")
     assert res.exit_code == 2 and "runs layer by layer" in res.output, res.output
+
+
+def test_an_offloaded_model_is_evaluated_layer_by_layer_reading_it_once(tiny_dirs, data_dir):
+    """The same scores as the resident model's whole-model forwards; the offloaded weights read
+    once for all the evaluation batches (a whole-model pass: once per batch)."""
+    from uncurl.load import load_model
+    from uncurl.offload import READS, counting
+    from uncurl.pipeline import RunOptions, run_eval
+
+    folder = str(tiny_dirs("mixtral"))
+    opts = dict(model=folder, task="superglue-rte", data_dir=str(data_dir), batch_size=2, eval_max_length=64)
+    resident = run_eval(load_model(folder).model, load_model(folder).tokenizer, RunOptions(**opts), 12, 0,
+                        per_example=True)
+    got = {}
+    for pipeline in ("whole", "auto"):
+        loaded = load_model(folder, device_map="auto", max_memory="cpu=30KB")
+        offloaded = sum(t.numel() * t.element_size() for t in loaded.model.state_dict().values()
+                        if t.device.type == "meta")
+        with counting(loaded.model):
+            READS.reset()
+            got[pipeline] = run_eval(loaded.model, loaded.tokenizer, RunOptions(**opts, pipeline=pipeline), 12, 0,
+                                     per_example=True)
+            got[pipeline]["read"] = READS.bytes / offloaded
+    assert got["auto"]["read"] <= 1.01, got["auto"]["read"]
+    assert got["whole"]["read"] >= 5, got["whole"]["read"]  # 12 examples x 2 choices in batches of 2
+    for pipeline, ev in got.items():
+        assert ev["acc"] == resident["acc"] and ev["n"] == resident["n"]
+        assert abs(ev["loss"] - resident["loss"]) < 1e-5, pipeline
+        for a, b in zip(ev["examples"], resident["examples"]):
+            assert a["pred"] == b["pred"]
+            assert all(abs(x - y) < 1e-4 for x, y in zip(a["ll"], b["ll"]))

@@ -293,17 +293,19 @@ def profile_merge(
 
 @command("eval", RunOptions, [
     "model", "task", "data_dir", "eval_limit", "eval_max_length", "batch_size", "template", "choices", "choices_field",
-    "label_field", "eval_file", "calibration_split", "evaluation_split", "chat_template", *RUN_FIELDS, *OUTPUT])
+    "label_field", "eval_file", "calibration_split", "evaluation_split", "chat_template", *RUN_FIELDS, "pipeline",
+    *OUTPUT])
 def eval_cmd(ctx: typer.Context, opts: RunOptions, as_json: bool, verbose: bool):
     """Score a task's evaluation split as lm-evaluation-harness does: acc, acc_norm, loss, ppl.
 
     Example: uncurl eval --model runs/k4 --task superglue-rte --data-dir ../shared/data --limit 200
     """
     from .load import load_model
-    from .pipeline import check_data, run_eval
+    from .pipeline import check_data, check_pipeline, run_eval
     from .report import Timings
 
     _setup_logging(verbose)
+    check_pipeline(opts)
     check_data(opts, calibrating=False, evaluating=True, eval_limit=opts.eval_limit, seed=opts.seed)  # before the model
     stages = Timings()
     with stages.stage("load"):

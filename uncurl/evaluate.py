@@ -54,28 +54,44 @@ def build_requests(tokenizer, examples: Sequence[Example], max_length: int) -> l
 
 
 @torch.no_grad()
-def score_requests(model, requests: Sequence[Request], *, batch_size: int, pad_id: int, progress: bool = False):
-    """For each request: (sum log p of its continuation, sum log p of every predicted token, count)."""
+def score_requests(model, requests: Sequence[Request], *, batch_size: int, pad_id: int, progress: bool = False,
+                   adapter=None):
+    """For each request: (sum log p of its continuation, sum log p of every predicted token, count).
+    ``adapter``: run the forwards layer by layer (``sequential.forward_layer_by_layer``: an offloaded
+    model's weights read once for all the batches); the scores are the same."""
     device = input_device(model)
     order = sorted(range(len(requests)), key=lambda i: -len(requests[i].ids))
     results: list[tuple[float, float, int]] = [None] * len(requests)  # type: ignore[list-item]
-    with progress_bar(progress, -(-len(order) // batch_size), "evaluating") as advance:
-        for start in range(0, len(order), batch_size):
-            chunk = [requests[i] for i in order[start : start + batch_size]]
-            width = max(len(r.ids) for r in chunk)
-            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, r in enumerate(chunk):
-                ids[row, : len(r.ids)] = torch.tensor(r.ids)
-                mask[row, : len(r.ids)] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-            targets = ids[:, 1:].to(device)
-            for row, r in enumerate(chunk):  # one row at a time: no float32 copy of the whole [B, T, V]
-                n = len(r.ids) - 1
-                logp = torch.log_softmax(logits[row, :n].float(), dim=-1)
-                lp = logp.gather(-1, targets[row, :n].unsqueeze(-1)).squeeze(-1).cpu()
-                results[order[start + row]] = (float(lp[-r.n_cont :].sum()), float(lp.sum()), len(lp))
-            del logits
+    batches = []
+    for start in range(0, len(order), batch_size):
+        chunk = [requests[i] for i in order[start : start + batch_size]]
+        width = max(len(r.ids) for r in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, r in enumerate(chunk):
+            ids[row, : len(r.ids)] = torch.tensor(r.ids)
+            mask[row, : len(r.ids)] = 1
+        batches.append((start, chunk, ids, mask))
+
+    def score(model, batch) -> None:
+        start, chunk, ids, mask = batch
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+        targets = ids[:, 1:].to(device)
+        for row, r in enumerate(chunk):  # one row at a time: no float32 copy of the whole [B, T, V]
+            n = len(r.ids) - 1
+            logp = torch.log_softmax(logits[row, :n].float(), dim=-1)
+            lp = logp.gather(-1, targets[row, :n].unsqueeze(-1)).squeeze(-1).cpu()
+            results[order[start + row]] = (float(lp[-r.n_cont :].sum()), float(lp.sum()), len(lp))
+        del logits
+
+    if adapter is not None:
+        from .sequential import forward_layer_by_layer
+
+        forward_layer_by_layer(model, adapter, batches, score, progress=progress)
+        return results
+    with progress_bar(progress, len(batches), "evaluating") as advance:
+        for batch in batches:
+            score(model, batch)
             advance()
     return results
 
@@ -95,16 +111,18 @@ def stderr(values: Sequence[float]) -> float:
 
 
 def evaluate_examples(model, tokenizer, examples: Sequence[Example], *, batch_size: int = 8, max_length: int = 1024,
-                      progress: bool = False, per_example: bool = False) -> dict:
+                      progress: bool = False, per_example: bool = False, layers_of=None) -> dict:
     """acc, acc_norm and their standard errors (multiple-choice tasks), loss and ppl over ``examples``.
 
     ``per_example``: also ``examples``, one dict per example (``pred``, ``pred_norm``, ``gold``, the
     choices' log-likelihoods ``ll``, and ``nll``/``tokens``, its share of the task loss), for paired
-    comparisons and agreement with lm-eval.
+    comparisons and agreement with lm-eval. ``layers_of``: the model's adapter, to run the forwards
+    layer by layer (``score_requests``).
     """
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     requests = build_requests(tokenizer, examples, max_length)
-    scores = score_requests(model, requests, batch_size=batch_size, pad_id=pad_id or 0, progress=progress)
+    scores = score_requests(model, requests, batch_size=batch_size, pad_id=pad_id or 0, progress=progress,
+                            adapter=layers_of)
     by_example: dict[int, dict[int, tuple[float, float, int]]] = {}
     for r, s in zip(requests, scores):
         by_example.setdefault(r.example, {})[r.choice] = s

@@ -466,15 +466,35 @@ def check_profiled(profile: Profile) -> None:
                               f"finite, so the activations overflowed: try --dtype float32 or bfloat16")
 
 
+def eval_layers(model, opts) -> object | None:
+    """The adapter to evaluate ``model`` layer by layer with, or None (whole-model forwards): with
+    --pipeline sequential, or auto when weights are offloaded, for a family whose MoE blocks are in
+    one list of decoder layers."""
+    from .adapters import ADAPTERS
+
+    pipeline = getattr(opts, "pipeline", "whole")
+    adapter = ADAPTERS.get(model.config.model_type)
+    offloaded = dispatched(model) and any(t.device.type == "meta" for t in model.state_dict().values())
+    if adapter is None or pipeline == "whole" or (pipeline == "auto" and not offloaded):
+        return None
+    try:
+        decoder_layers(model, adapter)
+    except UncurlError:
+        return None
+    return adapter
+
+
 def run_eval(model, tokenizer, opts: DataOptions, limit: int | None, seed: int = 0, per_example: bool = False) -> dict:
     """The task's evaluation split scored as lm-evaluation-harness would (see evaluate.py);
-    ``per_example`` adds each example's figures (``evaluate_examples``)."""
+    ``per_example`` adds each example's figures (``evaluate_examples``). An offloaded model (or
+    --pipeline sequential) is run layer by layer (``eval_layers``)."""
     task = resolve_task(opts)
     examples = T.load_examples(task, "evaluation", opts.data_dir, limit=limit, seed=seed)
     if opts.chat_template:
         examples = chat_wrap(examples, tokenizer)
     metrics = evaluate_examples(model, tokenizer, examples, batch_size=opts.batch_size,
-                                max_length=opts.eval_max_length, progress=opts.progress, per_example=per_example)
+                                max_length=opts.eval_max_length, progress=opts.progress, per_example=per_example,
+                                layers_of=eval_layers(model, opts))
     return {"task": task.name, "fingerprint": T.data_fingerprint(examples), "split": task.split_note,
             "chat_template": opts.chat_template, **metrics}
 
@@ -858,8 +878,6 @@ def _pruned(opts: PruneOptions, output: Claim, shard_size: int, evaluating: bool
             prep.profile = run_profile(loaded, opts, opts.seed)
     evaluation = {}
     if evaluating:
-        if layerwise and dispatched(loaded.model):
-            log.warning("--eval runs whole-model forwards: each evaluation batch reads the offloaded weights again")
         with timings.stage("eval_before"):
             evaluation["before"] = run_eval(loaded.model, loaded.tokenizer, opts, opts.eval_limit, opts.seed)
     dtype = str(loaded.model.dtype).removeprefix("torch.")

@@ -176,9 +176,10 @@ _local = threading.local()
 class _Batch(threading.Thread):
     """One batch's forward; it runs only between ``resume`` and its next layer call (or its end)."""
 
-    def __init__(self, model, index: int, batch, baton: threading.Semaphore):
+    def __init__(self, model, index: int, batch, baton: threading.Semaphore, work=None):
         super().__init__(name=f"uncurl-batch-{index}", daemon=True)
         self.model, self.index, self.batch, self.baton = model, index, batch, baton
+        self.work = work or _forward
         self.go = threading.Semaphore(0)
         self.call: tuple | None = None  # (layer index, Call) while it waits at a layer
         self.reply = None
@@ -191,7 +192,7 @@ class _Batch(threading.Thread):
         try:
             if not isinstance(self.reply, BaseException):
                 with torch.no_grad():
-                    _forward(self.model, self.batch)
+                    self.work(self.model, self.batch)
         except BaseException as err:  # noqa: BLE001 - handed to the driver, which raises it
             self.error = err
         finally:
@@ -226,15 +227,16 @@ class _Batch(threading.Thread):
 Visit = Callable[[int, list[Call]], list]
 
 
-def drive(model, layers: list[tuple[str, nn.Module]], batches: list, visit: Visit) -> None:
+def drive(model, layers: list[tuple[str, nn.Module]], batches: list, visit: Visit, work=None) -> None:
     """Run the model's forward on every batch, layer by layer (module docstring): for each layer
     the model calls, ``visit(index, calls)`` gets every batch's call of it (in batch order) and
     returns their outputs, which the forwards go on with (a call ``visit`` answered itself,
     ``Call.answer``, is skipped). ``visit`` runs the layer itself (``Call.run`` with
-    ``forward_of(layer)``, the layer's own forward)."""
+    ``forward_of(layer)``, the layer's own forward). ``work(model, batch)``: what each batch's thread
+    runs (default: the model's forward, its output dropped; ``forward_layer_by_layer``)."""
     family = model.config.model_type
     baton = threading.Semaphore(0)
-    threads = [_Batch(model, b, batch, baton) for b, batch in enumerate(batches)]
+    threads = [_Batch(model, b, batch, baton, work) for b, batch in enumerate(batches)]
 
     def make(i, layer):
         def stand_in(*args, **kwargs):
@@ -392,3 +394,25 @@ def profile_sequential(model, tokenizer, adapter: MoEAdapter, texts, *, batch_si
     """``profile_model`` computed layer by layer: the same statistics (to float rounding)."""
     return run_layers(model, tokenizer, adapter, texts, batch_size=batch_size, max_length=max_length,
                       progress=progress, meta=meta, seed=seed, text_ids=text_ids)
+
+
+@torch.no_grad()
+def forward_layer_by_layer(model, adapter: MoEAdapter, batches: list, work, *, progress: bool = False,
+                           label: str = "evaluating layer by layer") -> None:
+    """``work(model, batch)`` on every batch, the model's forwards inside it run layer by layer
+    (``drive``): an offloaded model's weights are read once for all the batches instead of once per
+    batch. Each batch's ``work`` goes on past a layer as soon as its output is computed, so what it
+    does after the last layer (e.g. scoring the logits) runs one batch at a time."""
+    layers = decoder_layers(model, adapter)
+
+    def visit(i: int, calls: list[Call]) -> list:
+        _, layer = layers[i]
+        with onloaded(layer):
+            where, forward = layer_device(layer), forward_of(layer)
+            for call in calls:
+                call.answer(call.run(forward, where))
+                advance()
+        return [None] * len(calls)
+
+    with progress_bar(progress, len(layers) * len(batches), label) as advance, _outer_onloaded(model, layers):
+        drive(model, layers, batches, visit, work)
