@@ -239,12 +239,23 @@ def slow_profile(*a, **k):
     flag.touch()
     time.sleep(60)
 
+def slow_layer(*a, **k):  # the second MoE layer, once the first is written into the partial
+    count.append(1)
+    if len(count) == 2:
+        flag.touch()
+        time.sleep(60)
+    return real_layer(*a, **k)
+
+count, extra = [], []
 if phase == "save":
     p.write_checkpoint = slow_save
+elif phase == "layers":  # the layer-by-layer prune, its batch threads waiting at the next layer
+    import uncurl.layerwise as lw
+    real_layer, lw.rewrite_layer, extra = lw.rewrite_layer, slow_layer, ["--pipeline", "sequential"]
 else:
     p.profile_model = slow_profile
 from uncurl.cli import main
-sys.argv = ["uncurl", *sys.argv[3:]]
+sys.argv = ["uncurl", *sys.argv[3:], *extra]
 main()
 """
 
@@ -262,12 +273,12 @@ def _start(tmp_path, phase, out, data_dir):
     return proc
 
 
-@pytest.mark.parametrize("phase", ["save", "profile"])
+@pytest.mark.parametrize("phase", ["save", "profile", "layers"])
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_removes_the_partial_and_the_lock_and_exits_128_plus_it(phase, signum, tmp_path, data_dir):
     out = tmp_path / "out"
     proc = _start(tmp_path, phase, out, data_dir)
-    if phase == "save":
+    if phase in ("save", "layers"):
         assert [n for n in leftovers(out) if n.endswith(".partial")], leftovers(out)
     proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=60)
