@@ -5,7 +5,9 @@
 
 One profile of the task's calibration split; then, at one K, the grouping ``uncurl`` with merges
 select / aligned / fit (router refit) and the criterion ``ean`` alone and with ``fit``, each without
-and with ``--recover STEPS`` (routers only, the default learning rate) at a fixed budget. Every
+and with ``--recover STEPS`` (routers only, the default learning rate) at a fixed budget; and
+``LOCAL_CELLS`` pruned layer by layer with ``--recover-local STEPS`` (``uncurl prune``, the model
+loaded afresh each time). Every
 model is scored on the same evaluation examples, so differences of task loss are paired: their
 standard errors are examples/paired_loss.py's (ratio estimator over examples). Recovery and the fit
 see only the calibration texts. Writes ``--out`` (JSON) and prints a table; each cell as it is
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,13 +30,17 @@ import torch  # noqa: E402
 from paired_loss import ratio_stderr  # noqa: E402
 from uncurl.fit import layer_errors  # noqa: E402
 from uncurl.merge import MERGE_RULES, rewrite_model  # noqa: E402
-from uncurl.pipeline import RunOptions, calibration_texts, fit_after_merge, plan_all, prepare, run_eval  # noqa: E402
+from uncurl.load import load_model  # noqa: E402
+from uncurl.pipeline import (PruneOptions, RunOptions, calibration_texts, fit_after_merge, plan_all, prepare,  # noqa: E402
+                             prune, run_eval)
 from uncurl.recover import recover  # noqa: E402
 from uncurl.report import Timings, versions  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CELLS = [("uncurl", "select", "refit"), ("uncurl", "aligned", "refit"), ("uncurl", "fit", "refit"),
          ("ean", "select", "mean"), ("ean", "fit", "mean")]  # a criterion's "select" keeps its experts as they are
+# the layer-local recovery (--recover-local, the same STEPS): run by `uncurl prune --pipeline sequential`
+LOCAL_CELLS = [("uncurl", "aligned", "refit"), ("uncurl", "fit", "refit"), ("ean", "select", "mean")]
 
 
 def main() -> None:
@@ -112,6 +119,28 @@ def main() -> None:
                   flush=True)
             del pruned
 
+    for method, merge, router in LOCAL_CELLS:  # a fresh load each: the layer-by-layer prune consumes the model
+        name = f"{method}/{merge}+local{args.recover}"
+        if name in nll:
+            print(f"{name:28s} (resumed)", flush=True)
+            continue
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory() as d:
+            result = prune(PruneOptions(
+                model=args.model, task=args.task, data_dir=args.data_dir, samples=args.samples,
+                max_length=args.max_length, batch_size=args.batch_size, seed=args.seed, keep=args.keep, method=method,
+                merge=merge, router_rows=router, pipeline="sequential", recover_local=args.recover, plots=False,
+                out=str(Path(d) / "out")))
+            nll[name], _, ev = scored(load_model(str(Path(d) / "out")).model)
+        entry = {"recover_local": {n: {k: round(v, 4) if isinstance(v, float) else v for k, v in e.items()}
+                                   for n, e in result.report["recover_local"]["layers"].items()}}
+        entry.update({k: ev[k] for k in ("acc", "loss") if k in ev})
+        entry["seconds"] = round(time.perf_counter() - start, 1)
+        results[name] = entry
+        checkpoint()
+        print(f"{name:28s} loss {ev['loss']:.4f} acc {ev.get('acc', float('nan')):.4f} ({entry['seconds']} s)",
+              flush=True)
+
     n = len(tokens)
     table = {name: dict(zip(("loss", "stderr"), ratio_stderr(v, tokens))) for name, v in nll.items()}
 
@@ -123,6 +152,8 @@ def main() -> None:
     diffs = {f"{a} - {base}": paired(a, base) for a in nll if a not in (base, "unpruned")}
     diffs.update({f"{a}+recover{args.recover} - {a}": paired(f"{a}+recover{args.recover}", a)
                   for a in (f"{m}/{g}" for m, g, _ in CELLS)})
+    diffs.update({f"{m}/{g}+local{args.recover} - {m}/{g}": paired(f"{m}/{g}+local{args.recover}", f"{m}/{g}")
+                  for m, g, _ in LOCAL_CELLS})
     diffs.update({f"{a} - unpruned": paired(a, "unpruned") for a in nll if a != "unpruned"})
     out = {"model": args.model, "task": args.task, "keep": args.keep, "n": n, "tokens": sum(tokens),
            "samples": args.samples, "recover_steps": args.recover, "seed": args.seed,
@@ -131,8 +162,7 @@ def main() -> None:
            "paired_differences": diffs, "timings_s": timings, "versions": versions(),
            "threads": torch.get_num_threads()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1, default=str) + "\n")
-    partial.unlink(missing_ok=True)
+    args.out.write_text(json.dumps(out, indent=1, default=str) + "\n")  # the .partial stays: cells added later resume
     print(f"{args.task}, K={args.keep}, n={n}: task loss ± paired standard error")
     for k, v in diffs.items():
         print(f"  {k:50s} {v['diff']:+.4f} ± {v['stderr']:.4f}")
