@@ -162,12 +162,13 @@ class Call:
         args, kwargs = _moved((self.args, self.kwargs), device, {})
         return self.context.run(forward, *args, **kwargs)
 
-    def answer(self, output) -> None:
+    def answer(self, output, threads: int = 1) -> None:
         """Hand ``output`` to the batch's forward now (it goes on to its next layer call), and let go
-        of the arguments: the layer's input states are freed before the next batch runs."""
+        of the arguments: the layer's input states are freed before the next batch runs. ``threads``:
+        torch's CPU threads meanwhile (``_Batch.resume``)."""
         self.args = self.kwargs = None
         self.answered = True
-        self.thread.resume(output)
+        self.thread.resume(output, threads)
 
 
 _local = threading.local()
@@ -209,19 +210,21 @@ class _Batch(threading.Thread):
             raise reply
         return reply
 
-    def resume(self, reply=None) -> None:
+    def resume(self, reply=None, threads: int = 1) -> None:
         """In the driver: let this thread go on with ``reply`` until it stops again. It runs torch's
-        CPU ops on one thread: what a forward does between layers is small, and its own OpenMP
-        team, spinning after each op, would take the cores from the layers the driver runs next
-        (1.3x slower profiling on 2 cores, measured)."""
+        CPU ops on ``threads`` threads, one by default: what a forward does between layers is small,
+        and its own OpenMP team, spinning after each op, would take the cores from the layers the
+        driver runs next (1.3x slower profiling on 2 cores, measured). After the last layer, when
+        the thread runs to its end (the LM head, scoring: ``forward_layer_by_layer``), it gets them
+        all: a thread's team goes when the thread does."""
         self.reply = reply
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
         try:
             self.go.release()
             self.baton.acquire()
         finally:
-            torch.set_num_threads(threads)
+            torch.set_num_threads(before)
 
 
 Visit = Callable[[int, list[Call]], list]
@@ -404,13 +407,14 @@ def forward_layer_by_layer(model, adapter: MoEAdapter, batches: list, work, *, p
     batch. Each batch's ``work`` goes on past a layer as soon as its output is computed, so what it
     does after the last layer (e.g. scoring the logits) runs one batch at a time."""
     layers = decoder_layers(model, adapter)
+    cores = torch.get_num_threads()
 
     def visit(i: int, calls: list[Call]) -> list:
         _, layer = layers[i]
         with onloaded(layer):
             where, forward = layer_device(layer), forward_of(layer)
             for call in calls:
-                call.answer(call.run(forward, where))
+                call.answer(call.run(forward, where), cores if i == len(layers) - 1 else 1)
                 advance()
         return [None] * len(calls)
 
