@@ -222,7 +222,11 @@ OFFLOAD_OPEN = {
     "llama4_text": "disk offload: 'Cannot copy out of meta tensor' (router is an nn.Linear subclass; not investigated)",
     "gemma4": "disk offload: transformers' Gemma4Model.forward reads language_model.embed_tokens.weight outside the "
               "module's forward, so accelerate has left it on the meta device (a transformers/accelerate limit)",
-    "longcat_flash": "disk offload: the router's logits are NaN while profiling, before any merge (not investigated)",
+}
+# the whole-model pass under disk offload only (the layer-by-layer one, --pipeline auto's choice there, works)
+WHOLE_OFFLOAD_OPEN = {
+    "longcat_flash": "disk offload, --pipeline whole: the router's logits are NaN while profiling, before any merge "
+                     "(not investigated); layer by layer they are not",
 }
 
 
@@ -249,6 +253,16 @@ def test_device_map_writes_the_same_checkpoint(family, max_memory, plain_runs, t
         assert (plain_out / name).read_bytes() == (tmp_path / "mapped" / name).read_bytes(), name
     assert mapped.report["eval"] == plain_report["eval"]
     assert mapped.report["model"]["bytes_before"] == plain_report["model"]["bytes_before"]
+
+
+@pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.xfail(reason=why, strict=True))
+                                    for f, why in WHOLE_OFFLOAD_OPEN.items()])
+def test_whole_model_pass_offloaded_to_disk(family, plain_runs, tmp_path):
+    common, plain_out, _ = plain_runs(family)
+    mapped = prune(PruneOptions(out=str(tmp_path / "mapped"), device_map="auto", max_memory="cpu=30KB",
+                                pipeline="whole", **common))
+    for name in sorted(p.name for p in plain_out.glob("*.safetensors")):
+        assert (plain_out / name).read_bytes() == (tmp_path / "mapped" / name).read_bytes(), name
 
 
 def test_sweep_offloaded_to_disk_matches_the_resident_sweep(tiny_dirs, data_dir, tmp_path):
