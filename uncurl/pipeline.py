@@ -592,10 +592,12 @@ def check_options(opts: RunOptions, evaluating: bool) -> None:
     for method in opts.method.split(","):
         get_method(method)
     for merge in opts.merge.split(","):
-        if get_rule(MERGE_RULES, merge, "--merge").fit and opts.device_map and (
-                getattr(opts, "pipeline", "whole") == "whole" or not hasattr(opts, "recover_local")):
+        layered = hasattr(opts, "recover_local") and layer_by_layer(opts, "sequential" if opts.pipeline != "whole"
+                                                                    else "whole")  # a prune that can go layer by layer
+        if get_rule(MERGE_RULES, merge, "--merge").fit and opts.device_map and not layered:
             raise UncurlError(f"--merge {merge} under --device-map runs layer by layer (prune with --pipeline auto or "
-                              f"sequential): the whole-model fit holds the original model beside the merged one")
+                              f"sequential, profiling here, without --recover): the whole-model fit holds the original "
+                              f"model beside the merged one")
     for rule in opts.router_rows.split(","):
         get_rule(ROUTER_RULES, rule, "--router")
     if getattr(opts, "recover", 0) < 0:
