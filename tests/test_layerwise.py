@@ -284,6 +284,9 @@ def test_fit_under_device_map_runs_layer_by_layer(tiny_dirs, data_dir, tmp_path)
     assert report["pipeline"]["layer_by_layer"] and report["fit"]["layers"]
     res = _run("prune", *data, "--device-map", "auto", "--pipeline", "whole", "--out", tmp_path / "w")
     assert res.exit_code == 2 and "runs layer by layer" in res.output, res.output
+    res = _run("prune", *data, "--device-map", "auto", "--recover", 2, "--out", tmp_path / "r")
+    assert res.exit_code == 2 and "without --recover" in res.output, res.output
+    assert not (tmp_path / "w").exists() and not (tmp_path / "r").exists()
 
 
 def test_an_offloaded_model_is_evaluated_layer_by_layer_reading_it_once(tiny_dirs, data_dir):
