@@ -45,6 +45,7 @@ import platform
 import statistics
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -370,22 +371,31 @@ def scaling(repeats: int) -> list[dict]:
     return rows
 
 
-def pipelines(hidden: int, sample_counts=(8, 256), max_length: int = 64) -> dict:
-    """Profile time and offloaded bytes read: resident, disk-offloaded whole, disk-offloaded sequential."""
-    from uncurl.load import load_model
-    from uncurl.offload import READS, counting
-    from uncurl.pipeline import ProfileOptions, run_profile
-
-    model, tok = build_tiny("mixtral", hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=4,
+@contextmanager
+def mixtral_on_disk(hidden: int, layers: int = 4):
+    """A Mixtral of ``hidden`` (8 experts) saved to a temporary folder: (folder, checkpoint bytes,
+    ``--max-memory`` of a quarter of them, bytes of one decoder layer, bytes outside the layers)."""
+    model, tok = build_tiny("mixtral", hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                             num_local_experts=8, num_attention_heads=8, num_key_value_heads=8)
-    out = {"max_length": max_length, "batch_size": 8, "rows": []}
+    outside = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "layers." not in n)
+    layer = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
     with tempfile.TemporaryDirectory(dir=ROOT / "benchmarks") as d:
         folder = Path(d) / "model"
         model.save_pretrained(folder)
         tok.save_pretrained(folder)
         del model
         checkpoint = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-        budget = f"cpu={max(1, checkpoint // 4 // 2**20)}MiB"
+        yield folder, checkpoint, f"cpu={max(1, checkpoint // 4 // 2**20)}MiB", layer, outside
+
+
+def pipelines(hidden: int, sample_counts=(8, 256), max_length: int = 64) -> dict:
+    """Profile time and offloaded bytes read: resident, disk-offloaded whole, disk-offloaded sequential."""
+    from uncurl.load import load_model
+    from uncurl.offload import READS, counting
+    from uncurl.pipeline import ProfileOptions, run_profile
+
+    out = {"max_length": max_length, "batch_size": 8, "rows": []}
+    with mixtral_on_disk(hidden) as (folder, checkpoint, budget, _, _):
         out.update(checkpoint_mb=round(checkpoint / 2**20, 1), max_memory=budget)
         # every row through accelerate (resident: --device-map auto, no limit), so all run the same
         # experts implementation (a plain CPU load switches to eager experts, load.prefer_lean_experts)
@@ -429,18 +439,8 @@ def offload_prune(hidden: int, repeats: int, sample_counts=(8, 256), max_length:
     (and anonymous RSS: what the page cache cannot take back) over the weights and over one decoder
     layer plus the cached states, wall time over the resident run's."""
     layers = 4
-    model, tok = build_tiny("mixtral", hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                            num_local_experts=8, num_attention_heads=8, num_key_value_heads=8)
-    embed = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "layers." not in n)
-    layer_bytes = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
     out = {"max_length": max_length, "batch_size": 8, "rows": []}
-    with tempfile.TemporaryDirectory(dir=ROOT / "benchmarks") as d:
-        folder = Path(d) / "model"
-        model.save_pretrained(folder)
-        tok.save_pretrained(folder)
-        del model
-        checkpoint = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-        budget = f"cpu={max(1, checkpoint // 4 // 2**20)}MiB"
+    with mixtral_on_disk(hidden, layers) as (folder, checkpoint, budget, layer_bytes, embed):
         out.update(checkpoint_mb=round(checkpoint / 2**20, 1), max_memory=budget, layer_mb=round(layer_bytes / 2**20, 1),
                    outside_layers_mb=round(embed / 2**20, 1), layers=layers, hidden=hidden)
         runs = [("resident", "whole", ""), ("offload", "whole", budget), ("offload", "sequential", budget)]
@@ -483,15 +483,10 @@ def ranks(hidden: int, repeats: int, samples: int = 256, max_length: int = 64) -
     import subprocess
     import sys
 
-    model, tok = build_tiny("mixtral", hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=4,
-                            num_local_experts=8, num_attention_heads=8, num_key_value_heads=8)
     out = {"hidden": hidden, "samples": samples, "max_length": max_length, "rows": [], "load_average": []}
     torchrun = str(Path(sys.executable).parent / "torchrun")
-    with tempfile.TemporaryDirectory(dir=ROOT / "benchmarks") as d:
-        folder = Path(d) / "model"
-        model.save_pretrained(folder)
-        tok.save_pretrained(folder)
-        del model
+    with mixtral_on_disk(hidden) as (folder, *_):
+        d = folder.parent
         args = ["profile", "--model", str(folder), "--task", "superglue-rte", "--data-dir", str(DATA), "--samples",
                 str(samples), "--max-length", str(max_length), "--batch-size", "8"]
         for pipeline in ("whole", "sequential"):

@@ -83,6 +83,15 @@ def main() -> None:
         partial.parent.mkdir(parents=True, exist_ok=True)
         partial.write_text(json.dumps({"args": key, "results": results, "nll": nll, "tokens": tokens}))
 
+    def done(name: str, entry: dict, ev: dict, start: float) -> None:
+        """A cell scored: its entry kept (and checkpointed) and printed."""
+        entry.update({k: ev[k] for k in ("acc", "loss") if k in ev})
+        entry["seconds"] = round(time.perf_counter() - start, 1)
+        results[name] = entry
+        checkpoint()
+        print(f"{name:28s} loss {ev['loss']:.4f} acc {ev.get('acc', float('nan')):.4f} ({entry['seconds']} s)",
+              flush=True)
+
     if "unpruned" not in nll:
         nll["unpruned"], tokens, ev = scored(model)
         results["unpruned"] = {k: ev[k] for k in ("acc", "loss", "n") if k in ev}
@@ -111,12 +120,7 @@ def main() -> None:
                 entry["recover"] = {"steps": steps, "kl_first5": sum(curve[:5]) / 5, "kl_last5": sum(curve[-5:]) / 5,
                                     "seconds": rec.report["seconds"]}
             nll[name], _, ev = scored(pruned)
-            entry.update({k: ev[k] for k in ("acc", "loss") if k in ev})
-            entry["seconds"] = round(time.perf_counter() - start, 1)
-            results[name] = entry
-            checkpoint()
-            print(f"{name:28s} loss {ev['loss']:.4f} acc {ev.get('acc', float('nan')):.4f} ({entry['seconds']} s)",
-                  flush=True)
+            done(name, entry, ev, start)
             del pruned
 
     for method, merge, router in LOCAL_CELLS:  # a fresh load each: the layer-by-layer prune consumes the model
@@ -134,12 +138,7 @@ def main() -> None:
             nll[name], _, ev = scored(load_model(str(Path(d) / "out")).model)
         entry = {"recover_local": {n: {k: round(v, 4) if isinstance(v, float) else v for k, v in e.items()}
                                    for n, e in result.report["recover_local"]["layers"].items()}}
-        entry.update({k: ev[k] for k in ("acc", "loss") if k in ev})
-        entry["seconds"] = round(time.perf_counter() - start, 1)
-        results[name] = entry
-        checkpoint()
-        print(f"{name:28s} loss {ev['loss']:.4f} acc {ev.get('acc', float('nan')):.4f} ({entry['seconds']} s)",
-              flush=True)
+        done(name, entry, ev, start)
 
     n = len(tokens)
     table = {name: dict(zip(("loss", "stderr"), ratio_stderr(v, tokens))) for name, v in nll.items()}
