@@ -391,7 +391,7 @@ def mixtral_on_disk(hidden: int, layers: int = 4):
 def pipelines(hidden: int, sample_counts=(8, 256), max_length: int = 64) -> dict:
     """Profile time and offloaded bytes read: resident, disk-offloaded whole, disk-offloaded sequential."""
     from uncurl.load import load_model
-    from uncurl.offload import READS, counting
+    from uncurl.offload import READS, counting, offloaded_bytes
     from uncurl.pipeline import ProfileOptions, run_profile
 
     out = {"max_length": max_length, "batch_size": 8, "rows": []}
@@ -406,8 +406,7 @@ def pipelines(hidden: int, sample_counts=(8, 256), max_length: int = 64) -> dict
                 loaded = load_model(str(folder), device_map="auto", max_memory=limit)
                 opts = ProfileOptions(model=str(folder), task="superglue-rte", data_dir=str(DATA), samples=samples,
                                       max_length=max_length, batch_size=8, pipeline=pipeline)
-                offloaded = sum(t.numel() * t.element_size() for t in loaded.model.state_dict().values()
-                                if t.device.type == "meta")
+                offloaded = offloaded_bytes(loaded.model)
                 with counting(loaded.model):
                     READS.reset()
                     start = time.perf_counter()

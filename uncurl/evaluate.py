@@ -62,16 +62,16 @@ def score_requests(model, requests: Sequence[Request], *, batch_size: int, pad_i
     device = input_device(model)
     order = sorted(range(len(requests)), key=lambda i: -len(requests[i].ids))
     results: list[tuple[float, float, int]] = [None] * len(requests)  # type: ignore[list-item]
-    batches = []
-    for start in range(0, len(order), batch_size):
-        chunk = [requests[i] for i in order[start : start + batch_size]]
-        width = max(len(r.ids) for r in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, r in enumerate(chunk):
-            ids[row, : len(r.ids)] = torch.tensor(r.ids)
-            mask[row, : len(r.ids)] = 1
-        batches.append((start, chunk, ids, mask))
+    def padded():  # (first row's place in ``order``, requests, ids, mask) per batch, made as they are needed
+        for start in range(0, len(order), batch_size):
+            chunk = [requests[i] for i in order[start : start + batch_size]]
+            width = max(len(r.ids) for r in chunk)
+            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, r in enumerate(chunk):
+                ids[row, : len(r.ids)] = torch.tensor(r.ids)
+                mask[row, : len(r.ids)] = 1
+            yield start, chunk, ids, mask
 
     def score(model, batch) -> None:
         start, chunk, ids, mask = batch
@@ -87,10 +87,10 @@ def score_requests(model, requests: Sequence[Request], *, batch_size: int, pad_i
     if adapter is not None:
         from .sequential import forward_layer_by_layer
 
-        forward_layer_by_layer(model, adapter, batches, score, progress=progress)
+        forward_layer_by_layer(model, adapter, list(padded()), score, progress=progress)  # every batch at once
         return results
-    with progress_bar(progress, len(batches), "evaluating") as advance:
-        for batch in batches:
+    with progress_bar(progress, -(-len(order) // batch_size), "evaluating") as advance:
+        for batch in padded():
             score(model, batch)
             advance()
     return results

@@ -49,7 +49,12 @@ from .save import CheckpointWriter
 from .sequential import Visit, decoder_layers, run_layers, within
 from .stats import LayerStats, Profile
 
-THROUGH = ("original", "pruned")  # --calibrate-through (checked in pipeline.check_through)
+THROUGH = ("original", "pruned")  # --calibrate-through
+
+
+def check_through(through: str) -> None:
+    if through not in THROUGH:
+        raise UncurlError(f"--calibrate-through {through!r} is not one of {', '.join(THROUGH)}")
 
 
 @dataclass
@@ -138,8 +143,7 @@ def prune_layer_by_layer(
     each pruned MoE block's routers (``recover_experts``: and experts) trained to give the original
     block's output on the layer's calibration inputs (``recover.recover_block``), before it is
     written. ``model`` is consumed. See the module docstring."""
-    if through not in THROUGH:
-        raise UncurlError(f"--calibrate-through {through!r} is not one of {', '.join(THROUGH)}")
+    check_through(through)
     family = model.config.model_type
     layers = decoder_layers(model, adapter)
     moe_layers = find_moe_layers(model, adapter)
@@ -148,7 +152,7 @@ def prune_layer_by_layer(
     pruned = pruned_on_meta(model, adapter, keep, top_k)
     prefixes = [name for name, _ in layers]
     writer = CheckpointWriter(pruned, folder, shard_size, prefixes=prefixes) if folder is not None else None
-    runs = dict(writer.runs if writer is not None else [(name, None) for name in prefixes])  # layer -> its run
+    runs = dict(writer.runs) if writer is not None else {}  # layer name -> its run of the checkpoint
     plans: dict[str, LayerPlan] = {}
     done: set[str] = set()
     local: dict[str, dict] = {}
@@ -221,7 +225,7 @@ def prune_layer_by_layer(
 
     def _recovered(visit: Visit) -> None:
         """--recover-local: each of the layer's pruned blocks trained (in place) on its original's calls."""
-        from .recover import EXPERT_LR, ROUTER_LR, recover_block, trainable
+        from .recover import recover_block, trainable
 
         params = trainable(pruned, adapter, recover_experts)
         for b in blocks[visit.name]:
@@ -230,8 +234,7 @@ def prune_layer_by_layer(
             mine = {n: p for n, p in params.items() if n.startswith(b.name + ".")}
             experts = {n for n in mine if f".{adapter.experts_attr}." in n}
             local[b.name] = recover_block(pruned.get_submodule(b.name), mine, calls, steps=recover_local,
-                                          seed=seed + b.index, router_lr=ROUTER_LR, expert_lr=EXPERT_LR,
-                                          expert_names=experts)
+                                          seed=seed + b.index, expert_names=experts)
 
     def after_all():
         missing = [b.name for name, _ in layers if name not in done for b in blocks[name]]

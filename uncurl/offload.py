@@ -68,6 +68,14 @@ def dispatched(model) -> bool:
     return any(hasattr(module, "_hf_hook") for module in model.modules())
 
 
+def offloaded_bytes(model) -> int:
+    """Bytes of ``model``'s weights accelerate left offloaded (on ``meta`` behind its hooks): 0 for a
+    model in memory or on its devices."""
+    if not dispatched(model):
+        return 0
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values() if t.device.type == "meta")
+
+
 def _owner(model, name: str):
     owner, _, attr = name.rpartition(".")
     return model.get_submodule(owner), attr

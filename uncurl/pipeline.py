@@ -33,7 +33,7 @@ from .evaluate import METRICS, drop, evaluate_examples
 from .fit import fit_model, fit_report as fit_entry
 from .load import Loaded, check_family, input_device, load_model
 from .merge import MERGE_RULES, ROUTER_RULES, get_rule, parameter_count, rewrite_model, weight_bytes
-from .offload import counting, dispatched
+from .offload import counting, dispatched, offloaded_bytes
 from .options import (DATA, DEFAULT_MERGE, DEFAULT_METHOD, DEFAULT_ROUTER, EVAL, MODEL, PRUNE, RUN, STUDY_EVIDENCE,
                       choices_help, items, opt)
 from .profile import Profile, profile_model, router_fingerprint, shard_range
@@ -273,8 +273,6 @@ class Prepared:
     top_k_before: int
     top_k_after: int
     num_experts: int
-    local: dict | None = None  # --recover-local's report entry, once it ran
-    fit: dict | None = None  # --merge fit's, when the layer-by-layer prune ran it
 
 
 def resolve_task(opts: DataOptions, name: str | None = None) -> T.Task:
@@ -380,22 +378,29 @@ PIPELINES = ("auto", "whole", "sequential")  # --pipeline
 
 def pipeline_for(opts, loaded: Loaded) -> str:
     """What ``--pipeline`` runs for ``loaded``: auto is sequential when weights were left offloaded
-    (on ``meta``, behind accelerate's hooks) or --calibrate-through pruned asks for it, else whole."""
-    pipeline = getattr(opts, "pipeline", "whole")
+    or an option needs it (--calibrate-through pruned, --recover-local, --merge fit under
+    --device-map), else whole."""
+    asked = (getattr(opts, "calibrate_through", "original") == "pruned" or bool(getattr(opts, "recover_local", 0))
+             or (dispatched(loaded.model) and any(MERGE_RULES[m].fit for m in getattr(opts, "merge", "").split(",")
+                                                  if m in MERGE_RULES)))
+    return "sequential" if _sequential(loaded.model, loaded.adapter, getattr(opts, "pipeline", "whole"), asked) \
+        else "whole"
+
+
+def _sequential(model, adapter, pipeline: str, asked: bool = False) -> bool:
+    """Whether ``pipeline`` runs ``model`` layer by layer: sequential does; auto does when weights
+    are offloaded or ``asked``, for a family whose MoE blocks are in one list of decoder layers
+    (else it runs whole, saying why)."""
     if pipeline != "auto":
-        return pipeline
-    offloaded = dispatched(loaded.model) and any(t.device.type == "meta" for t in loaded.model.state_dict().values())
-    through = getattr(opts, "calibrate_through", "original") == "pruned" or getattr(opts, "recover_local", 0)
-    placed_fit = dispatched(loaded.model) and any(MERGE_RULES[m].fit for m in getattr(opts, "merge", "").split(",")
-                                                  if m in MERGE_RULES)
-    if not (offloaded or through or placed_fit):
-        return "whole"
+        return pipeline == "sequential"
+    if adapter is None or not (asked or offloaded_bytes(model)):
+        return False
     try:
-        decoder_layers(loaded.model, loaded.adapter)
+        decoder_layers(model, adapter)
     except UncurlError as err:  # its MoE blocks are not in one list of layers: the whole-model pass runs it
         log.warning("--pipeline auto: %s; running it whole", err)
-        return "whole"
-    return "sequential"
+        return False
+    return True
 
 
 def profile_driver(name: str):
@@ -434,11 +439,7 @@ def run_profile(loaded: Loaded, opts: DataOptions, seed: int = 0) -> Profile:
     meta = profile_meta(loaded, info, opts, seed)
     shard, ranks = parse_shard(getattr(opts, "shard", None)), distributed.world()
     index, count = shard or ranks or (0, 1)
-    if count > len(texts):
-        what = f"{count} ranks" if ranks else f"--shard {index}/{count}"
-        raise UncurlError(f"{what}: more than the {len(texts)} calibration texts, so a share would be empty; use at "
-                          f"most {len(texts)} (or more --samples)")
-    ids = shard_range(len(texts), index, count)
+    ids = text_share(len(texts), index, count, f"{count} ranks" if ranks else f"--shard {index}/{count}")
     if shard:
         meta["shard"] = {"index": index, "count": count, "of": len(texts), "texts": [ids.start, ids.stop]}
     torch.manual_seed(seed)
@@ -450,6 +451,15 @@ def run_profile(loaded: Loaded, opts: DataOptions, seed: int = 0) -> Profile:
         profile = distributed.gather_profile(profile, input_device(loaded.model))
     check_profiled(profile)
     return profile
+
+
+def text_share(n: int, index: int, count: int, what: str) -> range:
+    """Share ``index`` of ``count`` of ``n`` calibration texts (``shard_range``); ``what`` (the
+    ranks or the shard spec) is named when there are more shares than texts."""
+    if count > n:
+        raise UncurlError(f"{what}: more than the {n} calibration texts, so a share would be empty; use at most {n} "
+                          f"(or more --samples)")
+    return shard_range(n, index, count)
 
 
 def profile_meta(loaded: Loaded, info: dict, opts: DataOptions, seed: int) -> dict:
@@ -467,21 +477,12 @@ def check_profiled(profile: Profile) -> None:
 
 
 def eval_layers(model, opts) -> object | None:
-    """The adapter to evaluate ``model`` layer by layer with, or None (whole-model forwards): with
-    --pipeline sequential, or auto when weights are offloaded, for a family whose MoE blocks are in
-    one list of decoder layers."""
+    """The adapter to evaluate ``model`` layer by layer with (``_sequential``), or None: whole-model
+    forwards (a dense model, one uncurl has no adapter for, is always run whole)."""
     from .adapters import ADAPTERS
 
-    pipeline = getattr(opts, "pipeline", "whole")
     adapter = ADAPTERS.get(model.config.model_type)
-    offloaded = dispatched(model) and any(t.device.type == "meta" for t in model.state_dict().values())
-    if adapter is None or pipeline == "whole" or (pipeline == "auto" and not offloaded):
-        return None
-    try:
-        decoder_layers(model, adapter)
-    except UncurlError:
-        return None
-    return adapter
+    return adapter if adapter is not None and _sequential(model, adapter, getattr(opts, "pipeline", "whole")) else None
 
 
 def run_eval(model, tokenizer, opts: DataOptions, limit: int | None, seed: int = 0, per_example: bool = False) -> dict:
@@ -566,19 +567,23 @@ def check_data(opts: DataOptions, *, calibrating: bool, evaluating: bool, eval_l
 DROP_BOUNDS = {"max_drop": "--max-drop", "tolerance": "--tolerance"}
 
 
-THROUGH = ("original", "pruned")  # --calibrate-through (layerwise.THROUGH)
+def can_go_layer_by_layer(opts) -> bool:
+    """Before loading: whether this run could prune layer by layer (a prune, not --pipeline whole,
+    and ``layer_by_layer``'s other conditions); auto turns it on for the options that need it."""
+    return isinstance(opts, PruneOptions) and layer_by_layer(opts, "whole" if opts.pipeline == "whole" else "sequential")
 
 
 def check_through(opts) -> None:
     """The options that only a layer-by-layer prune runs: --calibrate-through pruned, --recover-local."""
+    from .layerwise import check_through as check_value
+
     through, local = getattr(opts, "calibrate_through", "original"), getattr(opts, "recover_local", 0)
-    if through not in THROUGH:
-        raise UncurlError(f"--calibrate-through {through!r} is not one of {', '.join(THROUGH)}")
+    check_value(through)
     if local < 0:
         raise UncurlError(f"--recover-local {local} must be a number of steps >= 0 (0: off)")
     for flag, used, what in (("--calibrate-through pruned", through == "pruned", "feeds each layer the pruned layers' "
                               "outputs"), ("--recover-local", local, "trains each pruned block on its layer's inputs")):
-        if used and not layer_by_layer(opts, "sequential" if opts.pipeline != "whole" else "whole"):
+        if used and not can_go_layer_by_layer(opts):
             why = ("--pipeline sequential or auto" if opts.pipeline == "whole" else
                    "a run that profiles here (no --profile)" if opts.profile else
                    "no --recover (it distils the whole model after merging)")
@@ -592,9 +597,7 @@ def check_options(opts: RunOptions, evaluating: bool) -> None:
     for method in opts.method.split(","):
         get_method(method)
     for merge in opts.merge.split(","):
-        layered = hasattr(opts, "recover_local") and layer_by_layer(opts, "sequential" if opts.pipeline != "whole"
-                                                                    else "whole")  # a prune that can go layer by layer
-        if get_rule(MERGE_RULES, merge, "--merge").fit and opts.device_map and not layered:
+        if get_rule(MERGE_RULES, merge, "--merge").fit and opts.device_map and not can_go_layer_by_layer(opts):
             raise UncurlError(f"--merge {merge} under --device-map runs layer by layer (prune with --pipeline auto or "
                               f"sequential, profiling here, without --recover): the whole-model fit holds the original "
                               f"model beside the merged one")
@@ -693,14 +696,21 @@ def prepare(opts: RunOptions, keeps: list[int], timings: Timings, *, check_loade
     return Prepared(loaded, profile, n_group, k_before, k_after, n_experts)
 
 
-def method_used(prep: Prepared, method: str) -> str:
-    """The method a run really uses: the default falls back to frequency (logged) on a profile
-    without expert-output statistics (llama4, longcat_flash: the recorder cannot see their experts)."""
-    if method == DEFAULT_METHOD and any(stats.missing for stats in prep.profile.layers.values()):
-        log.warning("this profile has no expert-output statistics; the default --method %s falls back to "
-                    "frequency", DEFAULT_METHOD)
+def fallback_method(method: str, missing: bool, warn: bool = True) -> str:
+    """The method a run really uses: the default falls back to frequency (logged when ``warn``) on
+    statistics without expert outputs (``missing``: llama4, longcat_flash, the recorder cannot see
+    their experts)."""
+    if method == DEFAULT_METHOD and missing:
+        if warn:
+            log.warning("this profile has no expert-output statistics; the default --method %s falls back to "
+                        "frequency", DEFAULT_METHOD)
         return "frequency"
     return method
+
+
+def method_used(prep: Prepared, method: str) -> str:
+    """``fallback_method`` for a whole profile."""
+    return fallback_method(method, any(stats.missing for stats in prep.profile.layers.values()))
 
 
 def plan_all(prep: Prepared, keep: int, method: str, seed: int) -> dict[str, LayerPlan]:
@@ -833,20 +843,17 @@ def prune(opts: PruneOptions) -> PruneResult | None:
 
 def layer_by_layer(opts: PruneOptions, pipeline: str) -> bool:
     """Whether ``prune`` profiles, merges and writes each layer in one visit (``layerwise.py``): when
-    the pipeline run is sequential (``pipeline_for``), unless a profile file is given or something
-    after the merge needs the original model (--merge fit, --recover). Under torchrun every rank
+    the pipeline run is sequential (``pipeline_for``), unless a profile file is given or --recover
+    needs the original model after the merge. Under torchrun every rank
     takes its share of the batches through each layer (``distributed.gather_layer``)."""
     return pipeline == "sequential" and not opts.profile and not opts.recover
 
 
 def _plan_one(prep: Prepared, keep: int, method: str, seed: int, used: set):
-    """One layer's plan as ``plan_all`` makes it (the default method falls back to frequency on a
-    layer without expert-output statistics, ``method_used``); ``used`` collects the methods run."""
+    """One layer's plan as ``plan_all`` makes it, the method by ``fallback_method`` (said once);
+    ``used`` collects the methods run."""
     def plan(name: str, stats) -> LayerPlan:
-        m = "frequency" if method == DEFAULT_METHOD and stats.missing else method
-        if m != method and not used:
-            log.warning("this profile has no expert-output statistics; the default --method %s falls back to "
-                        "frequency", DEFAULT_METHOD)
+        m = fallback_method(method, bool(stats.missing), warn=not used)
         used.add(m)
         return plan_layer(stats, keep, m, prep.n_group, seed)
     return plan
@@ -902,12 +909,11 @@ def _pruned(opts: PruneOptions, output: Claim, shard_size: int, evaluating: bool
     device_map = getattr(loaded.model, "hf_device_map", None) or {"": input_device(loaded.model)}
     modules_per_device = dict(Counter(str(device) for device in device_map.values()))
     hooked = dispatched(loaded.model)  # then a collection is what frees a model, not `del`
-    offloaded = sum(t.numel() * t.element_size() for t in loaded.model.state_dict().values() if t.device.type == "meta")
+    offloaded = offloaded_bytes(loaded.model)
     with output.staged() as tmp:
-        fit_report = recovery = None
+        fit_report = recovery = local = None
         if layerwise:
-            pruned, plans, method = _prune_layerwise(opts, prep, tmp, shard_size, timings)
-            fit_report = prep.fit
+            pruned, plans, method, fit_report, local = _prune_layerwise(opts, prep, tmp, shard_size, timings)
         else:
             pruned, plans, method, fit_report, recovery = _merge_whole(opts, prep, evaluation, evaluating, timings)
         loaded.model = None
@@ -951,7 +957,7 @@ def _pruned(opts: PruneOptions, output: Claim, shard_size: int, evaluating: bool
             "layers": layer_entries(prep.profile, plans),
             **({"fit": fit_report} if fit_report is not None else {}),
             **({"recover": recovery.report} if recovery is not None else {}),
-            **({"recover_local": prep.local} if prep.local is not None else {}),
+            **({"recover_local": local} if local is not None else {}),
             "output": str(out),
         }
         if evaluating:
@@ -1016,7 +1022,8 @@ def _merge_whole(opts: PruneOptions, prep: Prepared, evaluation: dict, evaluatin
 def _prune_layerwise(opts: PruneOptions, prep: Prepared, folder: Path | None, shard_size: int, timings: Timings):
     """Profile, plan, merge and write each decoder layer in one visit (``layerwise.py``) into
     ``folder`` (None: a torchrun rank other than 0, which takes its share and writes nothing):
-    (the pruned model on meta, plans, method run). Consumes the loaded model."""
+    (the pruned model on meta, plans, method run, the report's fit and recover_local entries or
+    None). Consumes the loaded model."""
     from .layerwise import prune_layer_by_layer
 
     loaded = prep.loaded
@@ -1024,10 +1031,7 @@ def _prune_layerwise(opts: PruneOptions, prep: Prepared, folder: Path | None, sh
     meta = profile_meta(loaded, info, opts, opts.seed)
     ids, gather, ranks = range(len(texts)), None, distributed.world()
     if ranks:  # this rank's share of the texts; each layer's statistics gathered from every rank
-        ids = shard_range(len(texts), *ranks)
-        if not len(ids):
-            raise UncurlError(f"{ranks[1]} ranks: more than the {len(texts)} calibration texts, so a share would be "
-                              f"empty; use at most {len(texts)} (or more --samples)")
+        ids = text_share(len(texts), *ranks, f"{ranks[1]} ranks")
         device = input_device(loaded.model)
         gather = lambda stats: distributed.gather_layer(stats, device)  # noqa: E731
         meta["ranks"] = ranks[1]
@@ -1046,13 +1050,11 @@ def _prune_layerwise(opts: PruneOptions, prep: Prepared, folder: Path | None, sh
     check_profiled(result.profile)
     prep.profile = result.profile
     method = used.pop() if len(used) == 1 else opts.method
-    if MERGE_RULES[opts.merge].fit:
-        prep.fit = {**fit_entry(), "layers": result.fits}
-    if opts.recover_local:
-        prep.local = {"steps": opts.recover_local, "trains": "routers and experts" if opts.recover_experts
-                      else "routers", "loss": "||y' - y||^2 / ||y||^2 of each block on its layer's calibration inputs",
-                      "layers": result.local}
-    return result.model, result.plans, method
+    fit = {**fit_entry(), "layers": result.fits} if MERGE_RULES[opts.merge].fit else None
+    local = {"steps": opts.recover_local, "trains": "routers and experts" if opts.recover_experts else "routers",
+             "loss": "||y' - y||^2 / ||y||^2 of each block on its layer's calibration inputs",
+             "layers": result.local} if opts.recover_local else None
+    return result.model, result.plans, method, fit, local
 
 
 @contextmanager

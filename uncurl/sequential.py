@@ -227,10 +227,10 @@ class _Batch(threading.Thread):
             torch.set_num_threads(before)
 
 
-Visit = Callable[[int, list[Call]], list]
+LayerVisit = Callable[[int, list[Call]], list]  # drive's visit(layer index, calls) -> outputs
 
 
-def drive(model, layers: list[tuple[str, nn.Module]], batches: list, visit: Visit, work=None) -> None:
+def drive(model, layers: list[tuple[str, nn.Module]], batches: list, visit: LayerVisit, work=None) -> None:
     """Run the model's forward on every batch, layer by layer (module docstring): for each layer
     the model calls, ``visit(index, calls)`` gets every batch's call of it (in batch order) and
     returns their outputs, which the forwards go on with (a call ``visit`` answered itself,
