@@ -90,6 +90,24 @@ def test_matches_a_direct_transformers_computation(data_dir):
         assert row["nll"] == pytest.approx(-full, rel=1e-4) and row["tokens"] == n_tokens
 
 
+def test_one_token_choices_share_one_forward_row_and_score_as_alone():
+    """Choices of one token each ("A"/"B"/"C" under a byte tokenizer) have the same inputs, so they are
+    scored from one forward row (lm-eval's one-token cache); every score is still the direct one."""
+    model, tok = build_tiny("mixtral", seed=5)
+    examples = [Example(f"Question {i}: which one?", ("A", "B", "C"), i % 3) for i in range(5)]
+    examples.append(Example("Longer answers:", (" yes", " no"), 0))  # several tokens: rows of their own
+    rows = []
+    forward = model.forward
+    model.forward = lambda input_ids, **kw: (rows.append(input_ids.shape[0]), forward(input_ids=input_ids, **kw))[1]
+    got = evaluate_examples(model, tok, examples, batch_size=3, per_example=True)["examples"]
+    assert sum(rows) == 5 + 2  # one row per one-token question, one per multi-token choice
+    for row, ex in zip(got, examples):
+        direct = direct_scores(model, tok, ex)
+        assert row["ll"] == pytest.approx([s[0] for s in direct], abs=1e-4)
+        assert row["nll"] == pytest.approx(-direct[ex.gold][1], rel=1e-4)
+        assert row["tokens"] == direct[ex.gold][2]
+
+
 def test_text_only_examples_give_loss_only():
     tok = byte_tokenizer()
     m = evaluate_examples(UniformLM(260), tok, [Example("plain text here"), Example("and more")])

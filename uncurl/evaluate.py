@@ -60,28 +60,37 @@ def score_requests(model, requests: Sequence[Request], *, batch_size: int, pad_i
     ``adapter``: run the forwards layer by layer (``sequential.forward_layer_by_layer``: an offloaded
     model's weights read once for all the batches); the scores are the same."""
     device = input_device(model)
-    order = sorted(range(len(requests)), key=lambda i: -len(requests[i].ids))
+    # requests whose inputs (every token but the last) are equal share one forward row: the choices of
+    # a one-token answer ("True"/"False") differ only in the target the last position predicts
+    # (lm-eval's one-token continuation cache, ``group_by="contexts"``)
+    shared: dict[tuple[int, ...], list[int]] = {}
+    for i, r in enumerate(requests):
+        shared.setdefault(r.ids[:-1] if len(r.ids) > 1 else r.ids, []).append(i)
+    inputs = sorted(shared.items(), key=lambda kv: -len(kv[0]))
     results: list[tuple[float, float, int]] = [None] * len(requests)  # type: ignore[list-item]
-    def padded():  # (first row's place in ``order``, requests, ids, mask) per batch, made as they are needed
-        for start in range(0, len(order), batch_size):
-            chunk = [requests[i] for i in order[start : start + batch_size]]
-            width = max(len(r.ids) for r in chunk)
-            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, r in enumerate(chunk):
-                ids[row, : len(r.ids)] = torch.tensor(r.ids)
-                mask[row, : len(r.ids)] = 1
-            yield start, chunk, ids, mask
+
+    def padded():  # (rows of (input, its requests), ids, mask) per batch, made as they are needed
+        for start in range(0, len(inputs), batch_size):
+            rows = inputs[start : start + batch_size]
+            width = max(len(ids) for ids, _ in rows)
+            ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for row, (x, _) in enumerate(rows):
+                ids[row, : len(x)] = torch.tensor(x)
+                mask[row, : len(x)] = 1
+            yield rows, ids, mask
 
     def score(model, batch) -> None:
-        start, chunk, ids, mask = batch
+        rows, ids, mask = batch
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-        targets = ids[:, 1:].to(device)
-        for row, r in enumerate(chunk):  # one row at a time: no float32 copy of the whole [B, T, V]
-            n = len(r.ids) - 1
+        for row, (_, members) in enumerate(rows):  # one row at a time: no float32 copy of the whole [B, T, V]
+            n = max(len(requests[i].ids) for i in members) - 1
             logp = torch.log_softmax(logits[row, :n].float(), dim=-1)
-            lp = logp.gather(-1, targets[row, :n].unsqueeze(-1)).squeeze(-1).cpu()
-            results[order[start + row]] = (float(lp[-r.n_cont :].sum()), float(lp.sum()), len(lp))
+            for i in members:
+                r = requests[i]
+                targets = torch.tensor(r.ids[1:], device=logp.device)
+                lp = logp[: len(targets)].gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu()
+                results[i] = (float(lp[-r.n_cont :].sum()), float(lp.sum()), len(lp))
         del logits
 
     if adapter is not None:
@@ -89,7 +98,7 @@ def score_requests(model, requests: Sequence[Request], *, batch_size: int, pad_i
 
         forward_layer_by_layer(model, adapter, list(padded()), score, progress=progress)  # every batch at once
         return results
-    with progress_bar(progress, -(-len(order) // batch_size), "evaluating") as advance:
+    with progress_bar(progress, -(-len(inputs) // batch_size), "evaluating") as advance:
         for batch in padded():
             score(model, batch)
             advance()
