@@ -28,6 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from paired_loss import ratio_stderr  # noqa: E402
+from uncurl.cluster import METHODS  # noqa: E402
 from uncurl.fit import layer_errors  # noqa: E402
 from uncurl.merge import MERGE_RULES, rewrite_model  # noqa: E402
 from uncurl.load import load_model  # noqa: E402
@@ -39,6 +40,8 @@ from uncurl.report import Timings, versions  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 CELLS = [("uncurl", "select", "refit"), ("uncurl", "aligned", "refit"), ("uncurl", "fit", "refit"),
          ("ean", "select", "mean"), ("ean", "fit", "mean")]  # a criterion's "select" keeps its experts as they are
+# criteria alone, without recovery: with ean/select, the "best criterion alone" the merges are measured against
+CRITERIA = [("reap", "select", "mean")]
 # the layer-local recovery (--recover-local, the same STEPS): run by `uncurl prune --pipeline sequential`
 LOCAL_CELLS = [("uncurl", "aligned", "refit"), ("uncurl", "fit", "refit"), ("ean", "select", "mean")]
 
@@ -96,8 +99,9 @@ def main() -> None:
         nll["unpruned"], tokens, ev = scored(model)
         results["unpruned"] = {k: ev[k] for k in ("acc", "loss", "n") if k in ev}
         checkpoint()
-    for method, merge, router in CELLS:
-        for steps in (0, args.recover):
+    for method, merge, router, budgets in ([(*c, (0, args.recover)) for c in CELLS]
+                                           + [(*c, (0,)) for c in CRITERIA]):
+        for steps in budgets:
             name = f"{method}/{merge}" + (f"+recover{steps}" if steps else "")
             if name in nll:
                 print(f"{name:28s} (resumed)", flush=True)
@@ -147,7 +151,8 @@ def main() -> None:
         d, se = ratio_stderr([x - y for x, y in zip(nll[a], nll[b])], tokens)
         return {"diff": round(d, 6), "stderr": round(se, 6)}
 
-    base = "ean/select"
+    criteria = [f"{m}/{g}" for m, g, _ in CELLS + CRITERIA if g == "select" and METHODS[m].kind == "criterion"]
+    base = min(criteria, key=lambda a: table[a]["loss"])  # the best criterion alone, by task loss
     diffs = {f"{a} - {base}": paired(a, base) for a in nll if a not in (base, "unpruned")}
     diffs.update({f"{a}+recover{args.recover} - {a}": paired(f"{a}+recover{args.recover}", a)
                   for a in (f"{m}/{g}" for m, g, _ in CELLS)})
@@ -156,10 +161,12 @@ def main() -> None:
     diffs.update({f"{a} - unpruned": paired(a, "unpruned") for a in nll if a != "unpruned"})
     out = {"model": args.model, "task": args.task, "keep": args.keep, "n": n, "tokens": sum(tokens),
            "samples": args.samples, "recover_steps": args.recover, "seed": args.seed,
-           "cells": [list(c) for c in CELLS], "results": results,
+           "cells": [list(c) for c in CELLS], "criteria": [list(c) for c in CRITERIA], "best_criterion": base,
+           "results": results,
            "loss": {k: {"loss": round(v["loss"], 6), "stderr": round(v["stderr"], 6)} for k, v in table.items()},
            "paired_differences": diffs, "timings_s": timings, "versions": versions(),
-           "threads": torch.get_num_threads()}
+           "threads": torch.get_num_threads(),
+           "nll": nll, "tokens": tokens}  # per example, for any other paired difference (examples/summarise_fit.py)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1, default=str) + "\n")  # the .partial stays: cells added later resume
     print(f"{args.task}, K={args.keep}, n={n}: task loss ± paired standard error")
