@@ -33,6 +33,9 @@ on what the weights learned), then measures on the same batches:
   qwen3_moe of ~30 MB in FP8): `uncurl prune --keep 8` of each with `reap` (copies the kept experts'
   FP8 bytes) and `uncurl` (re-quantizes merged experts), in fresh processes: wall time, peak RSS and
   bytes written, min/median/max of --repeats runs, and FP8 over twin.
+- evaluation (`--only evaluation`): `evaluate_examples` on 64 RTE examples over one plain forward of
+  the rows it must score, with RTE's choices as they are and with one-token choices (which share
+  their example's row); goal <= 1.10.
 Each timing figure is the median of --repeats runs. Writes benchmarks/results/bench.json.
 """
 
@@ -511,6 +514,55 @@ def ranks(hidden: int, repeats: int, samples: int = 256, max_length: int = 64) -
     return out
 
 
+def evaluation(hidden: int, repeats: int, n_examples: int = 64) -> dict:
+    """Evaluation time over one plain forward of the rows it must score (the unavoidable work):
+    RTE as it is (multi-token choices under the byte tokenizer: a row per choice) and RTE with
+    one-token choices ("T"/"F": the choices share their example's row, lm-eval's one-token cache)."""
+    from uncurl.evaluate import build_requests, evaluate_examples
+    from uncurl.tasks import Example, get_task, load_examples
+
+    model, tok = build_tiny("mixtral", hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=4,
+                            num_local_experts=8, num_attention_heads=8, num_key_value_heads=8)
+    model = model.to(DEVICE)
+    prefer_lean_experts(model, DEVICE)
+    rte = load_examples(get_task("superglue-rte"), "evaluation", DATA, limit=n_examples, seed=0)
+    sets = {"multi_token": rte,
+            "one_token": [Example(e.prompt.rstrip(), ("T", "F"), e.gold) for e in rte]}
+    out = {"model": {"params": parameter_count(model), "hidden": hidden}, "examples": n_examples, "rows": {}}
+    for name, examples in sets.items():
+        requests = build_requests(tok, examples, 512)
+        inputs = sorted({r.ids[:-1] for r in requests}, key=len, reverse=True)
+        padded = []
+        for start in range(0, len(inputs), 8):  # the batches evaluation forms: longest first, 8 rows each
+            chunk = inputs[start : start + 8]
+            ids = torch.zeros((len(chunk), len(chunk[0])), dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, x in enumerate(chunk):
+                ids[row, : len(x)], mask[row, : len(x)] = torch.tensor(x), 1
+            padded.append((ids.to(DEVICE), mask.to(DEVICE)))
+
+        @torch.no_grad()
+        def plain():
+            for ids, mask in padded:
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
+
+        def scored():
+            evaluate_examples(model, tok, examples, batch_size=8, max_length=512)
+
+        plain(), scored()  # warm-up
+        times = {"plain": [], "eval": []}
+        for _ in range(repeats):
+            for key, fn in (("plain", plain), ("eval", scored)):
+                start = time.perf_counter()
+                fn()
+                sync()
+                times[key].append(time.perf_counter() - start)
+        spread = {k: [round(min(v), 3), round(statistics.median(v), 3), round(max(v), 3)] for k, v in times.items()}
+        out["rows"][name] = {"requests": len(requests), "rows_forwarded": len(inputs), "seconds": spread,
+                             "eval_over_plain": round(statistics.median(times["eval"]) / statistics.median(times["plain"]), 3)}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hidden", type=int, default=512)
@@ -524,7 +576,7 @@ def main() -> None:
     ap.add_argument("--quant-hidden", type=int, default=512, help="hidden size of the FP8-vs-twin model")
     ap.add_argument("--offload-hidden", type=int, default=512, help="hidden size of the offload-prune model")
     ap.add_argument("--only", choices=["ratios", "profile_memory", "prune_memory", "scaling", "pipelines", "quantized",
-                                       "offload_prune", "ranks"],
+                                       "offload_prune", "ranks", "evaluation"],
                     help="run one part (others kept)")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda[:N] to benchmark on a GPU (host RSS is "
                     "still measured; GPU peaks are added as gpu_peak_mb)")
@@ -558,6 +610,7 @@ def main() -> None:
         "quantized": lambda: quantized(args.quant_hidden, args.repeats),
         "offload_prune": lambda: offload_prune(args.offload_hidden, args.repeats),
         "ranks": lambda: ranks(args.pipeline_hidden, args.repeats),
+        "evaluation": lambda: evaluation(args.pipeline_hidden, args.repeats),
     }
     result = json.loads(args.out.read_text()) if args.only and args.out.is_file() else {}
     result["machine"] = {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
@@ -678,6 +731,12 @@ def summarise(result: dict) -> None:
                   f"read/checkpoint {row['read_over_checkpoint']:7.3f}  time/resident {row['time_over_resident']:6.2f}  "
                   f"anon peak {row['anon_peak_mb'][1]:7.1f} MB ({row['anon_peak_over_weights']:.2f}x weights, "
                   f"{row['anon_peak_over_layer_plus_states']:.2f}x layer + states)  peak RSS {row['peak_over_weights']:.2f}x")
+    ev = result.get("evaluation")
+    if ev:
+        print(f"evaluation: {ev['examples']} RTE examples, a {ev['model']['params']:,}-parameter Mixtral")
+        for name, row in ev["rows"].items():
+            print(f"  {name:12s} {row['requests']} requests in {row['rows_forwarded']} rows: eval {row['seconds']['eval'][1]:.2f} s"
+                  f" over plain forward of those rows {row['seconds']['plain'][1]:.2f} s = {row['eval_over_plain']:.2f}x")
     r = result.get("ratios")
     if r and "model" in r:
         print(f"ratios: model {r['model']['params']:,} parameters, {r['calibration_tokens']:,} calibration tokens")
