@@ -9,7 +9,8 @@ For each task (ARC-Easy, PIQA, COPA by default) the model is profiled once on 25
 examples of the task, the profile file is kept (``OUT/profiles``), and one ``uncurl sweep`` over that
 profile evaluates every cell: each pruning criterion alone, each grouping with every merge rule
 (router ``mean``), and each grouping with ``--merge aligned`` under every router rule (the router
-rule matters for merged groups only; the study does not multiply it over all merge rules). Then
+rule matters for merged groups only; the study does not multiply it over all merge rules, unless
+``--every-router``). Then
 the two best labels by mean accuracy over tasks and K are rerun with corpus calibration
 (task-agnostic) for the task vs corpus comparison.
 
@@ -184,6 +185,8 @@ def main() -> None:
     parser.add_argument("--metric", choices=["acc", "loss"], default="acc",
                         help="what ranks the methods (the two best get the corpus rerun): accuracy, or task loss")
     parser.add_argument("--no-corpus", action="store_true", help="skip the corpus-calibration comparison")
+    parser.add_argument("--every-router", action="store_true",
+                        help="every grouping x merge x router cell, not only aligned merges under every router")
     args = parser.parse_args()
     args.keeps = [int(k) for k in args.keeps.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -196,7 +199,8 @@ def main() -> None:
     methods, merges, routers = (v.split(",") for v in (args.methods, args.merges, args.routers))
     tasks = args.tasks.split(",")
     for task in tasks:
-        run_sweep(args, results, meta, task, "task", methods, merges, routers, wanted)
+        run_sweep(args, results, meta, task, "task", methods, merges, routers,
+                  (lambda *cell: True) if args.every_router else wanted)
     if not args.no_corpus:
         best = best_labels(results.rows, metric=args.metric)
         meta["corpus_labels"] = best
