@@ -42,6 +42,8 @@ CELLS = [("uncurl", "select", "refit"), ("uncurl", "aligned", "refit"), ("uncurl
          ("ean", "select", "mean"), ("ean", "fit", "mean")]  # a criterion's "select" keeps its experts as they are
 # criteria alone, without recovery: with ean/select, the "best criterion alone" the merges are measured against
 CRITERIA = [("reap", "select", "mean")]
+# the KL recovery's order: the cells that decide first (EAN's gap, the fitted merges)
+RECOVER_ORDER = [("ean", "select"), ("ean", "fit"), ("uncurl", "fit"), ("uncurl", "aligned"), ("uncurl", "select")]
 # the layer-local recovery (--recover-local, the same STEPS): run by `uncurl prune --pipeline sequential`
 LOCAL_CELLS = [("uncurl", "aligned", "refit"), ("uncurl", "fit", "refit"), ("ean", "select", "mean")]
 
@@ -99,39 +101,30 @@ def main() -> None:
         nll["unpruned"], tokens, ev = scored(model)
         results["unpruned"] = {k: ev[k] for k in ("acc", "loss", "n") if k in ev}
         checkpoint()
-    for method, merge, router, budgets in ([(*c, (0, args.recover)) for c in CELLS]
-                                           + [(*c, (0,)) for c in CRITERIA]):
-        for steps in budgets:
-            name = f"{method}/{merge}" + (f"+recover{steps}" if steps else "")
-            if name in nll:
-                print(f"{name:28s} (resumed)", flush=True)
-                continue
-            start = time.perf_counter()
-            plans = plan_all(prep, args.keep, method, args.seed)
-            pruned = rewrite_model(model, adapter, plans, router_rule=router, merge=merge, stats=prep.profile.layers)
-            entry = {}
-            if MERGE_RULES[merge].fit:
-                fit = fit_after_merge(prep.loaded, pruned, plans, opts)
-                entry["fit_error"] = {n: [round(v["error_before"], 4), round(v["error_after"], 4)]
-                                      for n, v in fit["layers"].items()}
-            else:
-                entry["layer_error"] = {n: round(v, 4) for n, v in
-                                        layer_errors(model, pruned, adapter, tok, texts[:32]).items()}
-            if steps:
-                rec = recover(pruned, model, adapter, tok, texts, steps=steps, seed=args.seed,
-                              batch_size=args.batch_size, max_length=args.max_length)
-                curve = rec.report["loss_curve"]
-                entry["recover"] = {"steps": steps, "kl_first5": sum(curve[:5]) / 5, "kl_last5": sum(curve[-5:]) / 5,
-                                    "seconds": rec.report["seconds"]}
-            nll[name], _, ev = scored(pruned)
-            done(name, entry, ev, start)
-            del pruned
+    def whole_cell(method: str, merge: str, router: str, steps: int) -> None:
+        name = f"{method}/{merge}" + (f"+recover{steps}" if steps else "")
+        start = time.perf_counter()
+        plans = plan_all(prep, args.keep, method, args.seed)
+        pruned = rewrite_model(model, adapter, plans, router_rule=router, merge=merge, stats=prep.profile.layers)
+        entry = {}
+        if MERGE_RULES[merge].fit:
+            fit = fit_after_merge(prep.loaded, pruned, plans, opts)
+            entry["fit_error"] = {n: [round(v["error_before"], 4), round(v["error_after"], 4)]
+                                  for n, v in fit["layers"].items()}
+        else:
+            entry["layer_error"] = {n: round(v, 4) for n, v in
+                                    layer_errors(model, pruned, adapter, tok, texts[:32]).items()}
+        if steps:
+            rec = recover(pruned, model, adapter, tok, texts, steps=steps, seed=args.seed,
+                          batch_size=args.batch_size, max_length=args.max_length)
+            curve = rec.report["loss_curve"]
+            entry["recover"] = {"steps": steps, "kl_first5": sum(curve[:5]) / 5, "kl_last5": sum(curve[-5:]) / 5,
+                                "seconds": rec.report["seconds"]}
+        nll[name], _, ev = scored(pruned)
+        done(name, entry, ev, start)
 
-    for method, merge, router in LOCAL_CELLS:  # a fresh load each: the layer-by-layer prune consumes the model
+    def local_cell(method: str, merge: str, router: str) -> None:  # a fresh load: the layer-by-layer prune consumes it
         name = f"{method}/{merge}+local{args.recover}"
-        if name in nll:
-            print(f"{name:28s} (resumed)", flush=True)
-            continue
         start = time.perf_counter()
         with tempfile.TemporaryDirectory() as d:
             result = prune(PruneOptions(
@@ -143,6 +136,18 @@ def main() -> None:
         entry = {"recover_local": {n: {k: round(v, 4) if isinstance(v, float) else v for k, v in e.items()}
                                    for n, e in result.report["recover_local"]["layers"].items()}}
         done(name, entry, ev, start)
+
+    # cheapest first, so a run stopped early still has every merge and criterion: the cells without
+    # recovery, then the layer-local recovery, then the KL recovery (the slow cells) in RECOVER_ORDER
+    jobs = [(f"{m}/{g}", whole_cell, (m, g, r, 0)) for m, g, r in CELLS + CRITERIA]
+    jobs += [(f"{m}/{g}+local{args.recover}", local_cell, (m, g, r)) for m, g, r in LOCAL_CELLS]
+    jobs += [(f"{m}/{g}+recover{args.recover}", whole_cell, (m, g, r, args.recover))
+             for m, g, r in sorted(CELLS, key=lambda c: RECOVER_ORDER.index(c[:2]))]
+    for name, run, cell in jobs:
+        if name in nll:
+            print(f"{name:28s} (resumed)", flush=True)
+            continue
+        run(*cell)
 
     n = len(tokens)
     table = {name: dict(zip(("loss", "stderr"), ratio_stderr(v, tokens))) for name, v in nll.items()}
