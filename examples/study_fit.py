@@ -61,6 +61,8 @@ def main() -> None:
     ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--cheap-only", action="store_true",
+                    help="skip the KL-recovery cells (the slow ones): a first pass over every K, resumed later")
     args = ap.parse_args()
 
     opts = RunOptions(model=args.model, task=args.task, data_dir=args.data_dir, samples=args.samples,
@@ -78,7 +80,7 @@ def main() -> None:
 
     # cells done so far are kept beside --out (per-example losses too), so a stopped run resumes
     partial = args.out.with_name(args.out.name + ".partial")
-    key = {k: str(v) for k, v in vars(args).items()}
+    key = {k: str(v) for k, v in vars(args).items() if k != "cheap_only"}  # what the cells depend on
     saved = json.loads(partial.read_text()) if partial.is_file() else {}
     if saved.get("args") != key:
         saved = {}
@@ -142,7 +144,7 @@ def main() -> None:
     jobs = [(f"{m}/{g}", whole_cell, (m, g, r, 0)) for m, g, r in CELLS + CRITERIA]
     jobs += [(f"{m}/{g}+local{args.recover}", local_cell, (m, g, r)) for m, g, r in LOCAL_CELLS]
     jobs += [(f"{m}/{g}+recover{args.recover}", whole_cell, (m, g, r, args.recover))
-             for m, g, r in sorted(CELLS, key=lambda c: RECOVER_ORDER.index(c[:2]))]
+             for m, g, r in sorted(CELLS, key=lambda c: RECOVER_ORDER.index(c[:2])) if not args.cheap_only]
     for name, run, cell in jobs:
         if name in nll:
             print(f"{name:28s} (resumed)", flush=True)
@@ -160,7 +162,7 @@ def main() -> None:
     base = min(criteria, key=lambda a: table[a]["loss"])  # the best criterion alone, by task loss
     diffs = {f"{a} - {base}": paired(a, base) for a in nll if a not in (base, "unpruned")}
     diffs.update({f"{a}+recover{args.recover} - {a}": paired(f"{a}+recover{args.recover}", a)
-                  for a in (f"{m}/{g}" for m, g, _ in CELLS)})
+                  for a in (f"{m}/{g}" for m, g, _ in CELLS) if f"{a}+recover{args.recover}" in nll})
     diffs.update({f"{m}/{g}+local{args.recover} - {m}/{g}": paired(f"{m}/{g}+local{args.recover}", f"{m}/{g}")
                   for m, g, _ in LOCAL_CELLS})
     diffs.update({f"{a} - unpruned": paired(a, "unpruned") for a in nll if a != "unpruned"})
