@@ -289,6 +289,24 @@ def test_fit_under_device_map_runs_layer_by_layer(tiny_dirs, data_dir, tmp_path)
     assert not (tmp_path / "w").exists() and not (tmp_path / "r").exists()
 
 
+def test_auto_fits_a_resident_model_layer_by_layer_unless_recovering(tiny_dirs, data_dir, tmp_path):
+    """--pipeline auto runs --merge fit layer by layer on a resident model too (no second model), and
+    writes what --pipeline whole writes; with --recover (which needs the parent) it runs whole."""
+    data = ["--model", tiny_dirs("mixtral"), "--task", "superglue-rte", "--data-dir", data_dir, "--samples", 8,
+            "--max-length", 32, "--batch-size", 2, "--keep", 4, "--merge", "fit", "--method", "uncurl", "--no-plots"]
+    used = {}
+    for name, extra in (("auto", []), ("whole", ["--pipeline", "whole"]), ("recover", ["--recover", 1])):
+        res = _run("prune", *data, *extra, "--out", tmp_path / name)
+        assert res.exit_code == 0, res.output
+        used[name] = json.loads((tmp_path / name / "report" / "report.json").read_text())["pipeline"]
+    assert used["auto"]["name"] == "sequential" and used["auto"]["layer_by_layer"]
+    assert used["whole"]["name"] == used["recover"]["name"] == "whole"
+    want, got = _tensors(tmp_path / "whole"), _tensors(tmp_path / "auto")
+    assert want.keys() == got.keys()
+    for name, w in want.items():
+        torch.testing.assert_close(got[name], w, rtol=1e-3, atol=1e-4, msg=name)
+
+
 def test_an_offloaded_model_is_evaluated_layer_by_layer_reading_it_once(tiny_dirs, data_dir):
     """The same scores as the resident model's whole-model forwards; the offloaded weights read
     once for all the evaluation batches (a whole-model pass: once per batch)."""
