@@ -3,6 +3,8 @@
     .venv/bin/python examples/summarise_fit.py benchmarks/results/fit_recover_*_k*.json \\
         --out benchmarks/results/fit_recover_summary.md
 
+(a ``--out``.partial of a run still going can be given too: its cells so far.)
+
 Every study file scores its models on the same examples, so each difference below is paired and
 carries examples/paired_loss.py's standard error (ratio estimator over examples). For each bed
 (the study's ``--model``) and K it gives:
@@ -43,6 +45,8 @@ def parts(name: str) -> tuple[str, str, str]:
 
 def study(path: Path) -> dict:
     data = json.loads(path.read_text())
+    if path.suffix == ".partial":  # a run still going (or stopped): its cells so far
+        data.update(model=data["args"]["model"], keep=int(data["args"]["keep"]))
     if "nll" not in data:  # a run from before per-example losses were kept in --out: its .partial has them
         data.update({k: v for k, v in json.loads(path.with_name(path.name + ".partial").read_text()).items()
                      if k in ("nll", "tokens")})
