@@ -11,7 +11,8 @@ loaded afresh each time). Every
 model is scored on the same evaluation examples, so differences of task loss are paired: their
 standard errors are examples/paired_loss.py's (ratio estimator over examples). Recovery and the fit
 see only the calibration texts. Writes ``--out`` (JSON) and prints a table; each cell as it is
-done goes to ``--out``.partial, from which a stopped run resumes.
+done goes to ``--out``.partial, from which a stopped run resumes, and ``--out`` is rewritten from the
+cells so far (``"complete": false`` until every cell is done).
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ def main() -> None:
         entry["seconds"] = round(time.perf_counter() - start, 1)
         results[name] = entry
         checkpoint()
+        write_out(complete=False)
         print(f"{name:28s} loss {ev['loss']:.4f} acc {ev.get('acc', float('nan')):.4f} ({entry['seconds']} s)",
               flush=True)
 
@@ -103,6 +105,36 @@ def main() -> None:
         nll["unpruned"], tokens, ev = scored(model)
         results["unpruned"] = {k: ev[k] for k in ("acc", "loss", "n") if k in ev}
         checkpoint()
+    def write_out(complete: bool) -> dict:
+        """--out from the cells so far (``complete``: every cell done); returns the paired differences."""
+        n = len(tokens)
+        table = {name: dict(zip(("loss", "stderr"), ratio_stderr(v, tokens))) for name, v in nll.items()}
+
+        def paired(a, b):
+            d, se = ratio_stderr([x - y for x, y in zip(nll[a], nll[b])], tokens)
+            return {"diff": round(d, 6), "stderr": round(se, 6)}
+
+        criteria = [f"{m}/{g}" for m, g, _ in CELLS + CRITERIA if g == "select" and METHODS[m].kind == "criterion"
+                    and f"{m}/{g}" in nll]
+        base = min(criteria, key=lambda a: table[a]["loss"], default=None)  # the best criterion alone, by task loss
+        diffs = {f"{a} - {base}": paired(a, base) for a in nll if base and a not in (base, "unpruned")}
+        diffs.update({f"{a}+recover{args.recover} - {a}": paired(f"{a}+recover{args.recover}", a)
+                      for a in (f"{m}/{g}" for m, g, _ in CELLS) if f"{a}+recover{args.recover}" in nll})
+        diffs.update({f"{m}/{g}+local{args.recover} - {m}/{g}": paired(f"{m}/{g}+local{args.recover}", f"{m}/{g}")
+                      for m, g, _ in LOCAL_CELLS if f"{m}/{g}+local{args.recover}" in nll})
+        diffs.update({f"{a} - unpruned": paired(a, "unpruned") for a in nll if a != "unpruned"})
+        out = {"complete": complete, "model": args.model, "task": args.task, "keep": args.keep, "n": n, "tokens": sum(tokens),
+               "samples": args.samples, "recover_steps": args.recover, "seed": args.seed,
+               "cells": [list(c) for c in CELLS], "criteria": [list(c) for c in CRITERIA], "best_criterion": base,
+               "results": results,
+               "loss": {k: {"loss": round(v["loss"], 6), "stderr": round(v["stderr"], 6)} for k, v in table.items()},
+               "paired_differences": diffs, "timings_s": timings, "versions": versions(),
+               "threads": torch.get_num_threads(),
+               "nll": nll, "tokens": tokens}  # per example, for any other paired difference (examples/summarise_fit.py)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=1, default=str) + "\n")
+        return diffs
+
     def whole_cell(method: str, merge: str, router: str, steps: int) -> None:
         name = f"{method}/{merge}" + (f"+recover{steps}" if steps else "")
         start = time.perf_counter()
@@ -151,31 +183,8 @@ def main() -> None:
             continue
         run(*cell)
 
+    diffs = write_out(complete=not args.cheap_only)  # the .partial stays: cells added later resume
     n = len(tokens)
-    table = {name: dict(zip(("loss", "stderr"), ratio_stderr(v, tokens))) for name, v in nll.items()}
-
-    def paired(a, b):
-        d, se = ratio_stderr([x - y for x, y in zip(nll[a], nll[b])], tokens)
-        return {"diff": round(d, 6), "stderr": round(se, 6)}
-
-    criteria = [f"{m}/{g}" for m, g, _ in CELLS + CRITERIA if g == "select" and METHODS[m].kind == "criterion"]
-    base = min(criteria, key=lambda a: table[a]["loss"])  # the best criterion alone, by task loss
-    diffs = {f"{a} - {base}": paired(a, base) for a in nll if a not in (base, "unpruned")}
-    diffs.update({f"{a}+recover{args.recover} - {a}": paired(f"{a}+recover{args.recover}", a)
-                  for a in (f"{m}/{g}" for m, g, _ in CELLS) if f"{a}+recover{args.recover}" in nll})
-    diffs.update({f"{m}/{g}+local{args.recover} - {m}/{g}": paired(f"{m}/{g}+local{args.recover}", f"{m}/{g}")
-                  for m, g, _ in LOCAL_CELLS})
-    diffs.update({f"{a} - unpruned": paired(a, "unpruned") for a in nll if a != "unpruned"})
-    out = {"model": args.model, "task": args.task, "keep": args.keep, "n": n, "tokens": sum(tokens),
-           "samples": args.samples, "recover_steps": args.recover, "seed": args.seed,
-           "cells": [list(c) for c in CELLS], "criteria": [list(c) for c in CRITERIA], "best_criterion": base,
-           "results": results,
-           "loss": {k: {"loss": round(v["loss"], 6), "stderr": round(v["stderr"], 6)} for k, v in table.items()},
-           "paired_differences": diffs, "timings_s": timings, "versions": versions(),
-           "threads": torch.get_num_threads(),
-           "nll": nll, "tokens": tokens}  # per example, for any other paired difference (examples/summarise_fit.py)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1, default=str) + "\n")  # the .partial stays: cells added later resume
     print(f"{args.task}, K={args.keep}, n={n}: task loss ± paired standard error")
     for k, v in diffs.items():
         print(f"  {k:50s} {v['diff']:+.4f} ± {v['stderr']:.4f}")
