@@ -307,6 +307,30 @@ def test_auto_fits_a_resident_model_layer_by_layer_unless_recovering(tiny_dirs, 
         torch.testing.assert_close(got[name], w, rtol=1e-3, atol=1e-4, msg=name)
 
 
+def test_a_layer_by_layer_prune_with_eval_loads_its_checkpoint_once(tiny_dirs, data_dir, tmp_path, monkeypatch):
+    """The checkpoint loaded back to evaluate it is the one checked: one load of the output, with
+    --eval as without, and the same checks."""
+    import uncurl.load
+
+    model = tiny_dirs("mixtral")
+    loads = []
+    real = uncurl.load.from_folder
+    monkeypatch.setattr(uncurl.load, "from_folder",
+                        lambda folder, *a, **k: (loads.append(Path(folder)), real(folder, *a, **k))[1])
+    data = ["--model", model, "--task", "superglue-rte", "--data-dir", data_dir, "--samples", 8, "--max-length", 32,
+            "--batch-size", 2, "--keep", 4, "--pipeline", "sequential", "--no-plots", "--eval-limit", 4]
+    checks = {}
+    for name, extra in (("plain", []), ("eval", ["--eval"])):
+        loads.clear()
+        res = _run("prune", *data, *extra, "--out", tmp_path / name)
+        assert res.exit_code == 0, res.output
+        outputs = [f for f in loads if f.resolve() != Path(model).resolve()]
+        assert len(outputs) == 1, (name, loads)
+        report = json.loads((tmp_path / name / "report" / "report.json").read_text())
+        checks[name] = report["checks"]
+    assert "after" in report["eval"] and checks["eval"] == checks["plain"]
+
+
 def test_an_offloaded_model_is_evaluated_layer_by_layer_reading_it_once(tiny_dirs, data_dir):
     """The same scores as the resident model's whole-model forwards; the offloaded weights read
     once for all the evaluation batches (a whole-model pass: once per batch)."""

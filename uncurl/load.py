@@ -50,6 +50,7 @@ class Loaded:
     placement: dict = field(default_factory=dict)  # device_map and max_memory, for reloading alike
     processor_files: list = field(default_factory=list)  # copied beside the pruned checkpoint
     quantized: object | None = None  # quant.Source: a quantized input's files and format (profiled dequantized)
+    loading_info: dict | None = None  # from_pretrained's (missing, unexpected, mismatched keys), for save's checks
 
 
 # A multimodal model's processor (image, video, audio preprocessing; chat template): written beside
@@ -686,7 +687,8 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto", seed
     check_finite(model)  # NaN weights fail here, named, not as a clustering traceback later
     source = folder.resolve() if folder is not None else None  # never written to (a Hub snapshot included)
     again = {"device_map": device_map, "max_memory": limits} if device_map else {}
-    return Loaded(model.eval(), tokenizer, adapter, model_id, source, again, processor_files(model_id), quantized)
+    return Loaded(model.eval(), tokenizer, adapter, model_id, source, again, processor_files(model_id), quantized,
+                  info)
 
 
 # what a quantized Hub model's snapshot needs: config, index and shards, tokenizer, processor, its card

@@ -922,8 +922,13 @@ def _pruned(opts: PruneOptions, output: Claim, shard_size: int, evaluating: bool
             gc.collect()  # accelerate's hooks make modules self-referencing: free the original now
         with timings.stage("cost"):  # no forward: the KV cache comes from the checkpoint check's forward
             after_cost = static_cost(pruned, adapter)
+        checks = None
         if evaluating or opts.measure_serving:
-            with _model_after(pruned, tmp, loaded, opts, layerwise) as model_after:
+            with _model_after(pruned, tmp, loaded, opts, layerwise) as (model_after, info):
+                if info is not None:  # the checkpoint loaded back: checked now, not loaded again below
+                    with timings.stage("verify"):
+                        checks = verify_checkpoint(tmp, adapter, opts.keep, prep.top_k_after, loaded.tokenizer,
+                                                   reloaded=(model_after, info))
                 if opts.measure_serving:
                     with timings.stage("serving_after"):
                         measured["after"] = measure_serving(model_after, opts, opts.seed)
@@ -977,9 +982,11 @@ def _pruned(opts: PruneOptions, output: Claim, shard_size: int, evaluating: bool
         del pruned  # the checks below reload from disk: never hold both copies
         if hooked:
             gc.collect()
-        with timings.stage("verify"):
-            report["checks"] = verify_checkpoint(tmp, adapter, opts.keep, prep.top_k_after, loaded.tokenizer,
-                                                 loaded.placement)
+        if checks is None:
+            with timings.stage("verify"):
+                checks = verify_checkpoint(tmp, adapter, opts.keep, prep.top_k_after, loaded.tokenizer,
+                                           loaded.placement)
+        report["checks"] = checks
         # the KV cache is the same before and after (attention is untouched); weights as stored
         kv, serve = report["checks"].pop("kv_cache"), dict(gpu_memory=opts.gpu_memory, context=opts.context,
                                                             batch=opts.serving_batch)
@@ -1060,15 +1067,15 @@ def _prune_layerwise(opts: PruneOptions, prep: Prepared, folder: Path | None, sh
 
 @contextmanager
 def _model_after(pruned, folder: Path, loaded: Loaded, opts: PruneOptions, layerwise: bool):
-    """The pruned model to evaluate: in memory, or (layer by layer: only its checkpoint exists) the
-    checkpoint loaded back, placed as the run's model was."""
+    """(the pruned model to evaluate, its loading info): in memory (info None), or (layer by layer:
+    only its checkpoint exists) the checkpoint loaded back, placed as the run's model was."""
     if not layerwise:
-        yield pruned
+        yield pruned, None
         return
     back = load_model(str(folder), device=opts.device, dtype=opts.dtype, seed=opts.seed,
                       device_map=opts.device_map, max_memory=opts.max_memory)
     try:
-        yield back.model
+        yield back.model, back.loading_info
     finally:
         hooked = dispatched(back.model)
         back.model = None

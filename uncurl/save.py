@@ -240,13 +240,16 @@ def stored_bytes(folder: Path) -> int:
 
 
 def verify_checkpoint(folder: Path, adapter: MoEAdapter, expected_experts: int, expected_top_k: int, tokenizer,
-                      placement: dict | None = None) -> dict:
+                      placement: dict | None = None, reloaded: tuple | None = None) -> dict:
     """Reload from disk (placed like the run's model: ``placement``) and check keys, expert counts,
-    router rows, finiteness and one forward."""
+    router rows, finiteness and one forward. ``reloaded``: (model, loading info) of ``folder``
+    already loaded back (to evaluate it), checked instead of a second load."""
     from transformers import AutoConfig
 
     from .load import from_folder, placement_kwargs
 
+    if reloaded is not None:
+        return _verify(reloaded, folder, adapter, expected_experts, expected_top_k, tokenizer)
     where = placement_kwargs(**placement) if placement else {}  # a fresh offload folder, not the run's
     try:
         return _verify(from_folder(folder, AutoConfig.from_pretrained(folder), "auto", output_loading_info=True,
