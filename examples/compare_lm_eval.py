@@ -1,6 +1,6 @@
 """Does `uncurl eval` score exactly as lm-evaluation-harness does? Example by example.
 
-    python -m venv ../.venv-lmeval && ../.venv-lmeval/bin/pip install torch==2.13.0 lm-eval==0.4.13 transformers==5.23.0
+    python -m venv ../.venv-lmeval && ../.venv-lmeval/bin/pip install torch==2.13.0 lm-eval==0.4.13 transformers==5.23.0 accelerate
     .venv/bin/python examples/compare_lm_eval.py --lm-eval-python ../.venv-lmeval/bin/python \\
         --model ~/.cache/uncurl/smol-moe/model --tasks superglue-copa,superglue-rte,arc-easy --limit 300
 
