@@ -72,7 +72,7 @@ def summarise(data: dict) -> dict:
            "merge_minus_criterion": (d, se), "merge_wins": d < -2 * se, "closes": {}}
     ean = gained.get("ean/select", (None,))[0]
     recovered = [n for n in names if parts(n)[2]]
-    if ean and ean > 0:
+    if ean and ean > 0 and recovered:
         for n in [r for r in recovered if r.startswith("ean/select+")] + [min(recovered, key=lambda r: gained[r][0])]:
             out["closes"][n] = 1 - gained[n][0] / ean
     return out
