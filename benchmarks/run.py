@@ -518,7 +518,7 @@ def evaluation(hidden: int, repeats: int, n_examples: int = 64) -> dict:
     """Evaluation time over one plain forward of the rows it must score (the unavoidable work):
     RTE as it is (multi-token choices under the byte tokenizer: a row per choice) and RTE with
     one-token choices ("T"/"F": the choices share their example's row, lm-eval's one-token cache)."""
-    from uncurl.evaluate import build_requests, evaluate_examples
+    from uncurl.evaluate import build_requests, evaluate_examples, forward_rows, shared_inputs
     from uncurl.tasks import Example, get_task, load_examples
 
     model, tok = build_tiny("mixtral", hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=4,
@@ -531,15 +531,8 @@ def evaluation(hidden: int, repeats: int, n_examples: int = 64) -> dict:
     out = {"model": {"params": parameter_count(model), "hidden": hidden}, "examples": n_examples, "rows": {}}
     for name, examples in sets.items():
         requests = build_requests(tok, examples, 512)
-        inputs = sorted({r.ids[:-1] for r in requests}, key=len, reverse=True)
-        padded = []
-        for start in range(0, len(inputs), 8):  # the batches evaluation forms: longest first, 8 rows each
-            chunk = inputs[start : start + 8]
-            ids = torch.zeros((len(chunk), len(chunk[0])), dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, x in enumerate(chunk):
-                ids[row, : len(x)], mask[row, : len(x)] = torch.tensor(x), 1
-            padded.append((ids.to(DEVICE), mask.to(DEVICE)))
+        inputs = shared_inputs(requests)  # the rows evaluation forwards, batched as it batches them
+        padded = [(ids.to(DEVICE), mask.to(DEVICE)) for _, ids, mask in forward_rows(inputs, 8, 0)]
 
         @torch.no_grad()
         def plain():

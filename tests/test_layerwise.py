@@ -307,6 +307,21 @@ def test_auto_fits_a_resident_model_layer_by_layer_unless_recovering(tiny_dirs, 
         torch.testing.assert_close(got[name], w, rtol=1e-3, atol=1e-4, msg=name)
 
 
+def test_auto_profiles_whole_for_a_fit_that_runs_whole(tiny_dirs):
+    """Only a prune that can go layer by layer asks auto for it: a sweep's fits, and a prune from a
+    profile file or with --recover, run whole, so their profile runs whole too."""
+    from uncurl.load import load_model
+    from uncurl.pipeline import PruneOptions, pipeline_for
+    from uncurl.sweep import SweepOptions
+
+    loaded = load_model(str(tiny_dirs("mixtral")))
+    fit = dict(model="x", task="superglue-rte", merge="fit")
+    assert pipeline_for(PruneOptions(**fit), loaded) == "sequential"
+    assert pipeline_for(PruneOptions(**fit, recover=1), loaded) == "whole"
+    assert pipeline_for(PruneOptions(**fit, profile="p.safetensors"), loaded) == "whole"
+    assert pipeline_for(SweepOptions(model="x", task="superglue-rte", merges=("fit",)), loaded) == "whole"
+
+
 def test_a_layer_by_layer_prune_with_eval_loads_its_checkpoint_once(tiny_dirs, data_dir, tmp_path, monkeypatch):
     """The checkpoint loaded back to evaluate it is the one checked: one load of the output, with
     --eval as without, and the same checks."""

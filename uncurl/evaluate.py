@@ -53,6 +53,31 @@ def build_requests(tokenizer, examples: Sequence[Example], max_length: int) -> l
     return requests
 
 
+def shared_inputs(requests: Sequence[Request]) -> list[tuple[tuple[int, ...], list[int]]]:
+    """(model input, indices of the requests it serves), longest first. Requests whose inputs (every
+    token but the last) are equal share one forward row: the choices of a one-token answer
+    ("True"/"False") differ only in the target the last position predicts (lm-eval's one-token
+    continuation cache, ``group_by="contexts"``)."""
+    shared: dict[tuple[int, ...], list[int]] = {}
+    for i, r in enumerate(requests):
+        shared.setdefault(r.ids[:-1] if len(r.ids) > 1 else r.ids, []).append(i)
+    return sorted(shared.items(), key=lambda kv: -len(kv[0]))
+
+
+def forward_rows(inputs: list, batch_size: int, pad_id: int):
+    """Evaluation's batches of ``inputs`` (``shared_inputs``), made as they are needed: (rows of
+    (input, its requests), ids, mask), ``batch_size`` rows each, right-padded with ``pad_id``."""
+    for start in range(0, len(inputs), batch_size):
+        rows = inputs[start : start + batch_size]
+        width = max(len(ids) for ids, _ in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for row, (x, _) in enumerate(rows):
+            ids[row, : len(x)] = torch.tensor(x)
+            mask[row, : len(x)] = 1
+        yield rows, ids, mask
+
+
 @torch.no_grad()
 def score_requests(model, requests: Sequence[Request], *, batch_size: int, pad_id: int, progress: bool = False,
                    adapter=None):
@@ -60,25 +85,9 @@ def score_requests(model, requests: Sequence[Request], *, batch_size: int, pad_i
     ``adapter``: run the forwards layer by layer (``sequential.forward_layer_by_layer``: an offloaded
     model's weights read once for all the batches); the scores are the same."""
     device = input_device(model)
-    # requests whose inputs (every token but the last) are equal share one forward row: the choices of
-    # a one-token answer ("True"/"False") differ only in the target the last position predicts
-    # (lm-eval's one-token continuation cache, ``group_by="contexts"``)
-    shared: dict[tuple[int, ...], list[int]] = {}
-    for i, r in enumerate(requests):
-        shared.setdefault(r.ids[:-1] if len(r.ids) > 1 else r.ids, []).append(i)
-    inputs = sorted(shared.items(), key=lambda kv: -len(kv[0]))
     results: list[tuple[float, float, int]] = [None] * len(requests)  # type: ignore[list-item]
-
-    def padded():  # (rows of (input, its requests), ids, mask) per batch, made as they are needed
-        for start in range(0, len(inputs), batch_size):
-            rows = inputs[start : start + batch_size]
-            width = max(len(ids) for ids, _ in rows)
-            ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for row, (x, _) in enumerate(rows):
-                ids[row, : len(x)] = torch.tensor(x)
-                mask[row, : len(x)] = 1
-            yield rows, ids, mask
+    inputs = shared_inputs(requests)
+    batches = forward_rows(inputs, batch_size, pad_id)
 
     def score(model, batch) -> None:
         rows, ids, mask = batch
@@ -96,10 +105,10 @@ def score_requests(model, requests: Sequence[Request], *, batch_size: int, pad_i
     if adapter is not None:
         from .sequential import forward_layer_by_layer
 
-        forward_layer_by_layer(model, adapter, list(padded()), score, progress=progress)  # every batch at once
+        forward_layer_by_layer(model, adapter, list(batches), score, progress=progress)  # every batch at once
         return results
     with progress_bar(progress, -(-len(inputs) // batch_size), "evaluating") as advance:
-        for batch in padded():
+        for batch in batches:
             score(model, batch)
             advance()
     return results

@@ -185,8 +185,9 @@ class RunOptions(DataOptions):
              "batch, and prune plans, merges and writes each layer while it is loaded, so the input is read once "
              "in all) or auto (sequential when --device-map leaves weights offloaded to CPU memory or disk, or an "
              "option needs it: --calibrate-through pruned, --recover-local, --merge fit (fitted in each layer's "
-             "visit, with no second model; unless --recover, which needs the parent model); else whole). Both give the same statistics, so the same plan and checkpoint; whole holds one batch's "
-             "states at a time, sequential every batch's (on the execution device).")
+             "visit, with no second model; unless --recover, which needs the parent model); else whole). Both "
+             "give the same statistics, so the same plan and checkpoint; whole holds one batch's states at a "
+             "time, sequential every batch's (on the execution device).")
     extra: dict = field(default_factory=dict)  # merged into the report (e.g. the CLI's command line)
 
 
@@ -378,12 +379,12 @@ PIPELINES = ("auto", "whole", "sequential")  # --pipeline
 
 def pipeline_for(opts, loaded: Loaded) -> str:
     """What ``--pipeline`` runs for ``loaded``: auto is sequential when weights were left offloaded
-    or an option needs it (--calibrate-through pruned, --recover-local), or for ``--merge fit`` (fitted
-    in each layer's visit: no second model, and faster; with --recover, which needs the parent
-    model, only under --device-map, where that is refused), else whole."""
+    or an option needs it (--calibrate-through pruned, --recover-local), or for ``--merge fit`` in a
+    prune that can go layer by layer (fitted in each layer's visit: no second model, and faster;
+    not with --profile or --recover, nor in a sweep, whose fits run whole), else whole."""
     fitting = any(MERGE_RULES[m].fit for m in getattr(opts, "merge", "").split(",") if m in MERGE_RULES)
     asked = (getattr(opts, "calibrate_through", "original") == "pruned" or bool(getattr(opts, "recover_local", 0))
-             or (fitting and (dispatched(loaded.model) or not getattr(opts, "recover", 0))))
+             or (fitting and can_go_layer_by_layer(opts)))
     return "sequential" if _sequential(loaded.model, loaded.adapter, getattr(opts, "pipeline", "whole"), asked) \
         else "whole"
 
