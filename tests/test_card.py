@@ -61,6 +61,7 @@ def test_card_of_a_criterion_run_without_eval(tmp_path, data_dir):
     text = (out / "README.md").read_text()
     assert "experts kept alone" in text and "Not evaluated in this run" in text
     report = json.loads((out / "report" / "report.json").read_text())
+    assert report["merge"] == "fit" and "down projections fitted" in text  # the default merge, auto, refits them
     assert report["cost"]["before"]["experts"] == 8 and report["cost"]["after"]["experts"] == 4
     assert report["cost"]["after"]["weight_bytes"] == report["model"]["bytes_after"]
     # the KV cache, taken from the checkpoint check's forward: K and V of 2 layers x 2 heads x 16, float32

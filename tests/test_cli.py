@@ -37,7 +37,8 @@ def test_prune_end_to_end(tmp_path, data_dir):
     assert {"command", "versions", "seed", "timings_s", "model", "task", "layers", "checks", "files"} <= set(report)
     assert report["model"]["experts_before"] == 8 and report["model"]["experts_after"] == 4
     assert report["model"]["params_after"] < report["model"]["params_before"]
-    assert {"load", "profile", "cluster", "merge", "save", "verify"} <= set(report["timings_s"])
+    assert report["merge"] == "fit" and report["pipeline"]["layer_by_layer"]  # the default: auto, fitted layer by layer
+    assert {"load", "layers", "verify"} <= set(report["timings_s"])
     assert report["task"]["calibration_examples"] == 12 and report["task"]["tokens"] > 0
     for name in ("usage.png", "groups.png", "report.md"):
         assert (out / "report" / name).stat().st_size > 0
@@ -71,7 +72,9 @@ def test_profile_then_prune_reuses_it_without_a_forward(tmp_path, data_dir, monk
         raise AssertionError("prune --profile must not profile again")
 
     monkeypatch.setattr(pipeline, "profile_model", no_forward)
-    reused = run("prune", "--model", "builtin:mixtral", "--keep", 3, "--profile", prof, "--out", tmp_path / "b")
+    # the default merge (auto: fit) reads the calibration texts again to fit on, so --data-dir here too
+    reused = run("prune", "--model", "builtin:mixtral", "--keep", 3, "--profile", prof, "--data-dir", data_dir,
+                 "--out", tmp_path / "b", *FAST)
     assert reused.exit_code == 0, reused.output
     a = json.loads((tmp_path / "a" / "report" / "report.json").read_text())
     b = json.loads((tmp_path / "b" / "report" / "report.json").read_text())

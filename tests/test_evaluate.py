@@ -146,8 +146,10 @@ def test_sweep_profiles_once_and_writes_results(tmp_path, data_dir, monkeypatch)
         assert {"acc", "acc_norm", "loss", "drop", "params", "checkpoint"} <= set(r)
         assert (out / "checkpoints" / Path(r["checkpoint"]).name / "config.json").is_file()
     # a grouping is labelled with its merge and router rules; a pruning criterion by its name alone
-    grouping = f"uncurl/{pipeline.DEFAULT_MERGE}/{pipeline.DEFAULT_ROUTER}"  # the default merge and router rules
-    assert set(s["threshold"]) == {grouping, "frequency"}
+    # the default merge, auto, ran as fit (named so); a criterion has a fitted cell then, and no other
+    grouping = f"uncurl/fit/{pipeline.DEFAULT_ROUTER}"
+    assert pipeline.DEFAULT_MERGE == "auto" and s["merge_requested"] == "auto"
+    assert set(s["threshold"]) == {grouping, "frequency/fit"}
     assert (out / "sweep.png").stat().st_size > 0 and f"| {grouping} | 4 |" in (out / "sweep.md").read_text()
 
 

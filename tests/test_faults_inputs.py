@@ -276,7 +276,9 @@ def test_one_row_file_is_too_few_to_halve(tmp_path, no_profiling):
 
 @pytest.mark.parametrize("command, args, stages", [
     ("eval", ["--limit", 2], ["load", "eval"]),
-    ("prune", ["--keep", 6, *PRUNE], ["load", "profile", "cluster", "merge", "save", "verify"]),
+    ("prune", ["--keep", 6, *PRUNE], ["load", "layers", "verify"]),  # the default: fitted layer by layer
+    ("prune", ["--keep", 6, "--pipeline", "whole", *PRUNE], ["load", "profile", "cluster", "merge", "fit", "save",
+                                                            "verify"]),
 ])
 def test_verbose_logs_each_stage_with_its_time(command, args, stages, tmp_path, data_dir):
     extra = ["--out", tmp_path / "out"] if command == "prune" else []

@@ -214,8 +214,9 @@ def test_an_out_filled_during_the_run_is_not_replaced(overwrite, tmp_path, data_
         out.mkdir()
         (out / "theirs.txt").write_text("theirs")
 
-    monkeypatch.setattr(pipeline, "write_checkpoint", meanwhile)
-    res = run("prune", "--out", out, "--data-dir", data_dir, *(["--overwrite"] if overwrite else []), *FAST)
+    monkeypatch.setattr(pipeline, "write_checkpoint", meanwhile)  # the whole-model pipeline's writer
+    res = run("prune", "--out", out, "--data-dir", data_dir, "--pipeline", "whole",
+              *(["--overwrite"] if overwrite else []), *FAST)
     refused(res, "while this run worked, something else wrote to --out", str(out))
     assert snapshot(out) == {"theirs.txt": hashlib.sha256(b"theirs").hexdigest()} and not leftovers(out)
 
@@ -246,7 +247,7 @@ def slow_layer(*a, **k):  # the second MoE layer, once the first is written into
         time.sleep(60)
     return real_layer(*a, **k)
 
-count, extra = [], []
+count, extra = [], ["--pipeline", "whole"]  # save, profile: the whole-model pipeline's stages
 if phase == "save":
     p.write_checkpoint = slow_save
 elif phase == "layers":  # the layer-by-layer prune, its batch threads waiting at the next layer

@@ -164,3 +164,61 @@ def test_fit_and_recover_on_a_quantized_input_need_dequantize(data_dir, tmp_path
         res = cli_prune(model, tmp_path / "o", data_dir, *extra)
         assert res.exit_code == 2 and "--dequantize" in res.output, res.output
         assert nothing_written(tmp_path / "o")
+
+
+def test_auto_merge_is_fit_where_it_applies_and_the_report_says_so(tmp_path):
+    """The default --merge auto runs the fit (the same checkpoint as --merge fit); the report names both."""
+    from uncurl.pipeline import PruneOptions, prune
+    from tests.conftest import DATA_DIR
+
+    base = dict(model="builtin:mixtral", task="superglue-rte", keep=4, data_dir=str(DATA_DIR), samples=8,
+                max_length=64, plots=False)
+    auto = prune(PruneOptions(**base, out=str(tmp_path / "auto")))
+    fit = prune(PruneOptions(**base, merge="fit", out=str(tmp_path / "fit")))
+    assert (auto.report["merge"], auto.report["merge_requested"]) == ("fit", "auto")
+    assert fit.report["merge"] == "fit" and "merge_requested" not in fit.report
+    assert auto.report["fit"]["layers"] == fit.report["fit"]["layers"]
+    assert (tmp_path / "auto" / "model.safetensors").read_bytes() == (tmp_path / "fit" / "model.safetensors").read_bytes()
+
+
+def test_auto_merge_goes_aligned_where_the_fit_cannot_run_and_says_why(data_dir, tmp_path, tmp_path_factory):
+    """A quantized input kept in its format: auto runs aligned (no error, unlike an explicit --merge fit);
+    with --dequantize the fit applies again."""
+    import json
+
+    from tests.test_quant import FAMILIES as QUANT, cli_prune, fp8_dirs
+
+    model = fp8_dirs.__wrapped__(tmp_path_factory)(next(iter(QUANT)))[0]
+    res = cli_prune(model, tmp_path / "kept", data_dir)
+    assert res.exit_code == 0, res.output
+    assert "--merge auto: aligned, since" in res.output  # a warning: the user sees it
+    report = json.loads((tmp_path / "kept" / "report" / "report.json").read_text())
+    assert (report["merge"], report["merge_requested"]) == ("aligned", "auto") and "fit" not in report
+    assert "byte for byte" in report["merge_reason"] and "--dequantize" in report["merge_reason"]
+    res = cli_prune(model, tmp_path / "full", data_dir, "--dequantize")
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "full" / "report" / "report.json").read_text())
+    assert report["merge"] == "fit" and report["fit"]["layers"]
+
+
+def test_auto_merge_reasons():
+    """Each case where the fit cannot run, said in words: experts whose output is normalised, a device
+    map on the whole-model pipeline."""
+    from types import SimpleNamespace
+
+    from uncurl.pipeline import fit_refused, merge_used
+
+    def loaded(family):
+        model, _ = build_tiny(family)
+        return SimpleNamespace(model=model, adapter=ADAPTERS[family], quantized=None)
+
+    opts = SimpleNamespace(merge="auto", device_map=None, dequantize=False)
+    mixtral = loaded("mixtral")
+    assert fit_refused(opts, mixtral, layerwise=True) is None and merge_used(opts, mixtral, True) == ("fit", None)
+    assert "post_expert_norm" in fit_refused(opts, loaded("muse_spark"), layerwise=True)
+    mapped = SimpleNamespace(merge="auto", device_map="auto", dequantize=False)
+    assert "--device-map" in fit_refused(mapped, mixtral, layerwise=False)
+    assert fit_refused(mapped, mixtral, layerwise=True) is None
+    assert merge_used(mapped, mixtral, False)[0] == "aligned"
+    assert merge_used(SimpleNamespace(merge="auto,select", device_map=None, dequantize=False), mixtral,
+                      False) == ("fit,select", None)

@@ -130,7 +130,7 @@ def test_offloaded_prune_reads_the_input_once(tiny_dirs, data_dir, tmp_path):
     offloaded = sum(t.numel() * t.element_size() for t in loaded.model.state_dict().values() if t.device.type == "meta")
     del loaded
     data = ["--model", folder, "--task", "superglue-rte", "--data-dir", data_dir, "--samples", 16, "--max-length", 32,
-            "--batch-size", 2, "--keep", 4, "--method", "reap", "--no-plots"]
+            "--batch-size", 2, "--keep", 4, "--method", "reap", "--merge", "aligned", "--no-plots"]  # kept as they are
     offload = ["--device-map", "auto", "--max-memory", "cpu=30KB"]
     assert _run("prune", *data, "--out", tmp_path / "plain").exit_code == 0
     reads = {}
@@ -164,8 +164,8 @@ def test_calibrate_through_pruned_needs_the_layer_by_layer_prune(data_dir, tmp_p
 
 def test_auto_runs_an_offloaded_prune_layer_by_layer_and_a_resident_one_whole(tiny_dirs, data_dir, tmp_path):
     data = ["--model", tiny_dirs("mixtral"), "--task", "superglue-rte", "--data-dir", data_dir, "--samples", 4,
-            "--max-length", 32, "--keep", 4, "--method", "reap", "--no-plots"]
-    assert _run("prune", *data, "--out", tmp_path / "resident").exit_code == 0
+            "--max-length", 32, "--keep", 4, "--method", "reap", "--merge", "aligned", "--no-plots"]  # auto's fit:
+    assert _run("prune", *data, "--out", tmp_path / "resident").exit_code == 0  # layer by layer (test_fit)
     res = _run("prune", *data, "--device-map", "auto", "--max-memory", "cpu=30KB", "--out", tmp_path / "offloaded")
     assert res.exit_code == 0, res.output
     pipelines = {k: json.loads((tmp_path / k / "report" / "report.json").read_text())["pipeline"]

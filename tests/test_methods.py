@@ -205,7 +205,8 @@ def test_every_method_merge_and_router_reloads_clean(family, data_dir, tmp_path)
     ))
     criteria = [m for m, spec in METHODS.items() if spec.kind == "criterion"]
     groupings = [m for m in METHODS if m not in criteria]
-    assert len(s["results"]) == len(criteria) + len(groupings) * len(MERGE_RULES) * len(ROUTER_RULES)
+    fitting = [m for m, rule in MERGE_RULES.items() if rule.fit]  # a criterion: once, and once per fitting rule
+    assert len(s["results"]) == len(criteria) * (1 + len(fitting)) + len(groupings) * len(MERGE_RULES) * len(ROUTER_RULES)
     for row in s["results"]:  # every checkpoint was reloaded and checked by the sweep (verify_checkpoint)
         config = json.loads((tmp_path / "sweep" / "checkpoints" / row["checkpoint"].split("/")[-1] / "config.json").read_text())
         assert config[ADAPTERS[family].expert_count_key] == 4

@@ -31,7 +31,7 @@ def test_every_cli_default_is_the_python_api_default(command):
 
 
 def test_the_defaults_are_the_studies_everywhere():
-    """Python users get what the CLI gives: EAN, aligned, refit (a sweep also tries frequency)."""
+    """Python users get what the CLI gives: EAN, auto (fit where it applies), refit (a sweep also tries frequency)."""
     assert (RunOptions().method, RunOptions().merge, RunOptions().router_rows) == (DEFAULT_METHOD, DEFAULT_MERGE,
                                                                                    DEFAULT_ROUTER)
     assert PruneOptions().method == DEFAULT_METHOD
@@ -39,7 +39,7 @@ def test_the_defaults_are_the_studies_everywhere():
     assert sweep.methods == (DEFAULT_METHOD, "frequency")
     assert (sweep.merges, sweep.routers) == ((DEFAULT_MERGE,), (DEFAULT_ROUTER,))
     cli = {p.opts[0]: p.default for p in typer.main.get_command(app).commands["sweep"].params}
-    assert (cli["--method"], cli["--merge"], cli["--router"]) == ("ean,frequency", "aligned", "refit")
+    assert (cli["--method"], cli["--merge"], cli["--router"]) == ("ean,frequency", "auto", "refit")
     assert inspect.signature(plan_layer).parameters["method"].default == DEFAULT_METHOD
 
 

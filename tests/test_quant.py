@@ -168,7 +168,8 @@ def reap_runs(fp8_dirs, data_dir, tmp_path_factory):
             fp8, twin, _ = fp8_dirs(family)
             root = tmp_path_factory.mktemp(f"reap-{family}")
             report = run_prune(fp8, root / "fp8", data_dir, keep=4, method="reap")
-            run_prune(twin, root / "twin", data_dir, keep=4, method="reap")
+            # auto runs aligned on the FP8 input (kept in its format); the twin the same, as asked
+            run_prune(twin, root / "twin", data_dir, keep=4, method="reap", merge="aligned")
             cache[family] = (fp8, twin, root / "fp8", root / "twin", report)
         return cache[family]
 
@@ -279,7 +280,7 @@ def test_an_mxfp4_merge_is_quantized_again_within_e2m1_rounding(fp8_dirs, data_d
 
 def test_dequantize_writes_full_precision_equal_to_the_twins_prune(fp8_dirs, reap_runs, data_dir, tmp_path):
     fp8, _, _, twin_out, _ = reap_runs("qwen3_moe")
-    report = run_prune(fp8, tmp_path / "out", data_dir, keep=4, method="reap", dequantize=True)
+    report = run_prune(fp8, tmp_path / "out", data_dir, keep=4, method="reap", dequantize=True, merge="aligned")
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert "quantization_config" not in config
     got, want = read_all(tmp_path / "out"), read_all(twin_out)

@@ -4,6 +4,7 @@ profile; a torchrun data-parallel run gives one process's checkpoint. Bad input 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -183,7 +184,8 @@ def torchrun(*args, nproc=2, env=None, timeout=600):
 
 
 def test_torchrun_two_ranks_write_the_one_process_checkpoint(tiny_dirs, data_dir, tmp_path):
-    args = [*common(tiny_dirs("mixtral"), data_dir, samples=13), "--keep", 4, "--method", "reap", "--no-plots"]
+    args = [*common(tiny_dirs("mixtral"), data_dir, samples=13), "--keep", 4, "--method", "reap", "--merge", "aligned",
+            "--no-plots"]  # the kept experts copied: byte for byte (the fit: the test below)
     one = run("prune", *args, "--out", tmp_path / "one")
     assert one.exit_code == 0, one.output
     two = torchrun("prune", *args, "--out", tmp_path / "two", "--json")
@@ -213,6 +215,29 @@ def test_torchrun_two_ranks_write_the_one_process_checkpoint(tiny_dirs, data_dir
     # ... and one process's, to float32 rounding (other batches: the forward's sums in another order)
     assert run("profile", *prof, "--out", tmp_path / "one.profile").exit_code == 0
     _same_profile(Profile.load(tmp_path / "one.profile"), two, rtol=1e-6)
+
+
+def test_torchrun_fits_like_one_process(tiny_dirs, data_dir, tmp_path):
+    """The default merge (auto: fit, layer by layer) under torchrun: each rank replays its share and the
+    normal equations are summed over the ranks, so the checkpoint is one process's, to float rounding."""
+    from safetensors.torch import load_file
+
+    args = [*common(tiny_dirs("mixtral"), data_dir, samples=13), "--keep", 2, "--no-plots"]
+    assert run("prune", *args, "--out", tmp_path / "one").exit_code == 0
+    res = torchrun("prune", *args, "--out", tmp_path / "two", "--json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    reports = [json.loads((tmp_path / d / "report" / "report.json").read_text()) for d in ("one", "two")]
+    assert [r["merge"] for r in reports] == ["fit", "fit"] and reports[1]["pipeline"]["layer_by_layer"]
+    fits = [r["fit"]["layers"] for r in reports]
+    assert fits[0].keys() == fits[1].keys() and fits[0]
+    for name in fits[0]:
+        assert fits[0][name]["tokens"] == fits[1][name]["tokens"] and fits[0][name]["pairs"] == fits[1][name]["pairs"]
+        assert fits[0][name]["error_after"] == pytest.approx(fits[1][name]["error_after"], rel=1e-5)
+    a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("one", "two"))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert any(f["step"] > 0 and f["error_after"] < f["error_before"] for f in fits[1].values())  # it did fit
 
 
 def test_torchrun_more_ranks_than_texts_exits_2_on_every_rank(tiny_dirs, data_dir, tmp_path):

@@ -263,7 +263,7 @@ def test_mix_in_report_and_profile(tmp_path, data_dir):
     assert [p["calibration_examples"] for p in meta["mix"]] == [6, 6]
     # a profile is reused by a run that calibrates on the same mix (another is refused: test_faults_inputs)
     res = run("prune", "--profile", tmp_path / "p.safetensors", "--calibrate-on", "superglue-rte=1,corpus=1",
-              "--keep", 4, "--out", tmp_path / "o", *FAST)
+              "--keep", 4, "--data-dir", data_dir, "--out", tmp_path / "o", *FAST)  # auto's fit reads the texts
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "o" / "report" / "report.json").read_text())
     assert report["task"]["mix"] == meta["mix"] and report["task"]["name"] == "superglue-rte+corpus"

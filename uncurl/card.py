@@ -134,7 +134,9 @@ def render(report: dict, parent: dict | None = None, source: Path | None = None)
              "## What was done", "",
              f"- method: **{report['method']}**"
              + (f" (merge `{report['merge']}`, router rows `{report['router_rows']}`)"
-                if merged(report) else " (experts kept alone)"),
+                if merged(report) else " (experts kept alone)")
+             + ("; down projections fitted to the original layers' outputs on the calibration tokens"
+                if report.get("fit", {}).get("layers") else ""),
              f"- calibration: {t.get('calibration_examples', '?')} examples of {t['name']} "
              f"({t.get('tokens', 0):,} tokens, fingerprint `{t.get('fingerprint', '')}`), seed {report['seed']}",
              f"- parameters: {m['params_before']:,} -> {m['params_after']:,}; "

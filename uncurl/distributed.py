@@ -101,6 +101,20 @@ def gather_profile(profile: Profile, device: torch.device) -> Profile:
     return profile
 
 
+def sum_over_ranks(tensors: list[torch.Tensor], device: torch.device) -> None:
+    """Each tensor replaced, in place, by its sum over every rank (the same on every rank): the
+    layer-by-layer fit's normal equations and error sums, so every rank solves the same system from
+    every rank's share of the calibration texts."""
+    import torch.distributed as dist
+
+    backend = init(device)
+    where = device if backend == "nccl" else torch.device("cpu")
+    for t in tensors:
+        mine = t.to(where).contiguous()
+        dist.all_reduce(mine)
+        t.copy_(mine.to(t.device))
+
+
 def gather_layer(stats, device: torch.device) -> None:
     """One layer's statistics (``LayerStats``) combined over every rank, in place, on every rank:
     what ``gather_profile`` does per layer (the layer-by-layer prune calls it as each layer is done;

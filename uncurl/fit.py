@@ -311,20 +311,30 @@ def fit_report(ridge: float = FIT_RIDGE) -> dict:
 
 @torch.no_grad()
 def fit_blocks(original, pruned, adapter: MoEAdapter, names: list[str], replay, *, ridge: float = FIT_RIDGE,
-               joint_max: int = FIT_JOINT_MAX) -> dict:
+               joint_max: int = FIT_JOINT_MAX, reduce=None) -> dict:
     """Fit the down projections of ``pruned``'s MoE blocks ``names`` (in place) to ``original``'s;
     ``replay(passes, mode)`` runs the calibration data through ``original``'s blocks ``names``
     (setting ``passes.mask`` per batch), once per mode ("gram", then "step"): the whole model over
     the texts (``fit_model``) or each block over its cached calls (the layer-by-layer prune).
+    ``reduce(tensors)``, under torchrun, sums tensors over the ranks in place
+    (``distributed.sum_over_ranks``): each rank replays its share of the data, and the normal
+    equations and the error sums are added up before they are used, so every rank fits alike.
     Returns the per-layer report entries."""
     passes = _Passes(original, pruned, adapter, names, joint_max)
     try:
         for mode in ("gram", "step"):
             passes.mode = mode
             replay(passes, mode)
-            if mode == "gram":
-                for fit in passes.layers.values():
+            for fit in passes.layers.values():  # every rank has the same layers, in the same order
+                if mode == "gram":
+                    if reduce is not None:
+                        reduce([fit.a, fit.c, fit.pairs])
                     fit.solve(ridge)
+                elif reduce is not None:
+                    keys = ("ee", "ed", "dd", "yy", "tokens")
+                    sums = torch.tensor([float(fit.sums[k]) for k in keys], dtype=torch.float64)
+                    reduce([sums])
+                    fit.sums.update({k: (int(v) if k == "tokens" else float(v)) for k, v in zip(keys, sums.tolist())})
     finally:
         passes.close()
     out = {}

@@ -133,13 +133,15 @@ def prune_layer_by_layer(
     seed: int = 0,
     text_ids=None,
     gather: Callable[[LayerStats], None] | None = None,
+    reduce: Callable[[list], None] | None = None,
     recover_local: int = 0,
     recover_experts: bool = False,
 ) -> LayerwiseResult:
     """Profile ``model`` on ``texts`` layer by layer and write it, cut to ``keep`` experts per MoE
     layer, into ``folder`` (weights and configs; the tokenizer is the caller's; None: write nothing,
     a torchrun rank other than 0). ``gather(stats)``, under torchrun, combines a layer's statistics
-    over the ranks (``distributed.gather_layer``) before it is planned. ``recover_local`` steps:
+    over the ranks (``distributed.gather_layer``) before it is planned, and ``reduce(tensors)`` sums
+    the ``--merge fit`` normal equations over them (``fit.fit_blocks``). ``recover_local`` steps:
     each pruned MoE block's routers (``recover_experts``: and experts) trained to give the original
     block's output on the layer's calibration inputs (``recover.recover_block``), before it is
     written. ``model`` is consumed. See the module docstring."""
@@ -221,7 +223,7 @@ def prune_layer_by_layer(
                     passes.mask = mask
                     block(*args, **kwargs)
 
-        fits.update(fit_blocks(model, pruned, adapter, names, replay))
+        fits.update(fit_blocks(model, pruned, adapter, names, replay, reduce=reduce))
 
     def _recovered(visit: Visit) -> None:
         """--recover-local: each of the layer's pruned blocks trained (in place) on its original's calls."""

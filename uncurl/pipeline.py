@@ -34,8 +34,8 @@ from .fit import fit_model, fit_report as fit_entry
 from .load import Loaded, check_family, input_device, load_model
 from .merge import MERGE_RULES, ROUTER_RULES, get_rule, parameter_count, rewrite_model, weight_bytes
 from .offload import counting, dispatched, offloaded_bytes
-from .options import (DATA, DEFAULT_MERGE, DEFAULT_METHOD, DEFAULT_ROUTER, EVAL, MODEL, PRUNE, RUN, STUDY_EVIDENCE,
-                      choices_help, items, opt)
+from .options import (AUTO_MERGE, DATA, DEFAULT_MERGE, DEFAULT_METHOD, DEFAULT_ROUTER, EVAL, FIT_EVIDENCE, MODEL, PRUNE,
+                      RUN, STUDY_EVIDENCE, choices_help, items, opt)
 from .profile import Profile, profile_model, router_fingerprint, shard_range
 from .recover import recover
 from .sequential import decoder_layers, profile_sequential
@@ -50,8 +50,11 @@ log = logging.getLogger(__name__)
 METHOD_HELP = ("How experts are chosen or grouped. " + choices_help(
     METHODS, lambda m: " (pruning: each kept expert alone)" if m.kind == "criterion" else " (groups, merged by --merge)")
     + " " + STUDY_EVIDENCE)
-MERGE_HELP = ("How a group of several experts becomes one (pruning criteria keep singletons, which are "
-              "copied as they are). " + choices_help(MERGE_RULES))
+MERGE_HELP = ("How a group of several experts becomes one (a pruning criterion's kept experts are copied as they "
+              "are, except by fit). " + choices_help(MERGE_RULES) + f" [bold]{AUTO_MERGE}[/] (the default): fit where "
+              "it applies, else aligned (a quantized input written back in its format, experts whose output is not "
+              "linear in their down projection, --device-map on the whole-model pipeline); "
+              "the report says which ran. " + FIT_EVIDENCE + ".")
 ROUTER_HELP = "A merged expert's router row. " + choices_help(ROUTER_RULES)
 
 
@@ -599,7 +602,9 @@ def check_options(opts: RunOptions, evaluating: bool) -> None:
     for method in opts.method.split(","):
         get_method(method)
     for merge in opts.merge.split(","):
-        if get_rule(MERGE_RULES, merge, "--merge").fit and opts.device_map and not can_go_layer_by_layer(opts):
+        if merge != AUTO_MERGE and merge not in MERGE_RULES:
+            raise UncurlError(f"--merge {merge!r} is not one of {', '.join([AUTO_MERGE, *MERGE_RULES])}")
+        if merge != AUTO_MERGE and MERGE_RULES[merge].fit and opts.device_map and not can_go_layer_by_layer(opts):
             raise UncurlError(f"--merge {merge} under --device-map runs layer by layer (prune with --pipeline auto or "
                               f"sequential, profiling here, without --recover): the whole-model fit holds the original "
                               f"model beside the merged one")
@@ -620,7 +625,9 @@ def check_options(opts: RunOptions, evaluating: bool) -> None:
     if opts.top_k is not None and opts.top_k < 1:
         raise UncurlError(f"--top-k {opts.top_k} must be at least 1")
     check_through(opts)
-    task = check_data(opts, calibrating=not opts.profile, evaluating=evaluating, eval_limit=opts.eval_limit,
+    # a fit (auto's choice too) reads the calibration texts again, with --profile as well
+    fits = any(m == AUTO_MERGE or (m in MERGE_RULES and MERGE_RULES[m].fit) for m in opts.merge.split(","))
+    task = check_data(opts, calibrating=not opts.profile or fits, evaluating=evaluating, eval_limit=opts.eval_limit,
                       seed=opts.seed)
     if evaluating and opts.metric != "loss" and task.num_choices == 0:
         raise UncurlError(f"task {task.name} has no answer choices, so no {opts.metric}; use --metric loss")
@@ -710,6 +717,51 @@ def fallback_method(method: str, missing: bool, warn: bool = True) -> str:
     return method
 
 
+def fit_refused(opts, loaded: Loaded, layerwise: bool) -> str | None:
+    """Why ``--merge fit`` cannot run on this model with these options (None: it can). ``layerwise``:
+    whether the prune would go layer by layer."""
+    from .fit import check_fittable
+
+    if loaded.quantized is not None and not getattr(opts, "dequantize", False):
+        return f"the {loaded.quantized.format} input is written back in its format, byte for byte (--dequantize fits)"
+    if opts.device_map and not layerwise:
+        return "under --device-map the whole-model fit would hold the original model beside the merged one"
+    for layer in find_moe_layers(loaded.model, loaded.adapter):
+        try:
+            check_fittable(layer.experts, layer.name)
+        except UncurlError as err:
+            return str(err).removeprefix("--merge fit: ").split("; use")[0]
+    return None
+
+
+def resolved(opts, loaded: Loaded):
+    """``opts`` with ``--merge auto`` resolved (``merge_used``), the pipeline that then runs, and
+    the report's record of it: (opts, pipeline, {"merge_requested", "merge_reason"} or {}). Whether
+    the fit applies depends on whether the prune would go layer by layer, which auto picks for a
+    fit: so the pipeline is first taken as if fitting."""
+    if AUTO_MERGE not in opts.merge.split(","):
+        return opts, pipeline_for(opts, loaded), {}
+    trial = replace(opts, merge=",".join("fit" if m == AUTO_MERGE else m for m in opts.merge.split(",")))
+    layerwise = isinstance(opts, PruneOptions) and layer_by_layer(trial, pipeline_for(trial, loaded))
+    merge, why = merge_used(opts, loaded, layerwise)
+    record = {"merge_requested": opts.merge, **({"merge_reason": f"not fit: {why}"} if why else {})}
+    opts = replace(opts, merge=merge)
+    return opts, pipeline_for(opts, loaded), record
+
+
+def merge_used(opts, loaded: Loaded, layerwise: bool) -> tuple[str, str | None]:
+    """``opts.merge`` as this run applies it: ``auto`` is ``fit`` where the fit applies, else
+    ``aligned``; and why not the fit (None where it ran, or auto was not asked), logged too."""
+    merges = opts.merge.split(",")
+    if AUTO_MERGE not in merges:
+        return opts.merge, None
+    why = fit_refused(opts, loaded, layerwise)
+    if why:
+        log.warning("--merge %s: aligned, since %s", AUTO_MERGE, why)
+    return ",".join(dict.fromkeys("aligned" if m == AUTO_MERGE and why else "fit" if m == AUTO_MERGE else m
+                                  for m in merges)), why
+
+
 def method_used(prep: Prepared, method: str) -> str:
     """``fallback_method`` for a whole profile."""
     return fallback_method(method, any(stats.missing for stats in prep.profile.layers.values()))
@@ -742,7 +794,8 @@ def check_changes_stored(opts: "PruneOptions", loaded: Loaded) -> None:
     need ``--dequantize``. Runs once the model is loaded, before profiling."""
     if loaded.quantized is None or opts.dequantize:
         return
-    for used, flag in ((MERGE_RULES[opts.merge].fit, f"--merge {opts.merge}"), (opts.recover, "--recover")):
+    fitting = opts.merge != AUTO_MERGE and MERGE_RULES[opts.merge].fit  # auto goes aligned there
+    for used, flag in ((fitting, f"--merge {opts.merge}"), (opts.recover, "--recover")):
         if used:
             raise UncurlError(f"{flag} changes kept experts and routers, which a {loaded.quantized.format} checkpoint "
                               f"is written back with byte for byte: add --dequantize to write it in full precision")
@@ -792,7 +845,8 @@ def follow_prune(opts: PruneOptions, shard_size: int) -> None:
     """``follow`` for prune: a layer-by-layer prune's other ranks take their share of every layer
     (the statistics gathered per layer) and write nothing."""
     prep = prepare(opts, [opts.keep], Timings(), profiling=False)
-    if layer_by_layer(opts, pipeline_for(opts, prep.loaded)):
+    opts, pipeline, _ = resolved(opts, prep.loaded)
+    if layer_by_layer(opts, pipeline):
         _prune_layerwise(opts, prep, None, shard_size, Timings())
     elif not opts.profile:
         run_profile(prep.loaded, opts, opts.seed)
@@ -870,13 +924,13 @@ def _prune(opts: PruneOptions, output: Claim, shard_size: int, evaluating: bool)
         check_changes_stored(opts, loaded)
 
     prep = prepare(opts, [opts.keep], timings, check_loaded=check_loaded, profiling=False)  # profiled below
-    pipeline = pipeline_for(opts, prep.loaded)
+    opts, pipeline, auto = resolved(opts, prep.loaded)
     with counting(prep.loaded.model):  # accelerate's own reads of offloaded weights counted too (report)
-        return _pruned(opts, output, shard_size, evaluating, timings, prep, pipeline)
+        return _pruned(opts, output, shard_size, evaluating, timings, prep, pipeline, auto)
 
 
 def _pruned(opts: PruneOptions, output: Claim, shard_size: int, evaluating: bool, timings: Timings, prep: Prepared,
-            pipeline: str) -> PruneResult:
+            pipeline: str, auto: dict | None = None) -> PruneResult:
     layerwise = layer_by_layer(opts, pipeline)
     out = output.path
     loaded, adapter = prep.loaded, prep.loaded.adapter
@@ -958,7 +1012,8 @@ def _pruned(opts: PruneOptions, output: Claim, shard_size: int, evaluating: bool
                          "calibrate_through": opts.calibrate_through},
             "method": method,  # what ran; "method_requested" when the default fell back
             **({"method_requested": opts.method} if method != opts.method else {}),
-            "merge": opts.merge,
+            "merge": opts.merge,  # what ran; with auto, "merge_requested" (and "merge_reason" where not fit)
+            **(auto or {}),
             "router_rows": opts.router_rows,
             "keep": opts.keep,
             "layers": layer_entries(prep.profile, plans),
@@ -1038,11 +1093,12 @@ def _prune_layerwise(opts: PruneOptions, prep: Prepared, folder: Path | None, sh
     loaded = prep.loaded
     texts, info = calibration_texts(opts, opts.seed, loaded.tokenizer)
     meta = profile_meta(loaded, info, opts, opts.seed)
-    ids, gather, ranks = range(len(texts)), None, distributed.world()
+    ids, gather, reduce, ranks = range(len(texts)), None, None, distributed.world()
     if ranks:  # this rank's share of the texts; each layer's statistics gathered from every rank
         ids = text_share(len(texts), *ranks, f"{ranks[1]} ranks")
         device = input_device(loaded.model)
         gather = lambda stats: distributed.gather_layer(stats, device)  # noqa: E731
+        reduce = lambda tensors: distributed.sum_over_ranks(tensors, device)  # noqa: E731
         meta["ranks"] = ranks[1]
     used: set = set()
     with timings.stage("layers"):  # profile + cluster + merge + save, one decoder layer at a time
@@ -1052,7 +1108,7 @@ def _prune_layerwise(opts: PruneOptions, prep: Prepared, folder: Path | None, sh
             plan=_plan_one(prep, opts.keep, opts.method, opts.seed, used), merge=opts.merge,
             router_rule=opts.router_rows, top_k=opts.top_k, through=opts.calibrate_through, shard_size=shard_size,
             batch_size=opts.batch_size, max_length=opts.max_length, progress=opts.progress, meta=meta,
-            seed=opts.seed, text_ids=list(ids), gather=gather, recover_local=opts.recover_local,
+            seed=opts.seed, text_ids=list(ids), gather=gather, reduce=reduce, recover_local=opts.recover_local,
             recover_experts=opts.recover_experts)
         if folder is not None:
             write_extras(loaded.tokenizer, folder, loaded.processor_files)

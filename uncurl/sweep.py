@@ -5,7 +5,8 @@
 The model is loaded and profiled once (or the profile is read from --profile): the profile holds
 every statistic, so every (method, merge, router, K) cell is planned from it, merged from the
 untouched original in memory, and evaluated. Pruning criteria keep experts alone, so merge and
-router rules cannot change them: they are run once, shown with merge and router "-".
+router rules that copy them cannot change them: they are run once, shown with merge and router "-",
+and once more per fitting merge rule (``fit``, the default ``auto``'s choice where it applies).
 The threshold of a method is the smallest K such that it and every larger K swept stay within
 --tolerance points of the unpruned model on --metric. Writes sweep.json, sweep.md and sweep.png;
 pruned checkpoints only with --keep-checkpoints.
@@ -22,10 +23,10 @@ from .cluster import METHODS, get_method
 from .errors import UncurlError
 from .evaluate import METRICS, drop
 from .merge import MERGE_RULES, ROUTER_RULES, parameter_count, rewrite_model
-from .options import DEFAULT_MERGE, DEFAULT_METHOD, DEFAULT_ROUTER, EVAL, PRUNE, ints, names, opt
+from .options import AUTO_MERGE, DEFAULT_MERGE, DEFAULT_METHOD, DEFAULT_ROUTER, EVAL, PRUNE, ints, names, opt
 from .output import claim
 from .pipeline import (RunOptions, base_report, check_options, fit_after_merge, follow, loaded_check, method_used,
-                       plan_all, prepare, run_eval, run_inputs)
+                       plan_all, prepare, resolved, run_eval, run_inputs)
 from .report import Timings
 from .save import verify_checkpoint, write_checkpoint
 
@@ -41,7 +42,9 @@ class SweepOptions(RunOptions):
     methods: tuple[str, ...] = opt((DEFAULT_METHOD, "frequency"), "--method", panel=PRUNE, parse=names,
                                    help="Comma-separated methods (see prune --help): " + ", ".join(METHODS) + ".")
     merges: tuple[str, ...] = opt((DEFAULT_MERGE,), "--merge", panel=PRUNE, parse=names,
-                                  help="Comma-separated merge rules for grouping methods: " + ", ".join(MERGE_RULES) + ".")
+                                  help="Comma-separated merge rules (see prune --help): " + ", ".join([AUTO_MERGE, *MERGE_RULES])
+                                       + "; a pruning criterion runs once per fitting rule (fit) and once for all "
+                                         "the others.")
     routers: tuple[str, ...] = opt((DEFAULT_ROUTER,), "--router", "--router-rows", panel=PRUNE, parse=names,
                                    help="Comma-separated router rules for grouping methods: "
                                         + ", ".join(ROUTER_RULES) + ".")
@@ -63,18 +66,23 @@ def threshold(rows: list[dict], metric: str, tolerance: float) -> int | None:
 
 
 def cells(opts: SweepOptions) -> list[tuple[str, str, str]]:
-    """Every (method, merge, router) to run; a pruning criterion once, with merge/router "-"."""
+    """Every (method, merge, router) to run. A pruning criterion's kept experts are the same under
+    every merge and router rule that copies them: it runs once with merge/router "-", and once more
+    per fitting merge rule (``fit``, which refits them), with router "-"."""
     out = []
     for method in opts.methods:
         if get_method(method).kind == "criterion":
-            out.append((method, "-", "-"))
+            fitted = [m for m in opts.merges if m == AUTO_MERGE or MERGE_RULES[m].fit]  # auto: fit, where it can
+            if len(fitted) < len(opts.merges):
+                out.append((method, "-", "-"))
+            out += [(method, merge, "-") for merge in fitted]
         else:
             out += [(method, merge, router) for merge in opts.merges for router in opts.routers]
     return list(dict.fromkeys(out))
 
 
 def label(method: str, merge: str, router: str) -> str:
-    return method if merge == "-" else f"{method}/{merge}/{router}"
+    return method if merge == "-" else f"{method}/{merge}" if router == "-" else f"{method}/{merge}/{router}"
 
 
 def parse_label(name: str) -> tuple[str, str, str]:
@@ -118,6 +126,8 @@ def _sweep(opts: SweepOptions, output, on_row, skip) -> dict:
     copies = len(cells(opts)) if opts.keep_checkpoints else 0  # every cell's checkpoints must fit
     prep = prepare(opts, list(opts.keeps), timings, check_loaded=loaded_check(output, sorted(set(opts.keeps)), copies))
     model, tok = prep.loaded.model, prep.loaded.tokenizer
+    opts, _, auto = resolved(opts, prep.loaded)  # --merge auto: fit where it applies, else aligned
+    opts.merges = tuple(opts.merge.split(","))
     with timings.stage("eval_unpruned"):
         base = run_eval(model, tok, opts, opts.eval_limit, opts.seed)
     base = {"keep": prep.num_experts, "params": parameter_count(model), **base}
@@ -153,6 +163,7 @@ def _sweep(opts: SweepOptions, output, on_row, skip) -> dict:
             **base_report(opts, prep, timings),
             "model": {"id": opts.model, "model_type": model.config.model_type, "experts": prep.num_experts,
                       "top_k": prep.top_k_after},
+            **auto,
             "metric": opts.metric,
             "tolerance": opts.tolerance,
             "unpruned": base,
