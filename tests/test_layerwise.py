@@ -346,6 +346,27 @@ def test_a_layer_by_layer_prune_with_eval_loads_its_checkpoint_once(tiny_dirs, d
     assert "after" in report["eval"] and checks["eval"] == checks["plain"]
 
 
+def test_recover_local_with_eval_reports_the_task_loss_without_it(tiny_dirs, data_dir, tmp_path):
+    """With --eval, the task loss before the layer-local recovery is the loss of the same prune without
+    it (--recover-local 0, scored on its own checkpoint), and the report says whether it rose."""
+    data = ["--model", tiny_dirs("mixtral"), "--task", "superglue-rte", "--data-dir", data_dir, "--samples", 8,
+            "--max-length", 32, "--batch-size", 2, "--keep", 2, "--no-plots", "--eval", "--eval-limit", 8,
+            "--metric", "loss"]
+    reports = {}
+    for steps in (0, 20):
+        res = _run("prune", *data, "--recover-local", steps, "--out", tmp_path / str(steps))
+        assert res.exit_code == 0, res.output
+        reports[steps] = json.loads((tmp_path / str(steps) / "report" / "report.json").read_text())
+    local = reports[20]["recover_local"]
+    assert any(layer["kept"] for layer in local["layers"].values())
+    told = local["task_loss"]
+    assert told["compared"] and told["before_recovery"] == pytest.approx(reports[0]["eval"]["after"]["loss"], abs=1e-6)
+    assert told["after_recovery"] == reports[20]["eval"]["after"]["loss"] != told["before_recovery"]
+    assert told["raised"] == (told["after_recovery"] > told["before_recovery"])
+    assert reports[20]["eval"]["merged"]["loss"] == told["before_recovery"]
+    assert ("--recover-local raised the task loss" in " ".join(res.output.split())) == told["raised"]
+
+
 def test_an_offloaded_model_is_evaluated_layer_by_layer_reading_it_once(tiny_dirs, data_dir):
     """The same scores as the resident model's whole-model forwards; the offloaded weights read
     once for all the evaluation batches (a whole-model pass: once per batch)."""

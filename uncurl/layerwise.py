@@ -64,6 +64,9 @@ class LayerwiseResult:
     model: torch.nn.Module  # the pruned model on meta: its config, shapes and dtypes (costs, counts)
     local: dict = field(default_factory=dict)  # --recover-local: per MoE block, its error before/after
     fits: dict = field(default_factory=dict)  # --merge fit: per MoE block, fit.fit_blocks' entry
+    # --recover-local of the routers alone: each trained (and kept) router tensor as it was before, on
+    # the CPU, so that --eval can score the model without the recovery (pipeline.judge_local)
+    before_recovery: dict = field(default_factory=dict)
 
 
 def pruned_on_meta(model, adapter: MoEAdapter, keep: int, top_k: int | None):
@@ -159,6 +162,7 @@ def prune_layer_by_layer(
     done: set[str] = set()
     local: dict[str, dict] = {}
     fits: dict[str, dict] = {}
+    before_recovery: dict[str, torch.Tensor] = {}
     fitting = MERGE_RULES[merge].fit
     seen: dict[str, list] = {b.name: [] for b in moe_layers}  # --merge fit, --recover-local: each block's calls
     captured: dict[str, list] = {}
@@ -235,8 +239,11 @@ def prune_layer_by_layer(
                      for (a, k, out), m in zip(captured[b.name], visit.masks)]
             mine = {n: p for n, p in params.items() if n.startswith(b.name + ".")}
             experts = {n for n in mine if f".{adapter.experts_attr}." in n}
+            saved = {} if experts else {n: p.detach().to("cpu", copy=True) for n, p in mine.items()}
             local[b.name] = recover_block(pruned.get_submodule(b.name), mine, calls, steps=recover_local,
                                           seed=seed + b.index, expert_names=experts)
+            if local[b.name]["kept"]:
+                before_recovery.update(saved)
 
     def after_all():
         missing = [b.name for name, _ in layers if name not in done for b in blocks[name]]
@@ -261,4 +268,4 @@ def prune_layer_by_layer(
             writer.close()
     if writer is not None:
         writer.finish(pruned.config, getattr(pruned, "generation_config", None))
-    return LayerwiseResult(profile, plans, pruned, local, fits)
+    return LayerwiseResult(profile, plans, pruned, local, fits, before_recovery)

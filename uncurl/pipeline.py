@@ -801,6 +801,37 @@ def check_changes_stored(opts: "PruneOptions", loaded: Loaded) -> None:
                               f"is written back with byte for byte: add --dequantize to write it in full precision")
 
 
+def judge_local(local: dict, unrecovered: dict, model, tokenizer, opts, evaluation: dict) -> None:
+    """With --eval and --recover-local: the task loss with and without the recovery, in the report
+    (``local["task_loss"]``, ``evaluation["merged"]``), and a warning where the recovery raised it.
+    The model without it is ``model`` (the written checkpoint, loaded back) with the trained router
+    tensors put back as they were (``unrecovered``), then restored. The checkpoint keeps the
+    recovery: it was written layer by layer. Not compared when the experts were trained too
+    (holding them twice would cost a pruned model's experts), nor for tensors left offloaded."""
+    state = model.state_dict()
+    why = ("the experts were trained too (--recover-experts)" if opts.recover_experts else
+           "no block kept a recovery" if not unrecovered else
+           "its router tensors are offloaded" if any(state[n].device.type == "meta" for n in unrecovered) else None)
+    if why:
+        local["task_loss"] = {"compared": False, "why": why}
+        return
+    trained = {n: state[n].detach().clone() for n in unrecovered}
+    with torch.no_grad():
+        for n, t in unrecovered.items():
+            state[n].copy_(t)
+        try:
+            evaluation["merged"] = run_eval(model, tokenizer, opts, opts.eval_limit, opts.seed)
+        finally:
+            for n, t in trained.items():
+                state[n].copy_(t)
+    merged, after = evaluation["merged"]["loss"], evaluation["after"]["loss"]
+    local["task_loss"] = {"compared": True, "before_recovery": merged, "after_recovery": after,
+                          "raised": after > merged}
+    if after > merged:
+        log.warning("--recover-local raised the task loss from %.4f to %.4f (while each block's error fell); the "
+                    "checkpoint keeps it: prune again without --recover-local for the lower loss", merged, after)
+
+
 def judge_recovery(recovery, evaluation: dict) -> None:
     """With --eval: keep the recovered weights only if the task loss did not rise over the merged
     model's (``evaluation["merged"]``); else put the merged weights back and say so in the report."""
@@ -968,8 +999,10 @@ def _pruned(opts: PruneOptions, output: Claim, shard_size: int, evaluating: bool
     offloaded = offloaded_bytes(loaded.model)
     with output.staged() as tmp:
         fit_report = recovery = local = None
+        unrecovered = {}
         if layerwise:
-            pruned, plans, method, fit_report, local = _prune_layerwise(opts, prep, tmp, shard_size, timings)
+            pruned, plans, method, fit_report, local, unrecovered = _prune_layerwise(opts, prep, tmp, shard_size,
+                                                                                     timings)
         else:
             pruned, plans, method, fit_report, recovery = _merge_whole(opts, prep, evaluation, evaluating, timings)
         loaded.model = None
@@ -990,6 +1023,9 @@ def _pruned(opts: PruneOptions, output: Claim, shard_size: int, evaluating: bool
                 if evaluating:
                     with timings.stage("eval_after"):
                         evaluation["after"] = run_eval(model_after, loaded.tokenizer, opts, opts.eval_limit, opts.seed)
+                    if local is not None:
+                        with timings.stage("eval_merged"):
+                            judge_local(local, unrecovered, model_after, loaded.tokenizer, opts, evaluation)
             if evaluating:
                 if recovery is not None:
                     judge_recovery(recovery, evaluation)
@@ -1119,7 +1155,7 @@ def _prune_layerwise(opts: PruneOptions, prep: Prepared, folder: Path | None, sh
     local = {"steps": opts.recover_local, "trains": "routers and experts" if opts.recover_experts else "routers",
              "loss": "||y' - y||^2 / ||y||^2 of each block on its layer's calibration inputs",
              "layers": result.local} if opts.recover_local else None
-    return result.model, result.plans, method, fit, local
+    return result.model, result.plans, method, fit, local, result.before_recovery
 
 
 @contextmanager
