@@ -396,3 +396,17 @@ def test_an_offloaded_model_is_evaluated_layer_by_layer_reading_it_once(tiny_dir
         for a, b in zip(ev["examples"], resident["examples"]):
             assert a["pred"] == b["pred"]
             assert all(abs(x - y) < 1e-4 for x, y in zip(a["ll"], b["ll"]))
+
+
+def test_recover_local_under_torchrun_is_refused_before_the_work(data_dir, monkeypatch):
+    """Each rank would train on its share alone (the fit sums its normal equations over the ranks; this does not)."""
+    from uncurl import distributed
+    from uncurl.errors import UncurlError
+    from uncurl.pipeline import PruneOptions, check_options
+
+    monkeypatch.setattr(distributed, "world", lambda: (0, 2))
+    opts = PruneOptions(model="builtin:mixtral", task="superglue-rte", data_dir=str(data_dir), recover_local=5)
+    with pytest.raises(UncurlError, match="--recover-local under torchrun is not supported yet"):
+        check_options(opts, evaluating=False)
+    monkeypatch.setattr(distributed, "world", lambda: None)
+    check_options(opts, evaluating=False)

@@ -586,6 +586,9 @@ def check_through(opts) -> None:
     check_value(through)
     if local < 0:
         raise UncurlError(f"--recover-local {local} must be a number of steps >= 0 (0: off)")
+    if local and distributed.world() is not None:
+        raise UncurlError("--recover-local under torchrun is not supported yet: each rank would train the routers on "
+                          "its share of the calibration texts alone; run it in one process")
     for flag, used, what in (("--calibrate-through pruned", through == "pruned", "feeds each layer the pruned layers' "
                               "outputs"), ("--recover-local", local, "trains each pruned block on its layer's inputs")):
         if used and not can_go_layer_by_layer(opts):
