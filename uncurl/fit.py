@@ -85,13 +85,20 @@ def down(experts, k: int, h: torch.Tensor, delta: torch.Tensor | None = None) ->
     return y
 
 
-def check_fittable(experts, name: str) -> None:
+def unfittable(experts, name: str) -> str | None:
+    """Why the fit cannot model the experts of block ``name`` (None: it can)."""
     if not hasattr(experts, "has_gate") or not hasattr(experts, "down_proj"):
-        raise UncurlError(f"--merge fit: the experts of {name} are not transformers' fused switchable experts; "
-                          f"use --merge aligned or select")
+        return f"the experts of {name} are not transformers' fused switchable experts"
     if getattr(experts, "has_post_expert_norm", False):
-        raise UncurlError(f"--merge fit: the experts of {name} normalise their outputs (post_expert_norm), so the "
-                          f"output is not linear in the down projection; use --merge aligned or select")
+        return (f"the experts of {name} normalise their outputs (post_expert_norm), so the output is not linear in "
+                f"the down projection")
+    return None
+
+
+def check_fittable(experts, name: str) -> None:
+    why = unfittable(experts, name)
+    if why:
+        raise UncurlError(f"--merge fit: {why}; use --merge aligned or select")
 
 
 def identity_plan(plan: LayerPlan, num_experts: int) -> bool:

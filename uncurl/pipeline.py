@@ -629,7 +629,7 @@ def check_options(opts: RunOptions, evaluating: bool) -> None:
         raise UncurlError(f"--top-k {opts.top_k} must be at least 1")
     check_through(opts)
     # a fit (auto's choice too) reads the calibration texts again, with --profile as well
-    fits = any(m == AUTO_MERGE or (m in MERGE_RULES and MERGE_RULES[m].fit) for m in opts.merge.split(","))
+    fits = any(may_fit(m) for m in opts.merge.split(","))
     task = check_data(opts, calibrating=not opts.profile or fits, evaluating=evaluating, eval_limit=opts.eval_limit,
                       seed=opts.seed)
     if evaluating and opts.metric != "loss" and task.num_choices == 0:
@@ -720,21 +720,22 @@ def fallback_method(method: str, missing: bool, warn: bool = True) -> str:
     return method
 
 
+def may_fit(merge: str) -> bool:
+    """Whether ``--merge merge`` fits: a fitting rule, or auto (where the fit applies)."""
+    return merge == AUTO_MERGE or (merge in MERGE_RULES and MERGE_RULES[merge].fit)
+
+
 def fit_refused(opts, loaded: Loaded, layerwise: bool) -> str | None:
     """Why ``--merge fit`` cannot run on this model with these options (None: it can). ``layerwise``:
     whether the prune would go layer by layer."""
-    from .fit import check_fittable
+    from .fit import unfittable
 
     if loaded.quantized is not None and not getattr(opts, "dequantize", False):
         return f"the {loaded.quantized.format} input is written back in its format, byte for byte (--dequantize fits)"
     if opts.device_map and not layerwise:
         return "under --device-map the whole-model fit would hold the original model beside the merged one"
-    for layer in find_moe_layers(loaded.model, loaded.adapter):
-        try:
-            check_fittable(layer.experts, layer.name)
-        except UncurlError as err:
-            return str(err).removeprefix("--merge fit: ").split("; use")[0]
-    return None
+    return next((why for layer in find_moe_layers(loaded.model, loaded.adapter)
+                 if (why := unfittable(layer.experts, layer.name))), None)
 
 
 def resolved(opts, loaded: Loaded):

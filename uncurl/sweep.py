@@ -26,7 +26,8 @@ from .merge import MERGE_RULES, ROUTER_RULES, parameter_count, rewrite_model
 from .options import AUTO_MERGE, DEFAULT_MERGE, DEFAULT_METHOD, DEFAULT_ROUTER, EVAL, PRUNE, ints, names, opt
 from .output import claim
 from .pipeline import (RunOptions, base_report, check_options, fit_after_merge, follow, loaded_check, method_used,
-                       plan_all, prepare, resolved, run_eval, run_inputs)
+                       may_fit, plan_all, prepare, resolved, run_eval,
+                       run_inputs)
 from .report import Timings
 from .save import verify_checkpoint, write_checkpoint
 
@@ -72,7 +73,7 @@ def cells(opts: SweepOptions) -> list[tuple[str, str, str]]:
     out = []
     for method in opts.methods:
         if get_method(method).kind == "criterion":
-            fitted = [m for m in opts.merges if m == AUTO_MERGE or MERGE_RULES[m].fit]  # auto: fit, where it can
+            fitted = [m for m in opts.merges if may_fit(m)]
             if len(fitted) < len(opts.merges):
                 out.append((method, "-", "-"))
             out += [(method, merge, "-") for merge in fitted]
