@@ -677,6 +677,7 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto", seed
                           f"dequantize the checkpoint first where its scheme's kernels are installed and prune "
                           f"that") from None
     check_loading_info(info, model_id)  # transformers would have initialised the missing ones at random
+    routers_placed_whole(model, adapter)
     if getattr(config, "quantization_config", None) is not None:
         from .quant import check_dequantized, quantization_config
 
@@ -689,6 +690,17 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto", seed
     again = {"device_map": device_map, "max_memory": limits} if device_map else {}
     return Loaded(model.eval(), tokenizer, adapter, model_id, source, again, processor_files(model_id), quantized,
                   info)
+
+
+def routers_placed_whole(model, adapter: MoEAdapter | None):
+    """Under accelerate's offload, each router's hook brings in the router's children too
+    (``offload.reach_children``: longcat_flash's router reads its child's weight directly)."""
+    from .adapters import find_moe_layers
+    from .offload import dispatched, reach_children
+
+    if adapter is not None and dispatched(model):
+        reach_children(layer.router for layer in find_moe_layers(model, adapter))
+    return model
 
 
 # what a quantized Hub model's snapshot needs: config, index and shards, tokenizer, processor, its card

@@ -13,6 +13,9 @@ Profiling and evaluation therefore just work. Merging and saving need the tensor
   hook over the same offloaded weights (nothing is copied), merged modules a hook over their new,
   smaller tensors (spilled to disk, or kept in CPU memory when the original was there).
 
+- ``reach_children`` has a router's hook bring in the router's children too, for a router whose
+  forward reads a child's weight without calling the child (longcat_flash).
+
 - ``onloaded`` brings a module's offloaded weights onto its execution device once and keeps them
   there for a while (its hook told not to offload), so a layer runs over many batches with its
   weights read once (``sequential.py``), then puts them back on ``meta``.
@@ -126,6 +129,30 @@ def drop_offloaded(model, name: str) -> None:
 def _offloading(module):
     hook = getattr(module, "_hf_hook", None)
     return hook if getattr(hook, "offload", False) and getattr(hook, "weights_map", None) is not None else None
+
+
+def reach_children(modules) -> int:
+    """Have the offload hook of each of ``modules`` bring in the module's whole subtree for its
+    forward, not only its own tensors; returns how many hooks were replaced.
+
+    accelerate hooks every module that holds tensors of its own, and each hook brings in only that
+    module's tensors. A forward that reads a child's weight without calling the child therefore
+    computes with a tensor still on ``meta``: longcat_flash's router does ``self.classifier.weight``.
+    Its logits were then garbage, NaN now and then. Meant for the MoE routers, which are small; a
+    child's own hook still works when the child is called."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    replaced = 0
+    for module in modules:
+        hook = _offloading(module)
+        if hook is None or hook.place_submodules or not any(True for c in module.children() for _ in c.parameters()):
+            continue
+        add_hook_to_module(module, AlignDevicesHook(
+            execution_device=hook.execution_device, offload=True, io_same_device=hook.io_same_device,
+            weights_map=hook.weights_map, offload_buffers=hook.offload_buffers, place_submodules=True,
+            skip_keys=hook.skip_keys, tied_params_map=hook.tied_params_map))
+        replaced += 1
+    return replaced
 
 
 class Onload:
@@ -266,7 +293,9 @@ def transplant_hooks(original, new, merged_modules: set[str], spill: Spill | Non
             raise RuntimeError(f"unsupported accelerate hook {type(hook).__name__} on {name or 'the model'}")
         target = new.get_submodule(name) if name else new
         weights = hook.weights_map
-        if name in merged_modules and hook.offload:
+        # a hook that brings in its children (reach_children) needs their merged tensors too
+        below = hook.place_submodules and any(m.startswith(f"{name}.") for m in merged_modules)
+        if (name in merged_modules or below) and hook.offload:
             # merged tensors: spilled to disk, else the module's real tensors (kept in CPU memory);
             # the module's other tensors (gemma4's router.scale beside per_expert_scale) stay where they were
             own = spill.weights_map(name) if spill else None

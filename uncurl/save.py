@@ -246,14 +246,15 @@ def verify_checkpoint(folder: Path, adapter: MoEAdapter, expected_experts: int, 
     already loaded back (to evaluate it), checked instead of a second load."""
     from transformers import AutoConfig
 
-    from .load import from_folder, placement_kwargs
+    from .load import from_folder, placement_kwargs, routers_placed_whole
 
     if reloaded is not None:
         return _verify(reloaded, folder, adapter, expected_experts, expected_top_k, tokenizer)
     where = placement_kwargs(**placement) if placement else {}  # a fresh offload folder, not the run's
     try:
-        return _verify(from_folder(folder, AutoConfig.from_pretrained(folder), "auto", output_loading_info=True,
-                                   **where), folder, adapter, expected_experts, expected_top_k, tokenizer)
+        model, info = from_folder(folder, AutoConfig.from_pretrained(folder), "auto", output_loading_info=True, **where)
+        return _verify((routers_placed_whole(model, adapter), info), folder, adapter, expected_experts,
+                       expected_top_k, tokenizer)
     finally:
         if where:
             shutil.rmtree(where["offload_folder"], ignore_errors=True)
