@@ -224,7 +224,8 @@ def prune_memory_child(arg: str) -> None:
                       "offloaded_bytes": result.report["model"].get("offloaded_bytes", 0),
                       "offload_reads_bytes": result.report.get("offload_reads_bytes", {}),
                       "tokens": result.report["task"]["tokens"],
-                      "layer_by_layer": result.report.get("pipeline", {}).get("layer_by_layer")}))
+                      "layer_by_layer": result.report.get("pipeline", {}).get("layer_by_layer"),
+                      "merge": result.report.get("merge")}))
 
 
 def floor_child(arg: str) -> None:
@@ -559,6 +560,40 @@ def evaluation(hidden: int, repeats: int, n_examples: int = 64) -> dict:
     return out
 
 
+def fit_cost(hidden: int, repeats: int) -> dict:
+    """What the default merge (auto, which fits here) costs over ``--merge aligned``, each prune in a
+    fresh process and the cells in alternation, against the floor (load, one plain forward of the
+    calibration batches, save). The fit runs layer by layer (auto's pipeline for it), so aligned is
+    timed both whole (its own default) and layer by layer: the second ratio is the fit's own cost."""
+    cells = {"aligned": {}, "aligned_layer_by_layer": {"pipeline": "sequential"}, "default_fit": {"merge": "auto"}}
+    with mixtral_on_disk(hidden) as (folder, checkpoint, *_):
+        runs = {name: [] for name in [*cells, "floor"]}
+        for _ in range(repeats):
+            for name, extra in cells.items():
+                # batch 8, no --max-memory, no --method, then the options
+                runs[name].append(child("--prune-memory-child", f"{folder}::8::::::{json.dumps(extra)}"))
+            runs["floor"].append(child("--floor-child", f"{folder}::8"))
+    weight_mb = checkpoint / 2**20
+    median = statistics.median
+
+    def spread(values):
+        return [round(min(values), 3), round(median(values), 3), round(max(values), 3)]
+
+    rows = {name: {"seconds": spread([r["seconds"] for r in rs]),
+                   "peak_over_weights": round(median(r["peak_mb"] for r in rs) / weight_mb, 3)}
+            for name, rs in runs.items()}
+    for name in cells:
+        rows[name]["over_floor"] = round(rows[name]["seconds"][1] / rows["floor"]["seconds"][1], 3)
+        rows[name]["layer_by_layer"] = runs[name][0]["layer_by_layer"]
+    fitted = runs["default_fit"][0]
+    return {"model": f"mixtral hidden {hidden}, 4 layers, 8 experts, keep {PRUNE_ARGS['keep']}",
+            "weight_mb": round(weight_mb, 1), "prune_args": PRUNE_ARGS, "runs": runs, "rows": rows,
+            "merge_used": fitted.get("merge"),
+            "fit_over_aligned_same_pipeline": round(rows["default_fit"]["seconds"][1]
+                                                    / rows["aligned_layer_by_layer"]["seconds"][1], 3),
+            "default_over_aligned_default": round(rows["default_fit"]["seconds"][1] / rows["aligned"]["seconds"][1], 3)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hidden", type=int, default=512)
@@ -572,7 +607,7 @@ def main() -> None:
     ap.add_argument("--quant-hidden", type=int, default=512, help="hidden size of the FP8-vs-twin model")
     ap.add_argument("--offload-hidden", type=int, default=512, help="hidden size of the offload-prune model")
     ap.add_argument("--only", choices=["ratios", "profile_memory", "prune_memory", "scaling", "pipelines", "quantized",
-                                       "offload_prune", "ranks", "evaluation"],
+                                       "offload_prune", "ranks", "evaluation", "fit"],
                     help="run one part (others kept)")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda[:N] to benchmark on a GPU (host RSS is "
                     "still measured; GPU peaks are added as gpu_peak_mb)")
@@ -607,6 +642,7 @@ def main() -> None:
         "offload_prune": lambda: offload_prune(args.offload_hidden, args.repeats),
         "ranks": lambda: ranks(args.pipeline_hidden, args.repeats),
         "evaluation": lambda: evaluation(args.pipeline_hidden, args.repeats),
+        "fit": lambda: fit_cost(args.prune_hidden, args.repeats),
     }
     result = json.loads(args.out.read_text()) if args.only and args.out.is_file() else {}
     result["machine"] = {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
@@ -727,6 +763,15 @@ def summarise(result: dict) -> None:
                   f"read/checkpoint {row['read_over_checkpoint']:7.3f}  time/resident {row['time_over_resident']:6.2f}  "
                   f"anon peak {row['anon_peak_mb'][1]:7.1f} MB ({row['anon_peak_over_weights']:.2f}x weights, "
                   f"{row['anon_peak_over_layer_plus_states']:.2f}x layer + states)  peak RSS {row['peak_over_weights']:.2f}x")
+    ft = result.get("fit")
+    if ft:
+        print(f"fit: {ft['model']} ({ft['weight_mb']} MB), median of {len(ft['runs']['floor'])} fresh processes (min-max)")
+        for name, row in ft["rows"].items():
+            extra = f", {row['over_floor']:.2f}x the floor" if "over_floor" in row else ""
+            print(f"  {name:24s} {row['seconds'][1]:6.2f} s ({row['seconds'][0]:.2f}-{row['seconds'][2]:.2f}){extra}, "
+                  f"peak {row['peak_over_weights']:.2f}x weights")
+        print(f"  the fit over aligned layer by layer {ft['fit_over_aligned_same_pipeline']:.2f}x; the default over "
+              f"aligned's default {ft['default_over_aligned_default']:.2f}x")
     ev = result.get("evaluation")
     if ev:
         print(f"evaluation: {ev['examples']} RTE examples, a {ev['model']['params']:,}-parameter Mixtral")
