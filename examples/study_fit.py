@@ -64,6 +64,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--cheap-only", action="store_true",
                     help="skip the KL-recovery cells (the slow ones): a first pass over every K, resumed later")
+    ap.add_argument("--cells", default=None,
+                    help="only these cells, e.g. 'ean/select' (with their recovery; the unpruned model always): "
+                         "a larger --recover budget on the cells that decide, to its own --out")
     args = ap.parse_args()
 
     opts = RunOptions(model=args.model, task=args.task, data_dir=args.data_dir, samples=args.samples,
@@ -81,7 +84,7 @@ def main() -> None:
 
     # cells done so far are kept beside --out (per-example losses too), so a stopped run resumes
     partial = args.out.with_name(args.out.name + ".partial")
-    key = {k: str(v) for k, v in vars(args).items() if k != "cheap_only"}  # what the cells depend on
+    key = {k: str(v) for k, v in vars(args).items() if k not in ("cheap_only", "cells")}  # what the cells depend on
     saved = json.loads(partial.read_text()) if partial.is_file() else {}
     if saved.get("args") != key:
         saved = {}
@@ -177,13 +180,16 @@ def main() -> None:
     jobs += [(f"{m}/{g}+local{args.recover}", local_cell, (m, g, r)) for m, g, r in LOCAL_CELLS]
     jobs += [(f"{m}/{g}+recover{args.recover}", whole_cell, (m, g, r, args.recover))
              for m, g, r in sorted(CELLS, key=lambda c: RECOVER_ORDER.index(c[:2])) if not args.cheap_only]
+    if args.cells:
+        wanted = set(args.cells.split(","))
+        jobs = [job for job in jobs if job[0].split("+")[0] in wanted]
     for name, run, cell in jobs:
         if name in nll:
             print(f"{name:28s} (resumed)", flush=True)
             continue
         run(*cell)
 
-    diffs = write_out(complete=not args.cheap_only)  # the .partial stays: cells added later resume
+    diffs = write_out(complete=not (args.cheap_only or args.cells))  # the .partial stays: cells added later resume
     n = len(tokens)
     print(f"{args.task}, K={args.keep}, n={n}: task loss ± paired standard error")
     for k, v in diffs.items():
