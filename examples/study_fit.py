@@ -65,8 +65,8 @@ def main() -> None:
     ap.add_argument("--cheap-only", action="store_true",
                     help="skip the KL-recovery cells (the slow ones): a first pass over every K, resumed later")
     ap.add_argument("--cells", default=None,
-                    help="only these cells, e.g. 'ean/select' (with their recovery; the unpruned model always): "
-                         "a larger --recover budget on the cells that decide, to its own --out")
+                    help="only these cells, by name, e.g. 'ean/select,ean/select+recover240' (and the unpruned "
+                         "model): a larger --recover budget on the cells that decide, to its own --out")
     args = ap.parse_args()
 
     opts = RunOptions(model=args.model, task=args.task, data_dir=args.data_dir, samples=args.samples,
@@ -182,7 +182,7 @@ def main() -> None:
              for m, g, r in sorted(CELLS, key=lambda c: RECOVER_ORDER.index(c[:2])) if not args.cheap_only]
     if args.cells:
         wanted = set(args.cells.split(","))
-        jobs = [job for job in jobs if job[0].split("+")[0] in wanted]
+        jobs = [job for job in jobs if job[0] in wanted]
     for name, run, cell in jobs:
         if name in nll:
             print(f"{name:28s} (resumed)", flush=True)
