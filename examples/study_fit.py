@@ -64,6 +64,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--cheap-only", action="store_true",
                     help="skip the KL-recovery cells (the slow ones): a first pass over every K, resumed later")
+    ap.add_argument("--recover-experts", action="store_true",
+                    help="the KL recovery trains the experts too (cells '+recoverNexperts'), to its own --out")
     ap.add_argument("--cells", default=None,
                     help="only these cells, by name, e.g. 'ean/select,ean/select+recover240' (and the unpruned "
                          "model): a larger --recover budget on the cells that decide, to its own --out")
@@ -82,6 +84,7 @@ def main() -> None:
         rows = ev.pop("examples")
         return [r["nll"] for r in rows], [r["tokens"] for r in rows], ev
 
+    kl = f"recover{args.recover}" + ("experts" if args.recover_experts else "")  # the KL-recovery cells' suffix
     # cells done so far are kept beside --out (per-example losses too), so a stopped run resumes
     partial = args.out.with_name(args.out.name + ".partial")
     key = {k: str(v) for k, v in vars(args).items() if k not in ("cheap_only", "cells")}  # what the cells depend on
@@ -121,8 +124,8 @@ def main() -> None:
                     and f"{m}/{g}" in nll]
         base = min(criteria, key=lambda a: table[a]["loss"], default=None)  # the best criterion alone, by task loss
         diffs = {f"{a} - {base}": paired(a, base) for a in nll if base and a not in (base, "unpruned")}
-        diffs.update({f"{a}+recover{args.recover} - {a}": paired(f"{a}+recover{args.recover}", a)
-                      for a in (f"{m}/{g}" for m, g, _ in CELLS) if f"{a}+recover{args.recover}" in nll})
+        diffs.update({f"{a}+{kl} - {a}": paired(f"{a}+{kl}", a)
+                      for a in (f"{m}/{g}" for m, g, _ in CELLS) if f"{a}+{kl}" in nll})
         diffs.update({f"{m}/{g}+local{args.recover} - {m}/{g}": paired(f"{m}/{g}+local{args.recover}", f"{m}/{g}")
                       for m, g, _ in LOCAL_CELLS if f"{m}/{g}+local{args.recover}" in nll})
         diffs.update({f"{a} - unpruned": paired(a, "unpruned") for a in nll if a != "unpruned"})
@@ -139,7 +142,7 @@ def main() -> None:
         return diffs
 
     def whole_cell(method: str, merge: str, router: str, steps: int) -> None:
-        name = f"{method}/{merge}" + (f"+recover{steps}" if steps else "")
+        name = f"{method}/{merge}" + (f"+{kl}" if steps else "")
         start = time.perf_counter()
         plans = plan_all(prep, args.keep, method, args.seed)
         pruned = rewrite_model(model, adapter, plans, router_rule=router, merge=merge, stats=prep.profile.layers)
@@ -153,7 +156,7 @@ def main() -> None:
                                     layer_errors(model, pruned, adapter, tok, texts[:32]).items()}
         if steps:
             rec = recover(pruned, model, adapter, tok, texts, steps=steps, seed=args.seed,
-                          batch_size=args.batch_size, max_length=args.max_length)
+                          experts=args.recover_experts, batch_size=args.batch_size, max_length=args.max_length)
             curve = rec.report["loss_curve"]
             entry["recover"] = {"steps": steps, "kl_first5": sum(curve[:5]) / 5, "kl_last5": sum(curve[-5:]) / 5,
                                 "seconds": rec.report["seconds"]}
@@ -178,7 +181,7 @@ def main() -> None:
     # recovery, then the layer-local recovery, then the KL recovery (the slow cells) in RECOVER_ORDER
     jobs = [(f"{m}/{g}", whole_cell, (m, g, r, 0)) for m, g, r in CELLS + CRITERIA]
     jobs += [(f"{m}/{g}+local{args.recover}", local_cell, (m, g, r)) for m, g, r in LOCAL_CELLS]
-    jobs += [(f"{m}/{g}+recover{args.recover}", whole_cell, (m, g, r, args.recover))
+    jobs += [(f"{m}/{g}+{kl}", whole_cell, (m, g, r, args.recover))
              for m, g, r in sorted(CELLS, key=lambda c: RECOVER_ORDER.index(c[:2])) if not args.cheap_only]
     if args.cells:
         wanted = set(args.cells.split(","))
