@@ -102,7 +102,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
     metric = meta.get("metric", "acc")
     what, unpruned, columns = TABLES[metric]
     lines = [f"# Methods study: {meta['model']}", "", f"`{meta['command']}`", "",
-             f"{what}; calibration = 256 examples of the task unless marked corpus.", ""]
+             f"{what}; calibration = {meta.get('samples', 256)} examples of the task unless marked corpus.", ""]
     for task in dict.fromkeys(r["task"] for r in rows):
         mine = [r for r in rows if r["task"] == task]
         keeps = sorted({r["keep"] for r in mine if r["label"] != "unpruned"}, reverse=True)
