@@ -224,9 +224,15 @@ class PruneOptions(RunOptions, ServingOptions):
         help="After merging, train the pruned model's routers for this many steps (one calibration batch each; "
              "Adam, lr 1e-3) to match the parent's next-token distribution (KL on the logits) on the calibration "
              "texts only; seeded. With --eval the recovered weights are kept only if the task loss did not rise "
-             "(the report says which). The parent is held in memory meanwhile. 0: off.")
+             "(the report says which). The parent is held in memory meanwhile. 0: off. Measured (README, 'Does it "
+             "beat pruning?'; RTE, 60 steps, EAN at K=2 of 8): the routers alone close 19% (trained test bed) and "
+             "40% (pretrained) of the task loss EAN loses; with --recover-experts 80% and 81%.")
     recover_experts: bool = opt(
-        False, "--recover-experts", panel=PRUNE, help="With --recover or --recover-local: train the MoE experts' weights too (lr 1e-4).")
+        False, "--recover-experts", panel=PRUNE,
+        help="With --recover or --recover-local: train the MoE experts' weights too (lr 1e-4). With --recover it "
+             "closed 80-81% of EAN's K=2 loss gap, against 19-40% for the routers alone (see --recover); it costs a "
+             "gradient and Adam's two moments for every expert weight of the pruned model (three more copies of "
+             "them). Not measured with --recover-local.")
     recover_local: int = opt(  # >= 0, checked in check_through
         0, "--recover-local", panel=PRUNE,
         help="Layer by layer (auto turns it on): after merging each MoE block, train its router rows for this many "
