@@ -189,7 +189,7 @@ def warm_up() -> float:
 
 
 # --merge aligned: the bench's figures (and their comparisons with llm-compressor's REAP, which does not fit)
-# are of pruning without the fit that the default, auto, adds (its cost: the fit study's timings, README)
+# are of pruning without the fit that the default, auto, adds (its cost: the part "fit", fit_cost)
 PRUNE_ARGS = {"task": "corpus", "samples": 32, "max_length": 256, "batch_size": 8, "keep": 4, "device": "cpu",
               "merge": "aligned"}
 
@@ -554,10 +554,15 @@ def evaluation(hidden: int, repeats: int, n_examples: int = 64) -> dict:
                 fn()
                 sync()
                 times[key].append(time.perf_counter() - start)
-        spread = {k: [round(min(v), 3), round(statistics.median(v), 3), round(max(v), 3)] for k, v in times.items()}
-        out["rows"][name] = {"requests": len(requests), "rows_forwarded": len(inputs), "seconds": spread,
+        out["rows"][name] = {"requests": len(requests), "rows_forwarded": len(inputs),
+                             "seconds": {k: spread(v) for k, v in times.items()},
                              "eval_over_plain": round(statistics.median(times["eval"]) / statistics.median(times["plain"]), 3)}
     return out
+
+
+def spread(values) -> list[float]:
+    """[min, median, max] of ``values``, rounded."""
+    return [round(min(values), 3), round(statistics.median(values), 3), round(max(values), 3)]
 
 
 def fit_cost(hidden: int, repeats: int) -> dict:
@@ -575,10 +580,6 @@ def fit_cost(hidden: int, repeats: int) -> dict:
             runs["floor"].append(child("--floor-child", f"{folder}::8"))
     weight_mb = checkpoint / 2**20
     median = statistics.median
-
-    def spread(values):
-        return [round(min(values), 3), round(median(values), 3), round(max(values), 3)]
-
     rows = {name: {"seconds": spread([r["seconds"] for r in rs]),
                    "peak_over_weights": round(median(r["peak_mb"] for r in rs) / weight_mb, 3)}
             for name, rs in runs.items()}

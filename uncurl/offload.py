@@ -131,9 +131,9 @@ def _offloading(module):
     return hook if getattr(hook, "offload", False) and getattr(hook, "weights_map", None) is not None else None
 
 
-def reach_children(modules) -> int:
+def reach_children(modules) -> None:
     """Have the offload hook of each of ``modules`` bring in the module's whole subtree for its
-    forward, not only its own tensors; returns how many hooks were replaced.
+    forward, not only its own tensors.
 
     accelerate hooks every module that holds tensors of its own, and each hook brings in only that
     module's tensors. A forward that reads a child's weight without calling the child therefore
@@ -142,7 +142,6 @@ def reach_children(modules) -> int:
     child's own hook still works when the child is called."""
     from accelerate.hooks import AlignDevicesHook, add_hook_to_module
 
-    replaced = 0
     for module in modules:
         hook = _offloading(module)
         if hook is None or hook.place_submodules or not any(True for c in module.children() for _ in c.parameters()):
@@ -151,8 +150,6 @@ def reach_children(modules) -> int:
             execution_device=hook.execution_device, offload=True, io_same_device=hook.io_same_device,
             weights_map=hook.weights_map, offload_buffers=hook.offload_buffers, place_submodules=True,
             skip_keys=hook.skip_keys, tied_params_map=hook.tied_params_map))
-        replaced += 1
-    return replaced
 
 
 class Onload:

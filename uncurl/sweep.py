@@ -26,8 +26,7 @@ from .merge import MERGE_RULES, ROUTER_RULES, parameter_count, rewrite_model
 from .options import AUTO_MERGE, DEFAULT_MERGE, DEFAULT_METHOD, DEFAULT_ROUTER, EVAL, PRUNE, ints, names, opt
 from .output import claim
 from .pipeline import (RunOptions, base_report, check_options, fit_after_merge, follow, loaded_check, method_used,
-                       may_fit, plan_all, prepare, resolved, run_eval,
-                       run_inputs)
+                       may_fit, plan_all, prepare, resolved, run_eval, run_inputs)
 from .report import Timings
 from .save import verify_checkpoint, write_checkpoint
 
