@@ -141,7 +141,7 @@ DEEPSEEK_V3 = {
 # 61 tiny layers (the MTP block's name and transformers' ignore pattern depend on the count); one head
 _DSV3_SHRINK = dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, q_lora_rank=64, **MLA,
                     num_attention_heads=1, num_key_value_heads=1, n_routed_experts=8, num_experts_per_tok=2, n_group=2,
-                    topk_group=1, vocab_size=VOCAB, max_position_embeddings=4096)
+                    topk_group=1, vocab_size=VOCAB)
 
 KIMI_K2 = {  # reconstructed: DeepSeek-V3's layout under model_type kimi_k2, Kimi-K2-Instruct's published sizes
     **{k: v for k, v in DEEPSEEK_V3.items() if k not in ("num_nextn_predict_layers",)},
@@ -168,8 +168,7 @@ GLM45_AIR = {**GLM45, "first_k_dense_replace": 1, "hidden_size": 4096, "intermed
              "moe_intermediate_size": 1408, "n_routed_experts": 128, "num_hidden_layers": 46,
              "use_qk_norm": False}
 _GLM_SHRINK = dict(hidden_size=64, head_dim=64, intermediate_size=128, moe_intermediate_size=32, n_routed_experts=8,
-                   num_experts_per_tok=2, num_attention_heads=1, num_key_value_heads=1, vocab_size=VOCAB,
-                   max_position_embeddings=4096)
+                   num_experts_per_tok=2, num_attention_heads=1, num_key_value_heads=1, vocab_size=VOCAB)
 
 QWEN3_30B = {  # reconstructed from the Qwen/Qwen3-30B-A3B model card (48 layers, 128 experts, 8 active)
     "architectures": ["Qwen3MoeForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
@@ -186,7 +185,7 @@ QWEN3_235B = {**QWEN3_30B, "hidden_size": 4096, "intermediate_size": 12288, "max
               "moe_intermediate_size": 1536, "num_attention_heads": 64, "num_hidden_layers": 94}
 _QWEN_SHRINK = dict(hidden_size=64, head_dim=64, intermediate_size=128, moe_intermediate_size=32, num_experts=8,
                     num_experts_per_tok=2, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=2,
-                    max_window_layers=2, vocab_size=VOCAB, max_position_embeddings=4096)
+                    max_window_layers=2, vocab_size=VOCAB)
 
 QWEN3_NEXT = {  # reconstructed from the Qwen/Qwen3-Next-80B-A3B-Instruct model card
     "architectures": ["Qwen3NextForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
@@ -206,7 +205,7 @@ _QWEN_NEXT_SHRINK = dict(hidden_size=64, head_dim=64, intermediate_size=128, moe
                          shared_expert_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
                          num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=4, linear_key_head_dim=32,
                          linear_value_head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4,
-                         vocab_size=VOCAB, max_position_embeddings=4096)
+                         vocab_size=VOCAB)
 
 _GPT_OSS_SRC = ("EchoCog/gpt-oss-20b config.json @52971a17bf2f66dd519c8d26217b1405e425a246 (a copy of openai/gpt-oss-20b "
                 "whose quant_method was edited to gptq; restored to the Hub's mxfp4)")
@@ -241,7 +240,7 @@ MIXTRAL = {  # reconstructed from the mistralai/Mixtral-8x7B-Instruct-v0.1 model
     "vocab_size": 32000,
 }
 _PLAIN_SHRINK = dict(hidden_size=128, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
-                     num_hidden_layers=2, vocab_size=VOCAB, max_position_embeddings=4096)  # head_dim 64
+                     num_hidden_layers=2, vocab_size=VOCAB)  # head_dim 64
 
 OLMOE = {  # reconstructed from the allenai/OLMoE-1B-7B-0924 model card (float32 weights)
     "architectures": ["OlmoeForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "clip_qkv": None,
@@ -471,14 +470,14 @@ TWINS: list[Twin] = [
          card_licence={"license": "apache-2.0"}),
     Twin("Phi-3.5-MoE-instruct", "microsoft/Phi-3.5-MoE-instruct",
          "reconstructed: microsoft/Phi-3.5-MoE-instruct model card", PHI_MOE,
-         {**_PLAIN_SHRINK, "num_local_experts": 8, "max_position_embeddings": 131072,
+         {**_PLAIN_SHRINK, "num_local_experts": 8,
           "rope_scaling": {"long_factor": [1.0] * 32, "short_factor": [1.0] * 32}},
          real_shards=17, licences=("LICENSE",), card_licence={"license": "mit"}),
     Twin("Llama-4-Scout-17B-16E-Instruct", "meta-llama/Llama-4-Scout-17B-16E-Instruct",
          "reconstructed: meta-llama/Llama-4-Scout-17B-16E-Instruct model card", LLAMA4_SCOUT,
          {"text_config": dict(hidden_size=128, head_dim=64, intermediate_size=64, intermediate_size_mlp=128,
                               num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=2, num_local_experts=8,
-                              vocab_size=VOCAB, max_position_embeddings=4096, attention_chunk_size=64),
+                              vocab_size=VOCAB),
           "vision_config": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                                 image_size=28, patch_size=14, vision_output_dim=64, projector_input_dim=64,
                                 projector_output_dim=128)},
@@ -510,7 +509,7 @@ TWINS: list[Twin] = [
          "reconstructed: meituan-longcat/LongCat-Flash-Chat model card", LONGCAT,
          dict(hidden_size=64, ffn_hidden_size=128, expert_ffn_hidden_size=32, n_routed_experts=8, moe_topk=2,
               zero_expert_num=2, num_attention_heads=1, num_layers=1, q_lora_rank=64, **MLA, vocab_size=VOCAB,
-              max_position_embeddings=4096), real_shards=75, mtp="longcat", licences=("LICENSE",),
+              ), real_shards=75, mtp="longcat", licences=("LICENSE",),
          card_licence={"license": "mit"}),
 ]
 BY_NAME = {t.name: t for t in TWINS}
@@ -716,13 +715,18 @@ def _bytes_to_unicode():
 
 
 class {cls}(PreTrainedTokenizerFast):
-    vocab_files_names = {{"vocab_file": "{file}"}}
+    vocab_files_names = {{"tiktoken_file": "{file}"}}
     model_input_names = ["input_ids", "attention_mask"]
 
-    def __init__(self, vocab_file=None, **kwargs):
+    @classmethod
+    def convert_to_native_format(cls, **kwargs):  # this class reads its own file
+        kwargs.pop("vocab_file", None)
+        return kwargs
+
+    def __init__(self, tiktoken_file=None, **kwargs):
         table = _bytes_to_unicode()
         vocab = {{}}
-        with open(vocab_file, "rb") as f:
+        with open(tiktoken_file, "rb") as f:
             for line in f:
                 if line.strip():
                     token, rank = line.split()
@@ -734,7 +738,7 @@ class {cls}(PreTrainedTokenizerFast):
         kwargs.pop("tokenizer_object", None)
         kwargs.setdefault("eos_token", "[EOS]")
         kwargs.setdefault("pad_token", "[PAD]")
-        super().__init__(tokenizer_object=tok, vocab_file=vocab_file, **kwargs)
+        super().__init__(tokenizer_object=tok, tiktoken_file=tiktoken_file, **kwargs)
 '''
 
 
@@ -852,19 +856,101 @@ def size_of(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
 
 
-def expert_counts(names: dict, block: str) -> dict[str, int]:
-    """{MoE block prefix: experts stored} for the tensors under ``block`` (a prefix such as 'model.layers.'):
-    per-expert names count distinct indices; fused tensors (experts.X [E, ...]) their first axis."""
+MTP_BLOCK = {"deepseek": None, "qwen": r"mtp\.layers\.(\d+)\.", "ernie": r"model\.mtp_block\.(\d+)\.",
+             "longcat": r"model\.mtp\.layers\.(\d+)\."}
+
+
+def mtp_block_of(twin: Twin, config: dict, name: str) -> int | None:
+    """The MTP block ``name`` belongs to (0, 1, ...), or None for a tensor of the model itself."""
+    if twin.mtp is None:
+        return None
+    if twin.mtp == "deepseek":
+        m = re.match(r"model\.layers\.(\d+)\.", name)
+        n = config.get("text_config", config)["num_hidden_layers"]
+        return int(m.group(1)) - n if m and int(m.group(1)) >= n else None
+    if twin.mtp == "longcat" and name.startswith("model.mtp."):
+        m = re.match(MTP_BLOCK["longcat"], name)
+        return int(m.group(1)) if m else 0
+    if twin.mtp in ("qwen", "ernie") and re.match(r"(mtp\.|model\.mtp_)", name):
+        m = re.match(MTP_BLOCK[twin.mtp], name)
+        return int(m.group(1)) if m else int(re.search(r"\.(\d+)\.weight$", name).group(1)) if twin.mtp == "ernie" else 0
+    return None
+
+
+def expert_counts(specs: dict) -> dict[str, int]:
+    """{MoE block: experts stored in it}: per-expert names (``<block>.experts.<j>.``) count their distinct
+    indices, fused expert tensors (``<block>.experts.<tensor>``, granite's ``input_linear`` /
+    ``output_linear``) the length of their first axis."""
     per_expert: dict[str, set] = {}
-    fused: dict[str, int] = {}
-    for name, (_, shape) in names.items():
-        if not name.startswith(block):
-            continue
-        m = re.match(r"(.*?)\.experts\.(\d+)\.", name)
+    fused: dict[str, set] = {}
+    for name, (_, shape) in specs.items():
+        m = re.match(r"(.+?)\.experts\.(\d+)\.", name)
         if m:
             per_expert.setdefault(m.group(1), set()).add(int(m.group(2)))
             continue
-        m = re.match(r"(.*?)\.(?:experts|input_linear|output_linear)\.?(\w*)$", name)
-        if m and ".experts." in name + "." and shape:
-            fused[m.group(1)] = max(fused.get(m.group(1), 0), shape[0])
-    return {**{k: len(v) for k, v in per_expert.items()}, **fused}
+        m = re.match(r"(.+?)\.(?:experts\.\w+|input_linear\.weight|output_linear\.weight)$", name)
+        if m and len(shape) >= 2:
+            fused.setdefault(m.group(1), set()).add(shape[0])
+    counts = {k: len(v) for k, v in per_expert.items()}
+    for block, sizes in fused.items():
+        counts[block] = sizes.pop() if len(sizes) == 1 else -1  # -1: fused tensors disagree
+    return counts
+
+
+def expert_count(text: dict) -> int:
+    """The expert count a config.json (its text config) states, under the family's key or an alias
+    transformers maps to it (transformers 5 writes qwen3_moe's ``num_experts`` as ``num_local_experts``)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from uncurl.adapters import ADAPTERS
+
+    model_type = {"kimi_k2": "deepseek_v3"}.get(text["model_type"], text["model_type"])
+    adapter = ADAPTERS.get(model_type)
+    key = adapter.expert_count_key if adapter else "num_experts"
+    aliases = getattr(CONFIG_MAPPING[model_type], "attribute_map", {}) if model_type in CONFIG_MAPPING else {}
+    for name in [key, aliases.get(key)] + [alias for alias, real in aliases.items() if real == key]:
+        if name in text:
+            return int(text[name])
+    raise KeyError(f"config.json states no expert count ({key})")
+
+
+def disagreements(twin: Twin, folder: Path) -> dict[str, list[str]]:
+    """What ``folder``'s config.json and its safetensors headers say differently, by topic: ``moe`` (the
+    model's MoE blocks), ``mtp`` (the MTP blocks the config announces against those stored, and their
+    experts), ``index`` (the index against the shards)."""
+    config = json.loads((folder / "config.json").read_text())
+    text = config.get("text_config", config)
+    experts = expert_count({"model_type": config["model_type"], **text})
+    allowed = {experts, experts + int(text.get("zero_expert_num") or 0)}  # longcat stores its zero experts' rows
+    specs = headers(folder)
+    out = {"moe": [], "mtp": [], "index": []}
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        mapped = json.loads(index.read_text())["weight_map"]
+        if set(mapped) != set(specs):
+            out["index"].append(f"the index maps {len(mapped)} tensors, the shards hold {len(specs)}")
+        missing = sorted(set(mapped.values()) - {p.name for p in folder.glob('*.safetensors')})
+        out["index"] += [f"the index names {f}, which is absent" for f in missing]
+    main = {k: v for k, v in specs.items() if mtp_block_of(twin, config, k) is None}
+    counts = expert_counts(main)
+    if not counts:
+        out["moe"].append("no MoE block in the headers")
+    out["moe"] += [f"{block} stores {n} experts, config.json says {experts}" for block, n in counts.items()
+                   if n not in allowed]
+    if twin.mtp is not None:
+        announced = int(text.get(twin.mtp_key) or 0)
+        blocks: dict[int, dict] = {}
+        for k, v in specs.items():
+            b = mtp_block_of(twin, config, k)
+            if b is not None:
+                blocks.setdefault(b, {})[k] = v
+        if sorted(blocks) != list(range(announced)):
+            out["mtp"].append(f"config.json announces {announced} MTP block(s) ({twin.mtp_key}), the headers hold "
+                              f"{len(blocks)}")
+        for b, part in sorted(blocks.items()):
+            found = expert_counts(part)
+            if not found:
+                out["mtp"].append(f"MTP block {b} has no experts")
+            out["mtp"] += [f"MTP block {b} ({block}) stores {n} experts, config.json says {experts}"
+                           for block, n in found.items() if n not in allowed]
+    return out
