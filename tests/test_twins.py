@@ -11,8 +11,7 @@ auto_map names and the licence files are carried; nothing prompts on the termina
 Tests of behaviour other branches of issue 26 build are marked ``xfail(strict=False, reason="pending:
 <branch>")``; faults found by the twins that no branch owns yet, ``reason="open: ..."``. Each twin is
 built and pruned once per session (one xdist group per twin). Most prune with the fastest options
-(frequency, select, 4 texts of 32 tokens); DeepSeek-V3 and Qwen3-30B-A3B with the default method and
-merge.
+(frequency, select, 4 texts of 32 tokens); Qwen3-30B-A3B and Mixtral with the default method and merge.
 """
 
 from __future__ import annotations
@@ -47,7 +46,7 @@ TRUSTED = {"Kimi-K2-Instruct", "Hunyuan-A13B-Instruct"}
 # the prune itself fails today (exit code or crash)
 PRUNE_XFAIL = {"Kimi-K2-Instruct": PENDING_PKG, "Kimi-K2-Instruct-tokenizer-json": PENDING_PKG,
                "Hunyuan-A13B-Instruct": HUNYUAN, "gpt-oss-20b": GPT_OSS, "gpt-oss-120b": GPT_OSS}
-DEFAULT_OPTIONS = {"DeepSeek-V3", "Qwen3-30B-A3B"}  # the others: --method frequency --merge select
+DEFAULT_OPTIONS = {"Qwen3-30B-A3B", "Mixtral-8x7B-Instruct-v0.1"}  # the others: --method frequency --merge select
 KEEP = 4
 runner = CliRunner()
 

@@ -18,8 +18,11 @@ is. Choices:
 - layer counts are sizes, shrunk, except where a tensor name depends on them: transformers ignores a
   DeepSeek-V3 MTP block only at ``model.layers.61`` and GLM-4.5's at ``.92`` / ``.46``
   (``_keys_to_ignore_on_load_unexpected``), and vLLM derives the MTP index from
-  ``num_hidden_layers``; so the DeepSeek-V3/R1 and GLM twins keep the real layer count (61, 92, 46)
+  ``num_hidden_layers``; so the DeepSeek-V3 and GLM twins keep the real layer count (61, 92, 46)
   with tiny layers, and their MTP block sits at index ``num_hidden_layers``;
+- DeepSeek-R1's config.json is DeepSeek-V3's key for key (a copy quoted in public code shows the same
+  values), so the DeepSeek-V3 twin stands for it: a second 61-layer twin would double the suite's
+  slowest part for no new layout; DeepSeek-V3.1 is its own twin (UE8M0 scales);
 - an MTP decoder layer is the tensors of one MoE decoder layer of a second model (seed + 1) of the
   same config, renamed under the family's MTP prefix, plus the family's MTP-only tensors;
 - DeepSeek-style MLA keeps DeepSeek's real head dimensions (kv_lora_rank 512, qk_rope 64,
@@ -419,10 +422,6 @@ TWINS: list[Twin] = [
     Twin("DeepSeek-V3", "deepseek-ai/DeepSeek-V3", _DSV3_SRC, DEEPSEEK_V3, _DSV3_SHRINK, real_shards=163, shards=3,
          quant="fp8", mtp="deepseek", licences=("LICENSE-CODE", "LICENSE-MODEL"),
          card_licence={"license": "other", "license_name": "deepseek", "license_link": "LICENSE-MODEL"}),
-    Twin("DeepSeek-R1", "deepseek-ai/DeepSeek-R1",
-         "reconstructed: DeepSeek-V3's config.json (" + _DSV3_SRC + "), which R1's repeats key for key",
-         DEEPSEEK_V3, _DSV3_SHRINK, real_shards=163, shards=3, quant="fp8", mtp="deepseek", licences=("LICENSE",),
-         card_licence={"license": "mit"}),
     Twin("DeepSeek-V3.1", "deepseek-ai/DeepSeek-V3.1",
          "reconstructed: DeepSeek-V3's config.json with V3.1's UE8M0 scale format (quantization_config.scale_fmt)",
          {**DEEPSEEK_V3, "quantization_config": {**DEEPSEEK_V3["quantization_config"], "scale_fmt": "ue8m0"},
