@@ -6,7 +6,7 @@ DATA   ?= ../shared/data
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: setup demo test test-newest bench readme clean
+.PHONY: setup demo test test-newest bench gpu-check readme clean
 
 setup: $(VENV)/.installed
 
@@ -49,6 +49,12 @@ readme: setup
 
 bench: setup
 	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
+
+# On a GPU machine (<= 10 minutes on one H100/H200): the cuda tests, the bench on cuda, a cuda:0+cpu
+# device map, the Qwen3-30B-A3B-shaped twin; figures in benchmarks/results/gpu_check.json.
+# Without a GPU it runs the CPU-safe parts, small (GPU_CHECK_ARGS=--smoke; tests/test_gpu_check.py).
+gpu-check: setup
+	$(BIN)/python -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

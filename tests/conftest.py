@@ -48,6 +48,8 @@ def pytest_collection_modifyitems(items):
     skipped, saying so, wherever a test is parametrised over families. Under pytest-xdist, one
     family's tests in test_families run on one worker, which prunes that family once for all of them."""
     for item in items:
+        if item.get_closest_marker("cuda") and not torch.cuda.is_available():
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU (make gpu-check runs it on one)"))
         family = getattr(item, "callspec", None) and item.callspec.params.get("family")
         if family and item.module.__name__ == "test_families":
             item.add_marker(pytest.mark.xdist_group(f"family-{family}"))

@@ -393,23 +393,58 @@ def weights_needed(folder: Path, config, dtype: str) -> tuple[int, bool]:
     return (2 * total if quantized else total), quantized
 
 
-def check_fits_memory(folder: Path, config, dtype: str, device: torch.device) -> None:
+def states_needed(config, dtype: str, *, samples: int, max_length: int, copies: int = 2) -> int:
+    """Bytes the layer-by-layer driver holds between two layers for the whole calibration set, at
+    most: ``copies`` tensors of samples x max_length x hidden (the states and the embeddings the
+    forward keeps; three with ``--calibrate-through pruned``) in the run's dtype (``auto``: the
+    config's, else float32). An upper bound: texts shorter than ``max_length`` are padded only to
+    their batch's longest."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    hidden = int(getattr(text, "hidden_size", 0) or 0)
+    own = getattr(text, "dtype", None) or getattr(config, "dtype", None)
+    if isinstance(own, str):
+        own = getattr(torch, own, None)
+    size = DTYPES[dtype].itemsize if dtype in DTYPES else (own.itemsize if isinstance(own, torch.dtype) else 4)
+    return copies * samples * max_length * hidden * size
+
+
+def _amount(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def check_fits_memory(folder: Path, config, dtype: str, device: torch.device, states: int = 0) -> None:
     """Without ``--device-map`` the whole model is loaded onto ``device``: a checkpoint that cannot
     fit there is refused before any weight is read (exit 2), saying how to place it instead, rather
-    than ending in the kernel's out-of-memory kill or CUDA's error halfway through."""
+    than ending in the kernel's out-of-memory kill or CUDA's error halfway through.
+
+    ``states``: bytes of hidden states the run holds besides the weights (``states_needed``; the
+    layer-by-layer driver's). On the CPU they count with the weights; on a GPU they stay there if
+    both fit and go to CPU memory otherwise (``devices.Parking``), so they must fit one or the other."""
     free = available_memory(device)
     if free is None:
         return
     needed, lower_bound = weights_needed(folder, config, dtype)
+    at_least = "at least " if lower_bound else ""
     if needed > free:
         where = f"{device} memory free" if device.type == "cuda" else "memory available on this machine"
-        def amount(n: int) -> str:
-            return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
-
-        raise UncurlError(f"model {folder}: its weights need {'at least ' if lower_bound else ''}{amount(needed)} "
-                          f"and there is {amount(free)} of {where}; place it with --device-map auto "
+        raise UncurlError(f"model {folder}: its weights need {at_least}{_amount(needed)} "
+                          f"and there is {_amount(free)} of {where}; place it with --device-map auto "
                           f"(--max-memory caps each device; the rest is offloaded to disk), and --pipeline sequential "
                           f"reads each offloaded layer once")
+    if not states:
+        return
+    host = free if device.type != "cuda" else available_memory(torch.device("cpu"))
+    if device.type == "cuda" and needed + states <= free:
+        return  # the states stay on the GPU
+    if device.type != "cuda" and needed + states > free:
+        raise UncurlError(f"model {folder}: its weights need {at_least}{_amount(needed)} and the hidden states of the "
+                          f"calibration set up to {_amount(states)} between two layers, and there is {_amount(free)} "
+                          f"of memory available on this machine; lower --samples or --max-length, or place the model "
+                          f"with --device-map auto --max-memory cpu=... (its weights offloaded to disk)")
+    if device.type == "cuda" and host is not None and states > host:
+        raise UncurlError(f"model {folder}: the hidden states of the calibration set take up to {_amount(states)} "
+                          f"between two layers: more than the {_amount(free - needed)} of {device} left beside the "
+                          f"weights and the {_amount(host)} of CPU memory available; lower --samples or --max-length")
 
 
 def check_finite(model) -> None:
@@ -604,7 +639,7 @@ def from_folder(folder: Path, config, dtype, device_map=None, output_loading_inf
 
 def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto", seed: int = 0,
                device_map: str | None = None, max_memory: str | None = None, moe: bool = True,
-               dequantize: bool = False) -> Loaded:
+               dequantize: bool = False, states: dict | None = None) -> Loaded:
     """Load ``model_id`` for inference (eval mode, no gradients) on ``device``, or spread over the
     GPUs by accelerate when ``device_map`` is given (``auto``: fill GPUs in order), with what does not
     fit (or exceeds ``max_memory``, e.g. ``0=20GiB,cpu=60GiB``) offloaded to CPU memory, then disk.
@@ -613,7 +648,10 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto", seed
     ``adapter`` is then the family's when uncurl knows it, else None.
 
     A quantized checkpoint is loaded dequantized; a format uncurl writes back (``quant.CODECS``) is
-    described by ``Loaded.quantized``, any other is refused unless ``dequantize`` (quant.py)."""
+    described by ``Loaded.quantized``, any other is refused unless ``dequantize`` (quant.py).
+
+    ``states``: ``states_needed``'s keywords (samples, max_length, copies) when the run will hold the
+    calibration set's hidden states (layer by layer): the memory preflight counts them too."""
     return_freed_memory()
     dev = resolve_device(device)
     if device_map is not None:
@@ -649,8 +687,8 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto", seed
             check_moe_keys(folder, config, adapter)
         check_weight_files(folder)  # missing or truncated files fail here, named
         check_weights_fit(folder, config)  # a missing, extra or mis-shaped tensor, before any weight is read
-        if device_map is None:
-            check_fits_memory(folder, config, dtype, dev)  # too big for the device: say how to place it
+        if device_map is None:  # too big for the device: say how to place it
+            check_fits_memory(folder, config, dtype, dev, states_needed(config, dtype, **states) if states else 0)
     quantized = check_quantized(model_id, folder, config, dequantize or not moe)  # scheme and scales, named
     tokenizer = load_tokenizer(model_id, padding=moe)  # before the weights: it is cheap
     log.info("loading %s (%s) on %s", model_id, config.model_type, dev)

@@ -414,6 +414,15 @@ def _sequential(model, adapter, pipeline: str, asked: bool = False) -> bool:
     return True
 
 
+def held_states(opts) -> dict | None:
+    """What the memory preflight counts besides the weights (``load.states_needed``'s keywords): the
+    calibration set's hidden states, held between layers unless the pipeline is ``whole``."""
+    if getattr(opts, "pipeline", "whole") == "whole" or not hasattr(opts, "samples"):
+        return None
+    copies = 3 if getattr(opts, "calibrate_through", "original") == "pruned" else 2
+    return {"samples": opts.samples, "max_length": opts.max_length, "copies": copies}
+
+
 def profile_driver(name: str):
     """The profile driver ``--pipeline NAME`` (whole or sequential, ``pipeline_for``) runs, looked up
     when a run starts (a caller that replaces ``pipeline.profile_model`` is obeyed)."""
@@ -688,7 +697,7 @@ def prepare(opts: RunOptions, keeps: list[int], timings: Timings, *, check_loade
     with timings.stage("load"):
         loaded = load_model(opts.model, device=distributed.rank_device(opts.device), dtype=opts.dtype,
                             seed=opts.seed, device_map=opts.device_map, max_memory=opts.max_memory,
-                            dequantize=getattr(opts, "dequantize", False))
+                            dequantize=getattr(opts, "dequantize", False), states=held_states(opts))
     if loaded.quantized is not None:
         log.info("%s is %s: the profile runs on its weights, dequantized as they are read", opts.model,
                  loaded.quantized.format)

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .adapters import MoEAdapter, find_moe_layers, routing_names, top_k
+from .devices import Masks, on
 from .errors import UncurlError
 from .load import input_device
 from .stats import (PROFILE_SCHEMA, SAMPLE_TOKENS, STATISTICS, ExpertBatch, LayerStats, Profile,  # noqa: F401
@@ -104,6 +105,7 @@ def recording_experts_forward(self, hidden_states, top_k_index, top_k_weights, *
         tokens = pairs // k
         y = _expert_output(self, e, hidden_states[tokens])
         norms[pairs] = torch.linalg.vector_norm(y.float(), dim=-1)
+        # deterministic on CUDA too: a token is routed to an expert once, so no row gets two nonzero adds in one call
         out.index_add_(0, tokens, (y * gates[pairs, None]).to(out.dtype))
     record = getattr(self, "_uncurl_record", None)
     if record is not None:
@@ -148,7 +150,9 @@ ROUTER_OUTPUTS = {"topk": _topk_output, "scores": _scores_output}
 class _Recorder:
     """Router hooks plus the recording experts implementation on every MoE layer; ``mask`` selects
     the non-padding rows of the current batch, ``tokens`` [n, 2] names them (text index, position:
-    what the logit sample's keys hash), both set per batch by ``start``.
+    what the logit sample's keys hash), both set per batch by ``start``. The mask is made wherever
+    (the CPU, the input device) and each hook uses it on the device of the tensors it indexes
+    (``devices.Masks``): under ``--device-map`` every layer has its own.
 
     A router that returns probabilities instead of logits (``adapter.router_logits``) gets a second
     hook on the submodule that computes its logits, which runs first, inside the router's forward."""
@@ -158,7 +162,7 @@ class _Recorder:
         self.stats = {layer.name: LayerStats(num_experts, seed=seed + layer.index) for layer in moe_layers}
         self.tail = tail  # routers with tail rows: logit columns and slots past the experts are dropped
         self.read, self.output, self.top_k = ROUTER_OUTPUTS[output], output, top_k
-        self.mask: torch.Tensor | None = None
+        self.mask = None  # a devices.Masks (a tensor set here is wrapped in one)
         self.tokens: torch.Tensor | None = None
         self.paused = False  # set while a layer's blocks run again for other ends (layerwise.py's fit)
         self.listen = None  # listen(name, weights [n, k], indices [n, k]) per router call, padding removed (routes.py)
@@ -190,6 +194,11 @@ class _Recorder:
             log.warning("%d MoE layers do not use transformers' switchable experts: no REAP/EAN statistics "
                         "for them", len(self.missing_outputs))
 
+    def __setattr__(self, name, value):
+        if name == "mask" and not (value is None or isinstance(value, Masks)):
+            value = Masks(value)
+        super().__setattr__(name, value)
+
     def start(self, attention_mask: torch.Tensor, text_ids: Sequence[int]) -> None:
         """The next batch: its attention mask [B, T] and the (global) index of each of its texts."""
         self.mask = attention_mask.reshape(-1).bool()
@@ -202,9 +211,10 @@ class _Recorder:
 
         return hook
 
-    def _keep(self, n: int) -> torch.Tensor | None:
+    def _keep(self, like: torch.Tensor) -> torch.Tensor | None:
+        """The non-padding rows of ``like`` (rows first), on its device; None when they are not the batch's."""
         keep = self.mask
-        return keep if keep is not None and keep.numel() == n else None
+        return keep.on(like) if keep is not None and keep.numel() == like.shape[0] else None
 
     def _hook(self, name: str):
         def hook(module, args, output):
@@ -218,8 +228,8 @@ class _Recorder:
                 )
             logits, weights, indices = read
             logits = self.logits.pop(name, logits)
-            logits, weights, indices = (t.reshape(-1, t.shape[-1]) for t in (logits, weights, indices))
-            keep = self._keep(logits.shape[0])
+            logits, weights, indices = (on(t.reshape(-1, t.shape[-1]), logits) for t in (logits, weights, indices))
+            keep = self._keep(logits)
             if keep is not None:
                 logits, weights, indices = logits[keep], weights[keep], indices[keep]
             if self.listen is not None:  # each token's top-k as the router chose it (tail slots included)
@@ -239,7 +249,8 @@ class _Recorder:
                 return
             keep = self.mask
             if keep is not None and keep.numel() and expert.shape[0] % keep.numel() == 0:
-                pairs = keep.repeat_interleave(expert.shape[0] // keep.numel())  # token-major pairs
+                gate, norm = on(gate, expert), on(norm, expert)
+                pairs = keep.on(expert).repeat_interleave(expert.shape[0] // keep.numel())  # token-major pairs
                 expert, gate, norm = expert[pairs], gate[pairs], norm[pairs]
             if self.tail:  # as in the router hook: skip slots are not routed
                 routed = gate != 0
@@ -347,7 +358,6 @@ def profile_model(
             for rows, batch in indexed_batches(tokenizer, texts, batch_size=batch_size, max_length=max_length):
                 recorder.start(batch["attention_mask"], [text_ids[i] for i in rows])
                 batch = batch.to(device)
-                recorder.mask = recorder.mask.to(device)
                 # logits_to_keep=1: the router statistics need no vocabulary projection; no KV cache
                 model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=1,
                       use_cache=False)

@@ -48,6 +48,7 @@ from pathlib import Path
 
 import torch
 
+from .devices import on
 from .errors import UncurlError
 
 
@@ -191,7 +192,7 @@ class Fp8Block(Codec):
         return s.repeat_interleave(bo, -2)[..., : shape[-2], :].repeat_interleave(bi, -1)[..., : shape[-1]]
 
     def dequantize(self, q, scales, qc):
-        return q.to(torch.float32) * self._expand(scales[0].to(torch.float32), q.shape, qc)
+        return q.to(torch.float32) * self._expand(scales[0].to(q.device, torch.float32), q.shape, qc)
 
     def quantize(self, w, like, qc):
         bo, bi = qc["weight_block_size"]
@@ -250,10 +251,10 @@ class Mxfp4(Codec):
         return None
 
     def dequantize(self, q, scales, qc):
-        lut = torch.tensor(FP4_VALUES, dtype=torch.float32)
+        lut = torch.tensor(FP4_VALUES, dtype=torch.float32, device=q.device)
         q = q.to(torch.uint8)
         values = torch.stack([lut[(q & 0x0F).long()], lut[(q >> 4).long()]], -1).flatten(-2)  # [.., B, G, 32]
-        values = torch.ldexp(values, scales[0].to(torch.int32).sub(127).unsqueeze(-1))
+        values = torch.ldexp(values, scales[0].to(q.device, torch.int32).sub(127).unsqueeze(-1))
         return values.flatten(-2).transpose(-1, -2).contiguous()
 
     def quantize(self, w, like, qc):
@@ -262,7 +263,7 @@ class Mxfp4(Codec):
         # the smallest power of two that brings the block's largest value to at most 6 (no clipping)
         exp = torch.where(amax > 0, torch.ceil(torch.log2(amax / 6.0)), torch.full_like(amax, -127.0)).clamp(-127, 127)
         x = g / torch.ldexp(torch.ones_like(amax), exp.to(torch.int32)).unsqueeze(-1)
-        mids = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+        mids = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], device=x.device)  # bucketize: one device
         magnitude = torch.bucketize(x.abs().contiguous(), mids).to(torch.uint8)  # the nearest E2M1 value
         nibble = magnitude | (((x < 0) & (magnitude > 0)).to(torch.uint8) << 3)  # zero is +0
         packed = nibble[..., 0::2] | (nibble[..., 1::2] << 4)
@@ -562,15 +563,18 @@ def write_quantized(model, adapter, plans: dict, source: Source, folder: Path, s
             for name, tensor in converted.items():
                 action, src, parts, out, *groups = actions[name]
                 like = tuple(source.specs[p] for p in parts)
+                # one device: the input's bytes are read to the CPU, so is what is quantized again (on the
+                # model's device, where the arithmetic is fast) before the two meet in a stack or a file
                 if action == "copy":
                     written = [source.read(p) for p in parts]
                 elif action == "quantize":
-                    written = codec.quantize(tensor, like, qc)
+                    written = [on(t, "cpu") for t in codec.quantize(tensor, like, qc)]
                 elif action == "cast":
-                    written = [tensor.to(like[0].dtype)]
+                    written = [on(tensor, "cpu").to(like[0].dtype)]
                 else:  # rows
                     originals = [source.read(p) for p in parts]
-                    rows = [[o[g[0]] for o in originals] if len(g) == 1 else codec.quantize(tensor[k], like, qc)
+                    rows = [[o[g[0]] for o in originals] if len(g) == 1
+                            else [on(t, "cpu") for t in codec.quantize(tensor[k], like, qc)]
                             for k, g in enumerate(groups[0])]
                     written = [torch.stack([r[i] for r in rows]) for i in range(len(parts))]
                 for o, t in zip(out, written):

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .adapters import MoEAdapter, find_moe_layers
+from .devices import on
 from .errors import UncurlError
 from .load import input_device
 from .profile import indexed_batches
@@ -56,10 +57,10 @@ def trainable(model, adapter: MoEAdapter, experts: bool = False) -> dict[str, to
 
 def kl_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """KL(teacher || student) of the next-token distributions, mean over the tokens where ``mask``."""
-    t = F.log_softmax(teacher_logits.float(), -1)
+    t = F.log_softmax(on(teacher_logits, student_logits).float(), -1)
     s = F.log_softmax(student_logits.float(), -1)
     per_token = (t.exp() * (t - s)).sum(-1)
-    m = mask.to(per_token.dtype)
+    m = on(mask, per_token).to(per_token.dtype)
     return (per_token * m).sum() / m.sum().clamp_min(1)
 
 
@@ -187,8 +188,9 @@ def recover_block(block: torch.nn.Module, params: dict[str, torch.nn.Parameter],
     and after); else the weights are put back. Returns the report entry."""
     def error_of(out, target, mask):
         out = (out[0] if isinstance(out, (tuple, list)) else out).float()
-        o, t = out.reshape(-1, out.shape[-1]), target.float().reshape(-1, out.shape[-1])
+        o, t = out.reshape(-1, out.shape[-1]), on(target, out).float().reshape(-1, out.shape[-1])
         if mask is not None and mask.numel() == o.shape[0]:
+            mask = on(mask, o)
             o, t = o[mask], t[mask]
         return ((o - t) ** 2).sum(), (t ** 2).sum()
 

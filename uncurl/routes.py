@@ -158,7 +158,6 @@ def route(model, tokenizer, adapter, texts: list[str], write, *, batch_size: int
         with progress_bar(progress, -(-len(texts) // batch_size), "routing") as advance:
             for rows, batch in indexed_batches(tokenizer, texts, batch_size=batch_size, max_length=max_length):
                 recorder.start(batch["attention_mask"], rows)
-                recorder.mask = recorder.mask.to(device)
                 model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                       logits_to_keep=1, use_cache=False)
                 pending.update(routes.lines(rows, batch["input_ids"], batch["attention_mask"], texts))

@@ -56,6 +56,7 @@ import torch
 from torch import nn
 
 from .adapters import MoEAdapter, find_moe_layers, language_stack, top_k
+from .devices import Ambient, Masks, Parking
 from .errors import UncurlError
 from .load import input_device
 from .offload import Onload, onloaded
@@ -177,10 +178,12 @@ _local = threading.local()
 class _Batch(threading.Thread):
     """One batch's forward; it runs only between ``resume`` and its next layer call (or its end)."""
 
-    def __init__(self, model, index: int, batch, baton: threading.Semaphore, work=None):
+    def __init__(self, model, index: int, batch, baton: threading.Semaphore, work=None,
+                 ambient: Ambient = Ambient(), parking: Parking | None = None):
         super().__init__(name=f"uncurl-batch-{index}", daemon=True)
         self.model, self.index, self.batch, self.baton = model, index, batch, baton
         self.work = work or _forward
+        self.ambient, self.parking = ambient, parking  # the driver's CUDA device and stream; where states wait
         self.go = threading.Semaphore(0)
         self.call: tuple | None = None  # (layer index, Call) while it waits at a layer
         self.reply = None
@@ -192,7 +195,7 @@ class _Batch(threading.Thread):
         self.go.acquire()
         try:
             if not isinstance(self.reply, BaseException):
-                with torch.no_grad():
+                with torch.no_grad(), self.ambient.entered():
                     self.work(self.model, self.batch)
         except BaseException as err:  # noqa: BLE001 - handed to the driver, which raises it
             self.error = err
@@ -225,21 +228,27 @@ class _Batch(threading.Thread):
             self.baton.acquire()
         finally:
             torch.set_num_threads(before)
+        if self.call is not None and self.parking is not None:  # it waits at a layer: its states off the device
+            self.parking.arrived((self.call[1].args, self.call[1].kwargs))
 
 
 LayerVisit = Callable[[int, list[Call]], list]  # drive's visit(layer index, calls) -> outputs
 
 
-def drive(model, layers: list[tuple[str, nn.Module]], batches: list, visit: LayerVisit, work=None) -> None:
+def drive(model, layers: list[tuple[str, nn.Module]], batches: list, visit: LayerVisit, work=None,
+          parking: Parking | None = None) -> None:
     """Run the model's forward on every batch, layer by layer (module docstring): for each layer
     the model calls, ``visit(index, calls)`` gets every batch's call of it (in batch order) and
     returns their outputs, which the forwards go on with (a call ``visit`` answered itself,
     ``Call.answer``, is skipped). ``visit`` runs the layer itself (``Call.run`` with
     ``forward_of(layer)``, the layer's own forward). ``work(model, batch)``: what each batch's thread
-    runs (default: the model's forward, its output dropped; ``forward_layer_by_layer``)."""
+    runs (default: the model's forward, its output dropped; ``forward_layer_by_layer``). Each thread
+    runs in the caller's CUDA device and stream (``devices.Ambient``); ``parking`` says where each
+    batch's tensors wait between layers (``devices.Parking``; default: where the model put them)."""
     family = model.config.model_type
     baton = threading.Semaphore(0)
-    threads = [_Batch(model, b, batch, baton, work) for b, batch in enumerate(batches)]
+    ambient = Ambient.capture()
+    threads = [_Batch(model, b, batch, baton, work, ambient, parking) for b, batch in enumerate(batches)]
 
     def make(i, layer):
         def stand_in(*args, **kwargs):
@@ -293,10 +302,11 @@ def forward_of(layer: nn.Module) -> Callable:
 
 def encoded(tokenizer, texts, text_ids, *, batch_size: int, max_length: int, device):
     """The calibration batches on ``device`` and, per batch, what the recorder needs: the mask of
-    its non-padding rows and their (text, position) names."""
+    its non-padding rows (``devices.Masks``: moved to each layer's device as it is used) and their
+    (text, position) names."""
     batches, names = [], []
     for rows, batch in indexed_batches(tokenizer, texts, batch_size=batch_size, max_length=max_length):
-        names.append((batch["attention_mask"].reshape(-1).bool().to(device),
+        names.append((Masks(batch["attention_mask"].reshape(-1).bool()),
                       token_positions(batch["attention_mask"], [text_ids[r] for r in rows])))
         batches.append(batch.to(device))
     return batches, names
@@ -321,23 +331,31 @@ class Visit:
     device: torch.device
     stats: dict
     calls: list[Call]
-    masks: list  # per call: its batch's non-padding rows ([B*T] bool, on the device)
+    masks: list  # per call: its batch's non-padding rows ([B*T] bool, on ``device``)
+    parking: Parking | None = None
 
     def run(self, forward) -> list:
-        return [call.run(forward, self.device) for call in self.calls]
+        """``forward`` on every call's arguments on ``device``; the outputs parked like the states."""
+        outputs = []
+        for call in self.calls:
+            outputs.append(call.run(forward, self.device))
+            if self.parking is not None:
+                self.parking.park(outputs[-1])
+        return outputs
 
 
 @torch.no_grad()
 def run_layers(model, tokenizer, adapter: MoEAdapter, texts, *, batch_size: int = 8, max_length: int = 512,
                progress: bool = False, meta: dict | None = None, seed: int = 0, text_ids=None,
                after_layer: Callable[[Visit], "list | None"] | None = None, after_all: Callable[[], None] | None = None,
-               rerun: bool = False, label: str = "profiling layer by layer") -> Profile:
+               rerun: bool = False, label: str = "profiling layer by layer", states: str = "auto") -> Profile:
     """The profile, computed layer by layer (``drive``). ``after_layer(visit)`` runs after each
     decoder layer (``Visit``), its weights still on the device. With ``rerun``, what it returns
     (the outputs of the layer as pruned: ``--calibrate-through pruned``) is what the next layer
     gets, so every batch's input states are held until then; without, each batch goes on with the
     original layer's output as soon as it is computed, and its input is freed at once.
-    ``after_all()`` runs after the last, while the modules outside the layers are still held."""
+    ``after_all()`` runs after the last, while the modules outside the layers are still held.
+    ``states``: where each batch's states wait between layers (``devices.Parking``: auto, device, cpu)."""
     if not texts:
         raise UncurlError("no calibration text to profile: the task's calibration split is empty")
     text_ids = check_text_ids(texts, text_ids)
@@ -346,6 +364,7 @@ def run_layers(model, tokenizer, adapter: MoEAdapter, texts, *, batch_size: int 
     batches, names = encoded(tokenizer, texts, text_ids, batch_size=batch_size, max_length=max_length,
                              device=input_device(model))
     recorder = recorder_for(model, adapter, seed)
+    parking = Parking(states, copies=len(batches) * (2 if rerun else 1))
 
     visited: set[int] = set()
 
@@ -363,6 +382,7 @@ def run_layers(model, tokenizer, adapter: MoEAdapter, texts, *, batch_size: int 
                 out = call.run(forward, where)
                 recorder.mask = recorder.tokens = None
                 if rerun:
+                    parking.park(out)
                     outputs.append(out)
                 else:  # on at once: at most one layer input and its output per batch held
                     call.answer(out)
@@ -374,7 +394,7 @@ def run_layers(model, tokenizer, adapter: MoEAdapter, texts, *, batch_size: int 
                 recorder.paused = True  # what after_layer runs again is not calibration
                 try:
                     instead = after_layer(Visit(i, name, layer, where, stats, calls,
-                                                [names[c.batch][0] for c in calls]))
+                                                [names[c.batch][0].on(where) for c in calls], parking))
                 finally:
                     recorder.paused = False
                 if rerun and instead is not None:
@@ -383,7 +403,7 @@ def run_layers(model, tokenizer, adapter: MoEAdapter, texts, *, batch_size: int 
 
     try:
         with progress_bar(progress, len(layers) * len(batches), label) as advance, _outer_onloaded(model, layers):
-            drive(model, layers, batches, visit)
+            drive(model, layers, batches, visit, parking=parking)
             if after_all is not None:
                 after_all()
     finally:

@@ -11,8 +11,9 @@ have passed (a repeat is never cut in half, and at least one runs), so a run is 
 ``seconds`` plus one repeat. The spread of the repeats is reported (min, median, max), with the
 device, batch, context and the number of repeats done.
 
-Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA (everything allocated on that device,
-weights included); on the CPU it is not measured (n/a): the process's resident size mixes the
+Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA, summed over every GPU the model runs on
+(``devices.used_devices``: one, or those of a ``--device-map``; each is also reported), weights
+included; the timings synchronise all of them. On the CPU it is not measured (n/a): the process's resident size mixes the
 allocator's caches, the tokenizer and Python, and a high-water mark cannot be reset between models.
 The context is capped at the model's ``max_position_embeddings`` less the decode steps (the tiny
 built-in models have 512), and the capped value is what is reported.
@@ -60,9 +61,11 @@ class ServingOptions:
                              help="With --measure-serving: greedy decode steps timed per repeat.")
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _sync(devices: list[torch.device]) -> None:
+    """Wait for the work queued on every CUDA device in ``devices`` (a timing ends when all are done)."""
+    for device in devices:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
 
 def _spread(values: list[float]) -> dict:
@@ -81,26 +84,29 @@ def measure_serving(model, *, batch: int = DEFAULT_BATCH, context: int = DEFAULT
                     repeats: int = DEFAULT_REPEATS, seconds: float = DEFAULT_SECONDS,
                     decode_tokens: int = DEFAULT_DECODE, seed: int = 0) -> dict:
     """Prefill and decode tokens/s of ``model`` on its own device (see the module doc)."""
+    from .devices import used_devices
     from .load import input_device
 
     device = input_device(model)
+    gpus = [d for d in used_devices(model) if d.type == "cuda"]
     config = model.config.get_text_config(decoder=True)
     limit = getattr(config, "max_position_embeddings", None)
     ctx = min(context, limit - decode_tokens) if isinstance(limit, int) and limit > decode_tokens else context
     vocab = int(getattr(config, "vocab_size", 256) or 256)
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, ctx), generator=g).to(device)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+    for gpu in gpus:
+        with torch.cuda.device(gpu):
+            torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(gpu)
     start = time.perf_counter()
     model(input_ids=ids[:, : min(ctx, 8)], use_cache=True)  # warm-up, not counted
     prefill, decode = [], []
     while len(prefill) < repeats and (not prefill or time.perf_counter() - start < seconds):
-        _sync(device)
+        _sync(gpus)
         t0 = time.perf_counter()
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        _sync(device)
+        _sync(gpus)
         t1 = time.perf_counter()
         cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
         del out
@@ -108,21 +114,22 @@ def measure_serving(model, *, batch: int = DEFAULT_BATCH, context: int = DEFAULT
             out = model(input_ids=token, past_key_values=cache, use_cache=True)
             cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
             del out
-        _sync(device)
+        _sync(gpus)
         t2 = time.perf_counter()
         del cache
         prefill.append(batch * ctx / (t1 - t0))
         decode.append(batch * decode_tokens / (t2 - t1))
     elapsed = time.perf_counter() - start
-    peak = int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+    peaks = {str(gpu): int(torch.cuda.max_memory_allocated(gpu)) for gpu in gpus}
+    peak = sum(peaks.values()) if peaks else None
     return {"device": str(device), "device_name": _device_name(device), "dtype": str(next(model.parameters()).dtype),
             "batch": batch, "context": ctx, "context_requested": context, "decode_tokens": decode_tokens,
             "repeats": len(prefill), "repeats_requested": repeats, "cap_s": seconds,
             "capped": len(prefill) < repeats, "elapsed_s": round(elapsed, 3),
             "prefill_tokens_per_s": _spread(prefill), "decode_tokens_per_s": _spread(decode),
-            "peak_memory_bytes": peak,
-            "peak_memory_note": ("torch.cuda.max_memory_allocated (weights included)" if peak is not None
-                                 else "n/a on CPU (not measured)")}
+            "peak_memory_bytes": peak, "peak_memory_by_device": peaks,
+            "peak_memory_note": (f"torch.cuda.max_memory_allocated summed over {', '.join(peaks)} (weights included)"
+                                 if peak is not None else "n/a on CPU (not measured)")}
 
 
 def measure(model, opts: ServingOptions, seed: int = 0) -> dict:

@@ -10,6 +10,8 @@ not grow with the number of calibration tokens. Nothing here knows the model: th
 several, one shard of the texts) hand batches to ``LayerStats`` and ``Profile.combine`` adds the
 partial profiles of disjoint text shards (what ``--profile a b c`` and an all-reduce use).
 
+Every accumulation is deterministic on CPU and CUDA alike (``add_by_index``: no float atomics), so
+a run equals itself, and the layer-by-layer driver the whole-model pass, bit for bit on one machine.
 Combining is exact for the sums (counts, mass, logit sums, Gram matrix, EAN/REAP sums: up to the
 order of float64 additions). The router-logit sample is *priority sampling* with a key per token
 derived from (seed, layer, text index, position in the text) by a hash (``token_keys``), not from a
@@ -97,13 +99,29 @@ def _vec(e: int) -> tuple[int, ...]:
 
 
 @statistic("counts", _vec, "router", "times each expert was in a token's top-k (frequency)")
-def _counts(stats, acc, b: RouterBatch):
+def _counts(stats, acc, b: RouterBatch):  # integer counts: exact in any order
     acc += torch.bincount(b.indices.reshape(-1), minlength=acc.numel()).to(acc)
+
+
+SUM_ROWS = 4096  # rows of one one-hot block in add_by_index (4096 x E float64: 4 MiB at E = 128)
+
+
+def add_by_index(acc: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
+    """``acc[index[i]] += values[i]`` for every i (``acc`` [E], float64), deterministically: as
+    ``values @ one_hot(index)``, block by block in a fixed order. ``index_add_`` would be shorter, but
+    on CUDA it adds with atomics, so float64 sums depend on thread timing (torch's reproducibility
+    notes): a run would not equal itself, nor sequential the whole pass, bit for bit. A matrix product
+    has a fixed reduction order on a given GPU and library version (cuBLAS' reproducibility
+    guarantee), and on the CPU. Operands are moved to ``acc``'s device."""
+    index, values = index.reshape(-1).to(acc.device), values.reshape(-1).to(acc)
+    for start in range(0, index.numel(), SUM_ROWS):
+        rows = slice(start, start + SUM_ROWS)
+        acc += values[rows] @ torch.nn.functional.one_hot(index[rows], acc.numel()).to(acc.dtype)
 
 
 @statistic("mass", _vec, "router", "sum of the routing weights each expert received")
 def _mass(stats, acc, b: RouterBatch):
-    acc.index_add_(0, b.indices.reshape(-1), b.weights.reshape(-1).to(acc))
+    add_by_index(acc, b.indices, b.weights)
 
 
 @statistic("logit_sum", _vec, "router", "sum of router logits")
@@ -118,12 +136,12 @@ def _gram(stats, acc, b: RouterBatch):
 
 @statistic("ean_sum", _vec, "experts", "sum of ||f_j(x)|| over the tokens routed to j (EAN)")
 def _ean_sum(stats, acc, b: ExpertBatch):
-    acc.index_add_(0, b.expert, b.norm)
+    add_by_index(acc, b.expert, b.norm)
 
 
 @statistic("reap_sum", _vec, "experts", "sum of g_j(x) ||f_j(x)|| over the tokens routed to j (REAP)")
 def _reap_sum(stats, acc, b: ExpertBatch):
-    acc.index_add_(0, b.expert, b.gate * b.norm)
+    add_by_index(acc, b.expert, b.gate * b.norm)
 
 
 # ---- the router-logit sample: priority sampling with per-token hashed keys ---------------------
