@@ -491,3 +491,86 @@ def test_a_quantized_hub_model_is_read_from_its_snapshot_in_the_hub_cache(fp8_di
     res = subprocess.run([sys.executable, "-m", "uncurl", "prune", "--model", "someorg/absent", "--out",
                           str(tmp_path / "none"), *common], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and "someorg/absent" in res.stderr and not (tmp_path / "none").exists(), res.stderr
+
+
+# ---- the spellings real repos use: MiniMax-M2's fmt, DeepSeek-V3.1's UE8M0 scales -----------------------
+
+def requantized(fp8: Path, dst: Path, quantization_config: dict, scale=lambda s: s) -> Path:
+    """``fp8``'s checkpoint with another quantization_config, every FP8 weight quantized again from the
+    plain model with its block scales passed through ``scale`` (q = w / scale, clamped to e4m3)."""
+    plain, tensors = read_all(fp8.parent / "plain"), read_all(fp8)
+    block = json.loads((fp8 / "config.json").read_text())["quantization_config"]["weight_block_size"]
+    for name, t in list(tensors.items()):
+        if t.dtype == torch.float8_e4m3fn:
+            (bo, bi), (o, i) = block, t.shape
+            s = scale(blockwise_fp8(plain[name], block)[1])
+            tiles = plain[name].float().reshape(o // bo, bo, i // bi, bi) / s[:, None, :, None]
+            tensors[name] = tiles.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).reshape(o, i)
+            tensors[name.removesuffix("weight") + "weight_scale_inv"] = s
+    return write_folder(fp8.parent / "plain", dst, tensors, quantization_config)
+
+
+def is_power_of_two(s: torch.Tensor) -> bool:
+    return bool((s > 0).all()) and torch.equal(torch.exp2(torch.round(torch.log2(s.double()))), s.double())
+
+
+def test_minimax_m2s_spelling_of_e4m3_is_accepted_and_kept(fp8_dirs, data_dir, tmp_path):
+    """MiniMax-M2 writes ``fmt: "float8_e4m3fn"`` (torch's name) where DeepSeek writes ``"e4m3"``; another
+    format is refused naming the accepted spellings."""
+    fp8, _, _ = fp8_dirs("deepseek_v3")
+    qc = {**json.loads((fp8 / "config.json").read_text())["quantization_config"], "fmt": "float8_e4m3fn"}
+    model = requantized(fp8, tmp_path / "minimax", qc)
+    report = run_prune(model, tmp_path / "out", data_dir, keep=4, method="reap")
+    assert report["model"]["format"] == FORMATS["deepseek_v3"]
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"] == qc
+    src, got = read_all(model), read_all(tmp_path / "out")
+    assert {n for n in src if ".experts." not in n} <= got.keys()
+    assert all(raw(got[n]) == raw(src[n]) for n in src if ".experts." not in n and ".gate." not in n)
+    bad = requantized(fp8, tmp_path / "e5m2", {**qc, "fmt": "e5m2"})
+    result = cli_prune(bad, tmp_path / "refused", data_dir)
+    assert result.exit_code == 2 and nothing_written(tmp_path / "refused"), result.output
+    assert "fmt 'e5m2' (supported: 'e4m3', 'float8_e4m3fn')" in " ".join(result.output.split())
+
+
+def test_ue8m0_scales_stay_powers_of_two_and_merges_stay_within_fp8_rounding(fp8_dirs, data_dir, tmp_path):
+    """DeepSeek-V3.1's ``scale_fmt: "ue8m0"``: every block scale a power of two, stored as float32. Kept
+    experts are the input's bytes; a merged expert is quantized again with its scales rounded up to a power
+    of two (no value clamped), within e4m3's rounding of the float32 merge; the config is kept."""
+    fp8, _, block = fp8_dirs("deepseek_v3")
+    qc = {**json.loads((fp8 / "config.json").read_text())["quantization_config"], "scale_fmt": "ue8m0"}
+    model = requantized(fp8, tmp_path / "v3.1", qc, scale=lambda s: torch.exp2(torch.ceil(torch.log2(s))))
+    src = read_all(model)
+    assert all(is_power_of_two(t) for n, t in src.items() if n.endswith("_scale_inv"))
+    report = run_prune(model, tmp_path / "out", data_dir, keep=4, method="uncurl", merge="average",
+                       router_rows="mean")
+    got = read_all(tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"] == qc
+    assert report["model"]["format"] == "fp8 (e4m3, 8x8 blocks, ue8m0 scales)"
+    scales = {n: t for n, t in got.items() if n.endswith("_scale_inv")}
+    assert scales and all(t.dtype == torch.float32 and is_power_of_two(t) for t in scales.values())
+    merged = 0
+    for layer in report["layers"]:
+        prefix = layer["name"] + ".experts."
+        for k, (members, weights) in enumerate(zip(layer["groups"], layer["merge_weights"])):
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                name, scale = f"{prefix}{k}.{proj}.weight", f"{prefix}{k}.{proj}.weight_scale_inv"
+                if len(members) == 1:
+                    e = members[0]
+                    assert raw(got[name]) == raw(src[f"{prefix}{e}.{proj}.weight"])
+                    assert raw(got[scale]) == raw(src[f"{prefix}{e}.{proj}.weight_scale_inv"])
+                    continue
+                members_f32 = [blockwise_dequant(src[f"{prefix}{e}.{proj}.weight"],
+                                                 src[f"{prefix}{e}.{proj}.weight_scale_inv"], block) for e in members]
+                exact = sum(w * m.double() for w, m in zip(weights, members_f32))
+                (bo, bi), (o, i) = block, exact.shape
+                amax = exact.abs().reshape(o // bo, bo, i // bi, bi).amax(dim=(1, 3))
+                # the least power of two that keeps the block's largest value within e4m3 (up to the 1e-6 of
+                # the report's rounded merge weights): nothing clamped, no precision given away
+                s = got[scale].double()
+                assert (amax / s <= E4M3_MAX * (1 + 1e-6)).all() and (amax / s > E4M3_MAX / 2 * (1 - 1e-6)).all()
+                back = blockwise_dequant(got[name], got[scale], block).double()
+                full = s.repeat_interleave(bo, 0).repeat_interleave(bi, 1)
+                bound = 2 ** -4 * exact.abs() + 2 ** -10 * full + 1e-6 * sum(m.double().abs() for m in members_f32)
+                assert ((back - exact).abs() <= bound).all(), (name, float(((back - exact).abs() - bound).max()))
+                merged += 1
+    assert merged

@@ -30,22 +30,19 @@ from twins import BY_NAME, TWINS, Twin, build, disagreements, headers, shard_nam
 
 PENDING_MTP = "pending: 26-mtp (MTP blocks pruned with the model, or dropped with the count set to 0)"
 PENDING_PKG = "pending: 26-pkg (remote-code files copied, kimi_k2 loaded natively, --trust-remote-code, licences)"
-GPT_OSS = ("open: the repo's config.json has no torch_dtype/dtype, and uncurl's load then crashes in transformers' "
-           "get_state_dict_dtype on its pread slices (AttributeError: 'PySafeSlice' has no 'is_floating_point')")
-HUNYUAN = ("pending: 26-pkg (its tokenizer is remote code: --trust-remote-code); open: uncurl reads moe_topk as an "
-           "int, the repo's is a per-layer list (TypeError)")
+HUNYUAN = "pending: 26-pkg (its tokenizer is remote code: --trust-remote-code)"
+V3_1 = ("pending: 26-mtp (the twin's 4 layers put its MTP block at model.layers.4, which transformers does not "
+        "ignore on load as it does the real repo's layer 61: uncurl's MTP handling reads it)")
 
 # twins uncurl refuses today, and the reason its one-line error must name
 REFUSED = {
-    "DeepSeek-V3.1": r"scale_fmt 'ue8m0'",  # UE8M0 scales: not a format uncurl writes back
-    "MiniMax-M2": r"fmt 'float8_e4m3fn'",  # the spelling MiniMax uses for e4m3 (see the report)
     "Ling-lite-1.5": r"'bailing_moe' is not supported",  # remote code only, no transformers class
 }
 # twins whose tokenizer is remote code: pruned with --trust-remote-code
 TRUSTED = {"Kimi-K2-Instruct", "Hunyuan-A13B-Instruct"}
 # the prune itself fails today (exit code or crash)
 PRUNE_XFAIL = {"Kimi-K2-Instruct": PENDING_PKG, "Kimi-K2-Instruct-tokenizer-json": PENDING_PKG,
-               "Hunyuan-A13B-Instruct": HUNYUAN, "gpt-oss-20b": GPT_OSS, "gpt-oss-120b": GPT_OSS}
+               "Hunyuan-A13B-Instruct": HUNYUAN, "DeepSeek-V3.1": V3_1}
 DEFAULT_OPTIONS = {"Qwen3-30B-A3B", "Mixtral-8x7B-Instruct-v0.1"}  # the others: --method frequency --merge select
 KEEP = 4
 runner = CliRunner()

@@ -428,7 +428,7 @@ TWINS: list[Twin] = [
           "transformers_version": "4.44.2"},
          {**_DSV3_SHRINK, "num_hidden_layers": 4}, real_shards=163, shards=2, quant="fp8", mtp="deepseek",
          licences=("LICENSE",), card_licence={"license": "mit"},
-         note="4 layers: refused before the weights are read, so the MTP block's index (4) is never loaded"),
+         note="4 layers: its MTP block is model.layers.4 (transformers ignores only the real repo's layer 61)"),
     Twin("Kimi-K2-Instruct", "moonshotai/Kimi-K2-Instruct",
          "reconstructed: " + _DSV3_SRC + " with Kimi-K2-Instruct's published values (model_type kimi_k2)",
          KIMI_K2, {**_DSV3_SHRINK, "num_hidden_layers": 2}, real_shards=61, shards=2, quant="fp8",

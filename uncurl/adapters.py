@@ -573,19 +573,35 @@ def moe_config(config):
 
 
 def expert_count(config, adapter: MoEAdapter) -> int:
-    return int(getattr(moe_config(config), adapter.expert_count_key))
+    return _uniform(moe_config(config), adapter.expert_count_key, "expert count")
 
 
 def top_k(config, adapter: MoEAdapter) -> int:
-    return int(getattr(moe_config(config), adapter.top_k_key))
+    return _uniform(moe_config(config), adapter.top_k_key, "top-k")
+
+
+def _uniform(config, key: str, what: str) -> int:
+    """``config``'s ``key`` as one int. A per-layer list (Hunyuan-A13B's ``moe_topk: [8, 8, ...]``;
+    transformers' hunyuan_v1_moe reads entry ``layer_idx``) is taken when its entries are all one value;
+    layers that differ are refused, naming the key (uncurl prunes every MoE layer to one K and top-k)."""
+    value = getattr(config, key)
+    if not isinstance(value, (list, tuple)):
+        return int(value)
+    if not value or len(set(value)) != 1:
+        raise UncurlError(f"config.json's {key} {list(value)!r} gives its MoE layers different values; uncurl "
+                          f"prunes every layer alike and accepts a per-layer {what} only when all its entries are "
+                          f"equal")
+    return int(value[0])
 
 
 def set_moe_keys(config, adapter: MoEAdapter, num_experts: int, top_k: int | None = None) -> None:
-    """Write the new expert count (and top-k) where the family reads them."""
+    """Write the new expert count (and top-k) where the family reads them; a per-layer list stays a
+    list of the same length (``_uniform``)."""
     target = moe_config(config)
-    setattr(target, adapter.expert_count_key, num_experts)
-    if top_k is not None:
-        setattr(target, adapter.top_k_key, top_k)
+    for key, value in ((adapter.expert_count_key, num_experts), (adapter.top_k_key, top_k)):
+        if value is not None:
+            old = getattr(target, key, None)
+            setattr(target, key, [value] * len(old) if isinstance(old, (list, tuple)) else value)
 
 
 def tail_rows(config, adapter: MoEAdapter) -> int:

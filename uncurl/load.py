@@ -596,6 +596,22 @@ def placement_kwargs(device_map: str | None, max_memory: dict | None) -> dict:
     return {"device_map": device_map, "max_memory": max_memory, "offload_folder": folder}
 
 
+def stored_dtype(files: list[Path]) -> torch.dtype:
+    """The dtype ``dtype="auto"`` means for a checkpoint whose config names none (gpt-oss's has no
+    ``torch_dtype``): its first floating tensor's that is not float8/float4, from the safetensors headers, as
+    transformers' ``get_state_dict_dtype`` picks it from a state dict of tensors (it cannot read it from
+    the pread slices ``from_folder`` hands it); float32 when every floating tensor is quantized."""
+    from safetensors import safe_open
+
+    for path in files:
+        with safe_open(str(path), framework="pt") as handle:
+            for name in handle.keys():
+                dtype = _SAFETENSORS_DTYPES.get(handle.get_slice(name).get_dtype())
+                if dtype is not None and dtype.is_floating_point:
+                    return dtype
+    return torch.float32
+
+
 def from_folder(folder: Path, config, dtype, device_map=None, output_loading_info: bool = False, **placement):
     """``from_pretrained(folder)`` with the shards read by ``pread`` instead of mmap (see above).
 
@@ -618,6 +634,8 @@ def from_folder(folder: Path, config, dtype, device_map=None, output_loading_inf
     if not files:
         return cls.from_pretrained(folder, config=config, dtype=dtype, device_map=device_map,
                                    output_loading_info=output_loading_info, **placement)
+    if dtype == "auto" and getattr(config, "dtype", None) is None:
+        dtype = stored_dtype(files)
     from safetensors import safe_open
 
     handles = [] if source else [safe_open(str(f), framework="pt", device="cpu", backend="pread") for f in files]

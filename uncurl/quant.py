@@ -121,6 +121,21 @@ class Codec:
 
 
 FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
+# quantization_config.fmt: DeepSeek writes "e4m3", MiniMax-M2 "float8_e4m3fn" (torch's name); transformers reads
+# neither (the weights' dtype decides), the float8 tensors are checked to be e4m3 (``Fp8Block.check``)
+FP8_FORMATS = (None, "e4m3", "float8_e4m3fn")
+# quantization_config.scale_fmt: "float" (DeepSeek-V3), or "ue8m0" (DeepSeek-V3.1): every block scale a power of
+# two, still stored as float32 (a UE8M0 exponent for the kernels); a merged expert is quantized with its scales
+# rounded up to one (``power_of_two_above``)
+SCALE_FORMATS = (None, "float", "ue8m0")
+
+
+def power_of_two_above(x: torch.Tensor) -> torch.Tensor:
+    """The smallest power of two >= each (positive, float32) value of ``x``, exactly (from its exponent:
+    x = m * 2^e with 0.5 <= m < 1, so 2^e, or x itself when m is 0.5). Rounding a UE8M0 block scale up
+    keeps every quantized value within the e4m3 range."""
+    mantissa, exponent = torch.frexp(x)
+    return torch.ldexp(torch.ones_like(x), torch.where(mantissa == 0.5, exponent - 1, exponent))
 
 
 class Fp8Block(Codec):
@@ -138,7 +153,7 @@ class Fp8Block(Codec):
         if not (isinstance(block, (list, tuple)) and len(block) == 2
                 and all(isinstance(b, int) and b > 0 for b in block)):
             return f"weight_block_size {block!r} (per-tensor FP8 scales are not supported yet)"
-        for key, accepted in (("fmt", (None, "e4m3")), ("scale_fmt", (None, "float")),
+        for key, accepted in (("fmt", FP8_FORMATS), ("scale_fmt", SCALE_FORMATS),
                               ("activation_scheme", (None, "dynamic")), ("expert_dtype", (None, "fp8"))):
             if qc.get(key) not in accepted:
                 return f"{key} {qc.get(key)!r} (supported: {', '.join(repr(a) for a in accepted if a)})"
@@ -146,7 +161,7 @@ class Fp8Block(Codec):
 
     def describe(self, qc):
         bo, bi = qc["weight_block_size"]
-        return f"fp8 (e4m3, {bo}x{bi} blocks)"
+        return f"fp8 (e4m3, {bo}x{bi} blocks{', ue8m0 scales' if qc.get('scale_fmt') == 'ue8m0' else ''})"
 
     def is_quantized(self, spec):
         return spec.dtype == torch.float8_e4m3fn
@@ -201,7 +216,10 @@ class Fp8Block(Codec):
         padded = torch.nn.functional.pad(w.abs(), (0, -cols % bi, 0, -rows % bo))
         blocks = padded.unflatten(-1, (-1, bi)).unflatten(-3, (-1, bo))  # [.., R, bo, C, bi]
         amax = blocks.amax(dim=(-3, -1))
-        scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax)).to(like[1].dtype)
+        scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+        if qc.get("scale_fmt") == "ue8m0":
+            scale = power_of_two_above(scale)
+        scale = scale.to(like[1].dtype)
         q = (w / self._expand(scale.to(torch.float32), w.shape, qc)).clamp(-FP8_MAX, FP8_MAX).to(like[0].dtype)
         return q, scale
 
