@@ -197,3 +197,35 @@ def test_family_uncurl_does_not_run_drops_its_blocks(data_dir, tmp_path):
     assert json.loads((tmp_path / "out" / "config.json").read_text())["num_nextn_predict_layers"] == 0
     assert not [k for k in read_all(tmp_path / "out") if "mtp" in k]
     assert report["mtp"]["kept"] == 0 and "ernie4_5_moe" in report["mtp"]["why_dropped"]
+
+
+def test_fp8_input_keeps_its_mtp_block_in_fp8(mtp_dirs, data_dir, tmp_path):
+    """DeepSeek-V3's FP8 layout, MTP block included: a pruning criterion keeps K of the block's experts, byte for
+    byte with their scales, renumbered; the block's other quantized tensors are the input's bytes too."""
+    from test_quant import blockwise_fp8, write_folder
+
+    src = mtp_dirs("deepseek_v3")
+    state, fp8 = read_all(src), {}
+    for name, t in state.items():
+        if name.endswith("proj.weight") and t.dim() == 2 and "eh_proj" not in name:
+            q, s = blockwise_fp8(t, [8, 8])
+            fp8[name], fp8[name.removesuffix("weight") + "weight_scale_inv"] = q, s
+        else:
+            fp8[name] = t
+    qc = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [8, 8],
+          "modules_to_not_convert": ["lm_head"]}
+    folder = write_folder(src, tmp_path / "fp8", fp8, qc)
+    report = run(folder, tmp_path / "out", data_dir, method="frequency")
+    assert report["mtp"]["kept"] == 1
+    out = mtp_names(read_all(tmp_path / "out"), 61)
+    src61 = mtp_names(fp8, 61)
+    kept = report["layers"][-1]["groups"]
+    assert report["layers"][-1]["name"] == "model.layers.61.mlp" and all(len(g) == 1 for g in kept)
+    for k, (j,) in enumerate(kept):
+        for part in ("gate_proj.weight", "gate_proj.weight_scale_inv", "down_proj.weight", "down_proj.weight_scale_inv"):
+            assert torch.equal(out[f"mlp.experts.{k}.{part}"].view(torch.uint8) if "scale" not in part
+                               else out[f"mlp.experts.{k}.{part}"], src61[f"mlp.experts.{j}.{part}"].view(torch.uint8)
+                               if "scale" not in part else src61[f"mlp.experts.{j}.{part}"])
+    assert out["self_attn.o_proj.weight"].dtype == torch.float8_e4m3fn
+    assert torch.equal(out["self_attn.o_proj.weight"].view(torch.uint8), src61["self_attn.o_proj.weight"].view(torch.uint8))
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_nextn_predict_layers"] == 1
