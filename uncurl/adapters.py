@@ -369,8 +369,9 @@ REFUSED: dict[str, str] = {
 
 
 def _wrapper(model_type: str, text_type: str, **fields) -> MoEAdapter:
-    """A multimodal wrapper whose language stack is the table's ``text_type`` family."""
-    return replace(ADAPTERS[text_type], model_type=model_type, **fields)
+    """A multimodal wrapper whose language stack is the table's ``text_type`` family (its MTP blocks, if any,
+    are not run: mtp.py)."""
+    return replace(ADAPTERS[text_type], model_type=model_type, **{"mtp": MtpBlocks(), **fields})
 
 
 # FAMILIES.md section B: families that need one of the shared mechanisms above (multimodal
