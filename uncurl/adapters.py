@@ -48,6 +48,31 @@ TRANSPOSED_INTERLEAVED = (  # gpt_oss: [E,H,2I] gate/up interleaved (+ bias [E,2
 )
 
 
+# config keys that announce a checkpoint's next-token-prediction (MTP) blocks, as the Hub's configs spell them
+# (DeepSeek-V3, GLM-4.5, ERNIE-4.5, ...: num_nextn_predict_layers; Qwen3-Next, Qwen3.5: mtp_num_hidden_layers;
+# transformers' own name: num_mtp_layers)
+MTP_COUNT_KEYS = ("num_nextn_predict_layers", "mtp_num_hidden_layers", "num_mtp_layers")
+
+
+@dataclass(frozen=True)
+class MtpBlocks:
+    """A family's next-token-prediction (MTP) blocks: extra blocks its checkpoints keep for speculative
+    decoding, which transformers does not load and serving engines do (``mtp.py``). The default, for every
+    family: uncurl does not run them, so a pruned checkpoint drops them and writes their count as 0."""
+
+    count_keys: tuple[str, ...] = MTP_COUNT_KEYS  # config keys holding their count (each one present is rewritten)
+    # how uncurl runs and prunes them; None: it cannot (dropped, count 0). "deepseek": block i is
+    # model.layers.{num_hidden_layers + i}.*, a decoder layer of the family's class plus enorm, hnorm,
+    # eh_proj [H, 2H], shared_head.{norm,head}, embed_tokens, fed eh_proj([enorm(embed(t+1)), hnorm(h_t)]) (vLLM's
+    # deepseek_mtp.py)
+    wiring: str | None = None
+    hidden_from: str = "norm"  # the language stack's module whose input is h_t (the last state before the final norm)
+    moe_attr: str = "mlp"  # the MoE block's attribute in the block's decoder layer
+
+
+DEEPSEEK_MTP = MtpBlocks(wiring="deepseek")
+
+
 @dataclass(frozen=True)
 class MoEAdapter:
     """How one model family lays out its MoE blocks (defaults: the common transformers-5 layout)."""
@@ -101,6 +126,7 @@ class MoEAdapter:
     # expert's new index through the plan (merge.expert_targets). A layer whose router lacks one (a
     # learned router beside the hash ones) has none to rewrite
     expert_ids: tuple[str, ...] = ()
+    mtp: MtpBlocks = MtpBlocks()  # next-token-prediction blocks its checkpoints may keep (mtp.py)
 
     def expert_axis(self, name: str) -> int:
         """The axis of tensor ``name`` (a short name or a full state-dict key) that holds the experts."""
@@ -148,6 +174,7 @@ ADAPTERS: dict[str, MoEAdapter] = {
             router_tensors=("weight", "e_score_correction_bias"),
             shared_attrs=("shared_experts",),
             group_keys=("n_group", "topk_group"),
+            mtp=DEEPSEEK_MTP,
             tiny=dict(
                 n_routed_experts=8, moe_intermediate_size=32, n_shared_experts=1,
                 n_group=2, topk_group=1, first_k_dense_replace=1, num_hidden_layers=3,
@@ -225,7 +252,7 @@ ADAPTERS.update({
                              head_dim=16, global_head_dim=16, vocab_size_per_layer_input=320,
                              hidden_size_per_layer_input=8)),
         MoEAdapter("glm4_moe", "n_routed_experts", router_tensors=_ECB, shared_attrs=("shared_experts",),
-                   group_keys=_GROUPS, tiny=dict(_DEEPSEEK, first_k_dense_replace=1, head_dim=16,
+                   group_keys=_GROUPS, mtp=DEEPSEEK_MTP, tiny=dict(_DEEPSEEK, first_k_dense_replace=1, head_dim=16,
                                                  num_hidden_layers=3)),
         MoEAdapter("glm4_moe_lite", "n_routed_experts", router_tensors=_ECB, shared_attrs=("shared_experts",),
                    group_keys=_GROUPS, tiny=dict(**_DEEPSEEK, **_MLA, first_k_dense_replace=1,
@@ -342,8 +369,9 @@ REFUSED: dict[str, str] = {
 
 
 def _wrapper(model_type: str, text_type: str, **fields) -> MoEAdapter:
-    """A multimodal wrapper whose language stack is the table's ``text_type`` family."""
-    return replace(ADAPTERS[text_type], model_type=model_type, **fields)
+    """A multimodal wrapper whose language stack is the table's ``text_type`` family (its MTP blocks, if any,
+    are not run: mtp.py)."""
+    return replace(ADAPTERS[text_type], model_type=model_type, **{"mtp": MtpBlocks(), **fields})
 
 
 # FAMILIES.md section B: families that need one of the shared mechanisms above (multimodal
@@ -555,6 +583,8 @@ def special(adapter: MoEAdapter) -> list[str]:
         out.append(f"expert-id tables: {', '.join(adapter.expert_ids)}")
     if adapter.router_output != "topk":
         out.append(f"router returns {adapter.router_output}")
+    if adapter.mtp.wiring:
+        out.append(f"MTP blocks pruned ({adapter.mtp.wiring} wiring)")
     if adapter.broken_in:
         out.append(f"refused with transformers {', '.join(adapter.broken_in)} (its code fails)")
     return out
@@ -595,13 +625,38 @@ def _uniform(config, key: str, what: str) -> int:
 
 
 def set_moe_keys(config, adapter: MoEAdapter, num_experts: int, top_k: int | None = None) -> None:
-    """Write the new expert count (and top-k) where the family reads them; a per-layer list stays a
-    list of the same length (``_uniform``)."""
+    """Write the new expert count (and top-k) where the family reads them (a per-layer list stays a
+    list of the same length, ``_uniform``), and no MTP blocks: a pruned config announces them only
+    where they are written with the new count (``mtp.py`` sets it back)."""
     target = moe_config(config)
     for key, value in ((adapter.expert_count_key, num_experts), (adapter.top_k_key, top_k)):
         if value is not None:
             old = getattr(target, key, None)
             setattr(target, key, [value] * len(old) if isinstance(old, (list, tuple)) else value)
+    set_mtp_count(config, adapter, 0)
+
+
+def _with_text(config) -> list:
+    text = moe_config(config)
+    return [text] if text is config else [text, config]
+
+
+def mtp_count(config, adapter: MoEAdapter) -> tuple[str | None, int]:
+    """(the config key, how many MTP blocks it announces); (None, 0) when none."""
+    for cfg in _with_text(config):
+        for key in adapter.mtp.count_keys:
+            value = getattr(cfg, key, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return key, value
+    return None, 0
+
+
+def set_mtp_count(config, adapter: MoEAdapter, count: int) -> None:
+    """Write ``count`` into every MTP count key the config has (a key absent or None stays so)."""
+    for cfg in _with_text(config):
+        for key in adapter.mtp.count_keys:
+            if getattr(cfg, key, None) is not None:
+                setattr(cfg, key, count)
 
 
 def tail_rows(config, adapter: MoEAdapter) -> int:

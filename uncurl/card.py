@@ -119,6 +119,18 @@ def _eval_rows(ev: dict) -> list[str]:
     return rows
 
 
+def mtp_note(mtp: dict) -> str:
+    """What became of the parent's next-token-prediction (MTP) blocks, for the card."""
+    if mtp["kept"]:
+        return (f"MTP (speculative decoding): the parent's {mtp['announced']} next-token-prediction block(s) "
+                f"({', '.join(mtp['layers'])}) were profiled on the same calibration text and pruned to "
+                f"{mtp['experts']} experts alike (merge `{mtp['merge']}`); `{mtp['count_key']}` stays "
+                f"{mtp['kept']}, so vLLM/SGLang can serve it with MTP speculative decoding.")
+    return (f"MTP (speculative decoding): the parent's {mtp['announced']} next-token-prediction block(s) were "
+            f"**dropped** ({mtp['why_dropped']}), and `{mtp['count_key']}` is 0: serve it without MTP speculative "
+            f"decoding.")
+
+
 def render(report: dict, parent: dict | None = None, source: Path | None = None) -> str:
     """The card's text for ``report`` (the dict written as report.json); ``parent``: the parent card's
     metadata (``parent_card``), ``source``: the local folder the parent came from, if any."""
@@ -145,6 +157,8 @@ def render(report: dict, parent: dict | None = None, source: Path | None = None)
     for layer in report["layers"]:
         groups = " ".join("{" + ",".join(map(str, g)) + "}" for g in layer["groups"])
         lines.append(f"| {layer['index']} | {groups} | {', '.join(map(str, layer['dropped'])) or '-'} |")
+    if report.get("mtp"):
+        lines += ["", mtp_note(report["mtp"])]
     if "eval" in report:
         lines += ["", "## Evaluation before and after", "", *_eval_rows(report["eval"])]
     else:

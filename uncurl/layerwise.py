@@ -40,7 +40,7 @@ from typing import Callable
 
 import torch
 
-from .adapters import MoEAdapter, find_moe_layers, set_moe_keys, tail_rows
+from .adapters import MoEAdapter, find_moe_layers, set_moe_keys, set_mtp_count, tail_rows
 from .cluster import LayerPlan
 from .errors import UncurlError
 from .merge import MERGE_RULES, check_layer, layer_tensor_names, rewrite_layer
@@ -139,6 +139,7 @@ def prune_layer_by_layer(
     reduce: Callable[[list], None] | None = None,
     recover_local: int = 0,
     recover_experts: bool = False,
+    mtp=None,
 ) -> LayerwiseResult:
     """Profile ``model`` on ``texts`` layer by layer and write it, cut to ``keep`` experts per MoE
     layer, into ``folder`` (weights and configs; the tokenizer is the caller's; None: write nothing,
@@ -147,7 +148,9 @@ def prune_layer_by_layer(
     the ``--merge fit`` normal equations over them (``fit.fit_blocks``). ``recover_local`` steps:
     each pruned MoE block's routers (``recover_experts``: and experts) trained to give the original
     block's output on the layer's calibration inputs (``recover.recover_block``), before it is
-    written. ``model`` is consumed. See the module docstring."""
+    written. ``mtp`` (``mtp.Blocks``): its kept MTP blocks are profiled after the last layer, planned
+    and merged alike (fitted with ``--merge fit``, not recovered) and written under their own names,
+    the config's count kept. ``model`` is consumed. See the module docstring."""
     check_through(through)
     family = model.config.model_type
     layers = decoder_layers(model, adapter)
@@ -156,7 +159,9 @@ def prune_layer_by_layer(
     tail = tail_rows(model.config, adapter)
     pruned = pruned_on_meta(model, adapter, keep, top_k)
     prefixes = [name for name, _ in layers]
-    writer = CheckpointWriter(pruned, folder, shard_size, prefixes=prefixes) if folder is not None else None
+    extra = mtp is not None and mtp.kept
+    writer = CheckpointWriter(pruned, folder, shard_size, prefixes=prefixes,
+                              extra=mtp.stand_ins(keep, top_k) if extra else ()) if folder is not None else None
     runs = dict(writer.runs) if writer is not None else {}  # layer name -> its run of the checkpoint
     plans: dict[str, LayerPlan] = {}
     done: set[str] = set()
@@ -245,6 +250,26 @@ def prune_layer_by_layer(
             if local[b.name]["kept"]:
                 before_recovery.update(saved)
 
+    def after_mtp(session) -> None:
+        """The MTP blocks, still loaded and run on every batch: planned, merged (fitted), written."""
+        from .fit import fit_blocks, identity_plan
+
+        mtp.merge = merge
+        for block in mtp.blocks:
+            stats = session.stats[block.name]
+            if gather is not None:
+                gather(stats)
+            plans[block.name] = plan(block.name, stats)
+            shell = mtp.pruned(block, plans[block.name], merge=merge, router_rule=router_rule, stats=stats, top_k=top_k)
+            if fitting and not identity_plan(plans[block.name], stats.num_experts):
+                inner = block.moe().name
+                fit = fit_blocks(block.shell, shell, adapter, [inner],
+                                 lambda passes, mode, block=block: session.replay(block, passes), reduce=reduce)
+                fits[block.name] = fit[inner]
+            if writer is not None:
+                writer.write(block.state(shell))
+            del shell
+
     def after_all():
         missing = [b.name for name, _ in layers if name not in done for b in blocks[name]]
         if missing:
@@ -260,12 +285,15 @@ def prune_layer_by_layer(
     try:
         profile = run_layers(model, tokenizer, adapter, texts, batch_size=batch_size, max_length=max_length,
                              progress=progress, meta=meta, seed=seed, text_ids=text_ids, after_layer=after_layer,
-                             after_all=after_all, rerun=through == "pruned", label="pruning layer by layer")
+                             after_all=after_all, rerun=through == "pruned", label="pruning layer by layer",
+                             mtp=mtp if extra else None, after_mtp=after_mtp)
     finally:
         for hook in hooks:
             hook.remove()
         if writer is not None:
             writer.close()
+    if extra:
+        set_mtp_count(pruned.config, adapter, mtp.count)
     if writer is not None:
         writer.finish(pruned.config, getattr(pruned, "generation_config", None))
     return LayerwiseResult(profile, plans, pruned, local, fits, before_recovery)

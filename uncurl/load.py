@@ -51,6 +51,7 @@ class Loaded:
     processor_files: list = field(default_factory=list)  # copied beside the pruned checkpoint
     quantized: object | None = None  # quant.Source: a quantized input's files and format (profiled dequantized)
     loading_info: dict | None = None  # from_pretrained's (missing, unexpected, mismatched keys), for save's checks
+    mtp: object | None = None  # mtp.Blocks: its MTP blocks and whether this run prunes them (pipeline.mtp_of)
 
 
 # A multimodal model's processor (image, video, audio preprocessing; chat template): written beside

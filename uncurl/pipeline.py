@@ -24,7 +24,7 @@ import torch
 
 from . import distributed
 from . import tasks as T
-from .adapters import expert_count, find_moe_layers, routing_groups, top_k
+from .adapters import expert_count, find_moe_layers, routing_groups, set_mtp_count, top_k
 from .card import CARD, parent_card, render as render_card
 from .cluster import METHODS, LayerPlan, get_method, plan_layer, validate_keep
 from .cost import cost_table, finish, release_note, serving_cost, static_cost
@@ -36,6 +36,7 @@ from .merge import MERGE_RULES, ROUTER_RULES, get_rule, parameter_count, rewrite
 from .offload import counting, dispatched, offloaded_bytes
 from .options import (AUTO_MERGE, DATA, DEFAULT_MERGE, DEFAULT_METHOD, DEFAULT_ROUTER, EVAL, FIT_EVIDENCE, MODEL, PRUNE,
                       RUN, STUDY_EVIDENCE, choices_help, items, opt)
+from .mtp import Blocks as MtpBlocks, find as find_mtp
 from .profile import Profile, profile_model, router_fingerprint, shard_range
 from .recover import recover
 from .sequential import decoder_layers, profile_sequential
@@ -451,6 +452,15 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     return i, n
 
 
+def mtp_of(loaded: Loaded, opts) -> "MtpBlocks":
+    """The input's MTP blocks (``mtp.py``) and whether this run prunes them: a prune does, and a
+    profile records them; a sweep drops them (its checkpoints' configs announce none)."""
+    if loaded.mtp is None:
+        sweeping = not isinstance(opts, (PruneOptions, ProfileOptions))
+        loaded.mtp = find_mtp(loaded, why="uncurl sweep does not prune MTP blocks yet" if sweeping else None)
+    return loaded.mtp
+
+
 def run_profile(loaded: Loaded, opts: DataOptions, seed: int = 0) -> Profile:
     """Profile ``loaded`` on the calibration split (the expensive pass): all of it, the shard
     ``--shard I/N`` names (recorded in the meta), or under torchrun this rank's share, gathered
@@ -464,9 +474,10 @@ def run_profile(loaded: Loaded, opts: DataOptions, seed: int = 0) -> Profile:
         meta["shard"] = {"index": index, "count": count, "of": len(texts), "texts": [ids.start, ids.stop]}
     torch.manual_seed(seed)
     driver = profile_driver(pipeline_for(opts, loaded))
+    blocks = mtp_of(loaded, opts)
     profile = driver(loaded.model, loaded.tokenizer, loaded.adapter, [texts[i] for i in ids], text_ids=list(ids),
                      batch_size=opts.batch_size, max_length=opts.max_length, progress=opts.progress, meta=meta,
-                     seed=seed)
+                     seed=seed, **({"mtp": blocks} if blocks.kept else {}))
     if ranks:
         profile = distributed.gather_profile(profile, input_device(loaded.model))
     check_profiled(profile)
@@ -549,7 +560,8 @@ def _check_profile(profile: Profile, loaded: Loaded, path: str, opts: DataOption
                           f"profile this model with `uncurl profile`")
     e = expert_count(loaded.model.config, loaded.adapter)
     names = {layer.name for layer in find_moe_layers(loaded.model, loaded.adapter)}
-    if set(profile.layers) != names or any(s.num_experts != e for s in profile.layers.values()):
+    extra = set(mtp_of(loaded, opts).names)  # a profile may hold the MTP blocks' statistics too
+    if set(profile.layers) - extra != names or any(s.num_experts != e for s in profile.layers.values()):
         raise UncurlError(f"{recorded_on} with other MoE layers or expert counts than {loaded.model_id!r}; profile "
                           f"this model with `uncurl profile`")
     if "router_fingerprint" not in meta:
@@ -717,6 +729,14 @@ def prepare(opts: RunOptions, keeps: list[int], timings: Timings, *, check_loade
         with timings.stage("profile"):
             profile = Profile.load(opts.profile)
             _check_profile(profile, loaded, opts.profile, opts)
+            blocks = mtp_of(loaded, opts)
+            if any(name not in profile.layers for name in blocks.names):
+                blocks.drop(f"the --profile file {opts.profile} has no statistics of them (record it with "
+                            f"`uncurl profile` of this uncurl version)")
+            for name in set(profile.layers) - {layer.name for layer in find_moe_layers(loaded.model, adapter)} \
+                    - set(blocks.names):  # MTP statistics of blocks this run drops
+                del profile.layers[name]
+                profile.layer_index.pop(name, None)
     elif profiling:
         with timings.stage("profile"):
             profile = run_profile(loaded, opts, opts.seed)
@@ -1018,12 +1038,13 @@ def _pruned(opts: PruneOptions, output: Claim, shard_size: int, evaluating: bool
     offloaded = offloaded_bytes(loaded.model)
     with output.staged() as tmp:
         fit_report = recovery = local = None
-        unrecovered = {}
+        unrecovered, extra = {}, []
         if layerwise:
             pruned, plans, method, fit_report, local, unrecovered = _prune_layerwise(opts, prep, tmp, shard_size,
                                                                                      timings)
         else:
-            pruned, plans, method, fit_report, recovery = _merge_whole(opts, prep, evaluation, evaluating, timings)
+            pruned, plans, method, fit_report, recovery, extra = _merge_whole(opts, prep, evaluation, evaluating,
+                                                                              timings)
         loaded.model = None
         if hooked:
             gc.collect()  # accelerate's hooks make modules self-referencing: free the original now
@@ -1075,6 +1096,7 @@ def _pruned(opts: PruneOptions, output: Claim, shard_size: int, evaluating: bool
             **({"fit": fit_report} if fit_report is not None else {}),
             **({"recover": recovery.report} if recovery is not None else {}),
             **({"recover_local": local} if local is not None else {}),
+            **({"mtp": entry} if (entry := mtp_of(loaded, opts).report(opts.keep)) else {}),
             "output": str(out),
         }
         if evaluating:
@@ -1087,7 +1109,8 @@ def _pruned(opts: PruneOptions, output: Claim, shard_size: int, evaluating: bool
         if not layerwise:
             with timings.stage("save"):
                 write_checkpoint(pruned, loaded.tokenizer, tmp, shard_size, extra_files=loaded.processor_files,
-                                 as_input=as_input)
+                                 as_input=as_input, extra=extra)
+        del extra
         if as_input is not None:  # the bytes as stored, from the files written
             report["model"]["bytes_after"] = stored_bytes(tmp)
         del pruned  # the checks below reload from disk: never hold both copies
@@ -1135,7 +1158,13 @@ def _merge_whole(opts: PruneOptions, prep: Prepared, evaluation: dict, evaluatin
                 evaluation["merged"] = run_eval(pruned, loaded.tokenizer, opts, opts.eval_limit, opts.seed)
         with timings.stage("recover"):
             recovery = recover_after_merge(loaded, pruned, opts)
-    return pruned, plans, method, fit_report, recovery
+    blocks, extra = mtp_of(loaded, opts), []
+    if blocks.kept:
+        with timings.stage("merge_mtp"):
+            extra = blocks.prune_all(plans, prep.profile.layers, merge=opts.merge, router_rule=opts.router_rows,
+                                     top_k=opts.top_k)
+        set_mtp_count(pruned.config, adapter, blocks.count)
+    return pruned, plans, method, fit_report, recovery, extra
 
 
 def _prune_layerwise(opts: PruneOptions, prep: Prepared, folder: Path | None, shard_size: int, timings: Timings):
@@ -1164,7 +1193,7 @@ def _prune_layerwise(opts: PruneOptions, prep: Prepared, folder: Path | None, sh
             router_rule=opts.router_rows, top_k=opts.top_k, through=opts.calibrate_through, shard_size=shard_size,
             batch_size=opts.batch_size, max_length=opts.max_length, progress=opts.progress, meta=meta,
             seed=opts.seed, text_ids=list(ids), gather=gather, reduce=reduce, recover_local=opts.recover_local,
-            recover_experts=opts.recover_experts)
+            recover_experts=opts.recover_experts, mtp=mtp_of(loaded, opts))
         if folder is not None:
             write_extras(loaded.tokenizer, folder, loaded.processor_files)
     check_profiled(result.profile)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from contextlib import nullcontext
 from typing import Sequence
 
 import torch
@@ -338,12 +339,14 @@ def profile_model(
     meta: dict | None = None,
     seed: int = 0,
     text_ids: Sequence[int] | None = None,
+    mtp=None,
 ) -> Profile:
     """Forward ``texts`` through ``model`` and return every registered statistic, per MoE layer.
 
     ``text_ids``: the index of each text in the whole calibration set when ``texts`` is one shard
     of it (``shard_range``), so that shards' profiles combine to the whole set's; default
-    ``0..len(texts)-1``."""
+    ``0..len(texts)-1``. ``mtp`` (``mtp.Blocks``): its kept MTP blocks run on each batch after the
+    model's forward, their statistics in the profile too."""
     if not texts:
         raise UncurlError("no calibration text to profile: the task's calibration split is empty")
     text_ids = check_text_ids(texts, text_ids)
@@ -353,19 +356,28 @@ def profile_model(
                          router_logits=adapter.router_logits)
     device = input_device(model)
     n_batches = -(-len(texts) // batch_size)
+    extra = mtp.session(seed) if mtp is not None and mtp.kept else None
     try:
-        with progress_bar(progress, n_batches, "profiling") as advance:
+        with progress_bar(progress, n_batches, "profiling") as advance, \
+                (mtp.hidden_states(model) if extra else nullcontext({})) as hidden:
             for rows, batch in indexed_batches(tokenizer, texts, batch_size=batch_size, max_length=max_length):
                 recorder.start(batch["attention_mask"], [text_ids[i] for i in rows])
                 batch = batch.to(device)
                 # logits_to_keep=1: the router statistics need no vocabulary projection; no KV cache
                 model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=1,
                       use_cache=False)
+                if extra is not None:
+                    extra.run(batch, hidden.pop(0), [text_ids[i] for i in rows])
                 advance()
     finally:
         recorder.close()
-    index = {layer.name: layer.index for layer in moe_layers}
-    return Profile(recorder.stats, index, dict(meta or {}))
+        if extra is not None:
+            extra.close()
+    stats, index = dict(recorder.stats), {layer.name: layer.index for layer in moe_layers}
+    if extra is not None:
+        stats.update(extra.finish())
+        index.update(mtp.layer_index())
+    return Profile(stats, index, dict(meta or {}))
 
 
 def check_text_ids(texts: Sequence[str], text_ids: Sequence[int] | None) -> list[int]:

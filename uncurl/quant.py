@@ -488,11 +488,18 @@ def _fused_groups(name: str, layers, plans, adapter) -> list[tuple[int, ...]] | 
     return None
 
 
+@dataclass(frozen=True)
+class _Named:
+    """An MoE block known by its name alone (``write_quantized``'s extra runs)."""
+
+    name: str
+
+
 def _meta(shape, dtype) -> torch.Tensor:
     return torch.empty(tuple(shape), dtype=dtype, device="meta")
 
 
-def write_quantized(model, adapter, plans: dict, source: Source, folder: Path, shard_size) -> int:
+def write_quantized(model, adapter, plans: dict, source: Source, folder: Path, shard_size, extra=()) -> int:
     """The pruned ``model``'s checkpoint in ``source``'s format (see the module doc): safetensors shards
     as transformers names and splits them, index, config.json with the input's quantization_config,
     generation config. Returns the weight bytes written.
@@ -501,7 +508,9 @@ def write_quantized(model, adapter, plans: dict, source: Source, folder: Path, s
     ``copy`` (the input's tensor, or its quantized parts, byte for byte), ``quantize`` (a merged
     per-expert tensor, quantized like the input's), ``rows`` (a fused expert tensor, expert axis
     first: a singleton group's rows are the input's bytes, a merged group's are quantized) or ``cast``
-    (uncurl's tensor in the input's dtype: router rows, unquantized expert tensors that merged)."""
+    (uncurl's tensor in the input's dtype: router rows, unquantized expert tensors that merged).
+    ``extra``: runs of tensors beside the model's, named as the model would hold them (its MTP
+    blocks, ``mtp.py``), whose MoE blocks are the ``plans`` the model has no layer for."""
     from huggingface_hub.serialization._base import split_state_dict_into_shards_factory
     from transformers.core_model_loading import revert_weight_conversion
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
@@ -512,9 +521,11 @@ def write_quantized(model, adapter, plans: dict, source: Source, folder: Path, s
 
     codec, qc = source.codec, source.config
     layers = find_moe_layers(model, adapter)
+    own = {layer.name for layer in layers}
+    layers += [_Named(name) for name in plans if name not in own]  # the extra runs' MoE blocks
     tail_start = expert_count(source_config(source), adapter)
     state = remove_tied_weights_from_state_dict(model.state_dict(), model)
-    runs = [run for _, run in _layer_runs(state)]
+    runs = [run for _, run in _layer_runs(state)] + [run for _, run in extra]
     routers = tuple(f"{layer.name}.{adapter.router_attr}." for layer in layers)
 
     def missing(name: str, src: str) -> UncurlError:

@@ -57,18 +57,22 @@ def expected_bytes(model, adapter: MoEAdapter, keep: int) -> int:
 
 
 def write_checkpoint(model, tokenizer, folder: Path, shard_size: str | int = SHARD_SIZE, *, stream: bool = True,
-                     extra_files=(), as_input=None) -> None:
+                     extra_files=(), as_input=None, extra=()) -> None:
     """Safetensors shards of at most ``shard_size`` + index (transformers' names), config,
     generation config, tokenizer files, and ``extra_files`` (the input's processor files, see
     ``load.PROCESSOR_FILES``) copied as they are. ``stream=False`` is plain ``save_pretrained``.
     ``as_input``: (``quant.Source``, adapter, plans) of a quantized input, written in its format
-    from its files (``quant.write_quantized``)."""
+    from its files (``quant.write_quantized``). ``extra``: runs of tensors beside the model's (its
+    MTP blocks, ``CheckpointWriter``), which ``save_pretrained`` cannot write."""
     if as_input is not None:
         from .quant import write_quantized
 
         source, adapter, plans = as_input
-        write_quantized(model, adapter, plans, source, folder, shard_size)
-    elif not (stream and stream_checkpoint(model, folder, shard_size)):
+        write_quantized(model, adapter, plans, source, folder, shard_size, extra=extra)
+    elif not (stream and stream_checkpoint(model, folder, shard_size, extra)):
+        if extra:
+            raise UncurlError("this model cannot be written tensor by tensor, so its MTP blocks cannot be written "
+                              "beside it; their count would be wrong")
         model.save_pretrained(folder, max_shard_size=shard_size)
     write_extras(tokenizer, folder, extra_files)
 
@@ -122,9 +126,11 @@ class CheckpointWriter:
     shard split) comes from ``model``'s state dict up front, on ``meta`` stand-ins: ``model`` may be
     a model on ``meta`` whose tensors only exist later (``layerwise.py``). ``runs`` lists the runs
     ((layer name or None, {name: stand-in})); ``write(run)`` takes one run's real tensors, in any
-    order of runs; ``finish`` writes the index and configs and checks every tensor came."""
+    order of runs; ``finish`` writes the index and configs and checks every tensor came. ``extra``:
+    runs of tensors the model does not hold (its MTP blocks, ``mtp.py``), named as the model would
+    hold them; they go into the layout too, and are written by ``write`` like any run."""
 
-    def __init__(self, model, folder: Path, shard_size: str | int, prefixes=()):
+    def __init__(self, model, folder: Path, shard_size: str | int, prefixes=(), extra=()):
         from huggingface_hub.serialization._base import split_state_dict_into_shards_factory
         from transformers.core_model_loading import revert_weight_conversion
         from transformers.modeling_utils import remove_tied_weights_from_state_dict
@@ -136,7 +142,8 @@ class CheckpointWriter:
         # on meta stand-ins (no data read or copied): final names, shapes, dtypes and which outputs
         # share storage (views of one tensor), which is what transformers' shard split looks at
         specs, storage = {}, {}
-        for i, (_, run) in enumerate(self.runs):
+        self.extra_parameters = sum(t.numel() for _, run in extra for t in run.values())
+        for i, (_, run) in enumerate([*self.runs, *extra]):
             stand_ins = {name: torch.empty_like(t, device="meta") for name, t in run.items()}
             for name, t in revert_weight_conversion(model, stand_ins).items():
                 specs[name] = t
@@ -170,7 +177,8 @@ class CheckpointWriter:
         if unwritten:
             raise RuntimeError(f"streaming save never wrote {unwritten[:5]}")
         if self.split.is_sharded:
-            index = {"metadata": {"total_parameters": model.num_parameters(), **self.split.metadata},
+            index = {"metadata": {"total_parameters": model.num_parameters() + self.extra_parameters,
+                                  **self.split.metadata},
                      "weight_map": self.split.tensor_to_filename}
             (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         config = config if config is not None else model.config
@@ -183,18 +191,20 @@ class CheckpointWriter:
             generation_config.save_pretrained(folder)
 
 
-def stream_checkpoint(model, folder: Path, shard_size: str | int) -> bool:
-    """Write what ``save_pretrained`` writes, one decoder layer at a time. False: not supported for
-    this model (quantized, an unusual dtype); the caller falls back. Offloaded tensors are read
-    from accelerate's offload one decoder layer at a time."""
+def stream_checkpoint(model, folder: Path, shard_size: str | int, extra=()) -> bool:
+    """Write what ``save_pretrained`` writes, one decoder layer at a time, and the ``extra`` runs
+    (``CheckpointWriter``). False: not supported for this model (quantized, an unusual dtype); the
+    caller falls back. Offloaded tensors are read from accelerate's offload one decoder layer at a time."""
     from .offload import read_tensor
 
     if not streamable(model):
         return False
-    writer = CheckpointWriter(model, folder, shard_size)
+    writer = CheckpointWriter(model, folder, shard_size, extra=extra)
     try:
         for _, run in writer.runs:  # tensors accelerate offloaded are read one layer at a time
             writer.write({name: read_tensor(model, name, t) for name, t in run.items()})
+        for _, run in extra:
+            writer.write(run)
     finally:
         writer.close()
     writer.finish()
@@ -300,6 +310,9 @@ def _verify(loaded, folder, adapter, expected_experts, expected_top_k, tokenizer
     del out
     if not torch.isfinite(logits).all():
         problems.append("forward pass produced non-finite logits")
+    from .mtp import check_written
+
+    problems += check_written(folder, model.config, adapter, expected_experts)
     if problems:
         raise CheckpointCheckError("the pruned checkpoint failed its checks: " + "; ".join(problems))
     shards = sorted(p.name for p in folder.glob("*.safetensors"))

@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import contextvars
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
@@ -302,12 +302,12 @@ def forward_of(layer: nn.Module) -> Callable:
 
 def encoded(tokenizer, texts, text_ids, *, batch_size: int, max_length: int, device):
     """The calibration batches on ``device`` and, per batch, what the recorder needs: the mask of
-    its non-padding rows (``devices.Masks``: moved to each layer's device as it is used) and their
-    (text, position) names."""
+    its non-padding rows (``devices.Masks``: moved to each layer's device as it is used), their
+    (text, position) names and the text index of each row."""
     batches, names = [], []
     for rows, batch in indexed_batches(tokenizer, texts, batch_size=batch_size, max_length=max_length):
         names.append((Masks(batch["attention_mask"].reshape(-1).bool()),
-                      token_positions(batch["attention_mask"], [text_ids[r] for r in rows])))
+                      token_positions(batch["attention_mask"], [text_ids[r] for r in rows]), [text_ids[r] for r in rows]))
         batches.append(batch.to(device))
     return batches, names
 
@@ -348,14 +348,18 @@ class Visit:
 def run_layers(model, tokenizer, adapter: MoEAdapter, texts, *, batch_size: int = 8, max_length: int = 512,
                progress: bool = False, meta: dict | None = None, seed: int = 0, text_ids=None,
                after_layer: Callable[[Visit], "list | None"] | None = None, after_all: Callable[[], None] | None = None,
-               rerun: bool = False, label: str = "profiling layer by layer", states: str = "auto") -> Profile:
+               rerun: bool = False, label: str = "profiling layer by layer", states: str = "auto", mtp=None,
+               after_mtp: Callable[[object], None] | None = None) -> Profile:
     """The profile, computed layer by layer (``drive``). ``after_layer(visit)`` runs after each
     decoder layer (``Visit``), its weights still on the device. With ``rerun``, what it returns
     (the outputs of the layer as pruned: ``--calibrate-through pruned``) is what the next layer
     gets, so every batch's input states are held until then; without, each batch goes on with the
     original layer's output as soon as it is computed, and its input is freed at once.
     ``after_all()`` runs after the last, while the modules outside the layers are still held.
-    ``states``: where each batch's states wait between layers (``devices.Parking``: auto, device, cpu)."""
+    ``states``: where each batch's states wait between layers (``devices.Parking``: auto, device, cpu).
+    ``mtp`` (``mtp.Blocks``): its kept MTP blocks run after the last layer on every batch's last
+    hidden state (held meanwhile), their statistics in the profile too; ``after_mtp(session)`` gets
+    the blocks still loaded (``mtp.Session``), before ``after_all``."""
     if not texts:
         raise UncurlError("no calibration text to profile: the task's calibration split is empty")
     text_ids = check_text_ids(texts, text_ids)
@@ -378,7 +382,7 @@ def run_layers(model, tokenizer, adapter: MoEAdapter, texts, *, batch_size: int 
             where, forward = layer_device(layer), forward_of(layer)
             outputs = []
             for call in calls:
-                recorder.mask, recorder.tokens = names[call.batch]
+                recorder.mask, recorder.tokens = names[call.batch][:2]
                 out = call.run(forward, where)
                 recorder.mask = recorder.tokens = None
                 if rerun:
@@ -401,22 +405,44 @@ def run_layers(model, tokenizer, adapter: MoEAdapter, texts, *, batch_size: int 
                     outputs = instead
         return outputs
 
+    extra = {}
     try:
-        with progress_bar(progress, len(layers) * len(batches), label) as advance, _outer_onloaded(model, layers):
+        with progress_bar(progress, len(layers) * len(batches), label) as advance, _outer_onloaded(model, layers), \
+                (mtp.hidden_states(model) if mtp is not None and mtp.kept else nullcontext(None)) as hidden:
             drive(model, layers, batches, visit, parking=parking)
+            if hidden is not None:
+                extra = _run_mtp(mtp, batches, names, hidden, seed, after_mtp)
             if after_all is not None:
                 after_all()
     finally:
         recorder.close()
     index = {layer.name: layer.index for layer in moe_layers}
-    return Profile(recorder.stats, index, dict(meta or {}))
+    if extra:
+        index.update(mtp.layer_index())
+    return Profile({**recorder.stats, **extra}, index, dict(meta or {}))
+
+
+def _run_mtp(mtp, batches, names, hidden: dict, seed: int, after_mtp) -> dict:
+    """The kept MTP blocks on every batch's last hidden state (``hidden``, by batch; each freed once
+    used unless ``after_mtp`` may run them again): their statistics."""
+    session = mtp.session(seed, keep_inputs=after_mtp is not None)
+    try:
+        for b, batch in enumerate(batches):
+            session.run(batch, hidden.pop(b), names[b][2])
+        stats = session.finish()
+        if after_mtp is not None:
+            after_mtp(session)
+        return stats
+    finally:
+        session.close()
 
 
 def profile_sequential(model, tokenizer, adapter: MoEAdapter, texts, *, batch_size: int = 8, max_length: int = 512,
-                       progress: bool = False, meta: dict | None = None, seed: int = 0, text_ids=None) -> Profile:
+                       progress: bool = False, meta: dict | None = None, seed: int = 0, text_ids=None,
+                       mtp=None) -> Profile:
     """``profile_model`` computed layer by layer: the same statistics (to float rounding)."""
     return run_layers(model, tokenizer, adapter, texts, batch_size=batch_size, max_length=max_length,
-                      progress=progress, meta=meta, seed=seed, text_ids=text_ids)
+                      progress=progress, meta=meta, seed=seed, text_ids=text_ids, mtp=mtp)
 
 
 @torch.no_grad()
