@@ -55,6 +55,8 @@ def calibration_datasets(task: dict) -> list[str]:
 
     out = []
     for part in task.get("mix") or [task]:
+        if part.get("calibration_examples") == 0:  # a data-free method read no calibration text
+            continue
         name = part.get("name", "")
         if name.startswith("hf:"):
             out.append(name[3:].split(":")[0])

@@ -188,7 +188,7 @@ def _setup_logging(verbose: bool) -> None:
 
 
 @command("prune", PruneOptions, [
-    "model", "task", "keep", "out", "method", "merge", "router_rows", "top_k", "profile", "overwrite", "shard_size",
+    "model", "task", "keep", "out", "method", "merge", "router_rows", "protect_super_experts", "top_k", "profile", "overwrite", "shard_size",
     "dequantize", "plots", "recover", "recover_experts", "recover_local", *DATA_FIELDS, "eval", "eval_limit", "eval_max_length", "metric",
     "max_drop", *SERVING_FIELDS, *RUN_FIELDS, "pipeline", "calibrate_through", *OUTPUT])
 def prune(ctx: typer.Context, opts: PruneOptions, as_json: bool, verbose: bool):
@@ -321,7 +321,7 @@ def eval_cmd(ctx: typer.Context, opts: RunOptions, as_json: bool, verbose: bool)
 
 
 @command("sweep", SweepOptions, [
-    "model", "task", "keeps", "methods", "merges", "out", "routers", "top_k", "profile", "keep_checkpoints", "overwrite",
+    "model", "task", "keeps", "methods", "merges", "out", "routers", "protect_super_experts", "top_k", "profile", "keep_checkpoints", "overwrite",
     "tolerance", "metric", "eval_limit", "eval_max_length", *DATA_FIELDS, *RUN_FIELDS, "pipeline", *OUTPUT])
 def sweep_cmd(ctx: typer.Context, opts: SweepOptions, as_json: bool, verbose: bool):
     """Profile once, then prune and evaluate every (method, K); name the threshold K per method.

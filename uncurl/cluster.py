@@ -70,6 +70,8 @@ class Method:
     select: Callable[[LayerStats, list[int], int, int], list[list[int]]]
     help: str
     centred: bool = False  # groups carry a chosen centre (the first member of each group)
+    calibration: bool = True  # False: ranked from the weights alone, so no calibration pass runs
+    weigh: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None  # data-free: expert tensors -> [E]
 
 
 METHODS: dict[str, Method] = {}
@@ -94,6 +96,29 @@ def criterion(name: str, help: str):
         return score
 
     return register
+
+
+def weight_criterion(name: str, help: str):
+    """Register a data-free pruning criterion: ``weigh(tensors) -> [E]`` scores every expert of a
+    layer from its weight matrices alone ({name: [E, ...]}, expert axis first), the K best are kept.
+    Such a method needs no calibration pass (``Method.calibration`` is False): the pipeline puts the
+    scores in each layer's statistics (``LayerStats.scores[name]``) instead of profiling."""
+
+    def register(weigh):
+        def select(stats, block, k, seed):
+            if name not in stats.scores:
+                raise UncurlError(f"--method {name} scores the weights; these statistics carry no {name} scores")
+            return best(stats.scores[name].numpy()[block], k)
+
+        METHODS[name] = Method(name, "criterion", select, help, calibration=False, weigh=weigh)
+        return weigh
+
+    return register
+
+
+def needs_calibration(methods) -> bool:
+    """Whether any of ``methods`` (names) ranks experts from calibration statistics."""
+    return any(get_method(m).calibration for m in methods)
 
 
 def method_names(kind: str | None = None) -> list[str]:
@@ -141,6 +166,40 @@ def _ean_mean(stats: LayerStats, seed: int) -> np.ndarray:
 @criterion("random", "keep K experts drawn at random (seeded by --seed): the floor any method must beat")
 def _random(stats: LayerStats, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).random(stats.num_experts)
+
+
+@weight_criterion("aimer", "data-free, no calibration pass: keep the K experts whose weights have the LOWEST "
+                          "mean |w| / RMS(w) over their gate/up and down matrices (AIMER, arXiv 2603.18492: it "
+                          "prunes the highest; a low ratio means heavy-tailed weights)")
+def _aimer(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """-(mean |w| / sqrt(mean w^2)) per expert over all its matrices together (AIMER's score negated:
+    its reference code sorts descending and prunes the first experts, so the lowest ratios stay)."""
+    mats = [t.flatten(1).double() for t in tensors.values()]
+    n = sum(m.shape[1] for m in mats)
+    abs_mean = sum(m.abs().sum(1) for m in mats) / n
+    rms = (sum(m.square().sum(1) for m in mats) / n).sqrt()
+    return -torch.where(rms > 0, abs_mean / rms.clamp_min(1e-300), torch.zeros_like(rms))
+
+
+# ---- super experts (Su et al. 2025, arXiv 2507.23279; REAP's get_super_expert_indices) -----------
+
+SUPER_QUANTILE, SUPER_FRACTION, SUPER_LAYERS = 0.995, 0.1, 0.75
+
+
+def super_experts(peaks: dict[str, torch.Tensor], order: dict[str, int]) -> tuple[dict[str, list[int]], float]:
+    """REAP's rule on the per-expert peaks |f_j(x)_i| (``peaks``: layer name -> [E]; ``order``: layer
+    name -> its index): an expert is a super expert when its peak is above the 99.5th percentile of
+    all layers' per-expert peaks and above a tenth of the largest, in the first 75% of the MoE layers
+    (REAP leaves the last quarter out: outliers there shape the output, not the massive activations).
+    The rule is relative: unless the largest peak ties, it always marks the largest peak of those layers.
+    Returns ({layer name: [experts]} of the layers with any, the threshold)."""
+    names = sorted(peaks, key=lambda n: order[n])
+    if not names:
+        return {}, float("inf")
+    flat = torch.cat([peaks[n].double().reshape(-1) for n in names])
+    threshold = max(torch.quantile(flat, SUPER_QUANTILE).item(), flat.max().item() * SUPER_FRACTION)
+    found = {n: torch.nonzero(peaks[n] > threshold).reshape(-1).tolist() for n in names[: int(len(names) * SUPER_LAYERS)]}
+    return {n: e for n, e in found.items() if e}, threshold
 
 
 def validate_keep(num_experts: int, keep: int, top_k: int, n_group: int = 1, topk_group: int = 1) -> None:
@@ -240,16 +299,41 @@ def _centred(stats, block, k, seed):
     return [groups[c] for c in sorted(centres)]  # the centre first in each group
 
 
-def plan_layer(stats: LayerStats, keep: int, method: str = DEFAULT_METHOD, n_group: int = 1, seed: int = 0) -> LayerPlan:
-    """Groups, merge weights and centres for one layer (within each routing group when ``n_group > 1``)."""
+def check_protected(protect, keep: int, num_experts: int, n_group: int = 1, where: str = "this layer") -> None:
+    """Raise unless the experts ``protect`` fit in ``keep`` (in each routing group: ``keep // n_group``)."""
+    size, per_group = num_experts // n_group, keep // n_group
+    for g in range(n_group):
+        mine = sorted(e for e in protect if g * size <= e < (g + 1) * size)
+        if len(mine) > per_group:
+            group = f" in routing group {g}" if n_group > 1 else ""
+            raise UncurlError(f"--protect-super-experts: {where} has {len(mine)} super experts{group} ({mine}), more "
+                              f"than --keep {keep} keeps ({per_group}{' per group' if n_group > 1 else ''}); keep "
+                              f"at least {len(mine) * n_group}, or leave protection off")
+
+
+def plan_layer(stats: LayerStats, keep: int, method: str = DEFAULT_METHOD, n_group: int = 1, seed: int = 0,
+               protect=()) -> LayerPlan:
+    """Groups, merge weights and centres for one layer (within each routing group when ``n_group > 1``).
+
+    ``protect``: experts (super experts) that are kept as they are, each its own group and counted
+    within ``keep``; the method plans the rest of each routing group into the groups left."""
     spec = get_method(method)
     e = stats.num_experts
     size, per_group = e // n_group, keep // n_group
     counts = stats.counts.numpy()
+    protect = set(protect)
+    check_protected(protect, keep, e, n_group)
     groups: list[list[int]] = []
     for g in range(n_group):
         block = list(range(g * size, (g + 1) * size))
-        groups += [[block[i] for i in members] for members in spec.select(stats, block, per_group, seed)]
+        kept = [[i] for i in block if i in protect]
+        rest = [i for i in block if i not in protect]
+        left = per_group - len(kept)
+        groups += kept
+        if left and rest:
+            groups += [[rest[i] for i in members] for members in spec.select(stats, rest, left, seed)]
+    if protect:
+        groups = sorted(groups, key=min)  # protected experts among the rest, in original order
     centres = tuple(members[0] for members in groups) if spec.centred else None
     groups = [sorted(members) for members in groups]
     weights = []

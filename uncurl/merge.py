@@ -280,9 +280,11 @@ def refit_solution(logits: torch.Tensor, plan: LayerPlan, with_bias: bool) -> to
                       "reproduces the log of its group's summed routing probability on the calibration "
                       "tokens (a seeded sample of up to 4096 per layer); other router buffers: mean")
 def _router_refit(tensors, plan, stats, adapter):
+    out = _router_mean(tensors, plan, stats, adapter)
+    if all(len(members) == 1 for members in plan.groups):  # nothing merged: the kept rows, bit for bit
+        return out
     if stats is None:
         raise UncurlError("--router refit needs the profile's router-logit sample (pass the profile)")
-    out = _router_mean(tensors, plan, stats, adapter)
     weight_name = adapter.router_tensors[0]
     bias_name = adapter.router_logit_bias
     a = refit_solution(stats.logit_rows(), plan, bias_name is not None)

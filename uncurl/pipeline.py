@@ -26,7 +26,8 @@ from . import distributed
 from . import tasks as T
 from .adapters import expert_count, find_moe_layers, routing_groups, set_mtp_count, top_k
 from .card import CARD, parent_card, render as render_card
-from .cluster import METHODS, LayerPlan, get_method, plan_layer, validate_keep
+from .cluster import (METHODS, SUPER_FRACTION, SUPER_LAYERS, SUPER_QUANTILE, LayerPlan, check_protected, get_method,
+                      needs_calibration, plan_layer, super_experts, validate_keep)
 from .cost import cost_table, finish, release_note, serving_cost, static_cost
 from .errors import UncurlError
 from .evaluate import METRICS, drop, evaluate_examples
@@ -38,6 +39,7 @@ from .options import (AUTO_MERGE, DATA, DEFAULT_MERGE, DEFAULT_METHOD, DEFAULT_R
                       RUN, STUDY_EVIDENCE, choices_help, items, opt)
 from .mtp import Blocks as MtpBlocks, find as find_mtp
 from .profile import Profile, profile_model, router_fingerprint, shard_range
+from .stats import LayerStats
 from .recover import recover
 from .sequential import decoder_layers, profile_sequential
 from .report import REPORT_SCHEMA, Timings, command_line, layer_entries, versions, write_report
@@ -146,6 +148,15 @@ class RunOptions(DataOptions):
     merge: str = opt(DEFAULT_MERGE, panel=PRUNE, help=MERGE_HELP,  # see merge.MERGE_RULES
                      note="`aligned` matches gate/up rows and down columns.")
     router_rows: str = opt(DEFAULT_ROUTER, "--router", "--router-rows", panel=PRUNE, help=ROUTER_HELP)
+    protect_super_experts: bool = opt(
+        False, "--protect-super-experts", panel=PRUNE,
+        help="Never prune or merge away a super expert (Su et al. 2025, arXiv 2507.23279: a few experts whose "
+             "down_proj outputs are extreme carry the massive activations): an expert whose peak |output| on the "
+             "calibration tokens is above the 99.5th percentile of all experts' peaks and above a tenth of the "
+             "largest, in the first 75% of MoE layers (REAP's rule), is kept as it is, counted within --keep. The "
+             "rule is relative: it marks at least the largest peak. The report lists them with or without this "
+             "flag; the plan needs every layer's peaks, so the prune profiles first, then merges (not in one "
+             "visit per layer).")
     top_k: int | None = opt(  # must be <= keep
         None, panel=PRUNE, readme_default="unchanged", note="Then `--keep` may go down to it.",
         help="Lower the router's top-k explicitly (default: unchanged).",
@@ -284,6 +295,8 @@ class Prepared:
     top_k_before: int
     top_k_after: int
     num_experts: int
+    protect: dict = field(default_factory=dict)  # layer name -> super experts every plan keeps
+    super_experts: dict | None = None  # the report's record of the super experts found (None: no peaks)
 
 
 def resolve_task(opts: DataOptions, name: str | None = None) -> T.Task:
@@ -655,10 +668,21 @@ def check_options(opts: RunOptions, evaluating: bool) -> None:
     if opts.top_k is not None and opts.top_k < 1:
         raise UncurlError(f"--top-k {opts.top_k} must be at least 1")
     check_through(opts)
+    methods = opts.method.split(",")
+    calibrated = needs_calibration(methods)
+    if not calibrated:
+        free = ", ".join(methods)
+        for flag, used in (("--protect-super-experts", opts.protect_super_experts), ("--profile", opts.profile),
+                           ("--recover", getattr(opts, "recover", 0)), ("--recover-local", getattr(opts, "recover_local", 0)),
+                           ("--calibrate-through pruned", getattr(opts, "calibrate_through", "original") == "pruned"),
+                           *((f"--merge {m}", MERGE_RULES[m].fit) for m in opts.merge.split(",") if m in MERGE_RULES)):
+            if used:
+                raise UncurlError(f"--method {free} ranks experts from the weights alone, with no calibration pass; "
+                                  f"{flag} needs calibration text: drop it, or add a method that profiles")
     # a fit (auto's choice too) reads the calibration texts again, with --profile as well
-    fits = any(may_fit(m) for m in opts.merge.split(","))
-    task = check_data(opts, calibrating=not opts.profile or fits, evaluating=evaluating, eval_limit=opts.eval_limit,
-                      seed=opts.seed)
+    fits = calibrated and any(may_fit(m) for m in opts.merge.split(","))
+    task = check_data(opts, calibrating=(calibrated and not opts.profile) or fits, evaluating=evaluating,
+                      eval_limit=opts.eval_limit, seed=opts.seed)
     if evaluating and opts.metric != "loss" and task.num_choices == 0:
         raise UncurlError(f"task {task.name} has no answer choices, so no {opts.metric}; use --metric loss")
 
@@ -724,23 +748,94 @@ def prepare(opts: RunOptions, keeps: list[int], timings: Timings, *, check_loade
     n_group, topk_group = routing_groups(config, adapter)
     for keep in keeps:
         validate_keep(n_experts, keep, k_after, n_group, topk_group)
-    profile = None
+    prep = Prepared(loaded, None, n_group, k_before, k_after, n_experts)
     if opts.profile:
         with timings.stage("profile"):
-            profile = Profile.load(opts.profile)
-            _check_profile(profile, loaded, opts.profile, opts)
+            prep.profile = Profile.load(opts.profile)
+            _check_profile(prep.profile, loaded, opts.profile, opts)
             blocks = mtp_of(loaded, opts)
-            if any(name not in profile.layers for name in blocks.names):
+            if any(name not in prep.profile.layers for name in blocks.names):
                 blocks.drop(f"the --profile file {opts.profile} has no statistics of them (record it with "
                             f"`uncurl profile` of this uncurl version)")
-            for name in set(profile.layers) - {layer.name for layer in find_moe_layers(loaded.model, adapter)} \
+            for name in set(prep.profile.layers) - {layer.name for layer in find_moe_layers(loaded.model, adapter)} \
                     - set(blocks.names):  # MTP statistics of blocks this run drops
-                del profile.layers[name]
-                profile.layer_index.pop(name, None)
-    elif profiling:
+                del prep.profile.layers[name]
+                prep.profile.layer_index.pop(name, None)
+    elif profiling or not needs_calibration(opts.method.split(",")):
         with timings.stage("profile"):
-            profile = run_profile(loaded, opts, opts.seed)
-    return Prepared(loaded, profile, n_group, k_before, k_after, n_experts)
+            prep.profile = make_profile(loaded, opts)
+    if prep.profile is not None:
+        profiled(prep, opts, keeps)
+    return prep
+
+
+def make_profile(loaded: Loaded, opts: RunOptions) -> Profile:
+    """The statistics the run's methods need: the calibration pass (``run_profile``), or for
+    data-free methods only (``Method.calibration``) an empty profile, with no forward pass."""
+    if needs_calibration(opts.method.split(",")):
+        return run_profile(loaded, opts, opts.seed)
+    mtp_of(loaded, opts).drop(f"--method {opts.method} ranks experts from the weights of the main layers only")
+    layers = find_moe_layers(loaded.model, loaded.adapter)
+    meta = {"model": loaded.model_id, "model_type": loaded.model.config.model_type,
+            "router_fingerprint": router_fingerprint(loaded.model, loaded.adapter),
+            "task": {"name": resolve_task(opts).name, "calibration_examples": 0, "fingerprint": "none",
+                     "source": "none (a data-free method: experts ranked from their weights alone)"},
+            "seed": opts.seed,
+            "versions": versions()}
+    return Profile({layer.name: LayerStats(layer.num_experts, 0, opts.seed + layer.index) for layer in layers},
+                   {layer.name: layer.index for layer in layers}, meta)
+
+
+def profiled(prep: Prepared, opts: RunOptions, keeps: list[int]) -> None:
+    """Once ``prep.profile`` is there: the data-free methods' scores put in each layer's statistics
+    (read from the weights, one layer at a time), and the super experts found (``find_super``)."""
+    free = [m for m in dict.fromkeys(opts.method.split(",")) if not get_method(m).calibration]
+    if free:
+        loaded = prep.loaded
+        for layer in find_moe_layers(loaded.model, loaded.adapter):
+            tensors = weight_matrices(loaded, layer)
+            for m in free:
+                prep.profile.layers[layer.name].scores[m] = get_method(m).weigh(tensors).cpu()
+            del tensors
+    find_super(prep, opts, keeps)
+
+
+def weight_matrices(loaded: Loaded, layer) -> dict[str, torch.Tensor]:
+    """{name: [E, ...]} the expert weight matrices of ``layer`` (the adapter's neuron tensors, biases
+    left out), read from accelerate's offload too; a quantized input's are read as stored."""
+    from .offload import read_tensor
+
+    state = loaded.model.state_dict()
+    prefix = f"{layer.name}.{loaded.adapter.experts_attr}."
+    names = dict.fromkeys(axis.tensor for axis in loaded.adapter.neurons)
+    out = {n: read_tensor(loaded.model, prefix + n, state.get(prefix + n)) for n in names if prefix + n in state}
+    return {n: t for n, t in out.items() if t.dim() >= 3}
+
+
+def find_super(prep: Prepared, opts: RunOptions, keeps: list[int]) -> None:
+    """The super experts of ``prep.profile`` by REAP's rule on the per-expert peak |output|
+    (``cluster.super_experts``), recorded for the report; with --protect-super-experts kept in every
+    plan, each K checked to hold them."""
+    layers = prep.profile.layers
+    if not layers or prep.profile.tokens == 0 or any("peak" in s.missing for s in layers.values()):
+        if getattr(opts, "protect_super_experts", False):
+            raise UncurlError("--protect-super-experts needs the profile statistic 'peak' (each expert's largest "
+                              "|output|), which this profile lacks; profile again with this version of uncurl")
+        return
+    found, threshold = super_experts({n: s.peak for n, s in layers.items()}, prep.profile.layer_index)
+    protect = bool(getattr(opts, "protect_super_experts", False))
+    prep.super_experts = {
+        "rule": f"peak |expert output| above the {SUPER_QUANTILE * 100:g}th percentile of all experts' peaks and "
+                f"above {SUPER_FRACTION:g} x the largest, in the first {SUPER_LAYERS:.0%} of MoE layers (REAP)",
+        "threshold": threshold, "largest_peak": max(float(s.peak.max()) for s in layers.values()),
+        "protected": protect, "layers": found}
+    if found:
+        log.info("super experts (%s): %s", "protected" if protect else "not protected", found)
+    if protect:
+        for keep in keeps:
+            for name, experts in found.items():
+                check_protected(experts, keep, prep.num_experts, prep.n_group, where=f"MoE layer {name}")
+        prep.protect = found
 
 
 def fallback_method(method: str, missing: bool, warn: bool = True) -> str:
@@ -765,6 +860,8 @@ def fit_refused(opts, loaded: Loaded, layerwise: bool) -> str | None:
     whether the prune would go layer by layer."""
     from .fit import unfittable
 
+    if not needs_calibration(opts.method.split(",")):
+        return f"--method {opts.method} ranks experts from the weights alone (the fit needs calibration text)"
     if loaded.quantized is not None and not getattr(opts, "dequantize", False):
         return f"the {loaded.quantized.format} input is written back in its format, byte for byte (--dequantize fits)"
     if opts.device_map and not layerwise:
@@ -803,11 +900,18 @@ def merge_used(opts, loaded: Loaded, layerwise: bool) -> tuple[str, str | None]:
 
 def method_used(prep: Prepared, method: str) -> str:
     """``fallback_method`` for a whole profile."""
-    return fallback_method(method, any(stats.missing for stats in prep.profile.layers.values()))
+    return fallback_method(method, any(outputs_missing(stats) for stats in prep.profile.layers.values()))
+
+
+def outputs_missing(stats) -> bool:
+    """Whether the recorder could not see this layer's expert outputs (not merely an older profile
+    without a later statistic such as ``peak``)."""
+    return "ean_sum" in stats.missing
 
 
 def plan_all(prep: Prepared, keep: int, method: str, seed: int) -> dict[str, LayerPlan]:
-    return {name: plan_layer(stats, keep, method, prep.n_group, seed) for name, stats in prep.profile.layers.items()}
+    return {name: plan_layer(stats, keep, method, prep.n_group, seed, prep.protect.get(name, ()))
+            for name, stats in prep.profile.layers.items()}
 
 
 def fit_after_merge(loaded: Loaded, pruned, plans: dict[str, LayerPlan], opts: RunOptions) -> dict:
@@ -972,14 +1076,15 @@ def layer_by_layer(opts: PruneOptions, pipeline: str) -> bool:
     the pipeline run is sequential (``pipeline_for``), unless a profile file is given or --recover
     needs the original model after the merge. Under torchrun every rank
     takes its share of the batches through each layer (``distributed.gather_layer``)."""
-    return pipeline == "sequential" and not opts.profile and not opts.recover
+    return (pipeline == "sequential" and not opts.profile and not opts.recover and not opts.protect_super_experts
+            and needs_calibration(opts.method.split(",")))
 
 
 def _plan_one(prep: Prepared, keep: int, method: str, seed: int, used: set):
     """One layer's plan as ``plan_all`` makes it, the method by ``fallback_method`` (said once);
     ``used`` collects the methods run."""
     def plan(name: str, stats) -> LayerPlan:
-        m = fallback_method(method, bool(stats.missing), warn=not used)
+        m = fallback_method(method, outputs_missing(stats), warn=not used)
         used.add(m)
         return plan_layer(stats, keep, m, prep.n_group, seed)
     return plan
@@ -1010,7 +1115,8 @@ def _pruned(opts: PruneOptions, output: Claim, shard_size: int, evaluating: bool
         layerwise = False
     if prep.profile is None and not layerwise:
         with timings.stage("profile"):
-            prep.profile = run_profile(loaded, opts, opts.seed)
+            prep.profile = make_profile(loaded, opts)
+        profiled(prep, opts, [opts.keep])
     evaluation = {}
     if evaluating:
         with timings.stage("eval_before"):
@@ -1093,6 +1199,7 @@ def _pruned(opts: PruneOptions, output: Claim, shard_size: int, evaluating: bool
             "router_rows": opts.router_rows,
             "keep": opts.keep,
             "layers": layer_entries(prep.profile, plans),
+            **({"super_experts": prep.super_experts} if prep.super_experts is not None else {}),
             **({"fit": fit_report} if fit_report is not None else {}),
             **({"recover": recovery.report} if recovery is not None else {}),
             **({"recover_local": local} if local is not None else {}),
@@ -1198,6 +1305,7 @@ def _prune_layerwise(opts: PruneOptions, prep: Prepared, folder: Path | None, sh
             write_extras(loaded.tokenizer, folder, loaded.processor_files)
     check_profiled(result.profile)
     prep.profile = result.profile
+    find_super(prep, opts, [opts.keep])  # recorded only: protection plans after the whole profile
     method = used.pop() if len(used) == 1 else opts.method
     fit = {**fit_entry(), "layers": result.fits} if MERGE_RULES[opts.merge].fit else None
     local = {"steps": opts.recover_local, "trains": "routers and experts" if opts.recover_experts else "routers",

@@ -76,7 +76,7 @@ def _through(self, inner, hidden_states, top_k_index, top_k_weights):
     gates = top_k_weights.reshape(-1)
     record = getattr(self, "_uncurl_record", None)
     if record is not None:
-        record(pairs.reshape(-1), gates, torch.linalg.vector_norm(y.float(), dim=-1))
+        record(pairs.reshape(-1), gates, torch.linalg.vector_norm(y.float(), dim=-1), y.float().abs().amax(-1))
     out = (y.view(n, k, -1) * gates.view(n, k, 1).to(y.dtype)).sum(1)
     return out.to(hidden_states.dtype)
 
@@ -94,6 +94,7 @@ def recording_experts_forward(self, hidden_states, top_k_index, top_k_weights, *
     gates = top_k_weights.reshape(-1)
     out = torch.zeros_like(hidden_states)
     norms = torch.zeros(flat.shape[0], dtype=torch.float32, device=hidden_states.device)
+    peaks = torch.zeros_like(norms)
     order = torch.argsort(flat, stable=True)
     sizes = torch.bincount(flat, minlength=self.num_experts).tolist()
     start = 0
@@ -106,11 +107,12 @@ def recording_experts_forward(self, hidden_states, top_k_index, top_k_weights, *
         tokens = pairs // k
         y = _expert_output(self, e, hidden_states[tokens])
         norms[pairs] = torch.linalg.vector_norm(y.float(), dim=-1)
+        peaks[pairs] = y.float().abs().amax(-1)
         # deterministic on CUDA too: a token is routed to an expert once, so no row gets two nonzero adds in one call
         out.index_add_(0, tokens, (y * gates[pairs, None]).to(out.dtype))
     record = getattr(self, "_uncurl_record", None)
     if record is not None:
-        record(flat, gates, norms)
+        record(flat, gates, norms, peaks)
     return out
 
 
@@ -245,18 +247,18 @@ class _Recorder:
         return hook
 
     def _record(self, name: str):
-        def record(expert, gate, norm):
+        def record(expert, gate, norm, peak):
             if self.paused:
                 return
             keep = self.mask
             if keep is not None and keep.numel() and expert.shape[0] % keep.numel() == 0:
-                gate, norm = on(gate, expert), on(norm, expert)
+                gate, norm, peak = on(gate, expert), on(norm, expert), on(peak, expert)
                 pairs = keep.on(expert).repeat_interleave(expert.shape[0] // keep.numel())  # token-major pairs
-                expert, gate, norm = expert[pairs], gate[pairs], norm[pairs]
+                expert, gate, norm, peak = expert[pairs], gate[pairs], norm[pairs], peak[pairs]
             if self.tail:  # as in the router hook: skip slots are not routed
                 routed = gate != 0
-                expert, gate, norm = expert[routed], gate[routed], norm[routed]
-            self.stats[name].update_experts(expert, gate, norm)
+                expert, gate, norm, peak = expert[routed], gate[routed], norm[routed], peak[routed]
+            self.stats[name].update_experts(expert, gate, norm, peak)
 
         return record
 

@@ -60,6 +60,7 @@ class ExpertBatch:
     expert: torch.Tensor  # [S] expert index
     gate: torch.Tensor  # [S] the weight the family applied to this expert's output
     norm: torch.Tensor  # [S] ||f_j(x)||_2 of the expert's output (before the gate)
+    peak: torch.Tensor | None = None  # [S] max_i |f_j(x)_i|, the pair's largest output entry (before the gate)
 
 
 def _sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -144,6 +145,13 @@ def _reap_sum(stats, acc, b: ExpertBatch):
     add_by_index(acc, b.expert, b.gate * b.norm)
 
 
+@statistic("peak", _vec, "experts", "largest |f_j(x)_i| over the tokens routed to j and the hidden dims "
+           "(super experts: --protect-super-experts)", combine=torch.maximum)
+def _peak(stats, acc, b: ExpertBatch):
+    if b.peak is not None and b.peak.numel():  # a maximum: exact and order-free, on CUDA too
+        acc.scatter_reduce_(0, b.expert.to(acc.device), b.peak.to(acc), reduce="amax")
+
+
 # ---- the router-logit sample: priority sampling with per-token hashed keys ---------------------
 
 _MASK = (1 << 64) - 1
@@ -196,6 +204,7 @@ class LayerStats:
             self.tensors[name] = (given.to(torch.float64) if given is not None
                                   else torch.full(spec.shape(num_experts), spec.fill, dtype=torch.float64))
         self.missing = {name for name in STATISTICS if name not in tensors} if tensors else set()
+        self.scores: dict[str, torch.Tensor] = {}  # [E] per data-free method, from the weights (cluster.py)
 
     def __getattr__(self, name: str) -> torch.Tensor:
         tensors = self.__dict__.get("tensors", {})
@@ -230,9 +239,13 @@ class LayerStats:
         self._add("router", RouterBatch(logits.detach().to(torch.float64), weights.detach(),
                                         indices.detach().long(), tokens))
 
-    def update_experts(self, expert: torch.Tensor, gate: torch.Tensor, norm: torch.Tensor) -> None:
+    def update_experts(self, expert: torch.Tensor, gate: torch.Tensor, norm: torch.Tensor,
+                       peak: torch.Tensor | None = None) -> None:
+        """Add the routed (token, expert) pairs: expert index, gate, ||f_j(x)|| and (optional)
+        max |f_j(x)_i| of each."""
         self._add("experts", ExpertBatch(expert.long(), gate.detach().to(torch.float64),
-                                         norm.detach().to(torch.float64)))
+                                         norm.detach().to(torch.float64),
+                                         None if peak is None else peak.detach().to(torch.float64)))
 
     def cpu(self) -> "LayerStats":
         self.tensors = {k: v.cpu() for k, v in self.tensors.items()}
