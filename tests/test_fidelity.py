@@ -144,3 +144,23 @@ def test_gen_tokens_must_be_positive(data_dir):
     res = run("eval", "--model", "builtin:mixtral", "--parent", "builtin:mixtral", "--data-dir", data_dir,
               "--gen-tokens", 0)
     assert res.exit_code == 2 and "--gen-tokens" in res.output
+
+
+def test_layer_by_layer_gives_the_whole_model_figures():
+    """The parent's reference and the scores, run one decoder layer at a time over every batch (an
+    offloaded model's path), equal the whole-model forwards'."""
+    from uncurl.adapters import ADAPTERS
+
+    parent, tok = build_tiny("qwen3_moe", seed=1)
+    pruned, _ = build_tiny("qwen3_moe", seed=2)
+    adapter = ADAPTERS["qwen3_moe"]
+    prompts = ["The cat sat on the", "Answer: yes or no?", "1, 2, 3,"]
+    whole = build_reference(parent, tok, prompts, 3, max_length=64, batch_size=2)
+    layered = build_reference(parent, tok, prompts, 3, max_length=64, batch_size=2, adapter=adapter)
+    assert layered.continuations == whole.continuations
+    for a, b in zip(layered.top_logp, whole.top_logp):
+        assert torch.allclose(a, b, atol=1e-5)
+    want = score(pruned, whole, batch_size=2, pad_id=tok.pad_token_id)
+    got = score(pruned, whole, batch_size=2, pad_id=tok.pad_token_id, adapter=adapter)
+    for m in ("agreement", "acceptance", "kl", "nll"):
+        assert got[m] == pytest.approx(want[m], abs=1e-5)
