@@ -57,7 +57,7 @@ class Reference:
     prompts: list[list[int]]
     continuations: list[list[int]]
     best: list[torch.Tensor] = field(default_factory=list)  # [n] int64
-    top_ids: list[torch.Tensor] = field(default_factory=list)  # [n, S] int64
+    top_ids: list[torch.Tensor] = field(default_factory=list)  # [n, S] int32
     top_logp: list[torch.Tensor] = field(default_factory=list)  # [n, S] float32
     log_tail: list[torch.Tensor] = field(default_factory=list)  # [n] float32
     gen_tokens: int = DEFAULT_GEN_TOKENS
@@ -172,7 +172,7 @@ def build_reference(model, tokenizer, prompts: Sequence[str], gen_tokens: int, *
         logp = continuation_logp(logits, len(ids[i]))
         top_logp, top_ids = logp.topk(min(stored, logp.shape[-1]), dim=-1)
         ref.best[i] = logp.argmax(-1).cpu()
-        ref.top_ids[i], ref.top_logp[i] = top_ids.cpu(), top_logp.cpu()
+        ref.top_ids[i], ref.top_logp[i] = top_ids.int().cpu(), top_logp.cpu()  # int32 + float32: 8 bytes a token
         ref.log_tail[i] = _log_rest(logp, top_ids).cpu()
 
     forward_each(model, ref.sequences, batch_size=batch_size, pad_id=pad_id or 0, on_logits=keep, adapter=adapter,
@@ -215,8 +215,8 @@ def score(model, reference: Reference, *, batch_size: int, pad_id: int, adapter=
     def measure(i: int, logits: torch.Tensor) -> None:
         logq = continuation_logp(logits, len(reference.prompts[i]))
         targets = torch.tensor(reference.continuations[i], device=logq.device)
-        got = token_measures(logq, *(t[i].to(logq.device) for t in (reference.best, reference.top_ids,
-                                                                     reference.top_logp, reference.log_tail)), targets)
+        got = token_measures(logq, reference.best[i].to(logq.device), reference.top_ids[i].to(logq.device).long(),
+                             reference.top_logp[i].to(logq.device), reference.log_tail[i].to(logq.device), targets)
         for m, values in got.items():
             per_prompt[m][i] = float(values.mean())
 
