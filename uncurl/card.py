@@ -118,6 +118,11 @@ def _eval_rows(ev: dict) -> list[str]:
     if "loss" in before:
         rows.append(f"| task loss (nats/token) | {before['loss']:.4f} | {after['loss']:.4f} | "
                     f"{_change(after['loss'] - before['loss'])} |")
+    for metric, name in (("agreement", "top-1 agreement with the parent"),
+                         ("acceptance", "expected speculative acceptance")):
+        if metric in after:
+            rows.append(f"| {name} | {before[metric]:.4f} | {after[metric]:.4f} ± {after[f'{metric}_stderr']:.4f} | "
+                        f"{_change(after[metric] - before[metric])} |")
     return rows
 
 

@@ -25,7 +25,7 @@ from rich.text import Text
 
 from .errors import EXIT_GATE, Terminated, UncurlError
 from .options import RUN, Option, markdown, markdown_besides, opt, options, parameters
-from .pipeline import CostOptions, ProfileOptions, PruneOptions, RunOptions
+from .pipeline import CostOptions, EvalOptions, ProfileOptions, PruneOptions, RunOptions
 from .monitor import MonitorOptions
 from .routes import RoutesOptions
 from .sweep import SweepOptions
@@ -190,7 +190,7 @@ def _setup_logging(verbose: bool) -> None:
 @command("prune", PruneOptions, [
     "model", "task", "keep", "out", "method", "merge", "router_rows", "protect_super_experts", "top_k", "profile", "overwrite", "shard_size",
     "dequantize", "plots", "recover", "recover_experts", "recover_local", *DATA_FIELDS, "eval", "eval_limit", "eval_max_length", "metric",
-    "max_drop", *SERVING_FIELDS, *RUN_FIELDS, "pipeline", "calibrate_through", *OUTPUT])
+    "gen_tokens", "max_drop", *SERVING_FIELDS, *RUN_FIELDS, "pipeline", "calibrate_through", *OUTPUT])
 def prune(ctx: typer.Context, opts: PruneOptions, as_json: bool, verbose: bool):
     """Prune/merge a model's experts down to --keep per layer for one task, and write a report.
 
@@ -291,38 +291,68 @@ def profile_merge(
     typer.echo(out)
 
 
-@command("eval", RunOptions, [
-    "model", "task", "data_dir", "eval_limit", "eval_max_length", "batch_size", "template", "choices", "choices_field",
-    "label_field", "eval_file", "calibration_split", "evaluation_split", "chat_template", *RUN_FIELDS, "pipeline",
-    *OUTPUT])
-def eval_cmd(ctx: typer.Context, opts: RunOptions, as_json: bool, verbose: bool):
-    """Score a task's evaluation split as lm-evaluation-harness does: acc, acc_norm, loss, ppl.
+@command("eval", EvalOptions, [
+    "model", "task", "parent", "data_dir", "eval_limit", "eval_max_length", "batch_size", "template", "choices",
+    "choices_field", "label_field", "eval_file", "calibration_split", "evaluation_split", "chat_template", "gen_tokens",
+    *RUN_FIELDS, "pipeline", *OUTPUT])
+def eval_cmd(ctx: typer.Context, opts: EvalOptions, as_json: bool, verbose: bool):
+    """Score a task's evaluation split as lm-evaluation-harness does: acc, acc_norm, loss, ppl; with
+    --parent, also the generation fidelity against the parent (agreement, acceptance, KL, NLL).
 
     Example: uncurl eval --model runs/k4 --task superglue-rte --data-dir ../shared/data --limit 200
     """
+    import gc
+
+    from .evaluate import drop
+    from .fidelity import paired
     from .load import load_model
-    from .pipeline import check_data, check_pipeline, run_eval
+    from .offload import dispatched
+    from .pipeline import FIDELITY_METRICS, check_data, check_pipeline, parent_reference, run_eval
     from .report import Timings
 
     _setup_logging(verbose)
     check_pipeline(opts)
+    if opts.gen_tokens is not None and opts.gen_tokens < 1:
+        raise UncurlError(f"--gen-tokens {opts.gen_tokens} must be at least 1")
     check_data(opts, calibrating=False, evaluating=True, eval_limit=opts.eval_limit, seed=opts.seed)  # before the model
     stages = Timings()
+
+    def load(name: str):
+        return load_model(name, device=opts.device, dtype=opts.dtype, seed=opts.seed, device_map=opts.device_map,
+                          max_memory=opts.max_memory, moe=False)  # any causal LM: evaluation needs no MoE
+
+    reference = parent = None
+    if opts.parent:  # the parent first, alone: its continuations and distributions kept, then it is freed
+        with stages.stage("parent"):
+            held = load(opts.parent)
+            vocab = held.tokenizer.get_vocab()
+            reference = parent_reference(held.model, held.tokenizer, opts, opts.eval_limit, opts.seed)
+            parent = run_eval(held.model, held.tokenizer, opts, opts.eval_limit, opts.seed, reference=reference)
+            hooked = dispatched(held.model)
+            del held
+            if hooked:
+                gc.collect()
     with stages.stage("load"):
-        loaded = load_model(opts.model, device=opts.device, dtype=opts.dtype, seed=opts.seed,
-                            device_map=opts.device_map, max_memory=opts.max_memory,
-                            moe=False)  # any causal LM: evaluation needs no MoE
+        loaded = load(opts.model)
+    if parent is not None and loaded.tokenizer.get_vocab() != vocab:
+        raise UncurlError(f"--parent {opts.parent} and --model {opts.model} have different tokenizers: fidelity "
+                          f"compares next-token distributions over one vocabulary")
     with stages.stage("eval"):
-        metrics = {"model": opts.model, **run_eval(loaded.model, loaded.tokenizer, opts, opts.eval_limit, opts.seed)}
+        metrics = {"model": opts.model, **run_eval(loaded.model, loaded.tokenizer, opts, opts.eval_limit, opts.seed,
+                                                   reference=reference)}
+    if parent is not None:
+        metrics["parent"] = {"model": opts.parent, **parent}
+        metrics["drop"] = {m: drop(parent, metrics, m) for m in ("acc", "acc_norm", "loss", *FIDELITY_METRICS)}
+        metrics["paired"] = paired(parent, metrics)  # the model minus the parent, prompt by prompt
     if as_json:
         _emit_json(metrics)
     else:
-        typer.echo(" ".join(f"{k}={v}" for k, v in metrics.items()))
+        typer.echo(" ".join(f"{k}={v}" for k, v in metrics.items() if not isinstance(v, dict)))
 
 
 @command("sweep", SweepOptions, [
     "model", "task", "keeps", "methods", "merges", "out", "routers", "protect_super_experts", "top_k", "profile", "keep_checkpoints", "overwrite",
-    "tolerance", "metric", "eval_limit", "eval_max_length", *DATA_FIELDS, *RUN_FIELDS, "pipeline", *OUTPUT])
+    "tolerance", "metric", "gen_tokens", "eval_limit", "eval_max_length", *DATA_FIELDS, *RUN_FIELDS, "pipeline", *OUTPUT])
 def sweep_cmd(ctx: typer.Context, opts: SweepOptions, as_json: bool, verbose: bool):
     """Profile once, then prune and evaluate every (method, K); name the threshold K per method.
 

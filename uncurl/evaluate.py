@@ -28,7 +28,7 @@ from .load import input_device
 from .profile import progress_bar
 from .tasks import TARGET_DELIMITER, Example
 
-METRICS = ("acc", "acc_norm", "loss")
+METRICS = ("acc", "acc_norm", "loss", "agreement", "acceptance")  # the last two: fidelity.py, against the parent
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from .cluster import (METHODS, SUPER_FRACTION, SUPER_LAYERS, SUPER_QUANTILE, Lay
 from .cost import cost_table, finish, release_note, serving_cost, static_cost
 from .errors import UncurlError
 from .evaluate import METRICS, drop, evaluate_examples
+from .fidelity import DEFAULT_GEN_TOKENS, Reference, build_reference, paired, score as score_fidelity
 from .fit import fit_model, fit_report as fit_entry
 from .load import Loaded, check_family, input_device, load_model
 from .merge import MERGE_RULES, ROUTER_RULES, get_rule, parameter_count, rewrite_model, weight_bytes
@@ -191,8 +192,17 @@ class RunOptions(DataOptions):
     eval_limit: int | None = opt(
         None, "--eval-limit", "--limit", panel=EVAL, min=1, readme_default="all",
         help="Evaluation examples: a seeded subset of the evaluation split (default: all of it).")
-    metric: str = opt("acc", panel=EVAL, help="Metric a drop is measured on: acc, acc_norm (points of accuracy) or "
-                                               "loss (its increase in percent).")
+    metric: str = opt("acc", panel=EVAL, help="Metric a drop is measured on: acc, acc_norm (points of accuracy), "
+                                               "loss (its increase in percent), or agreement, acceptance (points of "
+                                               "generation fidelity against the parent: see --gen-tokens).")
+    gen_tokens: int | None = opt(
+        None, panel=EVAL, min=1, readme_default=f"{DEFAULT_GEN_TOKENS} where measured",
+        note="See [Generation fidelity](#generation-fidelity).",
+        help="Generation fidelity: the parent greedily continues each evaluation prompt for this many tokens, then "
+             "the pruned model is teacher-forced on them: top-1 agreement, expected speculative acceptance "
+             "sum min(p, q), KL(parent || pruned) and the pruned model's NLL of the parent's tokens, means and "
+             f"standard errors over prompts. Measured when given, with --metric agreement or acceptance "
+             f"({DEFAULT_GEN_TOKENS} tokens), or with eval --parent.")
     pipeline: str = opt(
         "auto", panel=RUN, note="See [Models larger than the machine](#models-larger-than-the-machine).",
         help="How the model is run: whole (one forward of the whole model per batch), sequential (one decoder "
@@ -257,6 +267,17 @@ class PruneOptions(RunOptions, ServingOptions):
         help="Layer by layer (--pipeline sequential; auto turns it on): the inputs of each layer come from the layers before it as they were "
              "(original: the one-pass profile, the same plan as --pipeline whole) or as pruned (pruned: each "
              "layer is planned on what the pruned model will feed it, as REAM and llm-compressor do).")
+
+
+@dataclass
+class EvalOptions(RunOptions):
+    """What ``uncurl eval`` takes: a model and a task, and optionally the parent to measure fidelity against."""
+
+    parent: str | None = opt(
+        None, "--parent", panel=MODEL,
+        help="The model --model was pruned from (Hub id, folder or builtin:<family>): also measure generation "
+             "fidelity against it (see --gen-tokens). The parent runs first and is freed before --model is loaded; "
+             "both must share a tokenizer.")
 
 
 @dataclass
@@ -529,19 +550,62 @@ def eval_layers(model, opts) -> object | None:
     return adapter if adapter is not None and _sequential(model, adapter, getattr(opts, "pipeline", "whole")) else None
 
 
-def run_eval(model, tokenizer, opts: DataOptions, limit: int | None, seed: int = 0, per_example: bool = False) -> dict:
-    """The task's evaluation split scored as lm-evaluation-harness would (see evaluate.py);
-    ``per_example`` adds each example's figures (``evaluate_examples``). An offloaded model (or
-    --pipeline sequential) is run layer by layer (``eval_layers``)."""
+def eval_examples(tokenizer, opts: DataOptions, limit: int | None, seed: int = 0) -> tuple[T.Task, list[T.Example]]:
+    """The task and its evaluation examples as evaluation reads them (a seeded subset of ``limit``)."""
     task = resolve_task(opts)
     examples = T.load_examples(task, "evaluation", opts.data_dir, limit=limit, seed=seed)
     if opts.chat_template:
         examples = chat_wrap(examples, tokenizer)
+    return task, examples
+
+
+FIDELITY_METRICS = ("agreement", "acceptance")  # --metric values measured against the parent (fidelity.py)
+
+
+def fidelity_tokens(opts) -> int | None:
+    """How many tokens the parent generates for the fidelity measure (--gen-tokens, or its default
+    where --metric agreement/acceptance or eval --parent asks for the measure); None: not measured."""
+    n = getattr(opts, "gen_tokens", None)
+    if n is None and (getattr(opts, "metric", None) in FIDELITY_METRICS or getattr(opts, "parent", None)):
+        n = DEFAULT_GEN_TOKENS
+    return n
+
+
+def parent_reference(model, tokenizer, opts: DataOptions, limit: int | None, seed: int = 0) -> Reference | None:
+    """The parent's greedy continuations of the evaluation prompts and its distributions over them
+    (``fidelity.build_reference``), computed once so that the parent need not be held beside a pruned
+    model; None where fidelity is not measured (``fidelity_tokens``)."""
+    n = fidelity_tokens(opts)
+    if n is None:
+        return None
+    _, examples = eval_examples(tokenizer, opts, limit, seed)
+    return build_reference(model, tokenizer, [ex.prompt for ex in examples], n, max_length=opts.eval_max_length,
+                           batch_size=opts.batch_size, adapter=eval_layers(model, opts), progress=opts.progress,
+                           fingerprint=T.data_fingerprint(examples))
+
+
+def run_eval(model, tokenizer, opts: DataOptions, limit: int | None, seed: int = 0, per_example: bool = False,
+             reference: Reference | None = None) -> dict:
+    """The task's evaluation split scored as lm-evaluation-harness would (see evaluate.py);
+    ``per_example`` adds each example's figures (``evaluate_examples``). An offloaded model (or
+    --pipeline sequential) is run layer by layer (``eval_layers``). ``reference``: also the
+    generation fidelity against the parent it was made from (``parent_reference``; fidelity.py)."""
+    task, examples = eval_examples(tokenizer, opts, limit, seed)
+    layers = eval_layers(model, opts)
     metrics = evaluate_examples(model, tokenizer, examples, batch_size=opts.batch_size,
                                 max_length=opts.eval_max_length, progress=opts.progress, per_example=per_example,
-                                layers_of=eval_layers(model, opts))
-    return {"task": task.name, "fingerprint": T.data_fingerprint(examples), "split": task.split_note,
-            "chat_template": opts.chat_template, **metrics}
+                                layers_of=layers)
+    out = {"task": task.name, "fingerprint": T.data_fingerprint(examples), "split": task.split_note,
+           "chat_template": opts.chat_template, **metrics}
+    if reference is not None:
+        if reference.fingerprint != out["fingerprint"]:
+            raise UncurlError(f"the parent's continuations were made on other evaluation examples (fingerprint "
+                              f"{reference.fingerprint}, now {out['fingerprint']}): score with the same --task, "
+                              f"--eval-limit and --seed")
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        out.update(score_fidelity(model, reference, batch_size=opts.batch_size, pad_id=pad_id or 0, adapter=layers,
+                                  progress=opts.progress))
+    return out
 
 
 def _mix_spec(parts: list[tuple[str, float]]) -> str:
@@ -683,7 +747,9 @@ def check_options(opts: RunOptions, evaluating: bool) -> None:
     fits = calibrated and any(may_fit(m) for m in opts.merge.split(","))
     task = check_data(opts, calibrating=(calibrated and not opts.profile) or fits, evaluating=evaluating,
                       eval_limit=opts.eval_limit, seed=opts.seed)
-    if evaluating and opts.metric != "loss" and task.num_choices == 0:
+    if getattr(opts, "gen_tokens", None) is not None and opts.gen_tokens < 1:
+        raise UncurlError(f"--gen-tokens {opts.gen_tokens} must be at least 1")
+    if evaluating and opts.metric in ("acc", "acc_norm") and task.num_choices == 0:
         raise UncurlError(f"task {task.name} has no answer choices, so no {opts.metric}; use --metric loss")
 
 
@@ -1117,10 +1183,12 @@ def _pruned(opts: PruneOptions, output: Claim, shard_size: int, evaluating: bool
         with timings.stage("profile"):
             prep.profile = make_profile(loaded, opts)
         profiled(prep, opts, [opts.keep])
-    evaluation = {}
+    evaluation, reference = {}, None
     if evaluating:
-        with timings.stage("eval_before"):
-            evaluation["before"] = run_eval(loaded.model, loaded.tokenizer, opts, opts.eval_limit, opts.seed)
+        with timings.stage("eval_before"):  # the parent's continuations kept (CPU) for after: fidelity.py
+            reference = parent_reference(loaded.model, loaded.tokenizer, opts, opts.eval_limit, opts.seed)
+            evaluation["before"] = run_eval(loaded.model, loaded.tokenizer, opts, opts.eval_limit, opts.seed,
+                                            reference=reference)
     dtype = str(loaded.model.dtype).removeprefix("torch.")
     before = {"params": parameter_count(loaded.model), "bytes": weight_bytes(loaded.model),
               "cost": static_cost(loaded.model, adapter), "format": dtype}
@@ -1168,7 +1236,8 @@ def _pruned(opts: PruneOptions, output: Claim, shard_size: int, evaluating: bool
                         measured["after"] = measure_serving(model_after, opts, opts.seed)
                 if evaluating:
                     with timings.stage("eval_after"):
-                        evaluation["after"] = run_eval(model_after, loaded.tokenizer, opts, opts.eval_limit, opts.seed)
+                        evaluation["after"] = run_eval(model_after, loaded.tokenizer, opts, opts.eval_limit, opts.seed,
+                                                       reference=reference)
                     if local is not None:
                         with timings.stage("eval_merged"):
                             judge_local(local, unrecovered, model_after, loaded.tokenizer, opts, evaluation)
@@ -1176,6 +1245,8 @@ def _pruned(opts: PruneOptions, output: Claim, shard_size: int, evaluating: bool
                 if recovery is not None:
                     judge_recovery(recovery, evaluation)
                 evaluation["drop"] = {m: drop(evaluation["before"], evaluation["after"], m) for m in METRICS}
+                if reference is not None:  # after minus before (the parent against itself), prompt by prompt
+                    evaluation["paired"] = paired(evaluation["before"], evaluation["after"])
         report = {
             **base_report(opts, prep, timings),
             "model": {

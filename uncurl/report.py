@@ -219,10 +219,17 @@ def eval_table(ev: dict) -> str:
     before, after = ev["before"], ev["after"]
     rows = [f"Task {before['task']}, {before['n']} evaluation examples (fingerprint `{before['fingerprint']}`).",
             "", "| metric | before | after | drop (points) |", "|---|---|---|---|"]
-    for metric in ("acc", "acc_norm", "loss", "ppl"):
+    for metric in ("acc", "acc_norm", "loss", "ppl", "agreement", "acceptance", "kl", "nll"):
         if metric in before:
             rows.append(f"| {metric} | {before[metric]:.4f} | {after[metric]:.4f} | {ev['drop'].get(metric, '')} |")
-    return "\n".join(rows) + "\n\nDrop: 100 x accuracy lost; for loss, its increase in percent."
+    note = "\n\nDrop: 100 x accuracy lost; for loss, its increase in percent."
+    if "fidelity" in after:
+        f, pairs = after["fidelity"], ev.get("paired", {})
+        note += (f"\n\nGeneration fidelity against the parent: {f['prompts']} prompts, "
+                 f"{f['tokens']} greedy tokens of the parent (up to {f['gen_tokens']} each); after minus before, "
+                 "paired over prompts: " + ", ".join(f"{m} {p['diff']:+.4f} ± {p['stderr']:.4f}"
+                                                     for m, p in pairs.items()) + ".")
+    return "\n".join(rows) + note
 
 
 def plots(layers: list[dict], folder: Path) -> dict[str, str]:

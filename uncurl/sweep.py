@@ -22,11 +22,12 @@ from . import distributed
 from .cluster import METHODS, get_method
 from .errors import UncurlError
 from .evaluate import METRICS, drop
+from .fidelity import paired
 from .merge import MERGE_RULES, ROUTER_RULES, parameter_count, rewrite_model
 from .options import AUTO_MERGE, DEFAULT_MERGE, DEFAULT_METHOD, DEFAULT_ROUTER, EVAL, PRUNE, ints, names, opt
 from .output import claim
 from .pipeline import (RunOptions, base_report, check_options, fit_after_merge, follow, loaded_check, method_used,
-                       may_fit, plan_all, prepare, resolved, run_eval, run_inputs)
+                       may_fit, parent_reference, plan_all, prepare, resolved, run_eval, run_inputs)
 from .report import Timings
 from .save import verify_checkpoint, write_checkpoint
 
@@ -63,6 +64,17 @@ def threshold(rows: list[dict], metric: str, tolerance: float) -> int | None:
             break
         best = row["keep"]
     return best
+
+
+def pairwise(rows: list[dict]) -> list[dict]:
+    """Every two cells of the same K compared prompt by prompt on the fidelity measures (``fidelity.paired``:
+    ``b`` minus ``a``, the mean difference and its standard error), in the order the cells ran."""
+    out = []
+    for keep in sorted({r["keep"] for r in rows}, reverse=True):
+        at = [r for r in rows if r["keep"] == keep]
+        out += [{"keep": keep, "a": a["label"], "b": b["label"], **paired(a, b)}
+                for i, a in enumerate(at) for b in at[i + 1:]]
+    return out
 
 
 def cells(opts: SweepOptions) -> list[tuple[str, str, str]]:
@@ -128,8 +140,9 @@ def _sweep(opts: SweepOptions, output, on_row, skip) -> dict:
     model, tok = prep.loaded.model, prep.loaded.tokenizer
     opts, _, auto = resolved(opts, prep.loaded)  # --merge auto: fit where it applies, else aligned
     opts.merges = tuple(opts.merge.split(","))
-    with timings.stage("eval_unpruned"):
-        base = run_eval(model, tok, opts, opts.eval_limit, opts.seed)
+    with timings.stage("eval_unpruned"):  # with a fidelity metric, the parent's continuations once for every cell
+        reference = parent_reference(model, tok, opts, opts.eval_limit, opts.seed)
+        base = run_eval(model, tok, opts, opts.eval_limit, opts.seed, reference=reference)
     base = {"keep": prep.num_experts, "params": parameter_count(model), **base}
     rows = []
     with output.staged() as tmp:
@@ -141,7 +154,7 @@ def _sweep(opts: SweepOptions, output, on_row, skip) -> dict:
                 name = label(method, merge, router)
                 with timings.stage(f"{name}-k{keep}"):
                     pruned, plans = cell_model(prep, model, used, merge, router, keep, opts.seed, opts.top_k, opts)
-                    metrics = run_eval(pruned, tok, opts, opts.eval_limit, opts.seed)
+                    metrics = run_eval(pruned, tok, opts, opts.eval_limit, opts.seed, reference=reference)
                     row = {"method": used, **({"method_requested": method} if used != method else {}), "merge": merge, "router": router, "label": name, "keep": keep,
                            "params": parameter_count(pruned), **metrics,
                            "drop": {m: drop(base, metrics, m) for m in METRICS},
@@ -170,6 +183,7 @@ def _sweep(opts: SweepOptions, output, on_row, skip) -> dict:
             "results": rows,
             "threshold": {lab: threshold([r for r in rows if r["label"] == lab], opts.metric, opts.tolerance)
                           for lab in dict.fromkeys(r["label"] for r in rows)},
+            **({"paired": pairwise(rows)} if reference is not None else {}),
             "output": str(out),
         }
         (tmp / "sweep.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -181,7 +195,7 @@ def _sweep(opts: SweepOptions, output, on_row, skip) -> dict:
 def markdown(s: dict) -> str:
     base, metric = s["unpruned"], s["metric"]
     has_acc = "acc" in base
-    cols = ["acc", "acc_norm", "loss"] if has_acc else ["loss"]
+    cols = (["acc", "acc_norm", "loss"] if has_acc else ["loss"]) + [m for m in ("agreement", "acceptance") if m in base]
     lines = [f"# uncurl sweep: {s['model']['id']} on {base['task']}", "", f"`{s['command']}`", "",
              f"{base['n']} evaluation examples; calibration: {s['task']['name']} "
              f"({s['task']['calibration_examples']} examples, {s['task']['tokens']:,} tokens).", "",
@@ -194,7 +208,15 @@ def markdown(s: dict) -> str:
     lines += ["", f"Threshold (smallest K with every K above it within {s['tolerance']} points of {metric}): "
               + ", ".join(f"{m}: {'K=' + str(k) if k is not None else 'none'}" for m, k in s["threshold"].items()),
               "", "![metric vs K](sweep.png)", ""]
-    return "\n".join(lines)
+    for p in s.get("paired", []):
+        if p is s["paired"][0]:
+            lines += ["Fidelity against the unpruned model, cells of one K compared prompt by prompt "
+                      "(b minus a, mean ± standard error):", "", "| K | a | b | agreement | acceptance |",
+                      "|---|---|---|---|---|"]
+        lines.append(f"| {p['keep']} | {p['a']} | {p['b']} | "
+                     + " | ".join(f"{p[m]['diff']:+.4f} ± {p[m]['stderr']:.4f}" for m in ("agreement", "acceptance"))
+                     + " |")
+    return "\n".join(lines) + ("\n" if s.get("paired") else "")
 
 
 def plot(s: dict, path: Path) -> None:
