@@ -311,7 +311,8 @@ def huge(folder: Path, layers: int, keep: int, samples: int, max_length: int, ma
         print(f"huge: prune --merge {name} ...", flush=True)
         got = measured_run(cmd, env, folder / f"prune-{name}.log", watch_dir=folder)
         written = sum(f.stat().st_size for f in out.glob("*.safetensors")) if out.is_dir() else 0
-        report = json.loads((out / "report.json").read_text()) if (out / "report.json").is_file() else {}
+        report_file = out / "report" / "report.json"
+        report = json.loads(report_file.read_text()) if report_file.is_file() else {}
         floor = floor_seconds(twin["bytes"], written, result["disk"])
         runs[name] = {**got, "merge": name, "keep": keep, "samples": samples, "max_length": max_length,
                       "max_memory": max_memory, "command": " ".join(cmd[1:]), "page_cache_dropped": dropped,
