@@ -244,9 +244,14 @@ def measured_run(cmd: list[str], env: dict, log_path: Path, watch_dir: Path | No
             break
         time.sleep(every)
     seconds = time.perf_counter() - start
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     rc = proc.wait()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the run's own CPU time (its children's too)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     total = {k: sum(io.get(k, 0) for io in last_io.values()) for k in ("read_bytes", "write_bytes", "rchar", "wchar")}
-    return {"rc": rc, "seconds": round(seconds, 1), "peak_rss_bytes": peak["rss"] * 1024,
+    return {"rc": rc, "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1), "peak_rss_bytes": peak["rss"] * 1024,
             "peak_anon_rss_bytes": peak["anon"] * 1024, "peak_file_rss_bytes": peak["file"] * 1024,
             **total, "temp_disk_peak_bytes": free0 - min_free if watch_dir else None}
 

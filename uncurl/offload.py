@@ -350,8 +350,10 @@ def read_source(info: dict, key: str) -> torch.Tensor:
     import copy
     from collections import defaultdict
 
-    tensors = _read_sources(info["uncurl_sources"])
     converter = info.get("converter")
+    if converter is not None and _stacks_only(converter):
+        return _read_stacked(info, converter)
+    tensors = _read_sources(info["uncurl_sources"])
     if converter is None:  # renamed only
         (tensor,) = next(iter(tensors.values()))
     else:
@@ -360,6 +362,50 @@ def read_source(info: dict, key: str) -> torch.Tensor:
         tensor = converter.convert(info["layer_name"], config=info.get("config"))[key]
         tensor = tensor[0] if isinstance(tensor, list) else tensor
     return tensor.to(getattr(torch, info["dtype"])).contiguous()
+
+
+def _stacks_only(converter) -> bool:
+    """Whether ``converter`` only stacks each source pattern's tensors (MergeModulelist on dim 0), then
+    maybe concatenates the stacks along a later dim: a layer's experts, as most MoE families load them."""
+    from transformers.core_model_loading import Concatenate, MergeModulelist
+
+    ops = getattr(converter, "operations", None) or []
+    return (len(converter.target_patterns) == 1 and len(ops) in (1, 2) and type(ops[0]) is MergeModulelist
+            and ops[0].dim == 0 and (len(ops) == 1 or (type(ops[1]) is Concatenate and ops[1].dim >= 1)))
+
+
+def _read_stacked(info: dict, converter) -> torch.Tensor:
+    """What ``converter`` makes of the sources, each read straight into its place in the result: the
+    layer's stacked tensor plus one source tensor in memory (stacking a read list, then concatenating
+    the stacks, would hold up to three copies)."""
+    from safetensors import safe_open
+
+    sources = dict(info["uncurl_sources"])
+    patterns = [p for p in converter.source_patterns if p in sources]
+    if len(patterns) > 1 and len(converter.operations) == 1:
+        raise RuntimeError(f"{info['layer_name']}: several stacks and no concatenation")
+    handles = {}
+    try:
+        def handle(file):
+            if file not in handles:
+                handles[file] = safe_open(file, framework="pt", device="cpu", backend="pread")
+            return handles[file]
+
+        shapes = [[len(sources[p]), *handle(sources[p][0][0]).get_slice(sources[p][0][1]).get_shape()] for p in patterns]
+        dim = converter.operations[1].dim if len(converter.operations) == 2 else 0
+        shape = list(shapes[0])
+        shape[dim] = sum(s[dim] for s in shapes) if len(patterns) > 1 else shape[dim]
+        out = torch.empty(shape, dtype=getattr(torch, info["dtype"]))
+        offset = 0
+        for p, s in zip(patterns, shapes):
+            part = out.narrow(dim, offset, s[dim]) if len(patterns) > 1 else out
+            offset += s[dim]
+            for j, (file, name) in enumerate(sources[p]):
+                part[j].copy_(handle(file).get_tensor(name))
+    finally:
+        for h in handles.values():
+            h.__exit__(None, None, None)
+    return out
 
 
 def _source_loader_class():
