@@ -608,10 +608,18 @@ def main() -> None:
     ap.add_argument("--quant-hidden", type=int, default=512, help="hidden size of the FP8-vs-twin model")
     ap.add_argument("--offload-hidden", type=int, default=512, help="hidden size of the offload-prune model")
     ap.add_argument("--only", choices=["ratios", "profile_memory", "prune_memory", "scaling", "pipelines", "quantized",
-                                       "offload_prune", "ranks", "evaluation", "fit"],
-                    help="run one part (others kept)")
+                                       "offload_prune", "ranks", "evaluation", "fit", "huge"],
+                    help="run one part (others kept); huge only when named (benchmarks/huge.py)")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda[:N] to benchmark on a GPU (host RSS is "
                     "still measured; GPU peaks are added as gpu_peak_mb)")
+    ap.add_argument("--huge-dir", type=Path, default=Path("/work/bigtwin"), help="--only huge: where its twin (~32 GB, "
+                    "kept for later runs) and temporary outputs go; outside any git repository")
+    ap.add_argument("--huge-layers", type=int, default=25, help="--only huge: decoder layers of the twin (48 real)")
+    ap.add_argument("--huge-keep", type=int, default=8, help="--only huge: experts kept of 128")
+    ap.add_argument("--huge-samples", type=int, default=16, help="--only huge: calibration samples")
+    ap.add_argument("--huge-max-length", type=int, default=64, help="--only huge: calibration tokens per sample")
+    ap.add_argument("--huge-max-memory", default="cpu=4GiB", help="--only huge: --max-memory of the prunes")
+    ap.add_argument("--huge-rerun", action="store_true", help="--only huge: measure again what huge.json has")
     ap.add_argument("--profile-memory-child", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--prune-memory-child", help=argparse.SUPPRESS)
     ap.add_argument("--floor-child", help=argparse.SUPPRESS)
@@ -632,6 +640,8 @@ def main() -> None:
         return floor_child(args.floor_child)
     if args.profile_peak_child:
         return profile_peak_child(args.profile_peak_child)
+    if args.only == "huge":  # opt-in, its own file: a model larger than this machine (benchmarks/huge.py)
+        return huge_part(args)
 
     parts = {
         "ratios": lambda: ratios(args),
@@ -658,6 +668,15 @@ def main() -> None:
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     summarise(result)
     print(f"wrote {args.out}")
+
+
+def huge_part(args) -> None:
+    from benchmarks.huge import huge
+
+    out = ROOT / "benchmarks" / "results" / "huge.json"
+    huge(args.huge_dir, args.huge_layers, args.huge_keep, args.huge_samples, args.huge_max_length,
+         args.huge_max_memory, out, rerun=args.huge_rerun)
+    print(f"wrote {out}")
 
 
 def stage_line(run: dict) -> str:

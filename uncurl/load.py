@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,7 @@ import torch
 from .adapters import (ADAPTERS, REFUSED, MoEAdapter, get_adapter, installed, moe_config, needs_newer_transformers,
                        tiny_config)
 from .errors import UncurlError
+from .offload import from_source, install_source_loaders
 
 log = logging.getLogger(__name__)
 
@@ -642,8 +644,14 @@ def from_folder(folder: Path, config, dtype, device_map=None, output_loading_inf
     handles = [] if source else [safe_open(str(f), framework="pt", device="cpu", backend="pread") for f in files]
     try:
         state = dequantized_state(source) if source else {name: h.get_slice(name) for h in handles for name in h.keys()}
-        model = cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype, device_map=device_map,
-                                    output_loading_info=output_loading_info, **placement)
+        # weights sent to disk stay in the checkpoint's own files (offload.from_source), not re-saved
+        direct = device_map is not None and not source and getattr(config, "quantization_config", None) is None
+        files_of = {name: str(f) for f, h in zip(files, handles) for name in h.keys()} if direct else {}
+        with from_source(files_of, config) if direct else nullcontext():
+            model = cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype, device_map=device_map,
+                                        output_loading_info=output_loading_info, **placement)
+        if direct:
+            install_source_loaders(model[0] if output_loading_info else model)
     finally:
         for h in handles:
             h.__exit__(None, None, None)

@@ -313,3 +313,196 @@ def transplant_hooks(original, new, merged_modules: set[str], spill: Spill | Non
         new.hf_device_map = dict(original.hf_device_map)
     if spill is not None:
         spill.attach(new)
+
+
+# --- disk offload straight from the checkpoint -------------------------------------------------
+#
+# transformers re-saves every weight that --device-map sends to disk and that a conversion changes on
+# loading (most MoE checkpoints: per-expert tensors on disk, one stacked tensor per layer in the model)
+# into the offload folder: a second write and a second read of most of a model larger than memory,
+# and as much temporary disk as the model itself. ``from_source`` instead leaves those weights
+# unread at load (meta tensors through the conversion, which only stacks and concatenates) and notes
+# where each comes from; ``SourceLoader`` reads them from the checkpoint's own files when they are
+# needed, and replays the same conversion.
+
+_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _read_sources(sources: list[tuple[str, list[tuple[str, str]]]]) -> dict[str, list[torch.Tensor]]:
+    """{source pattern: [tensors]} read from (file, name) pairs with ``pread`` (no mapping of the
+    file: nothing lands in the process's resident set but the tensors themselves)."""
+    from safetensors import safe_open
+
+    files = {file for _, names in sources for file, _ in names}
+    handles = {file: safe_open(file, framework="pt", device="cpu", backend="pread") for file in files}
+    try:
+        out = {pattern: [handles[file].get_tensor(name) for file, name in names] for pattern, names in sources}
+    finally:
+        for h in handles.values():
+            h.__exit__(None, None, None)
+    return out  # counted in READS by whoever fetched the result (_fetch)
+
+
+def read_source(info: dict, key: str) -> torch.Tensor:
+    """One offloaded weight, made from the checkpoint's own tensors as transformers made it at load."""
+    import copy
+    from collections import defaultdict
+
+    converter = info.get("converter")
+    if converter is not None and _stacks_only(converter):
+        return _read_stacked(info, converter)
+    tensors = _read_sources(info["uncurl_sources"])
+    if converter is None:  # renamed only
+        (tensor,) = next(iter(tensors.values()))
+    else:
+        converter = copy.deepcopy(converter)
+        converter.collected_tensors = defaultdict(list, tensors)
+        tensor = converter.convert(info["layer_name"], config=info.get("config"))[key]
+        tensor = tensor[0] if isinstance(tensor, list) else tensor
+    return tensor.to(getattr(torch, info["dtype"])).contiguous()
+
+
+def _stacks_only(converter) -> bool:
+    """Whether ``converter`` only stacks each source pattern's tensors (MergeModulelist on dim 0), then
+    maybe concatenates the stacks along a later dim: a layer's experts, as most MoE families load them."""
+    from transformers.core_model_loading import Concatenate, MergeModulelist
+
+    ops = getattr(converter, "operations", None) or []
+    return (len(converter.target_patterns) == 1 and len(ops) in (1, 2) and type(ops[0]) is MergeModulelist
+            and ops[0].dim == 0 and (len(ops) == 1 or (type(ops[1]) is Concatenate and ops[1].dim >= 1)))
+
+
+def _read_stacked(info: dict, converter) -> torch.Tensor:
+    """What ``converter`` makes of the sources, each read straight into its place in the result: the
+    layer's stacked tensor plus one source tensor in memory (stacking a read list, then concatenating
+    the stacks, would hold up to three copies)."""
+    from safetensors import safe_open
+
+    sources = dict(info["uncurl_sources"])
+    patterns = [p for p in converter.source_patterns if p in sources]
+    if len(patterns) > 1 and len(converter.operations) == 1:
+        raise RuntimeError(f"{info['layer_name']}: several stacks and no concatenation")
+    handles = {}
+    try:
+        def handle(file):
+            if file not in handles:
+                handles[file] = safe_open(file, framework="pt", device="cpu", backend="pread")
+            return handles[file]
+
+        shapes = [[len(sources[p]), *handle(sources[p][0][0]).get_slice(sources[p][0][1]).get_shape()] for p in patterns]
+        dim = converter.operations[1].dim if len(converter.operations) == 2 else 0
+        shape = list(shapes[0])
+        shape[dim] = sum(s[dim] for s in shapes) if len(patterns) > 1 else shape[dim]
+        out = torch.empty(shape, dtype=getattr(torch, info["dtype"]))
+        offset = 0
+        for p, s in zip(patterns, shapes):
+            part = out.narrow(dim, offset, s[dim]) if len(patterns) > 1 else out
+            offset += s[dim]
+            for j, (file, name) in enumerate(sources[p]):
+                part[j].copy_(handle(file).get_tensor(name))
+    finally:
+        for h in handles.values():
+            h.__exit__(None, None, None)
+    return out
+
+
+def _source_loader_class():
+    from accelerate.utils import OffloadedWeightsLoader
+
+    class SourceLoader(OffloadedWeightsLoader):
+        """accelerate's loader, reading ``from_source`` entries from the checkpoint itself."""
+
+        def __getitem__(self, key: str):
+            if key not in self.state_dict:
+                info = self.index.get(key)
+                if isinstance(info, dict) and "uncurl_sources" in info:
+                    return read_source(info, key)
+            return super().__getitem__(key)
+
+    return SourceLoader
+
+
+@contextmanager
+def from_source(files_of: dict[str, str], config):
+    """Around ``from_pretrained(None, state_dict=<safetensors slices>, device_map=...)``: weights bound
+    for ``disk`` are not read nor re-saved; their offload index entries name the checkpoint tensors
+    they come from (``files_of``: tensor name -> its file). Yields a list that gets the model's
+    loaders swapped to ``SourceLoader`` by ``install_source_loaders``."""
+    from transformers import core_model_loading as cml
+
+    order: dict[int, dict] = {}  # id(transform) -> its first target, its sources by pattern in load order
+    by_target: dict[str, object] = {}  # first target -> its transform
+    originals = (cml.get_device, cml.spawn_materialize, cml.offload_and_maybe_resave_param, cml.set_param_for_module,
+                 cml.WeightTransform.add_tensor)
+    get_device, spawn, offload, set_param, add_tensor = originals
+    on_disk_marker = "uncurl:disk"
+
+    def get_device_(device_map, name, valid_torch_device=False):
+        device = get_device(device_map, name)
+        if valid_torch_device and device == "disk":
+            return on_disk_marker  # seen only by spawn_ below
+        return get_device(device_map, name, valid_torch_device)
+
+    def spawn_(thread_pool, tensor, device=None, dtype=None, sharding_op=None, tensor_idx=None):
+        if device == on_disk_marker:
+            kind = _SAFETENSORS_DTYPES.get(tensor.get_dtype()) if hasattr(tensor, "get_dtype") else None
+            if sharding_op is None and kind is not None:
+                shape = tuple(tensor.get_shape())
+
+                def job():
+                    return torch.empty(shape, dtype=dtype or kind, device="meta")
+
+                return thread_pool.submit(job) if thread_pool is not None else job
+            device = "cpu"
+        return spawn(thread_pool, tensor, device, dtype, sharding_op=sharding_op, tensor_idx=tensor_idx)
+
+    def add_tensor_(self, target_key, source_key, source_pattern, future):
+        seen = order.setdefault(id(self), {"layer_name": target_key, "sources": {}})
+        seen["sources"].setdefault(source_pattern, []).append(source_key)
+        by_target.setdefault(target_key, self)
+        return add_tensor(self, target_key, source_key, source_pattern, future)
+
+    def entry(transform, param) -> dict:
+        seen = order[id(transform)]
+        return {"uncurl_sources": [(p, [(files_of[k], k) for k in keys]) for p, keys in seen["sources"].items()],
+                "converter": transform if isinstance(transform, cml.WeightConverter) else None,
+                "layer_name": seen["layer_name"], "config": config, "dtype": str(param.dtype).removeprefix("torch.")}
+
+    def offload_(target_name, param, loading_info, folder, index, applied_ops):
+        if param.device.type != "meta":  # read at load after all (e.g. a force_cpu conversion): re-saved
+            return offload(target_name, param, loading_info, folder, index, applied_ops)
+        loading_info.missing_keys.discard(target_name)
+        index[target_name] = entry(applied_ops, param)
+        return index
+
+    def set_param_(model, target_name, param, *args, **kwargs):
+        if param.device.type == "meta" and target_name in by_target:  # a buffer of a module sent to disk: kept
+            param = read_source(entry(by_target[target_name], param), target_name)
+        return set_param(model, target_name, param, *args, **kwargs)
+
+    cml.get_device, cml.spawn_materialize, cml.offload_and_maybe_resave_param, cml.set_param_for_module = (
+        get_device_, spawn_, offload_, set_param_)
+    cml.WeightTransform.add_tensor = add_tensor_
+    try:
+        yield
+    finally:
+        cml.get_device, cml.spawn_materialize, cml.offload_and_maybe_resave_param, cml.set_param_for_module = (
+            originals[:4])
+        cml.WeightTransform.add_tensor = originals[4]
+
+
+def install_source_loaders(model) -> int:
+    """Swap accelerate's loaders holding ``from_source`` entries to ``SourceLoader``; how many."""
+    cls, done = None, set()
+    for module in model.modules():
+        loader = getattr(getattr(getattr(module, "_hf_hook", None), "weights_map", None), "dataset", None)
+        index = getattr(loader, "index", None)
+        if loader is None or id(loader) in done or not isinstance(index, dict):
+            continue
+        if any(isinstance(v, dict) and "uncurl_sources" in v for v in index.values()):
+            cls = cls or _source_loader_class()
+            loader.__class__ = cls
+            done.add(id(loader))
+    return len(done)
