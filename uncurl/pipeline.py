@@ -141,7 +141,7 @@ class RunOptions(DataOptions):
         help="Hub id (ORG/NAME), local transformers folder, or builtin:<family> for a seeded tiny random "
              "model (no files, no network; see `uncurl families`).")
     trust_remote_code: bool = opt(
-        False, panel=MODEL, note="See [Remote code, model types and licences](#remote-code-model-types-and-licences).",
+        False, "--trust-remote-code", panel=MODEL, note="See [Remote code, model types and licences](#remote-code-model-types-and-licences).",
         help="Allow running Python code from the model's folder or Hub repo (the files its auto_map names), where "
              "transformers has no class of its own: a model type and architectures it lacks, or a tokenizer class it "
              "lacks (Kimi-K2's). Risk: that code runs with your permissions; read it first. Without this flag uncurl "
