@@ -68,7 +68,7 @@ class DataOptions:
         help="What to calibrate and evaluate on: a registered task (see `uncurl tasks`); hf:ORG/NAME[:CONFIG], a "
              "Hub dataset read with datasets.load_dataset (with --template; splits: --calibration-split, "
              "--evaluation-split); lm-eval:TASK or lm-eval:FILE.yaml, an lm-evaluation-harness task (optional "
-             "extra: pip install 'uncurl\\[lm-eval]'); a task file (.yaml/.json: template, choices, label field, files or Hub id; see "
+             "extra: pip install 'uncurl-moe\\[lm-eval]'); a task file (.yaml/.json: template, choices, label field, files or Hub id; see "
              "README); or a .jsonl/.csv file with --template (one file: fixed seeded disjoint halves calibrate "
              "and evaluate; see --eval-file).",
         routes=dict(help="The inputs to route: any --task prune takes (a registered task, hf:ORG/NAME, lm-eval:TASK, a "
