@@ -366,3 +366,40 @@ def test_model_only_remote_needs_the_flag(tmp_path, tiny_deepseek, data_dir):
     pruned = cli(["prune", "--model", src, "--keep", 4, "--data-dir", data_dir, "--out", tmp_path / "k4",
                   "--trust-remote-code", *FAST], tmp_path)
     assert pruned.returncode == 2 and "'foo_moe' is not supported" in " ".join(pruned.stderr.split()), pruned.stderr
+
+
+def test_fp8_kimi_keeps_its_format_config_and_files(tmp_path, tiny_deepseek, data_dir):
+    """Kimi-K2 as shipped is FP8 (block-scaled): pruned natively and written back in its format, with
+    config.json the parent's (model_type kimi_k2, its quantization_config) and the files carried."""
+    import re
+
+    import torch
+    from safetensors.torch import save_file
+    from test_quant import blockwise_fp8, read_all
+
+    src = repo(tmp_path, tiny_deepseek, "Kimi-K2-Instruct")
+    block = [8, 8]
+    tensors = {}
+    for name, t in read_all(src).items():
+        if re.search(r"\.(experts\.\d+\.\w+|self_attn\.\w+|mlp\.\w+_proj)\.weight$", name) and t.dim() == 2:
+            tensors[name], tensors[name.removesuffix("weight") + "weight_scale_inv"] = blockwise_fp8(t, block)
+        else:
+            tensors[name] = t
+    assert any(t.dtype == torch.float8_e4m3fn for t in tensors.values())
+    save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                     "weight_block_size": block}
+    (src / "config.json").write_text(json.dumps(config, indent=2))
+    out = tmp_path / "k4"
+    res = CliRunner().invoke(app, ["prune", "--model", str(src), "--keep", "4", "--data-dir", str(data_dir),
+                                   "--out", str(out), "--method", "reap", "--merge", "select", *FAST])
+    assert res.exit_code == 0, res.output
+    written = json.loads((out / "config.json").read_text())
+    assert {k for k in config if config[k] != written.get(k)} | (set(written) - set(config)) == {"n_routed_experts"}
+    assert written["model_type"] == "kimi_k2" and written["quantization_config"] == config["quantization_config"]
+    same_bytes(src, out, [n for n in CODE if n != "tokenization_kimi.py"] + list(LICENCES))
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert report["model"]["format"] == report["model"]["format_before"] != "bfloat16"
+    stored = read_all(out)
+    assert {t.dtype for n, t in stored.items() if ".experts." in n and n.endswith(".weight")} == {torch.float8_e4m3fn}
