@@ -204,6 +204,8 @@ def test_kimi_prunes_natively_with_no_prompt_and_keeps_its_files(tmp_path, tiny_
     carried = report["model"]["carried"]
     assert carried["code"] == sorted(model_code)
     assert carried["licences"] == sorted(LICENCES)
+    text = (out / "report" / "report.md").read_text()
+    assert "Loaded as DeepseekV3ForCausalLM" in text and all(f"`{name}`" in text for name in [*model_code, *LICENCES])
     # loads as the parent does: with its (copied) code, and natively; both with every tensor in place
     for script, where in ((REMOTE_LOAD, "transformers_modules"), (NATIVE_LOAD, "transformers")):
         loads = python(script % [str(src), str(out)], tmp_path)
