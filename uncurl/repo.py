@@ -194,7 +194,7 @@ def read_config(model_id: str, trust_remote_code: bool = False):
         config = cls.from_dict(copy.deepcopy({k: v for k, v in raw.items() if k != "model_type"}))
         config._name_or_path = str(model_id)
         return config, native
-    remote = raw.get("model_type") is not None and not known_type(raw.get("model_type")) and config_refs(raw)
+    remote = not known_type(raw.get("model_type")) and bool(config_refs(raw))  # no model_type at all, too
     if remote and not trust_remote_code:
         raise remote_only(model_id, raw)
     return AutoConfig.from_pretrained(model_id, trust_remote_code=bool(remote and trust_remote_code)), None
