@@ -16,7 +16,7 @@ from uncurl.pipeline import DataOptions, run_eval
 from uncurl.tasks import data_fingerprint, get_task, load_examples, resolve_task
 
 HAVE_LM_EVAL = importlib.util.find_spec("lm_eval") is not None
-needs_lm_eval = pytest.mark.skipif(not HAVE_LM_EVAL, reason="lm-eval is an optional extra: pip install 'uncurl[lm-eval]'")
+needs_lm_eval = pytest.mark.skipif(not HAVE_LM_EVAL, reason="lm-eval is an optional extra: pip install 'uncurl-moe[lm-eval]'")
 runner = CliRunner()
 
 RTE_YAML = """\
@@ -65,7 +65,7 @@ def test_without_lm_eval_the_message_says_how_to_install(monkeypatch):
         return real(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_lm_eval)
-    with pytest.raises(UncurlError, match=r"pip install 'uncurl\[lm-eval\]'"):
+    with pytest.raises(UncurlError, match=r"pip install 'uncurl-moe\[lm-eval\]'"):
         resolve_task("lm-eval:somewhere/else.yaml")
 
 

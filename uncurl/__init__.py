@@ -7,3 +7,4 @@ and ``cli`` a thin layer on top.
 """
 
 __version__ = "0.1.0"
+DISTRIBUTION = "uncurl-moe"  # the PyPI name: pip install uncurl-moe (PyPI's "uncurl" is another project)

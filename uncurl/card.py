@@ -4,7 +4,7 @@
 
 Rendered from the report (one source for both): YAML metadata (``base_model``, ``tags``, the
 calibration ``datasets`` where they have a Hub id, ``license`` copied from the parent's card when it
-has one), then what was done, the evaluation before and after with standard errors, the serving cost
+has one, else from the licence files carried into the output: repo.py), then what was done, the evaluation before and after with standard errors, the serving cost
 and the command that reproduces it. ``huggingface_hub.ModelCard`` parses it (tests/test_card.py).
 The parent's card is only read; uncurl never writes into the input folder.
 """
@@ -86,6 +86,8 @@ def metadata(report: dict, parent: dict, source: Path | None = None) -> dict:
     for key in ("license", "license_name", "license_link", "language"):
         if key in parent:
             meta[key] = parent[key]
+    if "license" not in parent:  # else from the licence files carried into the output (repo.licence_metadata)
+        meta.update(m.get("carried", {}).get("card_licence", {}))
     return meta
 
 

@@ -121,7 +121,7 @@ def command_options(name: str) -> list[Option]:
 # The options each command takes, in --help order (and the recorded command line's).
 DATA_FIELDS = ["data_dir", "samples", "max_length", "batch_size", "template", "choices", "choices_field", "label_field",
                "eval_file", "calibration_split", "evaluation_split", "chat_template", "calibrate_on"]
-RUN_FIELDS = ["seed", "device", "device_map", "max_memory", "dtype"]
+RUN_FIELDS = ["seed", "device", "device_map", "max_memory", "dtype", "trust_remote_code"]
 SERVING_FIELDS = ["gpu_memory", "context", "serving_batch", "measure_serving", "serving_repeats", "serving_seconds",
                   "decode_tokens"]
 
@@ -263,7 +263,8 @@ def profile_cmd(ctx: typer.Context, opts: ProfileOptions, verbose: bool):
     with Profile.claim(opts.out, overwrite=opts.overwrite) if leader else nullcontext():
         with stages.stage("load"):
             loaded = load_model(opts.model, device=distributed.rank_device(opts.device), dtype=opts.dtype,
-                                seed=opts.seed, device_map=opts.device_map, max_memory=opts.max_memory)
+                                seed=opts.seed, device_map=opts.device_map, max_memory=opts.max_memory,
+                                trust_remote_code=opts.trust_remote_code)
         with stages.stage("profile"):
             profile = run_profile(loaded, opts, opts.seed)
             if not leader:
@@ -319,7 +320,8 @@ def eval_cmd(ctx: typer.Context, opts: EvalOptions, as_json: bool, verbose: bool
 
     def load(name: str):
         return load_model(name, device=opts.device, dtype=opts.dtype, seed=opts.seed, device_map=opts.device_map,
-                          max_memory=opts.max_memory, moe=False)  # any causal LM: evaluation needs no MoE
+                          max_memory=opts.max_memory, moe=False,
+                          trust_remote_code=opts.trust_remote_code)  # any causal LM: evaluation needs no MoE
 
     reference = parent = None
     if opts.parent:  # the parent first, alone: its continuations and distributions kept, then it is freed

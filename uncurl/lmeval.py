@@ -1,4 +1,4 @@
-"""lm-evaluation-harness tasks as uncurl tasks (optional: ``pip install 'uncurl[lm-eval]'``).
+"""lm-evaluation-harness tasks as uncurl tasks (optional: ``pip install 'uncurl-moe[lm-eval]'``).
 
     uncurl eval  --model DIR --task lm-eval:arc_easy            # any task lm-eval knows, by name
     uncurl prune --model DIR --task lm-eval:./my_task.yaml ...   # a local lm-eval task file
@@ -22,7 +22,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from . import tasks as T
+from . import DISTRIBUTION, tasks as T
 from .errors import UncurlError
 
 log = logging.getLogger(__name__)
@@ -35,8 +35,8 @@ def _import():
     try:
         import lm_eval.tasks  # noqa: F401
     except ImportError:
-        raise UncurlError("lm-eval tasks need lm-evaluation-harness, an optional extra: pip install 'uncurl[lm-eval]' "
-                          "(or pip install lm-eval)") from None
+        raise UncurlError(f"lm-eval tasks need lm-evaluation-harness, an optional extra: pip install "
+                          f"'{DISTRIBUTION}[lm-eval]' (or pip install lm-eval)") from None
     return lm_eval.tasks
 
 

@@ -54,6 +54,7 @@ class Loaded:
     quantized: object | None = None  # quant.Source: a quantized input's files and format (profiled dequantized)
     loading_info: dict | None = None  # from_pretrained's (missing, unexpected, mismatched keys), for save's checks
     mtp: object | None = None  # mtp.Blocks: its MTP blocks and whether this run prunes them (pipeline.mtp_of)
+    carry: object | None = None  # repo.Carried: the parent's code, licence and tokenizer files the output keeps
 
 
 # A multimodal model's processor (image, video, audio preprocessing; chat template): written beside
@@ -126,9 +127,16 @@ def model_class(config):
     A language model's is its causal LM. A multimodal wrapper (a config with a text config) gets
     its ``...ForConditionalGeneration``, so the vision (audio) towers load, stay untouched and are
     saved too: the causal-LM class some wrappers also map to would drop them. A config found in no
-    causal-LM mapping (mistral4) gets its class from the image-text-to-text mapping.
+    causal-LM mapping (mistral4) gets its class from the image-text-to-text mapping. A config read
+    with the repo's own code (``--trust-remote-code``, repo.py) gets the repo's model class.
     """
     from transformers.models.auto import modeling_auto as auto
+
+    from .repo import remote_model_class
+
+    remote = remote_model_class(config)
+    if remote is not None:
+        return remote
 
     mappings = [auto.MODEL_FOR_CAUSAL_LM_MAPPING, auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING,
                 auto.MODEL_FOR_MULTIMODAL_LM_MAPPING]
@@ -243,14 +251,26 @@ TOKENIZER_FILES = ("tokenizer.json (or a slow tokenizer's vocabulary: tokenizer.
                    "and tokenizer_config.json naming its special tokens")
 
 
-def load_tokenizer(model_id: str, padding: bool = True):
+def load_tokenizer(model_id: str, padding: bool = True, *, trust_remote_code: bool = False, config=None):
     """The model's tokenizer, checked to encode text (and, with ``padding``, to pad a batch: a pad or
-    an end-of-sequence token) before anything costly; else a one-line error naming what it needs."""
+    an end-of-sequence token) before anything costly; else a one-line error naming what it needs.
+
+    A tokenizer whose class only the repo's code has (repo.remote_tokenizer) needs
+    ``trust_remote_code`` (else exit 2 naming --trust-remote-code); ``config``: the model's config
+    as uncurl read it (repo.read_config), so transformers does not read it again its own way."""
     from transformers import AutoTokenizer
 
+    from .repo import FLAG, RISK, module_file, remote_tokenizer
+
     where = f"model folder {model_id}" if Path(model_id).is_dir() else f"model {model_id!r}"
+    remote = remote_tokenizer(model_id)
+    if remote is not None and not trust_remote_code:
+        raise UncurlError(f"{where}: its tokenizer is the repo's own code ({remote}, from tokenizer_config.json's "
+                          f"auto_map: {module_file(remote) or 'another repo'}), a class transformers does not have; "
+                          f"uncurl runs it only with {FLAG} ({RISK})")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_id)
+        tokenizer = AutoTokenizer.from_pretrained(model_id, trust_remote_code=trust_remote_code,
+                                                  **({"config": config} if config is not None else {}))
         ids = tokenizer("uncurl checks the tokenizer.")["input_ids"]
     except Exception as err:  # noqa: BLE001 - missing or unreadable files fail in many ways
         raise UncurlError(f"{where} has no usable tokenizer ({' '.join(str(err).split())[:160]}); a tokenizer "
@@ -354,7 +374,8 @@ def check_weights_fit(folder: Path, config) -> None:
                                           device="meta")
     try:
         _, info = model_class(config).from_pretrained(None, config=config, state_dict=state, device_map="meta",
-                                                      output_loading_info=True, ignore_mismatched_sizes=True)
+                                                      output_loading_info=True, ignore_mismatched_sizes=True,
+                                                      trust_remote_code=False)
     except Exception as err:  # noqa: BLE001 - the dry run is a convenience: the real load decides
         if refused_by_transformers(err):
             raise damaged(str(folder), err, shapes) from None
@@ -500,20 +521,23 @@ def check_family(model_id: str) -> None:
     if not folder.is_dir():
         return
     check_config_file(folder)
-    model_type = _read_json(folder / "config.json", "configuration").get("model_type")
+    from .repo import family_of
+
+    model_type = family_of(_read_json(folder / "config.json", "configuration"))  # kimi_k2: deepseek_v3
     if model_type in ADAPTERS and not installed(model_type):
         raise UncurlError(needs_newer_transformers(model_type))
     if model_type in REFUSED or model_type in ADAPTERS:
         get_adapter(model_type)  # a refused family, or one this transformers release cannot run, says why
 
 
-def _config(model_id: str):
-    from transformers import AutoConfig
+def _config(model_id: str, trust_remote_code: bool = False):
+    """(config, repo.Native or None): see ``repo.read_config``; errors as one line."""
+    from .repo import read_config
 
     if Path(model_id).is_dir():
         check_config_file(Path(model_id))
     try:
-        return AutoConfig.from_pretrained(model_id)
+        return read_config(model_id, trust_remote_code)
     except (OSError, ValueError) as err:
         if Path(model_id).is_dir():
             check_family(model_id)  # a family too new for this transformers, or refused, says so
@@ -636,7 +660,7 @@ def from_folder(folder: Path, config, dtype, device_map=None, output_loading_inf
     cls = model_class(config)
     if not files:
         return cls.from_pretrained(folder, config=config, dtype=dtype, device_map=device_map,
-                                   output_loading_info=output_loading_info, **placement)
+                                   output_loading_info=output_loading_info, trust_remote_code=False, **placement)
     if dtype == "auto" and getattr(config, "dtype", None) is None:
         dtype = stored_dtype(files)
     from safetensors import safe_open
@@ -649,7 +673,7 @@ def from_folder(folder: Path, config, dtype, device_map=None, output_loading_inf
         files_of = {name: str(f) for f, h in zip(files, handles) for name in h.keys()} if direct else {}
         with from_source(files_of, config) if direct else nullcontext():
             model = cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype, device_map=device_map,
-                                        output_loading_info=output_loading_info, **placement)
+                                        output_loading_info=output_loading_info, trust_remote_code=False, **placement)
         if direct:
             install_source_loaders(model[0] if output_loading_info else model)
     finally:
@@ -659,14 +683,14 @@ def from_folder(folder: Path, config, dtype, device_map=None, output_loading_inf
             source.close()
     loaded = model[0] if output_loading_info else model
     loaded.config._name_or_path = loaded.name_or_path = str(folder)
-    if (folder / "generation_config.json").is_file():
-        loaded.generation_config = GenerationConfig.from_pretrained(folder)
+    if (folder / "generation_config.json").is_file():  # no code in it: it takes no trust_remote_code (it would
+        loaded.generation_config = GenerationConfig.from_pretrained(folder)  # keep it as an attribute, and save it)
     return model
 
 
 def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto", seed: int = 0,
                device_map: str | None = None, max_memory: str | None = None, moe: bool = True,
-               dequantize: bool = False, states: dict | None = None) -> Loaded:
+               dequantize: bool = False, states: dict | None = None, trust_remote_code: bool = False) -> Loaded:
     """Load ``model_id`` for inference (eval mode, no gradients) on ``device``, or spread over the
     GPUs by accelerate when ``device_map`` is given (``auto``: fill GPUs in order), with what does not
     fit (or exceeds ``max_memory``, e.g. ``0=20GiB,cpu=60GiB``) offloaded to CPU memory, then disk.
@@ -678,7 +702,11 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto", seed
     described by ``Loaded.quantized``, any other is refused unless ``dequantize`` (quant.py).
 
     ``states``: ``states_needed``'s keywords (samples, max_length, copies) when the run will hold the
-    calibration set's hidden states (layer by layer): the memory preflight counts them too."""
+    calibration set's hidden states (layer by layer): the memory preflight counts them too.
+
+    Never asks on stdin. The model loads with transformers' own class wherever it has one (a
+    model_type it lacks, by its ``architectures``); the repo's code (``auto_map``) runs only with
+    ``trust_remote_code`` and only where transformers has no class (repo.py)."""
     return_freed_memory()
     dev = resolve_device(device)
     if device_map is not None:
@@ -703,7 +731,9 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto", seed
 
     model_id = os.path.expanduser(model_id) if model_id.startswith("~") else model_id
     check_model_path(model_id)
-    config = _config(model_id)
+    config, native = _config(model_id, trust_remote_code)
+    if native is not None:
+        log.info("%s: %s", model_id, native.why())
     # an unknown family fails here, before the weights, unless only evaluating
     adapter = get_adapter(config.model_type) if moe else ADAPTERS.get(config.model_type)
     folder = Path(model_id) if Path(model_id).is_dir() else None
@@ -717,7 +747,8 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto", seed
         if device_map is None:  # too big for the device: say how to place it
             check_fits_memory(folder, config, dtype, dev, states_needed(config, dtype, **states) if states else 0)
     quantized = check_quantized(model_id, folder, config, dequantize or not moe)  # scheme and scales, named
-    tokenizer = load_tokenizer(model_id, padding=moe)  # before the weights: it is cheap
+    # before the weights: it is cheap
+    tokenizer = load_tokenizer(model_id, padding=moe, trust_remote_code=trust_remote_code, config=config)
     log.info("loading %s (%s) on %s", model_id, config.model_type, dev)
     placement = placement_kwargs(device_map, limits) or {"device_map": {"": dev}}
     # mismatched sizes come back in the loading info (and are refused below), not as a RuntimeError
@@ -726,7 +757,7 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto", seed
         if folder is not None:
             model, info = from_folder(folder, config, DTYPES.get(dtype, "auto"), **placement, **checked)
         else:
-            model, info = model_class(config).from_pretrained(model_id, config=config,
+            model, info = model_class(config).from_pretrained(model_id, config=config, trust_remote_code=False,
                                                               dtype=DTYPES.get(dtype, "auto"), **placement, **checked)
     except RuntimeError as err:
         if not refused_by_transformers(err):
@@ -753,8 +784,10 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto", seed
     check_finite(model)  # NaN weights fail here, named, not as a clustering traceback later
     source = folder.resolve() if folder is not None else None  # never written to (a Hub snapshot included)
     again = {"device_map": device_map, "max_memory": limits} if device_map else {}
+    from .repo import carried
+
     return Loaded(model.eval(), tokenizer, adapter, model_id, source, again, processor_files(model_id), quantized,
-                  info)
+                  info, carried(model_id, config, native, tokenizer))
 
 
 def routers_placed_whole(model, adapter: MoEAdapter | None):
@@ -768,8 +801,10 @@ def routers_placed_whole(model, adapter: MoEAdapter | None):
     return model
 
 
-# what a quantized Hub model's snapshot needs: config, index and shards, tokenizer, processor, its card
-HUB_FILES = ("*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.tiktoken", "README.md")
+# what a quantized Hub model's snapshot needs: config, index and shards, tokenizer, processor, its card, the
+# code its auto_map names and its licence files (carried into the output; repo.py), never run unless trusted
+HUB_FILES = ("*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.tiktoken", "README.md", "*.py",
+             "LICENSE*", "LICENCE*", "License*", "license*", "USE_POLICY*", "NOTICE*", "COPYING*")
 
 
 def keeps_format(model_id: str, config, dequantize: bool) -> bool:

@@ -262,7 +262,8 @@ def monitor(opts: MonitorOptions) -> dict:
         if not opts.profile:
             with timings.stage("load"):
                 loaded = load_model(parent, device=opts.device, dtype=opts.dtype, seed=seed,
-                                    device_map=opts.device_map, max_memory=opts.max_memory)
+                                    device_map=opts.device_map, max_memory=opts.max_memory,
+                                    trust_remote_code=opts.trust_remote_code)
             output.check(loaded_inputs(loaded))  # not (in) what the parent was read from
             layers = {layer.name: layer.num_experts for layer in find_moe_layers(loaded.model, loaded.adapter)}
             what = f"--parent {parent}" if opts.parent else f"the parent {parent} (named in --pruned's report.json)"

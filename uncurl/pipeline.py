@@ -72,7 +72,7 @@ class DataOptions:
         help="What to calibrate and evaluate on: a registered task (see `uncurl tasks`); hf:ORG/NAME[:CONFIG], a "
              "Hub dataset read with datasets.load_dataset (with --template; splits: --calibration-split, "
              "--evaluation-split); lm-eval:TASK or lm-eval:FILE.yaml, an lm-evaluation-harness task (optional "
-             "extra: pip install 'uncurl\\[lm-eval]'); a task file (.yaml/.json: template, choices, label field, files or Hub id; see "
+             "extra: pip install 'uncurl-moe\\[lm-eval]'); a task file (.yaml/.json: template, choices, label field, files or Hub id; see "
              "README); or a .jsonl/.csv file with --template (one file: fixed seeded disjoint halves calibrate "
              "and evaluate; see --eval-file).",
         routes=dict(help="The inputs to route: any --task prune takes (a registered task, hf:ORG/NAME, lm-eval:TASK, a "
@@ -144,6 +144,13 @@ class RunOptions(DataOptions):
         "builtin:mixtral", "--model", "-m", panel=MODEL, note="The tiny models have a byte-level tokenizer.",
         help="Hub id (ORG/NAME), local transformers folder, or builtin:<family> for a seeded tiny random "
              "model (no files, no network; see `uncurl families`).")
+    trust_remote_code: bool = opt(
+        False, "--trust-remote-code", panel=MODEL, note="See [Remote code, model types and licences](#remote-code-model-types-and-licences).",
+        help="Allow running Python code from the model's folder or Hub repo (the files its auto_map names), where "
+             "transformers has no class of its own: a model type and architectures it lacks, or a tokenizer class it "
+             "lacks (Kimi-K2's). Risk: that code runs with your permissions; read it first. Without this flag uncurl "
+             "never runs a repo's code and never asks (such a model exits 2 naming the flag); a model transformers "
+             "has, e.g. model_type kimi_k2 with architectures DeepseekV3ForCausalLM, loads natively either way.")
     method: str = opt(DEFAULT_METHOD, panel=PRUNE, help=METHOD_HELP,  # see cluster.METHODS
                       note="`centred` groups as REAM and Mosaic pruning do.")
     merge: str = opt(DEFAULT_MERGE, panel=PRUNE, help=MERGE_HELP,  # see merge.MERGE_RULES
@@ -799,7 +806,8 @@ def prepare(opts: RunOptions, keeps: list[int], timings: Timings, *, check_loade
     with timings.stage("load"):
         loaded = load_model(opts.model, device=distributed.rank_device(opts.device), dtype=opts.dtype,
                             seed=opts.seed, device_map=opts.device_map, max_memory=opts.max_memory,
-                            dequantize=getattr(opts, "dequantize", False), states=held_states(opts))
+                            dequantize=getattr(opts, "dequantize", False), states=held_states(opts),
+                            trust_remote_code=opts.trust_remote_code)
     if loaded.quantized is not None:
         log.info("%s is %s: the profile runs on its weights, dequantized as they are read", opts.model,
                  loaded.quantized.format)
@@ -1110,7 +1118,8 @@ def cost(opts: CostOptions) -> dict:
     timings = Timings()
     with timings.stage("load"):
         loaded = load_model(opts.model, device=opts.device, dtype=opts.dtype, seed=opts.seed,
-                            device_map=opts.device_map, max_memory=opts.max_memory, moe=False)
+                            device_map=opts.device_map, max_memory=opts.max_memory, moe=False,
+                            trust_remote_code=opts.trust_remote_code)
     with timings.stage("cost"):
         c = serving_cost(loaded.model, loaded.adapter, gpu_memory=opts.gpu_memory, context=opts.context,
                          batch=opts.serving_batch)
@@ -1260,6 +1269,7 @@ def _pruned(opts: PruneOptions, output: Claim, shard_size: int, evaluating: bool
                 "offloaded_bytes": offloaded,  # of the input's weights, left to accelerate's CPU or disk offload
                 "router_fingerprint": prep.profile.meta.get("router_fingerprint"),  # the parent's (uncurl monitor)
                 "source": str(loaded.source) if loaded.source is not None else None,  # the parent's folder, absolute
+                **(loaded.carry.entries() if loaded.carry is not None else {}),  # the parent's files kept (repo.py)
             },
             "pipeline": {"requested": opts.pipeline, "name": pipeline, "layer_by_layer": layerwise,
                          "calibrate_through": opts.calibrate_through},
@@ -1287,7 +1297,7 @@ def _pruned(opts: PruneOptions, output: Claim, shard_size: int, evaluating: bool
         if not layerwise:
             with timings.stage("save"):
                 write_checkpoint(pruned, loaded.tokenizer, tmp, shard_size, extra_files=loaded.processor_files,
-                                 as_input=as_input, extra=extra)
+                                 as_input=as_input, extra=extra, carry=loaded.carry)
         del extra
         if as_input is not None:  # the bytes as stored, from the files written
             report["model"]["bytes_after"] = stored_bytes(tmp)
@@ -1373,7 +1383,7 @@ def _prune_layerwise(opts: PruneOptions, prep: Prepared, folder: Path | None, sh
             seed=opts.seed, text_ids=list(ids), gather=gather, reduce=reduce, recover_local=opts.recover_local,
             recover_experts=opts.recover_experts, mtp=mtp_of(loaded, opts))
         if folder is not None:
-            write_extras(loaded.tokenizer, folder, loaded.processor_files)
+            write_extras(loaded.tokenizer, folder, loaded.processor_files, loaded.carry)
     check_profiled(result.profile)
     prep.profile = result.profile
     find_super(prep, opts, [opts.keep])  # recorded only: protection plans after the whole profile
@@ -1393,7 +1403,7 @@ def _model_after(pruned, folder: Path, loaded: Loaded, opts: PruneOptions, layer
         yield pruned, None
         return
     back = load_model(str(folder), device=opts.device, dtype=opts.dtype, seed=opts.seed,
-                      device_map=opts.device_map, max_memory=opts.max_memory)
+                      device_map=opts.device_map, max_memory=opts.max_memory, trust_remote_code=opts.trust_remote_code)
     try:
         yield back.model, back.loading_info
     finally:

@@ -634,6 +634,6 @@ def write_quantized(model, adapter, plans: dict, source: Source, folder: Path, s
 
 def source_config(source: Source):
     """The input's transformers config (for its expert count)."""
-    from transformers import AutoConfig
+    from .repo import read_config
 
-    return AutoConfig.from_pretrained(source.folder)
+    return read_config(str(source.folder))[0]

@@ -108,6 +108,18 @@ def write_report(report: dict, folder: Path, with_plots: bool = True) -> dict[st
     return files
 
 
+def carried_lines(m: dict) -> list[str]:
+    """The native class a model_type transformers lacks was loaded with, and the parent's files the
+    output keeps (repo.py)."""
+    lines = []
+    if "loaded_as" in m:
+        lines += ["", f"Loaded as {m['loaded_as']['class']}: {m['loaded_as']['why']}."]
+    files = [f"`{name}`" for kind in ("code", "tokenizer", "licences") for name in m.get("carried", {}).get(kind, [])]
+    if files:
+        lines += ["", "Carried from the parent unchanged: " + ", ".join(files) + "."]
+    return lines
+
+
 def markdown(r: dict) -> str:
     m, t = r["model"], r["task"]
     lines = [
@@ -127,6 +139,7 @@ def markdown(r: dict) -> str:
         f"{t['calibration_examples']} calibration examples ({t['tokens']:,} tokens, "
         f"fingerprint `{t['fingerprint']}`, source {t['source']}).",
         *task_lines(t),
+        *carried_lines(m),
         "",
         "## Per layer",
         "",

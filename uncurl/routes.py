@@ -238,7 +238,8 @@ def routes(opts: RoutesOptions) -> dict:
     with claim(opts.out, overwrite=opts.overwrite, inputs=inputs) as output:
         with timings.stage("load"):
             loaded = load_model(opts.model, device=opts.device, dtype=opts.dtype, seed=opts.seed,
-                                device_map=opts.device_map, max_memory=opts.max_memory)
+                                device_map=opts.device_map, max_memory=opts.max_memory,
+                                trust_remote_code=opts.trust_remote_code)
         output.check(loaded_inputs(loaded))  # not (in) what the model was read from
         texts, info = traffic_texts(opts, loaded.tokenizer)
         with output.staged() as tmp:

@@ -57,10 +57,11 @@ def expected_bytes(model, adapter: MoEAdapter, keep: int) -> int:
 
 
 def write_checkpoint(model, tokenizer, folder: Path, shard_size: str | int = SHARD_SIZE, *, stream: bool = True,
-                     extra_files=(), as_input=None, extra=()) -> None:
+                     extra_files=(), as_input=None, extra=(), carry=None) -> None:
     """Safetensors shards of at most ``shard_size`` + index (transformers' names), config,
     generation config, tokenizer files, and ``extra_files`` (the input's processor files, see
-    ``load.PROCESSOR_FILES``) copied as they are. ``stream=False`` is plain ``save_pretrained``.
+    ``load.PROCESSOR_FILES``) copied as they are; ``carry`` (``repo.Carried``): the parent's code,
+    licence and tokenizer files, and its own config.json form. ``stream=False`` is plain ``save_pretrained``.
     ``as_input``: (``quant.Source``, adapter, plans) of a quantized input, written in its format
     from its files (``quant.write_quantized``). ``extra``: runs of tensors beside the model's (its
     MTP blocks, ``CheckpointWriter``), which ``save_pretrained`` cannot write."""
@@ -74,13 +75,18 @@ def write_checkpoint(model, tokenizer, folder: Path, shard_size: str | int = SHA
             raise UncurlError("this model cannot be written tensor by tensor, so its MTP blocks cannot be written "
                               "beside it; their count would be wrong")
         model.save_pretrained(folder, max_shard_size=shard_size)
-    write_extras(tokenizer, folder, extra_files)
+    write_extras(tokenizer, folder, extra_files, carry)
 
 
-def write_extras(tokenizer, folder: Path, extra_files=()) -> None:
-    """The tokenizer's files and ``extra_files`` (the input's processor files) beside the weights."""
-    if tokenizer is not None:
+def write_extras(tokenizer, folder: Path, extra_files=(), carry=None) -> None:
+    """The tokenizer's files and ``extra_files`` (the input's processor files) beside the weights,
+    and what ``carry`` (``repo.Carried``) keeps of the parent: a tokenizer with an ``auto_map`` as
+    its own files (not re-saved), the code and licence files; last, config.json in the parent's form.
+    Called once the weights and config.json are written."""
+    if tokenizer is not None and not (carry is not None and carry.tokenizer):
         tokenizer.save_pretrained(folder)
+    if carry is not None:
+        carry.write(folder)
     for path in map(Path, extra_files):
         if not (folder / path.name).exists():  # the tokenizer may have written the chat template
             shutil.copyfile(path, folder / path.name)
@@ -254,15 +260,15 @@ def verify_checkpoint(folder: Path, adapter: MoEAdapter, expected_experts: int, 
     """Reload from disk (placed like the run's model: ``placement``) and check keys, expert counts,
     router rows, finiteness and one forward. ``reloaded``: (model, loading info) of ``folder``
     already loaded back (to evaluate it), checked instead of a second load."""
-    from transformers import AutoConfig
-
     from .load import from_folder, placement_kwargs, routers_placed_whole
+    from .repo import read_config
 
     if reloaded is not None:
         return _verify(reloaded, folder, adapter, expected_experts, expected_top_k, tokenizer)
     where = placement_kwargs(**placement) if placement else {}  # a fresh offload folder, not the run's
     try:
-        model, info = from_folder(folder, AutoConfig.from_pretrained(folder), "auto", output_loading_info=True, **where)
+        config, _ = read_config(str(folder))  # transformers' own class (a kimi_k2 output too); no repo code runs
+        model, info = from_folder(folder, config, "auto", output_loading_info=True, **where)
         return _verify((routers_placed_whole(model, adapter), info), folder, adapter, expected_experts,
                        expected_top_k, tokenizer)
     finally:

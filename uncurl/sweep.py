@@ -163,7 +163,8 @@ def _sweep(opts: SweepOptions, output, on_row, skip) -> dict:
                         folder = tmp / "checkpoints" / f"{name.replace('/', '-')}-k{keep}"
                         stored = prep.loaded.quantized  # a quantized input: written in its format
                         write_checkpoint(pruned, tok, folder, extra_files=prep.loaded.processor_files,
-                                         as_input=(stored, prep.loaded.adapter, plans) if stored else None)
+                                         as_input=(stored, prep.loaded.adapter, plans) if stored else None,
+                                         carry=prep.loaded.carry)
                         verify_checkpoint(folder, prep.loaded.adapter, keep, prep.top_k_after, tok,
                                           prep.loaded.placement)
                         row["checkpoint"] = str(out / "checkpoints" / folder.name)
