@@ -697,12 +697,15 @@ def prepare(opts: RunOptions, keeps: list[int], timings: Timings, *, check_loade
     config, adapter = loaded.model.config, loaded.adapter
     n_experts, k_before = expert_count(config, adapter), top_k(config, adapter)
     if opts.top_k is not None and opts.top_k > k_before:
-        raise UncurlError(f"--top-k {opts.top_k} is above this model's own top-k ({k_before}): --top-k only lowers "
+        raise UncurlError(f"--top-k {opts.top_k} is above this model's own top-k ({k_before}) in the config's "
+                          f"{adapter.top_k_key}: --top-k only lowers "
                           f"it; pass 1..{k_before}, or leave it out to keep {k_before}")
     k_after = opts.top_k if opts.top_k is not None else k_before
     n_group, topk_group = routing_groups(config, adapter)
+    keys = f"the config's {adapter.expert_count_key}"
+    k_from = "--top-k" if opts.top_k is not None else f"the config's {adapter.top_k_key}"
     for keep in keeps:
-        validate_keep(n_experts, keep, k_after, n_group, topk_group)
+        validate_keep(n_experts, keep, k_after, n_group, topk_group, top_k_from=k_from, experts_from=keys)
     profile = None
     if opts.profile:
         with timings.stage("profile"):
