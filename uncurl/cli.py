@@ -246,11 +246,10 @@ def profile_cmd(ctx: typer.Context, opts: ProfileOptions, verbose: bool):
 
     Example: uncurl profile --model builtin:mixtral --task superglue-rte --data-dir ../shared/data --out rte.profile
     """
-    from contextlib import nullcontext
-
     from . import distributed
     from .load import load_model
-    from .pipeline import check_data, check_pipeline, parse_shard, run_profile
+    from .output import library_caches
+    from .pipeline import check_data, check_pipeline, loaded_inputs, parse_shard, run_inputs, run_profile
     from .profile import Profile
     from .report import Timings
 
@@ -260,10 +259,13 @@ def profile_cmd(ctx: typer.Context, opts: ProfileOptions, verbose: bool):
     check_data(opts, calibrating=True, evaluating=False, seed=opts.seed)  # before the model is loaded
     stages, leader = Timings(), not distributed.follower()
     # refused or held before the model is loaded; under torchrun by rank 0 only, which alone writes
-    with Profile.claim(opts.out, overwrite=opts.overwrite) if leader else nullcontext():
+    with Profile.claim(opts.out, overwrite=opts.overwrite, inputs=run_inputs(opts)) if leader else \
+            library_caches() as output:
         with stages.stage("load"):
             loaded = load_model(opts.model, device=distributed.rank_device(opts.device), dtype=opts.dtype,
                                 seed=opts.seed, device_map=opts.device_map, max_memory=opts.max_memory)
+        if leader:
+            output.check(loaded_inputs(loaded))  # not (in) what the model was read from
         with stages.stage("profile"):
             profile = run_profile(loaded, opts, opts.seed)
             if not leader:
@@ -285,8 +287,9 @@ def profile_merge(
     """
     from .profile import Profile
 
-    with Profile.claim(out, overwrite=overwrite):
-        profile = Profile.combine_shards([Profile.load(path) for path in shards], shards)
+    inputs = [("one of the shards it adds", Path(path), False) for path in shards if Path(path).exists()]
+    with Profile.claim(out, overwrite=overwrite, inputs=inputs, flag="OUT"):  # never written over one of its shards
+        profile = Profile.combine_shards([Profile.load(path, "shard") for path in shards], shards)
         profile.save(out, overwrite=overwrite)
     typer.echo(out)
 
@@ -301,6 +304,7 @@ def eval_cmd(ctx: typer.Context, opts: RunOptions, as_json: bool, verbose: bool)
     Example: uncurl eval --model runs/k4 --task superglue-rte --data-dir ../shared/data --limit 200
     """
     from .load import load_model
+    from .output import library_caches
     from .pipeline import check_data, check_pipeline, run_eval
     from .report import Timings
 
@@ -308,12 +312,14 @@ def eval_cmd(ctx: typer.Context, opts: RunOptions, as_json: bool, verbose: bool)
     check_pipeline(opts)
     check_data(opts, calibrating=False, evaluating=True, eval_limit=opts.eval_limit, seed=opts.seed)  # before the model
     stages = Timings()
-    with stages.stage("load"):
-        loaded = load_model(opts.model, device=opts.device, dtype=opts.dtype, seed=opts.seed,
-                            device_map=opts.device_map, max_memory=opts.max_memory,
-                            moe=False)  # any causal LM: evaluation needs no MoE
-    with stages.stage("eval"):
-        metrics = {"model": opts.model, **run_eval(loaded.model, loaded.tokenizer, opts, opts.eval_limit, opts.seed)}
+    with library_caches():  # eval writes nothing: the libraries' caches in a folder removed after
+        with stages.stage("load"):
+            loaded = load_model(opts.model, device=opts.device, dtype=opts.dtype, seed=opts.seed,
+                                device_map=opts.device_map, max_memory=opts.max_memory,
+                                moe=False)  # any causal LM: evaluation needs no MoE
+        with stages.stage("eval"):
+            metrics = {"model": opts.model, **run_eval(loaded.model, loaded.tokenizer, opts, opts.eval_limit,
+                                                       opts.seed)}
     if as_json:
         _emit_json(metrics)
     else:

@@ -40,7 +40,7 @@ from .profile import Profile, profile_model, router_fingerprint, shard_range
 from .recover import recover
 from .sequential import decoder_layers, profile_sequential
 from .report import REPORT_SCHEMA, Timings, command_line, layer_entries, versions, write_report
-from .output import Claim, claim
+from .output import Claim, claim, library_caches
 from .save import expected_bytes, parse_shard_size, stored_bytes, verify_checkpoint, write_checkpoint, write_extras
 from .serving import ServingOptions, measure as measure_serving, serving_note
 
@@ -684,7 +684,9 @@ def prepare(opts: RunOptions, keeps: list[int], timings: Timings, *, check_loade
             profiling: bool = True) -> Prepared:
     """Load the model, validate every K against it, then profile (or read --profile; neither when
     not ``profiling``: the profile is then None, for the caller to make).
-    ``check_loaded(loaded)`` runs between loading and profiling (see ``loaded_check``)."""
+    ``check_loaded(loaded)`` runs between loading and profiling (see ``loaded_check``). A --profile
+    file is read and checked (``Profile.load``) before the model is loaded."""
+    profile = Profile.load(opts.profile) if opts.profile else None
     with timings.stage("load"):
         loaded = load_model(opts.model, device=distributed.rank_device(opts.device), dtype=opts.dtype,
                             seed=opts.seed, device_map=opts.device_map, max_memory=opts.max_memory,
@@ -706,10 +708,8 @@ def prepare(opts: RunOptions, keeps: list[int], timings: Timings, *, check_loade
     k_from = "--top-k" if opts.top_k is not None else f"the config's {adapter.top_k_key}"
     for keep in keeps:
         validate_keep(n_experts, keep, k_after, n_group, topk_group, top_k_from=k_from, experts_from=keys)
-    profile = None
     if opts.profile:
         with timings.stage("profile"):
-            profile = Profile.load(opts.profile)
             _check_profile(profile, loaded, opts.profile, opts)
     elif profiling:
         with timings.stage("profile"):
@@ -911,6 +911,11 @@ def cost(opts: CostOptions) -> dict:
     experts), with ``--measure-serving`` its measured throughput on this device."""
     check_family(opts.model)
     check_serving(opts)
+    with library_caches():  # cost writes nothing: the libraries' caches in a folder removed after
+        return _cost(opts)
+
+
+def _cost(opts: CostOptions) -> dict:
     timings = Timings()
     with timings.stage("load"):
         loaded = load_model(opts.model, device=opts.device, dtype=opts.dtype, seed=opts.seed,
@@ -936,7 +941,8 @@ def prune(opts: PruneOptions) -> PruneResult | None:
     check_serving(opts)
     shard_size = parse_shard_size(opts.shard_size)
     if distributed.follower():
-        return follow_prune(opts, shard_size)
+        with library_caches():  # this rank writes nothing: its caches in a folder removed after
+            return follow_prune(opts, shard_size)
     with claim(opts.out, overwrite=opts.overwrite, inputs=run_inputs(opts)) as output:
         return _prune(opts, output, shard_size, evaluating)
 
