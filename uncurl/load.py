@@ -534,25 +534,26 @@ def looks_like_path(model_id: str) -> bool:
             or model_id.count("/") > 1 or "\\" in model_id)
 
 
-def check_model_path(model_id: str) -> None:
+def check_model_path(model_id: str, named: str | None = None) -> None:
     """A ``--model`` that looks like a path (``looks_like_path``) must be a folder: say what it is
-    instead of treating it as a Hub id."""
+    instead of treating it as a Hub id. ``named``: how messages name it (default ``--model ID``)."""
     if model_id.startswith(BUILTIN_PREFIX) or not looks_like_path(model_id):
         return
+    named = named or f"--model {model_id}"
     path = Path(model_id).expanduser()
     if path.is_file():
-        raise UncurlError(f"--model {model_id} is a file, not a model folder: pass the folder holding config.json "
+        raise UncurlError(f"{named} is a file, not a model folder: pass the folder holding config.json "
                           f"and the weights")
     if not path.is_dir():
-        raise UncurlError(f"--model {model_id}: no such folder (a local model folder holds config.json and the "
+        raise UncurlError(f"{named}: no such folder (a local model folder holds config.json and the "
                           f"weights; a Hub id is ORG/NAME)")
 
 
-def check_family(model_id: str) -> None:
+def check_family(model_id: str, named: str | None = None) -> None:
     """Before anything costly: a local folder of a family uncurl refuses, or of one in the table that
     the installed transformers does not know yet, fails here with the reason (and a path that is not
-    a folder, as such)."""
-    check_model_path(model_id)
+    a folder, as such, named as ``named`` says: default ``--model ID``)."""
+    check_model_path(model_id, named)
     folder = Path(model_id).expanduser()
     if not folder.is_dir():
         return
