@@ -20,7 +20,10 @@ before the expensive work and holds it for the whole run:
 - SIGTERM and SIGHUP stop the run as SIGINT does: the staged output is removed, the lock released,
   and the exit code is 128 + the signal (143 for SIGTERM; ``errors.Terminated``);
 - a write that fails for the machine's reasons (disk full, quota, read-only, permission) is exit 2
-  naming the folder, with the staged output removed.
+  naming the folder, with the staged output removed;
+- an output whose hidden names would pass the file system's limit on a name is refused up front;
+- the libraries' caches (matplotlib, torch compile: ``LIBRARY_CACHES``) go to a hidden folder beside
+  it for the run, removed at the end, so that nothing is written outside ``--out``.
 """
 
 from __future__ import annotations
