@@ -261,7 +261,8 @@ def _placing():
     with _signals_wait() as waited:
         yield
     if waited["signal"] is not None:
-        log.warning("%s arrived while the output was put in place; it is complete", signal.Signals(waited["signal"]).name)
+        log.warning("%s arrived while the output was put in place; it is complete",
+                    signal.Signals(waited["signal"]).name)
 
 
 # Where matplotlib and torch's compiler keep their caches and settings (under $HOME and $TMPDIR by
