@@ -246,11 +246,10 @@ def profile_cmd(ctx: typer.Context, opts: ProfileOptions, verbose: bool):
 
     Example: uncurl profile --model builtin:mixtral --task superglue-rte --data-dir ../shared/data --out rte.profile
     """
-    from contextlib import nullcontext
-
     from . import distributed
     from .load import load_model
-    from .pipeline import check_data, check_pipeline, parse_shard, run_profile
+    from .output import library_caches
+    from .pipeline import check_data, check_pipeline, loaded_inputs, parse_shard, run_inputs, run_profile
     from .profile import Profile
     from .report import Timings
 
@@ -260,11 +259,14 @@ def profile_cmd(ctx: typer.Context, opts: ProfileOptions, verbose: bool):
     check_data(opts, calibrating=True, evaluating=False, seed=opts.seed)  # before the model is loaded
     stages, leader = Timings(), not distributed.follower()
     # refused or held before the model is loaded; under torchrun by rank 0 only, which alone writes
-    with Profile.claim(opts.out, overwrite=opts.overwrite) if leader else nullcontext():
+    with Profile.claim(opts.out, overwrite=opts.overwrite, inputs=run_inputs(opts)) if leader else \
+            library_caches() as output:
         with stages.stage("load"):
             loaded = load_model(opts.model, device=distributed.rank_device(opts.device), dtype=opts.dtype,
                                 seed=opts.seed, device_map=opts.device_map, max_memory=opts.max_memory,
                                 trust_remote_code=opts.trust_remote_code)
+        if leader:
+            output.check(loaded_inputs(loaded))  # not (in) what the model was read from
         with stages.stage("profile"):
             profile = run_profile(loaded, opts, opts.seed)
             if not leader:
@@ -286,8 +288,9 @@ def profile_merge(
     """
     from .profile import Profile
 
-    with Profile.claim(out, overwrite=overwrite):
-        profile = Profile.combine_shards([Profile.load(path) for path in shards], shards)
+    inputs = [("one of the shards it adds", Path(path), False) for path in shards if Path(path).exists()]
+    with Profile.claim(out, overwrite=overwrite, inputs=inputs, flag="OUT"):  # never written over one of its shards
+        profile = Profile.combine_shards([Profile.load(path, "shard") for path in shards], shards)
         profile.save(out, overwrite=overwrite)
     typer.echo(out)
 
@@ -308,6 +311,7 @@ def eval_cmd(ctx: typer.Context, opts: EvalOptions, as_json: bool, verbose: bool
     from .fidelity import paired
     from .load import load_model
     from .offload import dispatched
+    from .output import library_caches
     from .pipeline import FIDELITY_METRICS, check_data, check_pipeline, parent_reference, run_eval
     from .report import Timings
 
@@ -324,24 +328,25 @@ def eval_cmd(ctx: typer.Context, opts: EvalOptions, as_json: bool, verbose: bool
                           trust_remote_code=opts.trust_remote_code)  # any causal LM: evaluation needs no MoE
 
     reference = parent = None
-    if opts.parent:  # the parent first, alone: its continuations and distributions kept, then it is freed
-        with stages.stage("parent"):
-            held = load(opts.parent)
-            vocab = held.tokenizer.get_vocab()
-            reference = parent_reference(held.model, held.tokenizer, opts, opts.eval_limit, opts.seed)
-            parent = run_eval(held.model, held.tokenizer, opts, opts.eval_limit, opts.seed, reference=reference)
-            hooked = dispatched(held.model)
-            del held
-            if hooked:
-                gc.collect()
-    with stages.stage("load"):
-        loaded = load(opts.model)
-    if parent is not None and loaded.tokenizer.get_vocab() != vocab:
-        raise UncurlError(f"--parent {opts.parent} and --model {opts.model} have different tokenizers: fidelity "
-                          f"compares next-token distributions over one vocabulary")
-    with stages.stage("eval"):
-        metrics = {"model": opts.model, **run_eval(loaded.model, loaded.tokenizer, opts, opts.eval_limit, opts.seed,
-                                                   reference=reference)}
+    with library_caches():  # eval writes nothing: the libraries' caches in a folder removed after
+        if opts.parent:  # the parent first, alone: its continuations and distributions kept, then it is freed
+            with stages.stage("parent"):
+                held = load(opts.parent)
+                vocab = held.tokenizer.get_vocab()
+                reference = parent_reference(held.model, held.tokenizer, opts, opts.eval_limit, opts.seed)
+                parent = run_eval(held.model, held.tokenizer, opts, opts.eval_limit, opts.seed, reference=reference)
+                hooked = dispatched(held.model)
+                del held
+                if hooked:
+                    gc.collect()
+        with stages.stage("load"):
+            loaded = load(opts.model)
+        if parent is not None and loaded.tokenizer.get_vocab() != vocab:
+            raise UncurlError(f"--parent {opts.parent} and --model {opts.model} have different tokenizers: fidelity "
+                              f"compares next-token distributions over one vocabulary")
+        with stages.stage("eval"):
+            metrics = {"model": opts.model, **run_eval(loaded.model, loaded.tokenizer, opts, opts.eval_limit,
+                                                       opts.seed, reference=reference)}
     if parent is not None:
         metrics["parent"] = {"model": opts.parent, **parent}
         metrics["drop"] = {m: drop(parent, metrics, m) for m in ("acc", "acc_norm", "loss", *FIDELITY_METRICS)}

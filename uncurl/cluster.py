@@ -202,17 +202,22 @@ def super_experts(peaks: dict[str, torch.Tensor], order: dict[str, int]) -> tupl
     return {n: e for n, e in found.items() if e}, threshold
 
 
-def validate_keep(num_experts: int, keep: int, top_k: int, n_group: int = 1, topk_group: int = 1) -> None:
-    """Reject a --keep / --top-k pair the pruned model could not route with; runs before profiling."""
+def validate_keep(num_experts: int, keep: int, top_k: int, n_group: int = 1, topk_group: int = 1, *,
+                  top_k_from: str = "--top-k", experts_from: str = "") -> None:
+    """Reject a --keep / --top-k pair the pruned model could not route with; runs before profiling.
+    ``top_k_from``: what set ``top_k`` (``--top-k``, or the config key when no flag was given);
+    ``experts_from``: the config key of the expert count, named in messages when given."""
+    experts = f"{num_experts} experts per layer" + (f" ({experts_from})" if experts_from else "")
     if not 1 <= keep <= num_experts:
-        raise UncurlError(f"--keep {keep} is out of range: this model has {num_experts} experts per layer (1..{num_experts})")
+        raise UncurlError(f"--keep {keep} is out of range: this model has {experts} (1..{num_experts})")
+    if top_k < 1:
+        raise UncurlError(f"{top_k_from} {top_k} must be at least 1")
     if top_k > keep:
+        own = "" if top_k_from == "--top-k" else f", {top_k_from}"
         raise UncurlError(
-            f"--keep {keep} is below the router's top-k ({top_k}): each token would need more experts "
+            f"--keep {keep} is below the router's top-k ({top_k}{own}): each token would need more experts "
             f"than exist; keep at least {top_k}, or lower top-k explicitly with --top-k"
         )
-    if top_k < 1:
-        raise UncurlError(f"--top-k {top_k} must be at least 1")
     if n_group > 1:
         if keep % n_group or keep // n_group < 2:
             choices = [g * n_group for g in range(2, num_experts // n_group + 1)]

@@ -24,14 +24,15 @@ from __future__ import annotations
 import logging
 import math
 import os
+import pickle
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .adapters import (ADAPTERS, REFUSED, MoEAdapter, get_adapter, installed, moe_config, needs_newer_transformers,
-                       tiny_config)
+from .adapters import (ADAPTERS, REFUSED, TINY_BASE, MoEAdapter, get_adapter, installed, moe_config,
+                       needs_newer_transformers, tiny_config)
 from .errors import UncurlError
 from .offload import from_source, install_source_loaders
 
@@ -227,6 +228,27 @@ def check_weight_files(folder: Path) -> None:
         check_safetensors(path)
 
 
+def check_generation_config(folder: Path) -> None:
+    """A local model folder's generation_config.json, when there is one: a JSON object (transformers
+    reads it as keyword arguments when the model is built)."""
+    path = folder / "generation_config.json"
+    if path.is_file() and not isinstance(_read_json(path, "generation settings (a JSON object)"), dict):
+        raise UncurlError(f"{path} is not a JSON object; it should hold the model's generation settings, e.g. "
+                          f"{{\"eos_token_id\": 2}} (or remove the file)")
+
+
+def unsafe_pickle(model_id: str, err: Exception) -> UncurlError:
+    """torch's safe loader (``weights_only``) refused a pickled checkpoint (a ``.bin`` holding more than
+    tensors): the message says so in one line; uncurl never runs such a file's code."""
+    import re
+
+    why = re.search(r"WeightsUnpickler error: ([^\n]*)", str(err))
+    why = (why.group(1) if why else " ".join(str(err).split())).split(". ")[0].strip()
+    return UncurlError(f"model {model_id}: torch's safe loader refused its pickled weights (pytorch_model.bin: "
+                       f"{why}); uncurl never runs code from a checkpoint: use its safetensors copy, or convert it to "
+                       f"safetensors where you trust its source")
+
+
 def check_moe_keys(folder: Path, config, adapter: MoEAdapter) -> None:
     """config.json must spell the family's expert count and top-k (or an alias transformers maps to
     them): a key left out would be transformers' default, which need not be this checkpoint's."""
@@ -245,6 +267,79 @@ def check_moe_keys(folder: Path, config, adapter: MoEAdapter) -> None:
             raise UncurlError(f"{folder / 'config.json'}{where} has no {key!r}: the {adapter.model_type} adapter "
                               f"reads the {what} there (accepted spellings: {', '.join(sorted(names))}); the "
                               f"config is incomplete, re-save or re-download the model")
+
+
+def _spellings(cls, key: str) -> list[str]:
+    """``key`` and the aliases a config class maps to it (``attribute_map``), the key first."""
+    aliases = getattr(cls, "attribute_map", {}) or {}
+    real = aliases.get(key, key)
+    return list(dict.fromkeys([key, real, *(alias for alias, target in aliases.items() if target == real)]))
+
+
+def config_values(raw: dict, model_type: str | None) -> tuple[dict, str, list[tuple[str, str, object, bool]]]:
+    """What ``check_config_values`` checks in a raw config.json: (the dict holding the keys, where it
+    is, [(what, key as spelled, value, may be null)]) for the family's expert count, top-k and
+    routing groups (the adapter table's keys) and the hidden size."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    cls = CONFIG_MAPPING[model_type] if model_type in CONFIG_MAPPING else None
+    adapter, where, values = ADAPTERS.get(model_type), "", raw
+    subs = getattr(cls, "sub_configs", None) or {}
+    if "text_config" in subs and isinstance(raw.get("text_config"), dict):  # a multimodal wrapper
+        cls, where, values = subs["text_config"], " (text_config)", raw["text_config"]
+    wanted = [("hidden size", "hidden_size", False)]
+    if adapter is not None:
+        wanted += [("expert count", adapter.expert_count_key, False), ("top-k", adapter.top_k_key, False)]
+        wanted += [(f"routing groups' {k}", k, True) for k in adapter.group_keys or ()]
+    found = []
+    for what, key, nullable in wanted:
+        spelled = next((k for k in _spellings(cls, key) if k in values), None)
+        if spelled is not None:
+            found.append((what, spelled, values[spelled], nullable))
+    return values, where, found
+
+
+def check_config_values(folder: Path) -> None:
+    """Before the config is built: the family's expert count, top-k and routing groups (the keys the
+    adapter table names) and the hidden size are whole numbers >= 1 in config.json, and the top-k is
+    at most the expert count (transformers would fail on a string, or build tensors of a negative size)."""
+    raw = _read_json(folder / "config.json", "configuration")
+    values, where, found = config_values(raw, raw.get("model_type"))
+    file = f"{folder / 'config.json'}{where}"
+    for what, key, value, nullable in found:
+        if value is None and nullable:
+            continue
+        bad_type = isinstance(value, bool) or not isinstance(value, int)
+        if bad_type or value < 1:
+            kind = f" (a {JSON_TYPES.get(type(value), type(value).__name__)})" if bad_type and value is not None else ""
+            raise UncurlError(f"{file} has {key!r}: {json_value(value)}{kind}; the {what} must be a whole number "
+                              f">= 1, e.g. {tiny_value(raw.get('model_type'), key)}: the config is damaged, fix the "
+                              f"value or re-download the model")
+    numbers = {what: (key, value) for what, key, value, _ in found}
+    if "expert count" in numbers and "top-k" in numbers:
+        (e_key, e), (k_key, k) = numbers["expert count"], numbers["top-k"]
+        if k > e:
+            raise UncurlError(f"{file} has {k_key!r}: {k} above {e_key!r}: {e}; a token's router cannot choose more "
+                              f"experts than there are: the top-k must be 1..{e} (fix the config or re-download the "
+                              f"model)")
+
+
+def json_value(value) -> str:
+    """``value`` as config.json spells it (a JSON literal), cut to 40 characters."""
+    import json
+
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+JSON_TYPES = {str: "string", bool: "boolean", float: "number with a fraction", type(None): "null", list: "list",
+              dict: "object"}
+
+
+def tiny_value(model_type: str | None, key: str) -> int:
+    """An example of an accepted value: the family's own in its tiny config."""
+    value = {**TINY_BASE, **(ADAPTERS[model_type].tiny if model_type in ADAPTERS else {})}.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else 8
 
 
 TOKENIZER_FILES = ("tokenizer.json (or a slow tokenizer's vocabulary: tokenizer.model, or vocab.json and merges.txt) "
@@ -498,25 +593,26 @@ def looks_like_path(model_id: str) -> bool:
             or model_id.count("/") > 1 or "\\" in model_id)
 
 
-def check_model_path(model_id: str) -> None:
+def check_model_path(model_id: str, named: str | None = None) -> None:
     """A ``--model`` that looks like a path (``looks_like_path``) must be a folder: say what it is
-    instead of treating it as a Hub id."""
+    instead of treating it as a Hub id. ``named``: how messages name it (default ``--model ID``)."""
     if model_id.startswith(BUILTIN_PREFIX) or not looks_like_path(model_id):
         return
+    named = named or f"--model {model_id}"
     path = Path(model_id).expanduser()
     if path.is_file():
-        raise UncurlError(f"--model {model_id} is a file, not a model folder: pass the folder holding config.json "
+        raise UncurlError(f"{named} is a file, not a model folder: pass the folder holding config.json "
                           f"and the weights")
     if not path.is_dir():
-        raise UncurlError(f"--model {model_id}: no such folder (a local model folder holds config.json and the "
+        raise UncurlError(f"{named}: no such folder (a local model folder holds config.json and the "
                           f"weights; a Hub id is ORG/NAME)")
 
 
-def check_family(model_id: str) -> None:
+def check_family(model_id: str, named: str | None = None) -> None:
     """Before anything costly: a local folder of a family uncurl refuses, or of one in the table that
     the installed transformers does not know yet, fails here with the reason (and a path that is not
-    a folder, as such)."""
-    check_model_path(model_id)
+    a folder, as such, named as ``named`` says: default ``--model ID``)."""
+    check_model_path(model_id, named)
     folder = Path(model_id).expanduser()
     if not folder.is_dir():
         return
@@ -528,16 +624,24 @@ def check_family(model_id: str) -> None:
         raise UncurlError(needs_newer_transformers(model_type))
     if model_type in REFUSED or model_type in ADAPTERS:
         get_adapter(model_type)  # a refused family, or one this transformers release cannot run, says why
+    check_config_values(folder)  # after the family: a refused one says so first
 
 
 def _config(model_id: str, trust_remote_code: bool = False):
     """(config, repo.Native or None): see ``repo.read_config``; errors as one line."""
+    from huggingface_hub.errors import StrictDataclassError
+
     from .repo import read_config
 
     if Path(model_id).is_dir():
         check_config_file(Path(model_id))
+        check_config_values(Path(model_id))
     try:
         return read_config(model_id, trust_remote_code)
+    except StrictDataclassError as err:  # a value of the wrong type, which transformers' config validates
+        raise UncurlError(f"the configuration of model {model_id!r} does not fit transformers' own "
+                          f"({' '.join(str(err).split())}); fix the value in config.json or re-download the "
+                          f"model") from None
     except (OSError, ValueError) as err:
         if Path(model_id).is_dir():
             check_family(model_id)  # a family too new for this transformers, or refused, says so
@@ -743,6 +847,7 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto", seed
         if adapter is not None:
             check_moe_keys(folder, config, adapter)
         check_weight_files(folder)  # missing or truncated files fail here, named
+        check_generation_config(folder)
         check_weights_fit(folder, config)  # a missing, extra or mis-shaped tensor, before any weight is read
         if device_map is None:  # too big for the device: say how to place it
             check_fits_memory(folder, config, dtype, dev, states_needed(config, dtype, **states) if states else 0)
@@ -763,6 +868,8 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto", seed
         if not refused_by_transformers(err):
             raise
         raise damaged(model_id, err) from None
+    except pickle.UnpicklingError as err:
+        raise unsafe_pickle(model_id, err) from None
     except (ImportError, NotImplementedError, ValueError) as err:
         if getattr(config, "quantization_config", None) is None or quantized is not None:
             raise

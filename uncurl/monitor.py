@@ -254,7 +254,8 @@ def monitor(opts: MonitorOptions) -> dict:
         info = {**meta.get("task", {}), "examples": meta.get("task", {}).get("calibration_examples")}
         parent = meta.get("model", parent)
     else:
-        check_family(parent)
+        check_family(parent, f"--parent {parent}" if opts.parent else f"the parent {parent} (named in --pruned's "
+                             f"report.json; pass --parent DIR if it moved)")
         traffic_texts(replace(opts, chat_template=False))  # a bad task or file fails before the model loads
     inputs = run_inputs(replace(opts, model=parent)) + [("the --pruned folder", Path(opts.pruned), True)]
     timings = Timings()

@@ -20,7 +20,10 @@ before the expensive work and holds it for the whole run:
 - SIGTERM and SIGHUP stop the run as SIGINT does: the staged output is removed, the lock released,
   and the exit code is 128 + the signal (143 for SIGTERM; ``errors.Terminated``);
 - a write that fails for the machine's reasons (disk full, quota, read-only, permission) is exit 2
-  naming the folder, with the staged output removed.
+  naming the folder, with the staged output removed;
+- an output whose hidden names would pass the file system's limit on a name is refused up front;
+- the libraries' caches (matplotlib, torch compile: ``LIBRARY_CACHES``) go to a hidden folder beside
+  it for the run, removed at the end, so that nothing is written outside ``--out``.
 """
 
 from __future__ import annotations
@@ -119,6 +122,7 @@ def check_out(out: str | Path, *, overwrite: bool, kind: str = "folder", inputs=
     if str(out).strip() == "":
         raise UncurlError(f"{flag} '' is empty; name a new output {kind}, e.g. {flag} {EXAMPLE[kind]}")
     path = Path(out).resolve()
+    check_name_length(path, flag, kind)
     why = _protected(path)
     if why:
         raise UncurlError(f"{flag} {str(out)!r} is {why}; uncurl never writes or replaces it: name a new output "
@@ -149,6 +153,24 @@ def check_out(out: str | Path, *, overwrite: bool, kind: str = "folder", inputs=
     except OSError as e:  # an unreadable folder or file: not something uncurl may replace
         raise UncurlError(f"{flag} {path} cannot be read ({e.strerror}); choose another output {kind}") from None
     return path
+
+
+STAGED_EXTRA = len(".." + "-XXXXXXXX.partial") + 7  # .NAME.PID-XXXXXXXX.partial, a pid of up to 7 digits
+
+
+def check_name_length(path: Path, flag: str, kind: str) -> None:
+    """The hidden names uncurl gives its files beside ``path`` (``.NAME.PID-XXXXXXXX.partial``, the
+    longest) must fit the file system's limit on a name (255 bytes on most), as ``path``'s own does."""
+    existing = next((p for p in (path.parent, *path.parent.parents) if p.is_dir()), Path("/"))
+    try:
+        limit = os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    size = len(os.fsencode(path.name))
+    if size + STAGED_EXTRA > limit:
+        raise UncurlError(f"{flag} {path}: its name is {size} bytes; uncurl writes beside it under the hidden name "
+                          f".NAME.PID-XXXXXXXX.partial, which must fit this file system's {limit}-byte limit on a "
+                          f"name: choose a name of at most {limit - STAGED_EXTRA} bytes for the output {kind}")
 
 
 def _replaceable(path: Path, overwrite: bool, mine: str | None, holds: str, flag: str, kind: str) -> None:
@@ -220,16 +242,49 @@ _PLACING = {"now": False, "signal": None}  # while an output is renamed into pla
 
 
 @contextmanager
+def _signals_wait():
+    """A stop signal that arrives in the block waits for its end (the handler records it): yields a
+    dict whose "signal" then names it, or is None."""
+    outer = dict(_PLACING)
+    _PLACING.update(now=True, signal=None)
+    waited = {"signal": None}
+    try:
+        yield waited
+    finally:
+        waited["signal"] = _PLACING["signal"]
+        _PLACING.update(now=outer["now"], signal=outer["signal"] or _PLACING["signal"] if outer["now"] else None)
+
+
+@contextmanager
 def _placing():
     """Renames that a signal must not cut in half (the old output moved aside, the new one not in)."""
-    _PLACING.update(now=True, signal=None)
-    try:
+    with _signals_wait() as waited:
         yield
+    if waited["signal"] is not None:
+        log.warning("%s arrived while the output was put in place; it is complete",
+                    signal.Signals(waited["signal"]).name)
+
+
+# Where matplotlib and torch's compiler keep their caches and settings (under $HOME and $TMPDIR by
+# default): pointed into a run's own folder, so that a run writes nothing outside --out.
+LIBRARY_CACHES = {"MPLCONFIGDIR": "matplotlib", "TORCHINDUCTOR_CACHE_DIR": "torchinductor",
+                  "TRITON_CACHE_DIR": "triton"}
+
+
+@contextmanager
+def library_caches(folder: Path | None = None):
+    """matplotlib's and torch compile's caches (``LIBRARY_CACHES``) in ``folder`` for the block (a
+    temporary folder without one), removed with it after: a variable the user set is left as it
+    is. Set before those libraries import (they read it once): the CLI enters this before loading."""
+    folder = Path(tempfile.mkdtemp(prefix="uncurl-caches-")) if folder is None else folder
+    ours = {var: str(folder / name) for var, name in LIBRARY_CACHES.items() if var not in os.environ}
+    os.environ.update(ours)
+    try:
+        yield folder
     finally:
-        if _PLACING["signal"] is not None:
-            log.warning("%s arrived while the output was put in place; it is complete",
-                        signal.Signals(_PLACING["signal"]).name)
-        _PLACING.update(now=False, signal=None)
+        for var in ours:
+            os.environ.pop(var, None)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @dataclass
@@ -248,6 +303,13 @@ class Claim:
     def check(self, inputs=()) -> None:
         """Check the output again (now, under the lock), and against inputs known only now."""
         check_out(self.path, overwrite=self.overwrite, kind=self.kind, inputs=inputs, flag=self.flag)
+
+    def scratch(self) -> Path:
+        """A hidden folder beside the output for the run's own files (``library_caches``), named as a
+        staged output is (``.NAME.PID-XXXXXXXX.partial``), so what a killed run leaves is removed by
+        the next (``remove_stale``)."""
+        return Path(tempfile.mkdtemp(prefix=f".{self.path.name}.{os.getpid()}-", suffix=".partial",
+                                     dir=self.path.parent))
 
     def check_space(self, need: int, what: str = "the checkpoint") -> None:
         """Refuse, before the work, an output whose file system has not room for ``need`` bytes."""
@@ -416,15 +478,20 @@ def claim(out: str | Path, *, overwrite: bool, kind: str = "folder", inputs=(), 
     held = Claim(path, overwrite, kind, flag, lock)
     try:
         with _stop_signals_raise():
-            held._acquire()
-            _HELD[lock] = held
             try:
+                with _signals_wait() as waited:  # the lock file made and recorded as ours: one step for a signal
+                    held._acquire()
+                    _HELD[lock] = held
+                if waited["signal"] is not None:  # it arrived meanwhile: stop now, the lock released below
+                    raise Terminated(waited["signal"])
                 held.remove_stale()
                 held.check()
-                yield held
+                with library_caches(held.scratch()):
+                    yield held
             finally:
-                del _HELD[lock]
-                held._release()
+                with _signals_wait():  # the lock removed whole, a signal or not
+                    _HELD.pop(lock, None)
+                    held._release()
     except Exception as e:
         oe = machine_error(e)
         if oe is None or (oe.errno in (errno.EACCES, errno.EPERM) and oe.filename is not None

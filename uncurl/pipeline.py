@@ -44,7 +44,7 @@ from .stats import LayerStats
 from .recover import recover
 from .sequential import decoder_layers, profile_sequential
 from .report import REPORT_SCHEMA, Timings, command_line, layer_entries, versions, write_report
-from .output import Claim, claim
+from .output import Claim, claim, library_caches
 from .save import expected_bytes, parse_shard_size, stored_bytes, verify_checkpoint, write_checkpoint, write_extras
 from .serving import ServingOptions, measure as measure_serving, serving_note
 
@@ -802,7 +802,9 @@ def prepare(opts: RunOptions, keeps: list[int], timings: Timings, *, check_loade
             profiling: bool = True) -> Prepared:
     """Load the model, validate every K against it, then profile (or read --profile; neither when
     not ``profiling``: the profile is then None, for the caller to make).
-    ``check_loaded(loaded)`` runs between loading and profiling (see ``loaded_check``)."""
+    ``check_loaded(loaded)`` runs between loading and profiling (see ``loaded_check``). A --profile
+    file is read and checked (``Profile.load``) before the model is loaded."""
+    profile = Profile.load(opts.profile) if opts.profile else None
     with timings.stage("load"):
         loaded = load_model(opts.model, device=distributed.rank_device(opts.device), dtype=opts.dtype,
                             seed=opts.seed, device_map=opts.device_map, max_memory=opts.max_memory,
@@ -816,16 +818,19 @@ def prepare(opts: RunOptions, keeps: list[int], timings: Timings, *, check_loade
     config, adapter = loaded.model.config, loaded.adapter
     n_experts, k_before = expert_count(config, adapter), top_k(config, adapter)
     if opts.top_k is not None and opts.top_k > k_before:
-        raise UncurlError(f"--top-k {opts.top_k} is above this model's own top-k ({k_before}): --top-k only lowers "
+        raise UncurlError(f"--top-k {opts.top_k} is above this model's own top-k ({k_before}) in the config's "
+                          f"{adapter.top_k_key}: --top-k only lowers "
                           f"it; pass 1..{k_before}, or leave it out to keep {k_before}")
     k_after = opts.top_k if opts.top_k is not None else k_before
     n_group, topk_group = routing_groups(config, adapter)
+    keys = f"the config's {adapter.expert_count_key}"
+    k_from = "--top-k" if opts.top_k is not None else f"the config's {adapter.top_k_key}"
     for keep in keeps:
-        validate_keep(n_experts, keep, k_after, n_group, topk_group)
+        validate_keep(n_experts, keep, k_after, n_group, topk_group, top_k_from=k_from, experts_from=keys)
     prep = Prepared(loaded, None, n_group, k_before, k_after, n_experts)
     if opts.profile:
         with timings.stage("profile"):
-            prep.profile = Profile.load(opts.profile)
+            prep.profile = profile
             _check_profile(prep.profile, loaded, opts.profile, opts)
             blocks = mtp_of(loaded, opts)
             if any(name not in prep.profile.layers for name in blocks.names):
@@ -1115,6 +1120,11 @@ def cost(opts: CostOptions) -> dict:
     experts), with ``--measure-serving`` its measured throughput on this device."""
     check_family(opts.model)
     check_serving(opts)
+    with library_caches():  # cost writes nothing: the libraries' caches in a folder removed after
+        return _cost(opts)
+
+
+def _cost(opts: CostOptions) -> dict:
     timings = Timings()
     with timings.stage("load"):
         loaded = load_model(opts.model, device=opts.device, dtype=opts.dtype, seed=opts.seed,
@@ -1141,7 +1151,8 @@ def prune(opts: PruneOptions) -> PruneResult | None:
     check_serving(opts)
     shard_size = parse_shard_size(opts.shard_size)
     if distributed.follower():
-        return follow_prune(opts, shard_size)
+        with library_caches():  # this rank writes nothing: its caches in a folder removed after
+            return follow_prune(opts, shard_size)
     with claim(opts.out, overwrite=opts.overwrite, inputs=run_inputs(opts)) as output:
         return _prune(opts, output, shard_size, evaluating)
 

@@ -64,7 +64,7 @@ def _read_file(path: str) -> list[str]:
     if not p.is_file():
         raise UncurlError(f"--file {path}: no such file (one input per line: a JSON string or {{\"text\": ...}})")
     texts = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(T.read_text(p, "--file ").splitlines(), 1):
         if not line.strip():
             continue
         try:

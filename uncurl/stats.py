@@ -398,12 +398,13 @@ class Profile:
         return combined
 
     @staticmethod
-    def claim(path: str | Path, *, overwrite: bool = False):
+    def claim(path: str | Path, *, overwrite: bool = False, inputs=(), flag: str = "--out"):
         """Claim ``path`` for a profile before the expensive work (``output.claim``): refused if it
-        is a folder, or exists and is not an earlier uncurl profile replaced with ``overwrite``."""
+        is a folder, one of the run's ``inputs``, or exists and is not an earlier uncurl profile
+        replaced with ``overwrite``."""
         from .output import claim
 
-        return claim(path, overwrite=overwrite, kind="file")
+        return claim(path, overwrite=overwrite, kind="file", inputs=inputs, flag=flag)
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
         """Write the profile to ``path`` through a unique hidden temporary file beside it (removed on
@@ -428,31 +429,102 @@ class Profile:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "Profile":
+    def load(cls, path: str | Path, flag: str = "--profile") -> "Profile":
+        """The profile in the file ``path``, checked on read (``check_header``, ``check_layer``): a
+        file uncurl wrote, of this schema, with every layer's router statistics present, of the
+        shape its expert count gives, and finite. ``flag`` names the file in messages."""
         from safetensors import safe_open
 
         path = Path(path)
+        what = f"{flag} {path}"
+        if path.is_dir():
+            raise UncurlError(f"{what} is a folder; a profile is one file, written by `uncurl profile --out FILE`")
         if not path.is_file():
-            raise UncurlError(f"--profile {path}: no such file (write one with `uncurl profile`)")
+            raise UncurlError(f"{what}: no such file (write one with `uncurl profile`)" if not path.exists() else
+                              f"{what} is not a regular file (a FIFO, socket or device); a profile is a file "
+                              f"written by `uncurl profile`")
         try:
             with safe_open(str(path), "pt") as fh:
                 header = json.loads((fh.metadata() or {})["uncurl"])
                 tensors = {k: fh.get_tensor(k) for k in fh.keys()}
         except Exception as err:  # noqa: BLE001 - any parse failure means "not a profile"
-            raise UncurlError(f"--profile {path} is not an uncurl profile file ({err})") from None
-        if header.get("schema") != PROFILE_SCHEMA:
-            raise UncurlError(
-                f"--profile {path} has schema {header.get('schema')}, this uncurl reads schema {PROFILE_SCHEMA} "
-                f"(it holds the expert-output statistics REAP and EAN need); profile again with `uncurl profile`"
-            )
+            raise UncurlError(f"{what} is not an uncurl profile file ({err})") from None
+        check_header(header, what)
         layers, index = {}, {}
         for name, info in header.pop("layers").items():
             fields = {k.split("/", 1)[1]: t for k, t in tensors.items() if k.rsplit("/", 1)[0] == name}
+            check_layer(name, fields, what)
             layers[name] = LayerStats(fields["counts"].numel(), info["tokens"], **fields)
             index[name] = info["index"]
         header.pop("schema")
         header.pop("statistics", None)
         return cls(layers, index, header)
+
+
+def _json_type(value) -> str:
+    return {str: "string", bool: "boolean", int: "number", float: "number", list: "list", dict: "object",
+            type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _whole(value, least: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def check_header(header, what: str) -> None:
+    """A profile's metadata: a JSON object of this schema whose layers each have an index and a token
+    count, and whose task and shard records are objects."""
+    again = "profile again with `uncurl profile`"
+    if not isinstance(header, dict):
+        raise UncurlError(f"{what}: its uncurl metadata is a JSON {_json_type(header)}, not an object; it was "
+                          f"not written by uncurl (or was edited): {again}")
+    schema = header.get("schema")
+    if not _whole(schema) or schema != PROFILE_SCHEMA:
+        said = f"schema {json.dumps(schema)}" + ("" if _whole(schema) else f" (a {_json_type(schema)}, not a "
+                                                                            f"whole number)")
+        raise UncurlError(f"{what} has {said}, this uncurl reads schema {PROFILE_SCHEMA} (it holds the expert-output "
+                          f"statistics REAP and EAN need); {again}")
+    layers = header.get("layers")
+    if not isinstance(layers, dict) or not layers:
+        raise UncurlError(f"{what}: its metadata names no MoE layers (\"layers\" is {json.dumps(layers)[:40]}); "
+                          f"{again}")
+    for name, info in layers.items():
+        if not isinstance(info, dict) or not _whole(info.get("index")) or not _whole(info.get("tokens")):
+            raise UncurlError(f"{what}: layer {name}'s record {json.dumps(info)[:60]} lacks a whole index and token "
+                              f"count; {again}")
+    for key in ("task", "shard"):
+        if key in header and not isinstance(header[key], dict):
+            raise UncurlError(f"{what}: its {key!r} record is {json.dumps(header[key])[:40]}, not an object; {again}")
+    shard = header.get("shard")
+    if shard is not None and not (_whole(shard.get("index")) and _whole(shard.get("count"), 1)):
+        raise UncurlError(f"{what}: its shard record {json.dumps(shard)[:60]} lacks a whole index and count; {again}")
+
+
+def check_layer(name: str, fields: dict[str, torch.Tensor], what: str) -> None:
+    """One layer's statistics as read: the router's (which every family records) present, each of
+    the shape the layer's expert count gives, counts >= 0, and no NaN (nor Inf, but in the logit
+    sample's empty rows): a profile damaged after it was written is refused, not read as zeros."""
+    again = "the file is damaged: profile again with `uncurl profile`"
+    absent = [s for s, spec in STATISTICS.items() if spec.source == "router" and s not in fields]
+    if absent:
+        raise UncurlError(f"{what} lacks {', '.join(absent)} of layer {name} (every profile holds the router's "
+                          f"statistics {', '.join(s for s, spec in STATISTICS.items() if spec.source == 'router')}); "
+                          f"{again}")
+    if fields["counts"].dim() != 1 or fields["counts"].numel() < 1:
+        raise UncurlError(f"{what}: {name}/counts has shape {list(fields['counts'].shape)}, expected [E] (one count "
+                          f"per expert); {again}")
+    e = fields["counts"].numel()
+    for stat, t in fields.items():
+        spec = STATISTICS.get(stat)
+        if spec is None:
+            continue  # a statistic this uncurl does not know: unused
+        if tuple(t.shape) != spec.shape(e):
+            raise UncurlError(f"{what}: {name}/{stat} has shape {list(t.shape)}, expected {list(spec.shape(e))} for "
+                              f"its {e} experts; {again}")
+        bad = torch.isnan(t) if spec.fill == float("inf") else ~torch.isfinite(t)
+        if bool(bad.any()):
+            raise UncurlError(f"{what}: {name}/{stat} holds {int(bad.sum()):,} NaN/Inf values; {again}")
+    if bool((fields["counts"] < 0).any()):
+        raise UncurlError(f"{what}: {name}/counts holds negative counts; {again}")
 
 
 def balance(counts) -> dict:

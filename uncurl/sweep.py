@@ -25,7 +25,7 @@ from .evaluate import METRICS, drop
 from .fidelity import paired
 from .merge import MERGE_RULES, ROUTER_RULES, parameter_count, rewrite_model
 from .options import AUTO_MERGE, DEFAULT_MERGE, DEFAULT_METHOD, DEFAULT_ROUTER, EVAL, PRUNE, ints, names, opt
-from .output import claim
+from .output import claim, library_caches
 from .pipeline import (RunOptions, base_report, check_options, fit_after_merge, follow, loaded_check, method_used,
                        may_fit, parent_reference, plan_all, prepare, resolved, run_eval, run_inputs)
 from .report import Timings
@@ -128,7 +128,8 @@ def sweep(opts: SweepOptions, on_row=None, skip=None) -> dict | None:
     opts.method, opts.merge, opts.router_rows = (",".join(v) for v in (opts.methods, opts.merges, opts.routers))
     check_options(opts, evaluating=True)
     if distributed.follower():  # a rank other than 0 under torchrun: its share of the profile only
-        return follow(opts, list(opts.keeps))
+        with library_caches():  # this rank writes nothing: its caches in a folder removed after
+            return follow(opts, list(opts.keeps))
     with claim(opts.out, overwrite=opts.overwrite, inputs=run_inputs(opts)) as output:  # held to the end
         return _sweep(opts, output, on_row, skip)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import logging
 import os
@@ -106,13 +107,7 @@ class Task:
         """Turn one row (local or Hub layout) into an :class:`Example`."""
         if self.to_example is not None:
             return self.to_example(row)
-        try:
-            prompt = self.template.format(**row)
-        except KeyError as err:
-            raise UncurlError(
-                f"task {self.name}: template field {{{err.args[0]}}} is not in the row; "
-                f"the row has fields {sorted(row)}"
-            ) from None
+        prompt = fill_template(self.template, row, self.name)
         if self.choices_field:
             choices = row_choices(_field(row, self.choices_field), self.choices_field)
         elif self.choices:
@@ -307,13 +302,62 @@ def describe_tasks() -> list[dict[str, Any]]:
              "choices": "varies" if t.num_choices is None else t.num_choices} for t in TASKS.values()]
 
 
-def _template_fields(template: str) -> None:
+TEMPLATE_FORM = ("a template names a row's fields, {field}, optionally indexed ({field[0]}, {field[key]}), "
+                 "converted (!r, !s, !a) and formatted (:>10, :.2f)")
+
+
+def _replacements(template: str) -> list[tuple[str, str | None, str]]:
+    """(field, conversion, format spec) of each replacement field of ``template``, in order."""
     try:
-        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+        return [(f, conv, spec or "") for _, f, spec, conv in string.Formatter().parse(template) if f is not None]
     except ValueError as err:
         raise UncurlError(f"template {template!r} is not a str.format string ({err}); write {{{{ }}}} for braces") from None
-    if not fields or any(f == "" or f.isdigit() for f in fields):
+
+
+def _shown(f: str, conv: str | None, spec: str) -> str:
+    """One replacement field as the template spells it, e.g. ``{text!r:>10}``."""
+    return "{" + f + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}"
+
+
+def _template_fields(template: str) -> None:
+    """What can be known of ``template`` without a row: its fields are named, not positional, read
+    no attributes, and convert with !r, !s or !a (``fill_template`` checks the rest on each row)."""
+    fields = _replacements(template)
+    if not fields or any(f == "" or f.isdigit() for f, _, _ in fields):
         raise UncurlError(f"template {template!r} must name the row's fields, e.g. 'Review: {{text}}'")
+    for f, conv, spec in fields:
+        shown = _shown(f, conv, spec)
+        if "." in f:
+            raise UncurlError(f"template {template!r}: {shown} reads an attribute (.{f.split('.', 1)[1]}), which "
+                              f"a row's values do not offer; {TEMPLATE_FORM}")
+        if conv not in (None, "r", "s", "a"):
+            raise UncurlError(f"template {template!r}: {shown} has the conversion !{conv}; accepted: !r, !s, !a")
+
+
+def fill_template(template: str, row: Mapping[str, Any], task: str = "") -> str:
+    """``template.format(**row)``; a field the row lacks, or one its value cannot fill (an index out
+    of range, a format spec for another type), fails naming the field and the value."""
+    try:
+        return template.format(**row)
+    except (KeyError, IndexError, ValueError, TypeError, AttributeError) as err:
+        failed = err
+    where = f"task {task}: " if task else ""
+    for f, conv, spec in _replacements(template):
+        shown = _shown(f, conv, spec)
+        name = re.split(r"[.\[]", f, maxsplit=1)[0]
+        if name not in row:
+            raise UncurlError(f"{where}template field {{{name}}} is not in the row; the row has fields "
+                              f"{sorted(row)}") from None
+        try:
+            shown.format(**row)
+        except (KeyError, IndexError, ValueError, TypeError, AttributeError) as err:
+            value = repr(row[name])
+            value = value if len(value) <= 60 else value[:57] + "..."
+            raise UncurlError(f"{where}template {template!r}: {shown} cannot be filled from this row's {name} = "
+                              f"{value} ({type(err).__name__}: {err}); a field's index and format spec must fit its "
+                              f"value in every row") from None
+    raise UncurlError(f"{where}template {template!r} cannot be filled from this row ({type(failed).__name__}: "
+                      f"{failed}); {TEMPLATE_FORM}") from None
 
 
 def _spaced(choices: Sequence[str] | None) -> tuple[str, ...]:
@@ -410,7 +454,7 @@ def task_from_file(path: str | Path, flag: str = "--task") -> Task:
     """
     path = Path(path).expanduser().resolve()
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        text = read_text(path, "task file ")
     except OSError as err:
         raise UncurlError(f"{flag} {path}: cannot read the task file ({err})") from None
     try:
@@ -522,23 +566,34 @@ def resolve_data_dir(data_dir: str | Path | None) -> Path | None:
 Rows = list[tuple[str, dict[str, Any]]]  # (where in the source, e.g. "line 12", the row)
 
 
+def read_text(path: Path, what: str = "") -> str:
+    """``path`` read as UTF-8 (a byte-order mark dropped); bytes that are not UTF-8 fail naming the
+    file, the line and the byte, and what is accepted."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise UncurlError(f"{what}{path} line {line} holds byte 0x{data[err.start]:02x} (offset {err.start:,}), "
+                          f"which is not UTF-8; save the file as UTF-8 text") from None
+
+
 def _read_rows(path: Path) -> Rows:
     """Rows of a .jsonl (one object a line, blank lines skipped) or .csv (with a header) file."""
+    text = read_text(path)  # a byte-order mark (Excel) is not a field
     if path.suffix.lower() == ".csv":
-        with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Excel) is not a field
-            return [(f"line {n}", dict(r)) for n, r in enumerate(csv.DictReader(f), 2)]
+        return [(f"line {n}", dict(r)) for n, r in enumerate(csv.DictReader(io.StringIO(text, newline="")), 2)]
     rows = []
-    with path.open(encoding="utf-8-sig") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UncurlError(f"{path} line {n} is not a JSON object ({err}); expected one object a line") from None
-            if not isinstance(row, dict):
-                raise UncurlError(f"{path} line {n} is a JSON {type(row).__name__}, not an object with fields")
-            rows.append((f"line {n}", row))
+    for n, line in enumerate(io.StringIO(text, newline=None), 1):  # as a file reads: \n, \r\n or \r ends a line
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UncurlError(f"{path} line {n} is not a JSON object ({err}); expected one object a line") from None
+        if not isinstance(row, dict):
+            raise UncurlError(f"{path} line {n} is a JSON {type(row).__name__}, not an object with fields")
+        rows.append((f"line {n}", row))
     return rows
 
 
