@@ -894,7 +894,7 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto", seed
     from .repo import carried
 
     return Loaded(model.eval(), tokenizer, adapter, model_id, source, again, processor_files(model_id), quantized,
-                  info, carried(model_id, config, native, tokenizer))
+                  info, carry=carried(model_id, config, native, tokenizer))
 
 
 def routers_placed_whole(model, adapter: MoEAdapter | None):
