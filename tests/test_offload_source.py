@@ -45,3 +45,30 @@ def test_transformers_alone_re_saves_them(tiny_dirs, tmp_path):
                                                  max_memory={"cpu": "30KB"}, offload_folder=tmp_path / "off")
     assert any("experts" in p.name for p in (tmp_path / "off").iterdir())
     assert install_source_loaders(model) == 0  # its loaders are left alone
+
+
+def test_another_transformers_release_loads_its_own_way(tiny_dirs, ids, tmp_path, monkeypatch):
+    """from_source wraps transformers' loading internals only where they have the parameters it was
+    written against (offload.source_loading_fits; true of the pinned release, as the first test needs);
+    where they differ, the load goes transformers' own way (re-saved to the offload folder), same logits."""
+    from transformers import core_model_loading as cml
+
+    import uncurl.offload as offload
+
+    assert offload.source_loading_fits(cml)
+    folder = tiny_dirs("mixtral")
+    resident = load_model(str(folder), device="cpu").model
+    with torch.no_grad():
+        want = resident(input_ids=ids).logits
+    real = cml.offload_and_maybe_resave_param
+
+    def renamed(target_name, param, loading_info, folder, index, applied_ops):  # a release that renamed them
+        return real(target_name, param, loading_info, folder, index, applied_ops)
+
+    monkeypatch.setattr(cml, "offload_and_maybe_resave_param", renamed)
+    assert not offload.source_loading_fits(cml)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    model = load_model(str(folder), device_map="auto", max_memory="cpu=30KB").model
+    assert offload_files(tmp_path) != []  # transformers' own path: re-saved
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=0, atol=0)

@@ -31,11 +31,14 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import logging
 import weakref
 from collections.abc import Mapping
 from contextlib import contextmanager
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 class Reads:
@@ -424,6 +427,34 @@ def _source_loader_class():
     return SourceLoader
 
 
+# The internals of transformers.core_model_loading that from_source wraps, by the parameters it
+# passes them (read off transformers 5.23); a release where any differs loads as transformers does.
+_SOURCE_HOOKS = {
+    "get_device": ("device_map", "param_name", "valid_torch_device"),
+    "spawn_materialize": ("thread_pool", "tensor", "device", "dtype", "sharding_op", "tensor_idx"),
+    "offload_and_maybe_resave_param": ("target_name", "param", "loading_info", "disk_offload_folder",
+                                       "disk_offload_index", "applied_ops"),
+    "set_param_for_module": ("model", "target_name", "param_value"),
+}
+
+
+def source_loading_fits(cml) -> bool:
+    """Whether ``cml`` (transformers.core_model_loading) has the functions ``from_source`` wraps,
+    with the parameters it passes them."""
+    import inspect
+
+    try:
+        for name, params in _SOURCE_HOOKS.items():
+            have = list(inspect.signature(getattr(cml, name)).parameters)
+            if have[:len(params)] != list(params):
+                return False
+        add = list(inspect.signature(cml.WeightTransform.add_tensor).parameters)
+        return add[:5] == ["self", "target_key", "source_key", "source_pattern", "future"] and \
+            hasattr(cml, "WeightConverter")
+    except (AttributeError, TypeError, ValueError):
+        return False
+
+
 @contextmanager
 def from_source(files_of: dict[str, str], config):
     """Around ``from_pretrained(None, state_dict=<safetensors slices>, device_map=...)``: weights bound
@@ -432,6 +463,11 @@ def from_source(files_of: dict[str, str], config):
     loaders swapped to ``SourceLoader`` by ``install_source_loaders``."""
     from transformers import core_model_loading as cml
 
+    if not source_loading_fits(cml):  # another transformers release: its own path (re-saved to the folder)
+        log.info("transformers %s loads offloaded weights its own way: they are re-saved to the offload folder",
+                 getattr(__import__("transformers"), "__version__", "?"))
+        yield
+        return
     order: dict[int, dict] = {}  # id(transform) -> its first target, its sources by pattern in load order
     by_target: dict[str, object] = {}  # first target -> its transform
     originals = (cml.get_device, cml.spawn_materialize, cml.offload_and_maybe_resave_param, cml.set_param_for_module,
