@@ -36,7 +36,8 @@ V3_1 = ("pending: 26-mtp (the twin's 4 layers put its MTP block at model.layers.
 
 # twins uncurl refuses today, and the reason its one-line error must name
 REFUSED = {
-    "Ling-lite-1.5": r"'bailing_moe' is not supported",  # remote code only, no transformers class
+    # remote code only, no transformers class: refused before the weights, naming the flag that would run it
+    "Ling-lite-1.5": r"'bailing_moe' nor any of its architectures .*--trust-remote-code",
 }
 # twins whose tokenizer is remote code: pruned with --trust-remote-code
 TRUSTED = {"Kimi-K2-Instruct", "Hunyuan-A13B-Instruct"}
@@ -208,7 +209,12 @@ def load_info(folder: Path, **kwargs):
 
     from uncurl.load import model_class
 
-    config = AutoConfig.from_pretrained(folder, **kwargs)
+    if kwargs:
+        config = AutoConfig.from_pretrained(folder, **kwargs)
+    else:
+        from uncurl.repo import read_config
+
+        config = read_config(str(folder))[0]
     qc = getattr(config, "quantization_config", None)
     qc = qc if isinstance(qc, dict) or qc is None else qc.to_dict()
     if qc and qc.get("quant_method") == "fp8":
@@ -221,7 +227,12 @@ def load_info(folder: Path, **kwargs):
         from transformers import AutoModelForCausalLM
 
         return AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True, **kwargs)[1]
-    return pretrained(folder, output_loading_info=True)[1]
+    # natively, as uncurl and vLLM read it: a model_type transformers lacks (kimi_k2) by its architectures
+    from uncurl.repo import read_config
+
+    native = read_config(str(folder))[0]
+    return model_class(native).from_pretrained(folder, config=native, output_loading_info=True,
+                                               trust_remote_code=False)[1]
 
 
 def _remote_class(folder, config, kwargs):

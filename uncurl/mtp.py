@@ -256,7 +256,7 @@ class Blocks:
         norm = type(shell.model.norm)
         module = MtpInput(norm, config.hidden_size, config.rms_norm_eps)
         module.load_state_dict(inputs, strict=True)
-        block.shell, block.inputs = shell.eval(), module.to(device).eval()
+        block.shell, block.inputs = shell.eval(), module.to(device=device, dtype=self.dtype).eval()
         return block
 
     # -- profiling ------------------------------------------------------------------------------
