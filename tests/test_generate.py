@@ -77,10 +77,10 @@ def test_greedy_generation_is_transformers_generate_cut_at_the_stops():
 
 
 def _write_data(root, n=12):
-    """An arithmetic set shaped like gsm8k (answer: working, then '#### X'), references cycling through
-    letters the seed-0 tiny model writes after a '.' and one it does not."""
-    refs = ["H", "x", "q"]
-    rows = [{"question": f"what is {a} plus {b}?", "answer": f"{a} + {b} = {a + b}\n#### {refs[a % 3]}"}
+    """An arithmetic set shaped like gsm8k (answer: working, then '#### X'); the references are letters the
+    seed-0 tiny model writes in some of its generations (so that some match under each filter, some not)."""
+    refs = ["H", "x", "x", "N", "x", "N", "q", "x", "a", "x", "x", "H"]
+    rows = [{"question": f"what is {a} plus {b}?", "answer": f"{a} + {b} = {a + b}\n#### {refs[a]}"}
             for a, b in zip(range(n), range(3, 3 + n))]
     for name in ("train.jsonl", "test.jsonl"):
         (root / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -216,4 +216,4 @@ def test_generations_and_exact_match_equal_lm_eval(gen_data):
             assert row["answers"][name]["exact_match"] == sample["exact_match"]
     for name, value in ours["exact_match_by_filter"].items():
         assert value == pytest.approx(result[f"exact_match,{name}"], abs=1e-6)
-    assert 0 < ours["exact_match"] < 1
+    assert all(0 < v < 1 for v in ours["exact_match_by_filter"].values())
