@@ -112,7 +112,7 @@ def _eval_rows(ev: dict) -> list[str]:
     rows = [f"Task `{before['task']}`, {before['n']} evaluation examples, scored as lm-evaluation-harness "
             "scores multiple choice (`uncurl eval`).", "",
             "| metric | before | after | change |", "|---|---|---|---|"]
-    for metric in ("acc", "acc_norm"):
+    for metric in ("acc", "acc_norm", "exact_match"):
         if metric in before:
             err = f"{metric}_stderr"
             rows.append(f"| {metric} | {before[metric]:.4f} ± {before.get(err, 0):.4f} | "

@@ -300,7 +300,8 @@ def profile_merge(
     "choices_field", "label_field", "eval_file", "calibration_split", "evaluation_split", "chat_template", "gen_tokens",
     *RUN_FIELDS, "pipeline", *OUTPUT])
 def eval_cmd(ctx: typer.Context, opts: EvalOptions, as_json: bool, verbose: bool):
-    """Score a task's evaluation split as lm-evaluation-harness does: acc, acc_norm, loss, ppl; with
+    """Score a task's evaluation split as lm-evaluation-harness does: acc, acc_norm (or a generative task's
+    exact_match), loss, ppl; with
     --parent, also the generation fidelity against the parent (agreement, acceptance, KL, NLL).
 
     Example: uncurl eval --model runs/k4 --task superglue-rte --data-dir ../shared/data --limit 200

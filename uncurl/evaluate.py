@@ -28,7 +28,8 @@ from .load import input_device
 from .profile import progress_bar
 from .tasks import TARGET_DELIMITER, Example
 
-METRICS = ("acc", "acc_norm", "loss", "agreement", "acceptance")  # the last two: fidelity.py, against the parent
+# exact_match: a generative task's (generate.py); agreement, acceptance: fidelity.py, against the parent
+METRICS = ("acc", "acc_norm", "exact_match", "loss", "agreement", "acceptance")
 
 
 @dataclass(frozen=True)

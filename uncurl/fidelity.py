@@ -123,13 +123,16 @@ def forward_each(model, sequences: list[list[int]], *, batch_size: int, pad_id: 
 
 
 def greedy(model, prompts: list[list[int]], gen_tokens: int, *, eos_id: int | None, batch_size: int, pad_id: int,
-           adapter=None, progress: bool = False) -> list[list[int]]:
+           adapter=None, progress: bool = False, stop: Callable[[list[int]], bool] | None = None) -> list[list[int]]:
     """Each prompt's greedy continuation of ``gen_tokens`` tokens (fewer where the end-of-text token
-    comes first: it is kept). One forward of the whole prefix per token (no KV cache), so a model run
-    layer by layer reads its weights ``gen_tokens`` times in all, not once per prompt."""
+    comes first: it is kept; or where ``stop(continuation)`` is true: a generative task's stop strings). One
+    forward of the whole prefix per token (no KV cache), so a model run layer by layer reads its weights ``gen_tokens`` times in all, not once per prompt."""
     continuations: list[list[int]] = [[] for _ in prompts]
+    finished: set[int] = set()
     for step in range(gen_tokens):
-        active = [i for i, c in enumerate(continuations) if not (c and c[-1] == eos_id)]
+        finished.update(i for i, c in enumerate(continuations)
+                        if i not in finished and c and (c[-1] == eos_id or (stop is not None and stop(c))))
+        active = [i for i in range(len(prompts)) if i not in finished]
         if not active:
             break
         chosen: dict[int, int] = {}

@@ -7,8 +7,10 @@
 lm-eval builds each document's prompt (its ``doc_to_text``, description and ``target_delimiter``,
 zero-shot) and answer choices (``doc_to_choice``, ``doc_to_target``); uncurl scores them in memory
 with its own scorer (``evaluate.py``, the same log-likelihoods lm-eval computes) and calibrates on
-them. ``multiple_choice`` tasks give ``acc``/``acc_norm``/``loss``; other output types give text
-(prompt + target): calibration, and the loss in evaluation.
+them. ``multiple_choice`` tasks give ``acc``/``acc_norm``/``loss``; ``generate_until`` tasks with an
+``exact_match`` metric give ``exact_match`` (greedy generations, lm-eval's stop strings, filters and
+exact-match options: generate.py) and the loss; other output types give text (prompt + target):
+calibration, and the loss in evaluation.
 
 Splits: evaluation reads lm-eval's evaluation documents (test, else validation); calibration reads
 the training documents, else the validation ones when evaluation reads test, else fixed seeded
@@ -96,11 +98,50 @@ def _example(task, doc: dict) -> T.Example:
             raise UncurlError(f"lm-eval gold {target!r} names several answers; uncurl scores one gold per document")
         gold = T.gold_index(target, choices)
         return T.Example(prompt, tuple(delimiter + c for c in choices), gold)
+    if _generation(task) is not None:
+        if task.config.doc_to_choice is not None:  # lm-eval: the target is then an index into the choices
+            target = task.doc_to_choice(doc)[target]
+        answers = tuple(str(t) for t in target) if isinstance(target, list) else (str(target),)
+        return T.Example(prompt, answers=answers or ("",))
     if isinstance(target, list):
         target = target[0] if target else ""
     if task.OUTPUT_TYPE == "loglikelihood_rolling":
         return T.Example(str(target))
     return T.Example(prompt + delimiter + str(target))
+
+
+def _generation(task):
+    """A generate_until task scored by exact_match as generate.Generation (its generation_kwargs, filter_list
+    and exact_match options); None for other tasks, which give text (the loss) as before."""
+    config = task.config
+    metrics = [m for m in (config.metric_list or []) if m.get("metric") == "exact_match"]
+    if task.OUTPUT_TYPE != "generate_until" or not metrics:
+        return None
+    from .generate import DEFAULT_MAX_GEN_TOKS, Filter, Generation
+
+    kwargs = dict(config.generation_kwargs or {})
+    if kwargs.get("do_sample") or float(kwargs.get("temperature") or 0) > 0:
+        raise UncurlError(f"lm-eval task {config.task} samples (do_sample/temperature); uncurl scores greedy "
+                          f"generations only")
+    until = kwargs.get("until") or []
+    until = (until,) if isinstance(until, str) else tuple(until)
+    n = next((kwargs[k] for k in ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens") if k in kwargs),
+             DEFAULT_MAX_GEN_TOKS)
+    filters = []
+    for entry in config.filter_list or []:
+        steps = tuple((step["function"], tuple((k, v) for k, v in step.items() if k != "function"))
+                      for step in entry["filter"])
+        filters.append(Filter(entry["name"], steps))
+    options = metrics[0]
+    regexes = options.get("regexes_to_ignore") or ()
+    try:
+        return Generation(until=until, max_gen_toks=int(n), filters=tuple(filters) or (Filter(),),
+                          ignore_case=bool(options.get("ignore_case", False)),
+                          ignore_punctuation=bool(options.get("ignore_punctuation", False)),
+                          ignore_numbers=bool(options.get("ignore_numbers", False)),
+                          regexes_to_ignore=(regexes,) if isinstance(regexes, str) else tuple(regexes))
+    except UncurlError as err:
+        raise UncurlError(f"lm-eval task {config.task}: {err}") from None
 
 
 def lmeval_task(spec: str, flag: str = "--task") -> T.Task:
@@ -120,4 +161,5 @@ def lmeval_task(spec: str, flag: str = "--task") -> T.Task:
                   f"lm-eval task {task.config.task} ({task.OUTPUT_TYPE}; calibration: {sources['calibration']}, "
                   f"evaluation: {sources['evaluation']} documents{', seeded disjoint halves' if same else ''})",
                   hub=("", None), hub_splits={}, local_files={}, to_example=functools.partial(_example, task),
-                  n_choices=None if task.OUTPUT_TYPE == "multiple_choice" else 0, read_docs=read, halve_docs=same)
+                  n_choices=None if task.OUTPUT_TYPE == "multiple_choice" else 0, read_docs=read, halve_docs=same,
+                  generation=_generation(task))

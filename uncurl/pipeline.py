@@ -31,6 +31,7 @@ from .cluster import (METHODS, SUPER_FRACTION, SUPER_LAYERS, SUPER_QUANTILE, Lay
 from .cost import cost_table, finish, release_note, serving_cost, static_cost
 from .errors import UncurlError
 from .evaluate import METRICS, drop, evaluate_examples
+from .generate import generate, score as score_generations
 from .fidelity import DEFAULT_GEN_TOKENS, Reference, build_reference, paired, score as score_fidelity
 from .fit import fit_model, fit_report as fit_entry
 from .load import Loaded, check_family, input_device, load_model
@@ -200,8 +201,9 @@ class RunOptions(DataOptions):
         None, "--eval-limit", "--limit", panel=EVAL, min=1, readme_default="all",
         help="Evaluation examples: a seeded subset of the evaluation split (default: all of it).")
     metric: str = opt("acc", panel=EVAL, help="Metric a drop is measured on: acc, acc_norm (points of accuracy), "
-                                               "loss (its increase in percent), or agreement, acceptance (points of "
-                                               "generation fidelity against the parent: see --gen-tokens).")
+                                               "exact_match (points, a generative task's), loss (its increase in "
+                                               "percent), or agreement, acceptance (points of generation fidelity "
+                                               "against the parent: see --gen-tokens).")
     gen_tokens: int | None = opt(
         None, panel=EVAL, min=1, readme_default=f"{DEFAULT_GEN_TOKENS} where measured",
         note="See [Generation fidelity](#generation-fidelity).",
@@ -386,7 +388,7 @@ def chat_wrap(examples: list[T.Example], tokenizer) -> list[T.Example]:
     for ex in examples:
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": ex.prompt}], tokenize=False,
                                                add_generation_prompt=True)
-        out.append(T.Example(prompt, tuple(c[1:] if c.startswith(" ") else c for c in ex.choices), ex.gold))
+        out.append(T.Example(prompt, tuple(c[1:] if c.startswith(" ") else c for c in ex.choices), ex.gold, ex.answers))
     return out
 
 
@@ -604,6 +606,15 @@ def run_eval(model, tokenizer, opts: DataOptions, limit: int | None, seed: int =
                                 layers_of=layers)
     out = {"task": task.name, "fingerprint": T.data_fingerprint(examples), "split": task.split_note,
            "chat_template": opts.chat_template, **metrics}
+    if task.generative:  # exact match of greedy generations, as lm-eval scores generate_until (generate.py)
+        generations = generate(model, tokenizer, [ex.prompt for ex in examples], task.generation,
+                               max_length=opts.eval_max_length, batch_size=opts.batch_size, adapter=layers,
+                               progress=opts.progress)
+        scored = score_generations(generations, [ex.answers for ex in examples], task.generation)
+        rows = scored.pop("rows")
+        out.update(scored)
+        if per_example:
+            out["examples"] = [{**row, **share} for row, share in zip(rows, out.get("examples") or [{}] * len(rows))]
     if reference is not None:
         if reference.fingerprint != out["fingerprint"]:
             raise UncurlError(f"the parent's continuations were made on other evaluation examples (fingerprint "
@@ -757,7 +768,12 @@ def check_options(opts: RunOptions, evaluating: bool) -> None:
     if getattr(opts, "gen_tokens", None) is not None and opts.gen_tokens < 1:
         raise UncurlError(f"--gen-tokens {opts.gen_tokens} must be at least 1")
     if evaluating and opts.metric in ("acc", "acc_norm") and task.num_choices == 0:
-        raise UncurlError(f"task {task.name} has no answer choices, so no {opts.metric}; use --metric loss")
+        other = "exact_match or loss" if task.generative else "loss"
+        raise UncurlError(f"task {task.name} has no answer choices, so no {opts.metric}; use --metric {other}")
+    if evaluating and opts.metric == "exact_match" and not task.generative:
+        raise UncurlError(f"task {task.name} has no reference answers to generate, so no exact_match; --metric "
+                          f"exact_match is for generative tasks (a task file with answer_field, or an lm-eval "
+                          f"generate_until task)")
 
 
 def run_inputs(opts: RunOptions) -> list[tuple[str, Path, bool]]:

@@ -232,7 +232,7 @@ def eval_table(ev: dict) -> str:
     before, after = ev["before"], ev["after"]
     rows = [f"Task {before['task']}, {before['n']} evaluation examples (fingerprint `{before['fingerprint']}`).",
             "", "| metric | before | after | drop (points) |", "|---|---|---|---|"]
-    for metric in ("acc", "acc_norm", "loss", "ppl", "agreement", "acceptance", "kl", "nll"):
+    for metric in ("acc", "acc_norm", "exact_match", "loss", "ppl", "agreement", "acceptance", "kl", "nll"):
         if metric in before:
             rows.append(f"| {metric} | {before[metric]:.4f} | {after[metric]:.4f} | {ev['drop'].get(metric, '')} |")
     note = "\n\nDrop: 100 x accuracy lost; for loss, its increase in percent."

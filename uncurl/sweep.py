@@ -197,7 +197,7 @@ def _sweep(opts: SweepOptions, output, on_row, skip) -> dict:
 def markdown(s: dict) -> str:
     base, metric = s["unpruned"], s["metric"]
     has_acc = "acc" in base
-    cols = (["acc", "acc_norm", "loss"] if has_acc else ["loss"]) + [m for m in ("agreement", "acceptance") if m in base]
+    cols = (["acc", "acc_norm", "loss"] if has_acc else ["loss"]) + [m for m in ("exact_match", "agreement", "acceptance") if m in base]
     lines = [f"# uncurl sweep: {s['model']['id']} on {base['task']}", "", f"`{s['command']}`", "",
              f"{base['n']} evaluation examples; calibration: {s['task']['name']} "
              f"({s['task']['calibration_examples']} examples, {s['task']['tokens']:,} tokens).", "",

@@ -53,10 +53,14 @@ class Example:
     prompt: str
     choices: tuple[str, ...] = ()
     gold: int = -1  # index into choices; -1 when unknown
+    answers: tuple[str, ...] = ()  # a generative task's reference answers (generate.py): any one matching scores
 
     @property
     def text(self) -> str:
-        """The prompt followed by the gold continuation (the prompt alone without one)."""
+        """The prompt followed by the gold continuation (the prompt alone without one); a generative
+        task's prompt, ``TARGET_DELIMITER`` and first reference answer."""
+        if self.answers:
+            return self.prompt + TARGET_DELIMITER + self.answers[0]
         return self.prompt + self.choices[self.gold] if self.choices and self.gold >= 0 else self.prompt
 
 
@@ -81,6 +85,8 @@ class Task:
     halve_hub: bool = False  # the Hub split is the same for both: a fixed seeded half for each
     read_docs: Callable[[str], list[tuple[str, dict[str, Any]]]] | None = None  # escape hatch: split -> rows (lm-eval)
     halve_docs: bool = False  # read_docs gives the same rows for both: a fixed seeded half for each
+    generation: Any = None  # a generative task's generate.Generation (answers scored by exact match); None: not one
+    answer_field: str | None = None  # a task file's reference answer field (with generation)
 
     @property
     def split_note(self) -> str:
@@ -103,11 +109,22 @@ class Task:
             return self.n_choices
         return None if self.choices_field else len(self.choices)
 
+    @property
+    def generative(self) -> bool:
+        """Whether evaluation generates answers and scores them by exact match (generate.py)."""
+        return self.generation is not None
+
     def example(self, row: Mapping[str, Any]) -> Example:
         """Turn one row (local or Hub layout) into an :class:`Example`."""
         if self.to_example is not None:
             return self.to_example(row)
         prompt = fill_template(self.template, row, self.name)
+        if self.answer_field:
+            value = _field(row, self.answer_field)
+            answers = tuple(str(v) for v in value) if isinstance(value, list) else (str(value),)
+            if not answers:
+                raise UncurlError(f"field {self.answer_field!r} is an empty list; give a reference answer")
+            return Example(prompt, answers=answers)
         if self.choices_field:
             choices = row_choices(_field(row, self.choices_field), self.choices_field)
         elif self.choices:
@@ -437,6 +454,46 @@ def hub_task(spec: str, template: str | None, choices: Sequence[str] | None = No
 
 TASK_FILE_KEYS = {"name", "description", "template", "choices", "choices_field", "label_field", "labels",
                   "file", "files", "hub", "config", "splits"}
+# a generative task file's keys (generate.py): the reference answer's field, and how answers are made and compared
+GENERATIVE_KEYS = {"answer_field", "answer_regex", "group_select", "fallback", "until", "max_gen_toks",
+                   "ignore_case", "ignore_punctuation", "regexes_to_ignore"}
+
+
+def _generation_from_file(spec: dict, path: Path):
+    """A task file's generate.Generation (lm-eval's names: until, max_gen_toks, exact_match's options; the
+    answer_regex is its regex filter then take_first)."""
+    from .generate import DEFAULT_MAX_GEN_TOKS, REGEX_DEFAULTS, Filter, Generation
+
+    def strings(key: str) -> tuple[str, ...]:
+        value = spec.get(key, [])
+        value = [value] if isinstance(value, str) else value
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise UncurlError(f"task file {path}: {key} must be a string or a list of strings, got {value!r}")
+        return tuple(value)
+
+    flags = {}
+    for key in ("ignore_case", "ignore_punctuation"):
+        if not isinstance(spec.get(key, False), bool):
+            raise UncurlError(f"task file {path}: {key} must be true or false, got {spec[key]!r}")
+        flags[key] = spec.get(key, False)
+    n = spec.get("max_gen_toks", DEFAULT_MAX_GEN_TOKS)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise UncurlError(f"task file {path}: max_gen_toks must be a number of tokens >= 1, got {n!r}")
+    steps = [("take_first", ())]
+    if "answer_regex" in spec:
+        if not isinstance(spec.get("group_select", 0), int):
+            raise UncurlError(f"task file {path}: group_select must be an integer (0: the first match, -1: the last)")
+        steps.insert(0, ("regex", (("regex_pattern", str(spec["answer_regex"])),
+                                   ("group_select", spec.get("group_select", 0)),
+                                   ("fallback", str(spec.get("fallback", REGEX_DEFAULTS["fallback"]))))))
+    elif "group_select" in spec or "fallback" in spec:
+        raise UncurlError(f"task file {path}: group_select and fallback belong to an answer_regex; give one")
+    try:
+        return Generation(until=strings("until"), max_gen_toks=n,
+                          filters=(Filter("answer_regex" if "answer_regex" in spec else "none", tuple(steps)),),
+                          regexes_to_ignore=strings("regexes_to_ignore"), **flags)
+    except UncurlError as err:
+        raise UncurlError(f"task file {path}: {err}") from None
 
 
 def task_from_file(path: str | Path, flag: str = "--task") -> Task:
@@ -451,6 +508,15 @@ def task_from_file(path: str | Path, flag: str = "--task") -> Task:
         files: {calibration: train.jsonl, evaluation: test.jsonl}   # or
         hub: ORG/NAME                       # with optional config: NAME and
         splits: {calibration: train, evaluation: validation}
+
+    A generative task (scored by exact match of greedy generations, as lm-eval's generate_until;
+    generate.py) names its reference answer instead of choices:
+
+        answer_field: answer                # the reference (a list: any one matching)
+        answer_regex: "(\\d+)"               # optional: the answer extracted from the generation
+        group_select: 0                     # fallback: "[invalid]"   (lm-eval's regex filter)
+        until: ["\n\n", "Question:"]          # stop strings; max_gen_toks: 256
+        ignore_case: true                   # ignore_punctuation, regexes_to_ignore: [",", "\\$"]
     """
     path = Path(path).expanduser().resolve()
     try:
@@ -468,10 +534,17 @@ def task_from_file(path: str | Path, flag: str = "--task") -> Task:
         raise UncurlError(f"task file {path} is not valid {path.suffix.lstrip('.').upper()} ({err})") from None
     if not isinstance(spec, dict):
         raise UncurlError(f"task file {path} must be a mapping of keys ({', '.join(sorted(TASK_FILE_KEYS))})")
-    unknown = set(spec) - TASK_FILE_KEYS
+    unknown = set(spec) - TASK_FILE_KEYS - GENERATIVE_KEYS
     if unknown:
         raise UncurlError(f"task file {path}: unknown key(s) {', '.join(sorted(unknown))}; "
-                          f"accepted: {', '.join(sorted(TASK_FILE_KEYS))}")
+                          f"accepted: {', '.join(sorted(TASK_FILE_KEYS | GENERATIVE_KEYS))}")
+    generative = set(spec) & GENERATIVE_KEYS
+    if generative and "answer_field" not in spec:
+        raise UncurlError(f"task file {path}: {', '.join(sorted(generative))} belong to a generative task; "
+                          f"name its reference answer with answer_field")
+    if "answer_field" in spec and ({"choices", "choices_field", "labels"} & set(spec)):
+        raise UncurlError(f"task file {path}: answer_field (a generative task) does not go with choices, "
+                          f"choices_field or labels (a multiple-choice task)")
     sources = [k for k in ("file", "files", "hub") if k in spec]
     if len(sources) != 1:
         raise UncurlError(f"task file {path}: give exactly one of file, files or hub (it has {sources or 'none'})")
@@ -503,10 +576,12 @@ def task_from_file(path: str | Path, flag: str = "--task") -> Task:
         else:
             first, second = path.parent / spec["file"], None
         task = custom_task(first, *args, eval_path=second, **common)
-    if spec.get("description"):
-        from dataclasses import replace
+    from dataclasses import replace
 
+    if spec.get("description"):
         task = replace(task, description=str(spec["description"]))
+    if "answer_field" in spec:
+        task = replace(task, answer_field=str(spec["answer_field"]), generation=_generation_from_file(spec, path))
     return task
 
 
@@ -685,5 +760,6 @@ def load_examples(task: Task, split: str, data_dir: str | Path | None = None, *,
 
 def data_fingerprint(examples: Sequence[Example]) -> str:
     """First 16 hex digits of a sha256 over the examples (prompts, choices, golds), stable across runs."""
-    payload = json.dumps([[e.prompt, list(e.choices), e.gold] for e in examples], ensure_ascii=False)
+    payload = json.dumps([[e.prompt, list(e.choices), e.gold] + ([list(e.answers)] if e.answers else [])
+                          for e in examples], ensure_ascii=False)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
