@@ -91,3 +91,22 @@ def test_a_per_layer_top_k_that_differs_between_layers_is_refused_naming_the_key
     assert result.exit_code == 2, message[-600:]
     assert "moe_topk [2, 1]" in message and "all its entries are equal" in message
     assert "calibration tokens" not in message and not out.exists()
+
+
+@pytest.mark.parametrize("value, says", [([2, "2"], "each entry of a per-layer list"), ([2, 0], "each entry"),
+                                         ([], "must be a whole number"), ([99, 99], "above")])
+def test_a_per_layer_top_k_list_with_a_bad_entry_is_refused_before_the_work(value, says, per_layer_top_k, data_dir,
+                                                                             tmp_path):
+    """The config-value check (load.check_config_values) reads a per-layer list entry by entry, and
+    compares its largest top-k with the expert count."""
+    folder = tmp_path / "m"
+    folder.mkdir()
+    for file in per_layer_top_k.iterdir():
+        (folder / file.name).write_bytes(file.read_bytes())
+    edit_config(folder, moe_topk=value)
+    out = tmp_path / "out"
+    result = prune(folder, out, data_dir)
+    message = " ".join(result.output.split())
+    assert result.exit_code == 2, message[-600:]
+    assert "'moe_topk'" in message and says in message, message[-600:]
+    assert "calibration tokens" not in message and not out.exists()

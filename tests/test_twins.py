@@ -28,12 +28,6 @@ from typer.testing import CliRunner
 
 from twins import BY_NAME, TWINS, Twin, build, disagreements, headers, shard_names
 
-PENDING_MTP = "pending: 26-mtp (MTP blocks pruned with the model, or dropped with the count set to 0)"
-PENDING_PKG = "pending: 26-pkg (remote-code files copied, kimi_k2 loaded natively, --trust-remote-code, licences)"
-HUNYUAN = "pending: 26-pkg (its tokenizer is remote code: --trust-remote-code)"
-V3_1 = ("pending: 26-mtp (the twin's 4 layers put its MTP block at model.layers.4, which transformers does not "
-        "ignore on load as it does the real repo's layer 61: uncurl's MTP handling reads it)")
-
 # twins uncurl refuses today, and the reason its one-line error must name
 REFUSED = {
     # remote code only, no transformers class: refused before the weights, naming the flag that would run it
@@ -42,8 +36,7 @@ REFUSED = {
 # twins whose tokenizer is remote code: pruned with --trust-remote-code
 TRUSTED = {"Kimi-K2-Instruct", "Hunyuan-A13B-Instruct"}
 # the prune itself fails today (exit code or crash)
-PRUNE_XFAIL = {"Kimi-K2-Instruct": PENDING_PKG, "Kimi-K2-Instruct-tokenizer-json": PENDING_PKG,
-               "Hunyuan-A13B-Instruct": HUNYUAN, "DeepSeek-V3.1": V3_1}
+PRUNE_XFAIL: dict[str, str] = {}
 DEFAULT_OPTIONS = {"Qwen3-30B-A3B", "Mixtral-8x7B-Instruct-v0.1"}  # the others: --method frequency --merge select
 KEEP = 4
 runner = CliRunner()
@@ -246,13 +239,13 @@ def assert_clean(info):
         k: sorted(v)[:5] for k, v in info.items() if k != "error_msgs" and v}
 
 
-@pytest.mark.parametrize("name", params(xfail={"Kimi-K2-Instruct-tokenizer-json": PENDING_PKG}))
+@pytest.mark.parametrize("name", params())
 def test_output_loads_in_transformers_with_no_missing_or_unexpected_keys(name, pruned):
     _, out = pruned_ok(pruned, name)
     assert_clean(load_info(out))
 
 
-@pytest.mark.parametrize("name", params(lambda t: bool(t.config.get("auto_map")), xfail=lambda t: PENDING_PKG))
+@pytest.mark.parametrize("name", params(lambda t: bool(t.config.get("auto_map"))))
 def test_output_loads_with_trust_remote_code(name, pruned):
     """Where the parent has remote code, the output loads through it too (the files auto_map names)."""
     _, out = pruned_ok(pruned, name)
@@ -270,7 +263,7 @@ def test_moe_blocks_in_the_headers_agree_with_the_config(name, pruned):
     assert expert_count({"model_type": config["model_type"], **config.get("text_config", config)}) == KEEP
 
 
-@pytest.mark.parametrize("name", params(lambda t: t.mtp is not None, xfail=lambda t: PENDING_MTP))
+@pytest.mark.parametrize("name", params(lambda t: t.mtp is not None))
 def test_mtp_blocks_in_the_headers_agree_with_the_config(name, pruned):
     """The config announces exactly the MTP blocks stored, each with the model's K experts (or none and a
     count of 0): vLLM builds the MTP layer's experts from the expert count."""
@@ -279,7 +272,7 @@ def test_mtp_blocks_in_the_headers_agree_with_the_config(name, pruned):
     assert not problems["mtp"], problems["mtp"]
 
 
-@pytest.mark.parametrize("name", [param(BY_NAME[n], PENDING_MTP) for n in ("DeepSeek-V3", "GLM-4.5")])
+@pytest.mark.parametrize("name", [param(BY_NAME[n]) for n in ("DeepSeek-V3", "GLM-4.5")])
 def test_deepseek_v3_and_glm45_keep_their_mtp_block_with_k_experts(name, pruned):
     src, out = pruned_ok(pruned, name)
     config = json.loads((out / "config.json").read_text())
@@ -296,7 +289,7 @@ def test_deepseek_v3_and_glm45_keep_their_mtp_block_with_k_experts(name, pruned)
     assert gate and gate[0][0] == KEEP
 
 
-@pytest.mark.parametrize("name", params(lambda t: bool(t.remote_files), xfail=lambda t: PENDING_PKG))
+@pytest.mark.parametrize("name", params(lambda t: bool(t.remote_files)))
 def test_the_files_auto_map_names_are_carried(name, pruned):
     src, out = pruned_ok(pruned, name)
     named = set()
@@ -310,7 +303,7 @@ def test_the_files_auto_map_names_are_carried(name, pruned):
         assert (out / file).is_file() and (out / file).read_bytes() == (src / file).read_bytes(), file
 
 
-@pytest.mark.parametrize("name", params(lambda t: bool(t.licences), xfail=lambda t: PENDING_PKG))
+@pytest.mark.parametrize("name", params(lambda t: bool(t.licences)))
 def test_licence_files_are_carried(name, pruned):
     src, out = pruned_ok(pruned, name)
     for file in BY_NAME[name].licences:
@@ -322,8 +315,7 @@ def test_licence_files_are_carried(name, pruned):
 
 # ---- no prompt, ever ------------------------------------------------------------------------------------
 
-NO_PROMPT_XFAIL = {"Kimi-K2-Instruct": PENDING_PKG, "Kimi-K2-Instruct-tokenizer-json": PENDING_PKG,
-                   "Hunyuan-A13B-Instruct": PENDING_PKG, "Ling-lite-1.5": PENDING_PKG}
+NO_PROMPT_XFAIL: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("name", params(lambda t: bool(t.remote_files), xfail=NO_PROMPT_XFAIL))
@@ -343,7 +335,7 @@ def test_remote_code_never_prompts(name, pruned, twin_dir, data_dir, tmp_path):
         assert not out.exists()
 
 
-@pytest.mark.parametrize("name", [param(BY_NAME["Kimi-K2-Instruct"], PENDING_PKG)])
+@pytest.mark.parametrize("name", [param(BY_NAME["Kimi-K2-Instruct"])])
 def test_kimi_k2_prunes_natively_and_says_so(name, pruned):
     """kimi_k2 is not a transformers type; its architectures (DeepseekV3ForCausalLM) are, as vLLM reads them."""
     _, out = pruned_ok(pruned, name)

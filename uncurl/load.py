@@ -309,13 +309,19 @@ def check_config_values(folder: Path) -> None:
     for what, key, value, nullable in found:
         if value is None and nullable:
             continue
-        bad_type = isinstance(value, bool) or not isinstance(value, int)
-        if bad_type or value < 1:
-            kind = f" (a {JSON_TYPES.get(type(value), type(value).__name__)})" if bad_type and value is not None else ""
-            raise UncurlError(f"{file} has {key!r}: {json_value(value)}{kind}; the {what} must be a whole number "
-                              f">= 1, e.g. {tiny_value(raw.get('model_type'), key)}: the config is damaged, fix the "
-                              f"value or re-download the model")
-    numbers = {what: (key, value) for what, key, value, _ in found}
+        # a per-layer list (Hunyuan's moe_topk) holds one such number per layer (adapters._uniform)
+        per_layer = what in ("expert count", "top-k") and isinstance(value, list) and value
+        for item in (value if per_layer else [value]):
+            bad_type = isinstance(item, bool) or not isinstance(item, int)
+            if bad_type or item < 1:
+                kind = f" (a {JSON_TYPES.get(type(value), type(value).__name__)})" if bad_type and value is not None else ""
+                each = " (each entry of a per-layer list)" if per_layer else ""
+                raise UncurlError(f"{file} has {key!r}: {json_value(value)}{kind}; the {what}{each} must be a whole "
+                                  f"number >= 1, e.g. {tiny_value(raw.get('model_type'), key)}: the config is damaged, "
+                                  f"fix the value or re-download the model")
+    numbers = {what: (key, min(value) if what == "expert count" and isinstance(value, list) else
+                      max(value) if isinstance(value, list) else value) for what, key, value, _ in found
+               if value is not None}
     if "expert count" in numbers and "top-k" in numbers:
         (e_key, e), (k_key, k) = numbers["expert count"], numbers["top-k"]
         if k > e:
