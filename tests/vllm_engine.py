@@ -55,7 +55,8 @@ def main(request_path: str, result_path: str) -> None:
     start = time.perf_counter()
     llm = LLM(model=request["model"], dtype="float32", enforce_eager=True, max_model_len=256,
               kv_cache_memory_bytes=64 * 2**20, skip_tokenizer_init=True, seed=0,
-              speculative_config=request.get("speculative"), disable_log_stats=not request.get("speculative"))
+              speculative_config=request.get("speculative"), disable_log_stats=not request.get("speculative"),
+              **request.get("engine", {}))
     started = time.perf_counter() - start
     params = SamplingParams(temperature=0.0, max_tokens=request["max_tokens"], logprobs=request["logprobs"],
                             ignore_eos=True, detokenize=False)
