@@ -10,7 +10,7 @@ speculative_config) and compares the result with transformers' on the same folde
 The result holds, per prompt, the greedy tokens and the top-N log-probabilities at each step
 (token id -> logprob, the chosen token's always included), the seconds the engine took to start
 and to generate, the expert count of every fused-MoE layer vLLM built (from its weights'
-shapes), and speculative decoding's counters when one was asked for.
+shapes, the MTP drafter's too), and speculative decoding's counters when one was asked for.
 
 vLLM starts worker processes, hence the ``__main__`` guard.
 """
@@ -22,7 +22,7 @@ import os
 import sys
 import time
 
-# The expert counter below runs inside vLLM's worker process (apply_model): the function travels
+# The expert counter below runs inside vLLM's worker process (collective_rpc): the function travels
 # pickled, which vLLM allows only with this set.
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -32,6 +32,16 @@ def expert_counts(model) -> dict[str, int]:
     """Fused-MoE layer name -> the experts vLLM allocated (dim 0 of its gate/up weight)."""
     return {name.removesuffix(".w13_weight"): int(p.shape[0]) for name, p in model.named_parameters()
             if name.endswith("w13_weight")}
+
+
+def built_experts(worker) -> dict[str, int]:
+    """``expert_counts`` of the served model and, prefixed ``drafter:``, of the speculative drafter's
+    (the MTP block vLLM builds beside it)."""
+    counts = expert_counts(worker.get_model())
+    drafter = getattr(getattr(worker, "model_runner", None), "drafter", None)
+    if getattr(drafter, "model", None) is not None:
+        counts.update({f"drafter:{name}": n for name, n in expert_counts(drafter.model).items()})
+    return counts
 
 
 def spec_counters(llm) -> dict[str, float]:
@@ -73,7 +83,7 @@ def main(request_path: str, result_path: str) -> None:
         "vllm": vllm.__version__,
         "start_s": round(started, 2),
         "generate_s": round(generated, 2),
-        "experts": llm.apply_model(engine.expert_counts)[0],
+        "experts": llm.collective_rpc(engine.built_experts)[0],
         "spec": spec_counters(llm) if request.get("speculative") else None,
         "prompts": prompts,
     }
