@@ -136,10 +136,7 @@ def deepseek_v3_with_mtp(folder: Path) -> Path:
 MTP = {"method": "deepseek_mtp", "num_speculative_tokens": 1}
 SERVED = [served_tiny(f) for f in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "deepseek_v3", "gpt_oss",
                                     "hunyuan_v1_moe", "ernie4_5_moe")]
-# vLLM's MiniMax-M2 reads keys the released config has and transformers' does not write: rotary_dim
-# (transformers: partial_rotary_factor), scoring_func (no default there) and use_routing_bias
-# (default off: no e_score_correction_bias)
-SERVED.append(Served("minimax_m2", tiny("minimax_m2", rotary_dim=32, scoring_func="sigmoid", use_routing_bias=True)))
+# Not minimax_m2: vLLM's CPU router runs sigmoid scoring only with grouped top-k (README).
 SERVED.append(Served("deepseek_v3+mtp", deepseek_v3_with_mtp, speculative=MTP, engine=NATIVE_ROPE,
                      mtp_layer=ADAPTERS["deepseek_v3"].tiny["num_hidden_layers"]))
 # More tiny families to try (comma-separated model types): what README's list of the families
