@@ -9,7 +9,7 @@ import torch
 
 from uncurl.adapters import ADAPTERS, find_moe_layers
 from uncurl.cluster import LayerPlan, plan_layer
-from uncurl.fit import _LayerFit, _Passes, fit_model, layer_errors
+from uncurl.fit import _Layer, fit_model, layer_errors
 from uncurl.load import build_tiny
 from uncurl.merge import rewrite_model
 from uncurl.profile import profile_model
@@ -57,11 +57,11 @@ def _ridge(z, t, lam):
 @pytest.mark.parametrize("joint", [True, False])
 def test_normal_equations_equal_numpy_ridge_by_hand(joint):
     experts, x, index, weights, y = _synthetic()
-    fit = _LayerFit(3, 64, 64, torch.device("cpu"), joint=joint)
-    passes = _Passes.__new__(_Passes)
-    passes.mode, passes.mask = "gram", None
+    fit = _Layer("layer", None, experts, joint_max=10**6 if joint else 0)
+    fit.start(range(3))
     for chunk in (slice(0, 120), slice(120, 300)):  # accumulated over two batches
-        passes._accumulate(fit, experts, x[chunk], index[chunk], weights[chunk], y[chunk])
+        call = fit.routed(x[chunk], index[chunk], weights[chunk], None)
+        fit.accumulate(call, fit.residual(call, y[chunk], True, set(fit.chunk)))
     lam = 1e-2
     fit.solve(lam)
     parts, e = _numpy_parts(experts, x, index, weights, y)

@@ -166,14 +166,22 @@ def prune_layer_by_layer(
     fitting = MERGE_RULES[merge].fit
     seen: dict[str, list] = {b.name: [] for b in moe_layers}  # --merge fit, --recover-local: each block's calls
     captured: dict[str, list] = {}
+    targets: dict[str, list] = {}
+    # each block's calls: (args, kwargs, output); the output only where --recover-local trains on it
     hooks = [model.get_submodule(b.name).register_forward_hook(
-        lambda module, args, kwargs, out, name=b.name: seen[name].append((args, kwargs, out)), with_kwargs=True)
-        for b in moe_layers] if (recover_local or fitting) else []
+        lambda module, args, kwargs, out, name=b.name: seen[name].append((args, kwargs, out if recover_local else None)),
+        with_kwargs=True) for b in moe_layers] if (recover_local or fitting) else []
+    # --merge fit: the original experts' routed output of each call, the fit's target (taken in the
+    # visit, so the fit does not run the original block again)
+    routed: dict[str, list] = {b.name: [] for b in moe_layers}
+    hooks += [b.experts.register_forward_hook(lambda module, args, out, name=b.name: routed[name].append(out))
+              for b in moe_layers] if fitting else []
 
     def after_layer(visit: Visit):
         done.add(visit.name)  # a second visit is refused before it runs (sequential.run_layers)
         for b in blocks[visit.name]:  # the calls its blocks made in this visit (what runs again appends anew)
             captured[b.name], seen[b.name] = seen[b.name], []
+            targets[b.name], routed[b.name] = routed[b.name], []
         state = {f"{visit.name}.{k}": v for k, v in visit.layer.state_dict().items()}
         for block in blocks[visit.name]:
             stats = visit.stats[block.name]
@@ -189,6 +197,9 @@ def prune_layer_by_layer(
             module = pruned.get_submodule(visit.name)
             prefix = visit.name + "."
             _materialised(module, {k[len(prefix):]: v for k, v in state.items()}, visit.layer, visit.device)
+            # what follows runs the pruned layer only: the original's weights go now (the fit's memory
+            # comes out of theirs)
+            _to_meta(visit.layer)
         if fitting and module is not None:
             _fitted(visit)
         if recover_local and module is not None:
@@ -197,7 +208,9 @@ def prune_layer_by_layer(
             state = {f"{visit.name}.{k}": v.detach() for k, v in module.state_dict().items()}
         for b in blocks[visit.name]:
             captured.pop(b.name, None)
+            targets.pop(b.name, None)
             seen[b.name] = []
+            routed[b.name] = []
         if writer is not None:
             run = runs.get(visit.name)
             if run is None or set(run) != set(state):
@@ -220,14 +233,15 @@ def prune_layer_by_layer(
         if not names:
             return
 
-        def replay(passes, mode):
+        def source(fn, label):
             for name in names:
-                block = model.get_submodule(name)
-                for (args, kwargs, _), mask in zip(captured[name], visit.masks):
-                    passes.mask = mask
-                    block(*args, **kwargs)
+                ys = targets[name]
+                for i, ((args, kwargs, _), mask) in enumerate(zip(captured[name], visit.masks)):
+                    y, ys[i] = ys[i], None  # the fit keeps its residual instead (kept=True)
+                    fn(name, args, kwargs, y, mask)
+                    del y
 
-        fits.update(fit_blocks(model, pruned, adapter, names, replay, reduce=reduce))
+        fits.update(fit_blocks(model, pruned, adapter, names, source, reduce=reduce, kept=True))
 
     def _recovered(visit: Visit) -> None:
         """--recover-local: each of the layer's pruned blocks trained (in place) on its original's calls."""
