@@ -60,8 +60,8 @@ def test_normal_equations_equal_numpy_ridge_by_hand(joint):
     fit = _Layer("layer", None, experts, joint_max=10**6 if joint else 0)
     fit.start(range(3))
     for chunk in (slice(0, 120), slice(120, 300)):  # accumulated over two batches
-        call = fit.routed(x[chunk], index[chunk], weights[chunk], None)
-        fit.accumulate(call, fit.residual(call, y[chunk], True, set(fit.chunk)))
+        for block in fit.routed(x[chunk], index[chunk], weights[chunk], None):
+            fit.accumulate(block, fit.residual(block, y[chunk], True, set(fit.chunk)))
     lam = 1e-2
     fit.solve(lam)
     parts, e = _numpy_parts(experts, x, index, weights, y)

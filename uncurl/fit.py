@@ -75,10 +75,12 @@ FIT_RIDGE = 1e-3  # r = FIT_RIDGE x mean diagonal of A_k (as the test bed's cons
 FIT_MIN_PAIRS = 1.0  # an expert needs at least FIT_MIN_PAIRS x I routed pairs to be fitted
 FIT_JOINT_MAX = 4096  # K x I up to this: one joint system, (K I)^2 float64 per layer (134 MB at 4096)
 FIT_MEMORY_SHARE = 0.5  # the normal equations may take this share of the device's free memory (else chunked)
-# the per-expert solve's float32 products span at most this many rows before they are added into float64:
-# the rounding of each sum then grows with sqrt(FIT_ROWS), not with the calibration set (1e-6 relative at
-# most, against a ridge of 1e-3 of the mean diagonal)
+# a call's tokens are fitted in blocks of this many rows: the per-expert solve's float32 products span at
+# most that many rows before they are added into float64, so the rounding of each sum grows with
+# sqrt(FIT_ROWS), not with the calibration set (~1e-6 relative, against a ridge of 1e-3 of the mean
+# diagonal); and a block's work (its intermediates) does not grow with the batch
 FIT_ROWS = 1024
+FIT_BAND = 128  # rows of A_k's upper triangle per band of its packed storage
 
 
 def intermediate(experts, k: int, x: torch.Tensor) -> torch.Tensor:
@@ -123,13 +125,13 @@ def identity_plan(plan: LayerPlan, num_experts: int) -> bool:
 
 @dataclass
 class _Routed:
-    """One call of a pruned block: its experts' input rows and the pruned router's choices there,
+    """A block of rows of one call of a pruned block: its experts' input and the pruned router's choices there,
     the pairs sorted by expert (``slices[k]``: positions in the [n, top-k] pair grid, their rows of
     ``x`` and their gates), and the residual e once computed."""
 
     x: torch.Tensor  # [N, H] what the experts get, padding rows included
-    rows: torch.Tensor | None  # the non-padding rows of x (None: all), on x's device
-    n: int  # non-padding rows
+    rows: torch.Tensor  # the block's rows of x (non-padding), on the router's device
+    n: int  # their number
     top_k: int
     total: torch.Tensor  # [n] float32: G(x), the sum of the chosen gates
     slices: list  # per kept expert: (pair positions, local rows, rows of x, gates float32) or None
@@ -150,12 +152,14 @@ class _Layer:
         self.pairs = torch.zeros(self.keep, dtype=torch.long)
         self.delta: list = [None] * self.keep  # per expert: the change of D_k^T [I, H] float32, or None
         self.chunk: list[int] = []  # experts whose normal equations are being accumulated
-        self.a = self.c = None  # [len(chunk), I, I], [len(chunk), I, H] float64; joint: [K I, K I], [K I, H]
+        # per expert of chunk: A's upper triangle packed and C [I, H], float64; joint: G [K I, K I], B [K I, H]
+        self.a = self.c = None
         self.sums = {"ee": 0.0, "ed": 0.0, "dd": 0.0, "yy": 0.0, "tokens": 0}
         self.cache: list[_Routed] = []  # the calls' routing and residual, when the source keeps them
 
     def bytes_per_expert(self) -> int:
-        return self.inter * (self.inter + self.hidden) * 8
+        """A_k's upper triangle (packed) and C_k, float64."""
+        return (self.packed() + self.inter * self.hidden) * 8
 
     def joint_bytes(self) -> int:
         size = self.keep * self.inter
@@ -168,10 +172,21 @@ class _Layer:
             size = self.keep * self.inter
             self.a = torch.zeros(size, size, dtype=torch.float64, device=self.device)
             self.c = torch.zeros(size, self.hidden, dtype=torch.float64, device=self.device)
-        else:
-            n, i = len(chunk), self.inter
-            self.a = torch.zeros(n, i, i, dtype=torch.float64, device=self.device)
-            self.c = torch.zeros(n, i, self.hidden, dtype=torch.float64, device=self.device)
+        else:  # A_k symmetric: the rows of its upper triangle in bands of FIT_BAND (A[r0:r1, r0:]), packed
+            i = self.inter
+            self.a = [torch.zeros(self.packed(), dtype=torch.float64, device=self.device) for _ in chunk]
+            self.c = [torch.zeros(i, self.hidden, dtype=torch.float64, device=self.device) for _ in chunk]
+
+    def bands(self):
+        """(first row, last row, offset in the packed A) of each band of A's upper triangle."""
+        offset = 0
+        for r0 in range(0, self.inter, FIT_BAND):
+            r1 = min(r0 + FIT_BAND, self.inter)
+            yield r0, r1, offset
+            offset += (r1 - r0) * (self.inter - r0)
+
+    def packed(self) -> int:
+        return sum((r1 - r0) * (self.inter - r0) for r0, r1, _ in self.bands())
 
     def enough(self, k: int) -> bool:
         return int(self.pairs[k]) >= FIT_MIN_PAIRS * self.inter
@@ -179,7 +194,7 @@ class _Layer:
     # -- one call -----------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def route(self, args, kwargs, mask) -> _Routed:
+    def route(self, args, kwargs, mask) -> list[_Routed]:
         """The pruned block run on the original block's call with its experts replaced by a capture
         of (hidden, top-k index, weights): its router as the pruned layer will route."""
         seen = []
@@ -196,42 +211,45 @@ class _Layer:
         return self.routed(*seen[0], mask)
 
     @torch.no_grad()
-    def routed(self, x, index, weights, mask) -> _Routed:
-        """The pairs of one call (the experts' input, the pruned router's top-k index and weights),
-        restricted to the non-padding rows of ``mask`` and sorted by expert."""
+    def routed(self, x, index, weights, mask) -> list[_Routed]:
+        """The pairs of one call (the experts' input, the pruned router's top-k index and weights) on
+        the non-padding rows of ``mask``, in blocks of at most ``FIT_ROWS`` rows (what a block's
+        work holds at once does not grow with the batch), each block's pairs sorted by expert."""
         x = x.reshape(-1, x.shape[-1])
         index, weights = index.reshape(-1, index.shape[-1]), weights.reshape(-1, weights.shape[-1])
-        rows = None
+        rows = torch.arange(x.shape[0], device=index.device)
         if mask is not None and mask.numel() == x.shape[0]:
             mask = mask.to(index.device)  # the batch's mask may live where the inputs started
             if not bool(mask.all()):
                 rows = mask.nonzero().squeeze(1)
                 index, weights = index[rows], weights[rows]
-        n, top_k = index.shape
+        top_k = index.shape[1]
         valid = (index < self.keep) & (weights != 0)
         gates = torch.where(valid, weights, torch.zeros_like(weights)).float()
-        expert = torch.where(valid, index, torch.full_like(index, self.keep)).reshape(-1)
-        order = torch.argsort(expert, stable=True)  # pairs grouped by expert, in row order within each
-        sizes = torch.bincount(expert, minlength=self.keep + 1).tolist()
-        flat, slices, start = gates.reshape(-1), [], 0
-        for k in range(self.keep):
-            positions = order[start:start + sizes[k]]
-            start += sizes[k]
-            if not len(positions):
-                slices.append(None)
-                continue
-            local = positions // top_k
-            slices.append((positions, local, rows[local] if rows is not None else local, flat[positions]))
-        return _Routed(x, rows, n, top_k, gates.sum(-1).clamp_min(1e-12), slices)
+        expert = torch.where(valid, index, torch.full_like(index, self.keep))
+        blocks = []
+        for first in range(0, len(rows), FIT_ROWS):
+            part = slice(first, first + FIT_ROWS)
+            block_rows, block_gates = rows[part], gates[part]
+            order = torch.argsort(expert[part].reshape(-1), stable=True)  # by expert, in row order within each
+            sizes = torch.bincount(expert[part].reshape(-1), minlength=self.keep + 1).tolist()
+            flat, slices, start = block_gates.reshape(-1), [], 0
+            for k in range(self.keep):
+                positions = order[start:start + sizes[k]]
+                start += sizes[k]
+                if not len(positions):
+                    slices.append(None)
+                    continue
+                local = positions // top_k
+                slices.append((positions, local, block_rows[local], flat[positions]))
+            blocks.append(_Routed(x, block_rows, len(block_rows), top_k, block_gates.sum(-1).clamp_min(1e-12), slices))
+        return blocks
 
     @torch.no_grad()
     def residual(self, call: _Routed, y: torch.Tensor, first: bool, keep: set[int]) -> dict[int, torch.Tensor]:
         """e = y - y'_0 on the call's rows (``call.e``; its sums counted on the ``first`` sweep); the
         intermediates h of the experts in ``keep``, for the normal equations."""
-        y = y.reshape(-1, y.shape[-1])
-        if call.rows is not None:
-            y = y[call.rows.to(y.device)]
-        y = y.to(self.device, torch.float32)
+        y = y.reshape(-1, y.shape[-1])[call.rows.to(y.device)].to(self.device, torch.float32)
         grid = torch.zeros(call.n * call.top_k, self.hidden, dtype=torch.float32, device=self.device)
         hs = {}
         for k, item in enumerate(call.slices):
@@ -257,29 +275,37 @@ class _Layer:
     def accumulate(self, call: _Routed, hs: dict[int, torch.Tensor]) -> None:
         """The normal equations of the experts in ``chunk`` gain this call's pairs: float32 products
         of each expert's rows (contiguous), added into float64."""
+        i = self.inter
+        if not self.joint:
+            for j, k in enumerate(self.chunk):
+                item = call.slices[k]
+                if item is None:
+                    continue
+                _, local, rows, g = item
+                h = hs.pop(k) if k in hs else intermediate(self.experts, k, call.x[rows])
+                z = h.float() * g[:, None]  # g h
+                del h
+                # float32 products over at most FIT_ROWS rows (the block's), added into float64 a band of
+                # rows at a time (an add across dtypes copies its operand: a band's, not the whole)
+                product = z.T @ z  # sum g^2 h h^T
+                for r0, r1, offset in self.bands():
+                    band = self.a[j][offset:offset + (r1 - r0) * (i - r0)].view(r1 - r0, i - r0)
+                    band.add_(product[r0:r1, r0:])
+                product = z.T @ (call.e[local] * (g / call.total[local])[:, None])  # sum (g^2 / G) h e^T
+                for r0, r1, _ in self.bands():
+                    self.c[j][r0:r1].add_(product[r0:r1])
+            return
         scaled = {}
         for k in self.chunk:
             item = call.slices[k]
             if item is None:
                 continue
-            _, local, rows, g = item
-            h = hs[k] if k in hs else intermediate(self.experts, k, call.x[rows])
-            # z's block k on its rows, g h: float64 for the joint system (small by construction, and
-            # exact where the target can be met, which float32 products would not keep at a tiny ridge)
-            scaled[k] = h.to(torch.float64 if self.joint else torch.float32) * g[:, None]
+            rows, g = item[2], item[3]
+            h = hs.pop(k) if k in hs else intermediate(self.experts, k, call.x[rows])
+            # z's block k on its rows, g h, in float64: the joint system is small by construction, and
+            # exact where the target can be met, which float32 products would not keep at a tiny ridge
+            scaled[k] = h.double() * g.double()[:, None]
         i = self.inter
-        if not self.joint:
-            for j, k in enumerate(self.chunk):
-                if k not in scaled:
-                    continue
-                _, local, _, g = call.slices[k]
-                z = scaled[k]
-                target = call.e[local] * (g / call.total[local])[:, None]
-                for part in range(0, len(z), FIT_ROWS):  # float32 products over FIT_ROWS rows, summed in float64
-                    rows = slice(part, part + FIT_ROWS)
-                    self.a[j].add_(z[rows].T @ z[rows])  # sum g^2 h h^T
-                    self.c[j].add_(z[rows].T @ target[rows])  # sum (g^2 / G) h e^T
-            return
         member = {}  # expert -> position of each row among its pairs (-1: not routed there)
         for k, z in scaled.items():
             local = call.slices[k][1]
@@ -322,8 +348,16 @@ class _Layer:
         i = self.inter
         if not self.joint:
             for j, k in enumerate(self.chunk):
+                packed, c = self.a[j], self.c[j]
+                self.a[j] = self.c[j] = None  # each expert's equations go as it is solved
                 if self.enough(k):
-                    self.delta[k] = solve(self.a[j], self.c[j], ridge).float()
+                    a = torch.empty(i, i, dtype=torch.float64, device=self.device)
+                    for r0, r1, offset in self.bands():
+                        a[r0:r1, r0:] = packed[offset:offset + (r1 - r0) * (i - r0)].view(r1 - r0, i - r0)
+                    del packed
+                    a = a.triu_()
+                    a += a.triu(1).T
+                    self.delta[k] = solve(a, c, ridge, inplace=True).float()
             self.a = self.c = None
             return
         keep = [k for k in range(self.keep) if self.enough(k)]
@@ -368,10 +402,19 @@ def plan_chunks(layers: list[_Layer], memory: int | None, device: torch.device) 
     return out
 
 
-def solve(a: torch.Tensor, c: torch.Tensor, ridge: float = FIT_RIDGE) -> torch.Tensor:
-    """(A + r I)^-1 C with r = ``ridge`` x mean diagonal of A: the change of D^T [I, H]."""
+def solve(a: torch.Tensor, c: torch.Tensor, ridge: float = FIT_RIDGE, inplace: bool = False) -> torch.Tensor:
+    """(A + r I)^-1 C with r = ``ridge`` x mean diagonal of A: the change of D^T [I, H]. By Cholesky
+    (A + r I is symmetric positive definite; LU where rounding says otherwise). ``inplace``: A's
+    diagonal gains r in place."""
     r = ridge * float(a.diagonal().mean())
-    return torch.linalg.solve(a + r * torch.eye(a.shape[0], dtype=a.dtype, device=a.device), c)
+    if not inplace:
+        a = a.clone()
+    a.diagonal().add_(r)
+    factor, info = torch.linalg.cholesky_ex(a)
+    if int(info) == 0:
+        return torch.cholesky_solve(c, factor)
+    del factor
+    return torch.linalg.solve(a, c)
 
 
 Source = Callable[[Callable], None]  # source(fn): fn(name, args, kwargs, y, mask) for every call of every block
@@ -502,24 +545,26 @@ def fit_blocks(original, pruned, adapter: MoEAdapter, names: list[str], source, 
     sweeps = max(len(c) for c in chunks.values())
     counters: dict[str, int] = {}
 
-    def routed_call(fit: _Layer, args, kwargs, y, mask, first: bool) -> tuple[_Routed, dict]:
-        """This call's routing and residual: from the fit's cache after the first sweep (``kept``),
-        else computed (the error sums counted on the ``first`` sweep only)."""
+    def each_block(fit: _Layer, args, kwargs, y, mask, first: bool, work) -> None:
+        """``work(block, hs)`` on each block of this call, with its routing and residual: from the
+        fit's cache after the first sweep (``kept``), else computed (the error sums counted on the
+        ``first`` sweep only), with the intermediates of the experts being fitted (``hs``)."""
         if kept and not first:
             i = counters[fit.name] = counters.get(fit.name, -1) + 1
-            return fit.cache[i], {}
-        routed = fit.route(args, kwargs, mask)
-        hs = fit.residual(routed, y, first, set(fit.chunk))
+            for block in fit.cache[i]:
+                work(block, {})
+            return
+        blocks = fit.route(args, kwargs, mask)
+        for block in blocks:
+            work(block, fit.residual(block, y, first, set(fit.chunk)))
         if kept:
-            fit.cache.append(routed)
-        return routed, hs
+            fit.cache.append(blocks)
 
     def equations(sweep: int):
         def fn(name, args, kwargs, y, mask):
             fit = fits[name]
             if sweep == 0 or fit.chunk:
-                routed, hs = routed_call(fit, args, kwargs, y, mask, sweep == 0)
-                fit.accumulate(routed, hs)
+                each_block(fit, args, kwargs, y, mask, sweep == 0, fit.accumulate)
         return fn
 
     for sweep in range(sweeps):
@@ -533,7 +578,7 @@ def fit_blocks(original, pruned, adapter: MoEAdapter, names: list[str], source, 
                 reduce([fit.pairs])
             if fit.chunk:
                 if reduce is not None:
-                    reduce([fit.a, fit.c])
+                    reduce([fit.a, fit.c] if fit.joint else [*fit.a, *fit.c])
                 fit.solve(ridge)
                 fit.chunk = []
 
@@ -541,7 +586,7 @@ def fit_blocks(original, pruned, adapter: MoEAdapter, names: list[str], source, 
     if stepped:  # the per-expert solve's step: one more sweep, h again and its product with Delta
         def measure(name, args, kwargs, y, mask):
             if name in stepped:
-                fits[name].measure(routed_call(fits[name], args, kwargs, y, mask, False)[0])
+                each_block(fits[name], args, kwargs, y, mask, False, lambda block, hs: fits[name].measure(block))
 
         counters.clear()
         source(measure, "step")
