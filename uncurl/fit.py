@@ -286,11 +286,11 @@ class _Layer:
                 z = h.float() * g[:, None]  # g h
                 del h
                 # float32 products over at most FIT_ROWS rows (the block's), added into float64 a band of
-                # rows at a time (an add across dtypes copies its operand: a band's, not the whole)
-                product = z.T @ z  # sum g^2 h h^T
-                for r0, r1, offset in self.bands():
+                # rows at a time: only A's upper triangle is computed (about half the products), and an add
+                # across dtypes copies its operand (a band's, not the whole)
+                for r0, r1, offset in self.bands():  # sum g^2 h h^T
                     band = self.a[j][offset:offset + (r1 - r0) * (i - r0)].view(r1 - r0, i - r0)
-                    band.add_(product[r0:r1, r0:])
+                    band.add_(z[:, r0:r1].T @ z[:, r0:])
                 product = z.T @ (call.e[local] * (g / call.total[local])[:, None])  # sum (g^2 / G) h e^T
                 for r0, r1, _ in self.bands():
                     self.c[j][r0:r1].add_(product[r0:r1])

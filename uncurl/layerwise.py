@@ -16,7 +16,9 @@ merge). Each decoder layer's weights are read once, in all
    shards (``save.CheckpointWriter``: the layout is fixed up front from the pruned model on ``meta``,
    so the files are the ones ``save_pretrained`` writes, byte for byte);
 3b. with ``--merge fit`` each block's down projections are fitted to its original's outputs on the
-   calls the original made in this visit (``fit.fit_blocks``), one layer's normal equations at a time;
+   calls the original made in this visit (``fit.fit_blocks``): the target is the original experts'
+   output, taken in the visit, so the original block does not run again; the original layer's
+   weights are let go before the fit; one layer's normal equations at a time;
 4. with ``through="pruned"`` the batches run again through the layer as pruned and the next layer
    gets those outputs (REAM's and llm-compressor's choice), else the original layer's (then the
    profile is the one-pass profile);
@@ -139,6 +141,7 @@ def prune_layer_by_layer(
     reduce: Callable[[list], None] | None = None,
     recover_local: int = 0,
     recover_experts: bool = False,
+    fit_memory: int | None = None,
 ) -> LayerwiseResult:
     """Profile ``model`` on ``texts`` layer by layer and write it, cut to ``keep`` experts per MoE
     layer, into ``folder`` (weights and configs; the tokenizer is the caller's; None: write nothing,
@@ -147,7 +150,8 @@ def prune_layer_by_layer(
     the ``--merge fit`` normal equations over them (``fit.fit_blocks``). ``recover_local`` steps:
     each pruned MoE block's routers (``recover_experts``: and experts) trained to give the original
     block's output on the layer's calibration inputs (``recover.recover_block``), before it is
-    written. ``model`` is consumed. See the module docstring."""
+    written. ``fit_memory``: bytes the fit's normal equations may take (``fit.plan_chunks``; None:
+    a share of the device's free memory). ``model`` is consumed. See the module docstring."""
     check_through(through)
     family = model.config.model_type
     layers = decoder_layers(model, adapter)
@@ -241,7 +245,7 @@ def prune_layer_by_layer(
                     fn(name, args, kwargs, y, mask)
                     del y
 
-        fits.update(fit_blocks(model, pruned, adapter, names, source, reduce=reduce, kept=True))
+        fits.update(fit_blocks(model, pruned, adapter, names, source, reduce=reduce, kept=True, memory=fit_memory))
 
     def _recovered(visit: Visit) -> None:
         """--recover-local: each of the layer's pruned blocks trained (in place) on its original's calls."""
