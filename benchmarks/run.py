@@ -36,6 +36,10 @@ on what the weights learned), then measures on the same batches:
 - evaluation (`--only evaluation`): `evaluate_examples` on 64 RTE examples over one plain forward of
   the rows it must score, with RTE's choices as they are and with one-token choices (which share
   their example's row); goal <= 1.10.
+- the default merge's cost (`--only fit`): `uncurl prune` of the 470 MB model with the defaults (auto:
+  the fit, layer by layer) against `--merge select`, `--merge aligned` and aligned layer by layer, in
+  fresh processes, alternating; per-round ratios of wall and CPU seconds (min/median/max) and peak RSS
+  over the weights (goal: <= 1.3x select, peak <= 1.4x).
 Each timing figure is the median of --repeats runs. Writes benchmarks/results/bench.json.
 """
 
