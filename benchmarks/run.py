@@ -36,6 +36,10 @@ on what the weights learned), then measures on the same batches:
 - evaluation (`--only evaluation`): `evaluate_examples` on 64 RTE examples over one plain forward of
   the rows it must score, with RTE's choices as they are and with one-token choices (which share
   their example's row); goal <= 1.10.
+- the default merge's cost (`--only fit`): `uncurl prune` of the 470 MB model with the defaults (auto:
+  the fit, layer by layer) against `--merge select`, `--merge aligned` and aligned layer by layer, in
+  fresh processes, alternating; per-round ratios of wall and CPU seconds (min/median/max) and peak RSS
+  over the weights (goal: <= 1.3x select, peak <= 1.4x).
 Each timing figure is the median of --repeats runs. Writes benchmarks/results/bench.json.
 """
 
@@ -210,12 +214,12 @@ def prune_memory_child(arg: str) -> None:
     base_anon = rss_mb("RssAnon:")
     peaks = stage_peaks()
     with tempfile.TemporaryDirectory(dir=Path(folder).parent) as d, AnonSampler() as anon:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         result = prune(PruneOptions(model=folder, out=str(Path(d) / "out"), data_dir=str(DATA),
                                     **{**PRUNE_ARGS, **placement}))
-        wall = time.perf_counter() - start
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     print(json.dumps({"baseline_mb": base, "stage_peak_mb": {k: round(v - base, 1) for k, v in peaks.items()},
-                      "peak_mb": round(max(peaks.values()) - base, 1), "seconds": wall,
+                      "peak_mb": round(max(peaks.values()) - base, 1), "seconds": wall, "cpu_seconds": cpu,
                       "peak_anon_mb": round(anon.peak - base_anon, 1),
                       "stage_seconds": result.report["timings_s"], "weight_bytes": result.report["model"]["bytes_before"],
                       "weight_bytes_after": result.report["model"]["bytes_after"],
@@ -566,11 +570,17 @@ def spread(values) -> list[float]:
 
 
 def fit_cost(hidden: int, repeats: int) -> dict:
-    """What the default merge (auto, which fits here) costs over ``--merge aligned``, each prune in a
-    fresh process and the cells in alternation, against the floor (load, one plain forward of the
+    """What the default merge (auto, which fits here) costs over ``--merge select`` and ``--merge
+    aligned`` (for the default criterion, EAN, both keep the experts as they are), each prune in a
+    fresh process, the cells in alternation, against the floor (load, one plain forward of the
     calibration batches, save). The fit runs layer by layer (auto's pipeline for it), so aligned is
-    timed both whole (its own default) and layer by layer: the second ratio is the fit's own cost."""
-    cells = {"aligned": {}, "aligned_layer_by_layer": {"pipeline": "sequential"}, "default_fit": {"merge": "auto"}}
+    timed both whole (its own default) and layer by layer: the last ratio is the fit's own cost.
+    Ratios are per round (each cell ran once per round, one after the other), as min/median/max
+    over the rounds: the machine's load moves between rounds more than within one. CPU seconds
+    (the process's, all threads) are given beside wall seconds: less moved by other work on the
+    machine."""
+    cells = {"select": {"merge": "select"}, "aligned": {}, "aligned_layer_by_layer": {"pipeline": "sequential"},
+             "default_fit": {"merge": "auto"}}
     with mixtral_on_disk(hidden) as (folder, checkpoint, *_):
         runs = {name: [] for name in [*cells, "floor"]}
         for _ in range(repeats):
@@ -579,20 +589,23 @@ def fit_cost(hidden: int, repeats: int) -> dict:
                 runs[name].append(child("--prune-memory-child", f"{folder}::8::::::{json.dumps(extra)}"))
             runs["floor"].append(child("--floor-child", f"{folder}::8"))
     weight_mb = checkpoint / 2**20
-    median = statistics.median
     rows = {name: {"seconds": spread([r["seconds"] for r in rs]),
-                   "peak_over_weights": round(median(r["peak_mb"] for r in rs) / weight_mb, 3)}
+                   **({"cpu_seconds": spread([r["cpu_seconds"] for r in rs])} if "cpu_seconds" in rs[0] else {}),
+                   "peak_over_weights": spread([r["peak_mb"] / weight_mb for r in rs])}
             for name, rs in runs.items()}
     for name in cells:
         rows[name]["over_floor"] = round(rows[name]["seconds"][1] / rows["floor"]["seconds"][1], 3)
         rows[name]["layer_by_layer"] = runs[name][0]["layer_by_layer"]
+
+    def ratio(key, over):
+        return spread([a[key] / b[key] for a, b in zip(runs["default_fit"], runs[over])])
+
     fitted = runs["default_fit"][0]
     return {"model": f"mixtral hidden {hidden}, 4 layers, 8 experts, keep {PRUNE_ARGS['keep']}",
             "weight_mb": round(weight_mb, 1), "prune_args": PRUNE_ARGS, "runs": runs, "rows": rows,
-            "merge_used": fitted.get("merge"),
-            "fit_over_aligned_same_pipeline": round(rows["default_fit"]["seconds"][1]
-                                                    / rows["aligned_layer_by_layer"]["seconds"][1], 3),
-            "default_over_aligned_default": round(rows["default_fit"]["seconds"][1] / rows["aligned"]["seconds"][1], 3)}
+            "merge_used": fitted.get("merge"), "goal": "default <= 1.3x select, peak <= 1.4x the weights",
+            "default_over": {over: {"seconds": ratio("seconds", over), "cpu_seconds": ratio("cpu_seconds", over)}
+                             for over in ("select", "aligned", "aligned_layer_by_layer")}}
 
 
 def main() -> None:
@@ -785,13 +798,18 @@ def summarise(result: dict) -> None:
                   f"{row['anon_peak_over_layer_plus_states']:.2f}x layer + states)  peak RSS {row['peak_over_weights']:.2f}x")
     ft = result.get("fit")
     if ft:
-        print(f"fit: {ft['model']} ({ft['weight_mb']} MB), median of {len(ft['runs']['floor'])} fresh processes (min-max)")
+        print(f"fit: {ft['model']} ({ft['weight_mb']} MB), {len(ft['runs']['floor'])} rounds of fresh processes: "
+              f"median (min-max)")
         for name, row in ft["rows"].items():
             extra = f", {row['over_floor']:.2f}x the floor" if "over_floor" in row else ""
-            print(f"  {name:24s} {row['seconds'][1]:6.2f} s ({row['seconds'][0]:.2f}-{row['seconds'][2]:.2f}){extra}, "
-                  f"peak {row['peak_over_weights']:.2f}x weights")
-        print(f"  the fit over aligned layer by layer {ft['fit_over_aligned_same_pipeline']:.2f}x; the default over "
-              f"aligned's default {ft['default_over_aligned_default']:.2f}x")
+            cpu = f", cpu {row['cpu_seconds'][1]:.1f} s" if "cpu_seconds" in row else ""
+            peak = row["peak_over_weights"]
+            peak = f"{peak[1]:.2f}x ({peak[0]:.2f}-{peak[2]:.2f})" if isinstance(peak, list) else f"{peak:.2f}x"
+            print(f"  {name:24s} {row['seconds'][1]:6.2f} s ({row['seconds'][0]:.2f}-{row['seconds'][2]:.2f}){cpu}{extra}, "
+                  f"peak {peak} the weights")
+        for over, r in ft.get("default_over", {}).items():
+            w, c = r["seconds"], r["cpu_seconds"]
+            print(f"  default over {over:22s} wall {w[1]:.2f}x ({w[0]:.2f}-{w[2]:.2f}), cpu {c[1]:.2f}x ({c[0]:.2f}-{c[2]:.2f})")
     ev = result.get("evaluation")
     if ev:
         print(f"evaluation: {ev['examples']} RTE examples, a {ev['model']['params']:,}-parameter Mixtral")

@@ -9,7 +9,7 @@ import torch
 
 from uncurl.adapters import ADAPTERS, find_moe_layers
 from uncurl.cluster import LayerPlan, plan_layer
-from uncurl.fit import _LayerFit, _Passes, fit_model, layer_errors
+from uncurl.fit import FIT_BAND, _Layer, fit_model, layer_errors, plan_chunks
 from uncurl.load import build_tiny
 from uncurl.merge import rewrite_model
 from uncurl.profile import profile_model
@@ -57,11 +57,11 @@ def _ridge(z, t, lam):
 @pytest.mark.parametrize("joint", [True, False])
 def test_normal_equations_equal_numpy_ridge_by_hand(joint):
     experts, x, index, weights, y = _synthetic()
-    fit = _LayerFit(3, 64, 64, torch.device("cpu"), joint=joint)
-    passes = _Passes.__new__(_Passes)
-    passes.mode, passes.mask = "gram", None
+    fit = _Layer("layer", None, experts, joint_max=10**6 if joint else 0)
+    fit.start(range(3))
     for chunk in (slice(0, 120), slice(120, 300)):  # accumulated over two batches
-        passes._accumulate(fit, experts, x[chunk], index[chunk], weights[chunk], y[chunk])
+        for block in fit.routed(x[chunk], index[chunk], weights[chunk], None):
+            fit.accumulate(block, fit.residual(block, y[chunk], True, set(fit.chunk)))
     lam = 1e-2
     fit.solve(lam)
     parts, e = _numpy_parts(experts, x, index, weights, y)
@@ -222,3 +222,50 @@ def test_auto_merge_reasons():
     assert merge_used(mapped, mixtral, False)[0] == "aligned"
     assert merge_used(SimpleNamespace(merge="auto,select", device_map=None, dequantize=False), mixtral,
                       False) == ("fit,select", None)
+
+
+def _fitted_down(model, tok, adapter, plans, **kw):
+    pruned = rewrite_model(model, adapter, plans, merge="aligned", router_rule="mean")
+    report = fit_model(model, pruned, adapter, plans, tok, TEXTS, batch_size=4, **kw)
+    return report, {n: t.clone() for n, t in pruned.state_dict().items() if "down_proj" in n}
+
+
+@pytest.mark.parametrize("joint_max", [4096, 0])
+def test_fit_is_the_same_bytes_run_to_run_and_chunked_over_experts(joint_max):
+    """Deterministic (no index_add_: each expert's rows are one matmul), and the normal equations
+    built a few experts at a time under a small memory budget give the same bytes as all at once."""
+    model, tok = build_tiny("qwen3_moe", seed=2)
+    adapter = ADAPTERS["qwen3_moe"]
+    profile = profile_model(model, tok, adapter, TEXTS)
+    plans = {n: plan_layer(s, 4, "uncurl") for n, s in profile.layers.items()}
+    once, down = _fitted_down(model, tok, adapter, plans, joint_max=joint_max)
+    again, down2 = _fitted_down(model, tok, adapter, plans, joint_max=joint_max)
+    assert once == again and all(torch.equal(down[n], down2[n]) for n in down)
+    assert all(v["step"] > 0 for v in once["layers"].values())
+    chunked, down3 = _fitted_down(model, tok, adapter, plans, joint_max=joint_max, memory=1)
+    if joint_max:  # a joint system over the budget is solved per expert instead
+        assert all(v["solve"] == "per expert" for v in chunked["layers"].values())
+    else:
+        assert chunked == once and all(torch.equal(down[n], down3[n]) for n in down)
+
+
+def test_normal_equations_are_sized_before_they_are_built():
+    """K x I x (I + H) float64 per layer (A_k's upper triangle): chunked over experts to what the
+    budget holds, at least one expert per chunk; a joint system over the budget goes per expert."""
+    model, _ = build_tiny("mixtral", seed=0)
+    experts = find_moe_layers(model, ADAPTERS["mixtral"])[0].experts
+    k, hidden, inter = experts.down_proj.shape  # mixtral's down_proj: [K, H, I]
+    assert k == 8 and inter <= FIT_BAND  # one band: the whole [I, I]
+    per_expert = (inter * inter + inter * hidden) * 8
+    cpu = torch.device("cpu")
+    layer = _Layer("l", None, experts, joint_max=0)
+    assert layer.bytes_per_expert() == per_expert
+    assert plan_chunks([layer], 10 * per_expert, cpu) == {"l": [list(range(8))]}
+    assert plan_chunks([layer], 3 * per_expert, cpu) == {"l": [[0, 1, 2], [3, 4, 5], [6, 7]]}
+    assert plan_chunks([layer], 1, cpu) == {"l": [[k] for k in range(8)]}
+    two = [_Layer("a", None, experts, joint_max=0), _Layer("b", None, experts, joint_max=0)]
+    assert plan_chunks(two, 8 * per_expert, cpu) == {"a": [[0, 1, 2, 3], [4, 5, 6, 7]], "b": [[0, 1, 2, 3], [4, 5, 6, 7]]}
+    joint = _Layer("j", None, experts, joint_max=4096)
+    assert joint.joint and joint.joint_bytes() == 8 * inter * (8 * inter + hidden) * 8
+    assert plan_chunks([joint], joint.joint_bytes(), cpu) == {"j": [list(range(8))]} and joint.joint
+    assert plan_chunks([joint], joint.joint_bytes() - 1, cpu)["j"] == [list(range(8))] and not joint.joint

@@ -275,6 +275,25 @@ def test_layer_by_layer_fit_equals_the_whole_model_fit(family, texts, tmp_path):
     assert changed
 
 
+def test_layer_by_layer_fit_chunked_over_experts_is_the_same_bytes(texts, tmp_path):
+    """Under a memory budget too small for a layer's normal equations the layer-by-layer fit builds
+    them one expert per sweep over the visit's calls (the residual kept from the first): the same
+    checkpoint, byte for byte, as all experts in one sweep."""
+    adapter = ADAPTERS["mixtral"]
+    tok = build_tiny("mixtral", seed=0)[1]
+    reports = {}
+    for name, memory in (("one_sweep", 4 * 64 * (64 + 64) * 8), ("chunked", 1)):  # per expert: I (I + H) float64
+        fresh, _ = build_tiny("mixtral", seed=0)
+        keep = _keep(fresh, adapter)
+        reports[name] = prune_layer_by_layer(fresh, tok, adapter, texts, tmp_path / name, keep=keep,
+                                             plan=lambda n, stats: plan_layer(stats, keep, "uncurl"), merge="fit",
+                                             router_rule="refit", batch_size=2, max_length=32, fit_memory=memory).fits
+    assert reports["one_sweep"] == reports["chunked"] and reports["chunked"]
+    assert all(v["solve"] == "per expert" and v["step"] > 0 for v in reports["chunked"].values())
+    assert (tmp_path / "one_sweep" / "model.safetensors").read_bytes() == \
+        (tmp_path / "chunked" / "model.safetensors").read_bytes()
+
+
 def test_fit_under_device_map_runs_layer_by_layer(tiny_dirs, data_dir, tmp_path):
     data = ["--model", tiny_dirs("mixtral"), "--task", "superglue-rte", "--data-dir", data_dir, "--samples", 8,
             "--max-length", 32, "--batch-size", 2, "--keep", 4, "--merge", "fit", "--no-plots"]

@@ -16,7 +16,9 @@ merge). Each decoder layer's weights are read once, in all
    shards (``save.CheckpointWriter``: the layout is fixed up front from the pruned model on ``meta``,
    so the files are the ones ``save_pretrained`` writes, byte for byte);
 3b. with ``--merge fit`` each block's down projections are fitted to its original's outputs on the
-   calls the original made in this visit (``fit.fit_blocks``), one layer's normal equations at a time;
+   calls the original made in this visit (``fit.fit_blocks``): the target is the original experts'
+   output, taken in the visit, so the original block does not run again; the original layer's
+   weights are let go before the fit; one layer's normal equations at a time;
 4. with ``through="pruned"`` the batches run again through the layer as pruned and the next layer
    gets those outputs (REAM's and llm-compressor's choice), else the original layer's (then the
    profile is the one-pass profile);
@@ -140,6 +142,7 @@ def prune_layer_by_layer(
     recover_local: int = 0,
     recover_experts: bool = False,
     mtp=None,
+    fit_memory: int | None = None,
 ) -> LayerwiseResult:
     """Profile ``model`` on ``texts`` layer by layer and write it, cut to ``keep`` experts per MoE
     layer, into ``folder`` (weights and configs; the tokenizer is the caller's; None: write nothing,
@@ -150,7 +153,9 @@ def prune_layer_by_layer(
     block's output on the layer's calibration inputs (``recover.recover_block``), before it is
     written. ``mtp`` (``mtp.Blocks``): its kept MTP blocks are profiled after the last layer, planned
     and merged alike (fitted with ``--merge fit``, not recovered) and written under their own names,
-    the config's count kept. ``model`` is consumed. See the module docstring."""
+    the config's count kept. ``fit_memory``: bytes the fit's normal equations may take
+    (``fit.plan_chunks``; None: a share of the device's free memory). ``model`` is consumed. See the
+    module docstring."""
     check_through(through)
     family = model.config.model_type
     layers = decoder_layers(model, adapter)
@@ -171,14 +176,22 @@ def prune_layer_by_layer(
     fitting = MERGE_RULES[merge].fit
     seen: dict[str, list] = {b.name: [] for b in moe_layers}  # --merge fit, --recover-local: each block's calls
     captured: dict[str, list] = {}
+    targets: dict[str, list] = {}
+    # each block's calls: (args, kwargs, output); the output only where --recover-local trains on it
     hooks = [model.get_submodule(b.name).register_forward_hook(
-        lambda module, args, kwargs, out, name=b.name: seen[name].append((args, kwargs, out)), with_kwargs=True)
-        for b in moe_layers] if (recover_local or fitting) else []
+        lambda module, args, kwargs, out, name=b.name: seen[name].append((args, kwargs, out if recover_local else None)),
+        with_kwargs=True) for b in moe_layers] if (recover_local or fitting) else []
+    # --merge fit: the original experts' routed output of each call, the fit's target (taken in the
+    # visit, so the fit does not run the original block again)
+    routed: dict[str, list] = {b.name: [] for b in moe_layers}
+    hooks += [b.experts.register_forward_hook(lambda module, args, out, name=b.name: routed[name].append(out))
+              for b in moe_layers] if fitting else []
 
     def after_layer(visit: Visit):
         done.add(visit.name)  # a second visit is refused before it runs (sequential.run_layers)
         for b in blocks[visit.name]:  # the calls its blocks made in this visit (what runs again appends anew)
             captured[b.name], seen[b.name] = seen[b.name], []
+            targets[b.name], routed[b.name] = routed[b.name], []
         state = {f"{visit.name}.{k}": v for k, v in visit.layer.state_dict().items()}
         for block in blocks[visit.name]:
             stats = visit.stats[block.name]
@@ -194,6 +207,9 @@ def prune_layer_by_layer(
             module = pruned.get_submodule(visit.name)
             prefix = visit.name + "."
             _materialised(module, {k[len(prefix):]: v for k, v in state.items()}, visit.layer, visit.device)
+            # what follows runs the pruned layer only: the original's weights go now (the fit's memory
+            # comes out of theirs)
+            _to_meta(visit.layer)
         if fitting and module is not None:
             _fitted(visit)
         if recover_local and module is not None:
@@ -202,7 +218,9 @@ def prune_layer_by_layer(
             state = {f"{visit.name}.{k}": v.detach() for k, v in module.state_dict().items()}
         for b in blocks[visit.name]:
             captured.pop(b.name, None)
+            targets.pop(b.name, None)
             seen[b.name] = []
+            routed[b.name] = []
         if writer is not None:
             run = runs.get(visit.name)
             if run is None or set(run) != set(state):
@@ -225,14 +243,15 @@ def prune_layer_by_layer(
         if not names:
             return
 
-        def replay(passes, mode):
+        def source(fn, label):
             for name in names:
-                block = model.get_submodule(name)
-                for (args, kwargs, _), mask in zip(captured[name], visit.masks):
-                    passes.mask = mask
-                    block(*args, **kwargs)
+                ys = targets[name]
+                for i, ((args, kwargs, _), mask) in enumerate(zip(captured[name], visit.masks)):
+                    y, ys[i] = ys[i], None  # the fit keeps its residual instead (kept=True)
+                    fn(name, args, kwargs, y, mask)
+                    del y
 
-        fits.update(fit_blocks(model, pruned, adapter, names, replay, reduce=reduce))
+        fits.update(fit_blocks(model, pruned, adapter, names, source, reduce=reduce, kept=True, memory=fit_memory))
 
     def _recovered(visit: Visit) -> None:
         """--recover-local: each of the layer's pruned blocks trained (in place) on its original's calls."""
@@ -252,7 +271,7 @@ def prune_layer_by_layer(
 
     def after_mtp(session) -> None:
         """The MTP blocks, still loaded and run on every batch: planned, merged (fitted), written."""
-        from .fit import fit_blocks, identity_plan
+        from .fit import Replay, fit_blocks, identity_plan
 
         mtp.merge = merge
         for block in mtp.blocks:
@@ -263,8 +282,16 @@ def prune_layer_by_layer(
             shell = mtp.pruned(block, plans[block.name], merge=merge, router_rule=router_rule, stats=stats, top_k=top_k)
             if fitting and not identity_plan(plans[block.name], stats.num_experts):
                 inner = block.moe().name
-                fit = fit_blocks(block.shell, shell, adapter, [inner],
-                                 lambda passes, mode, block=block: session.replay(block, passes), reduce=reduce)
+                replay = Replay(block.shell, adapter, [inner])  # the original block's calls, run again per sweep
+
+                def source(fn, label, block=block, replay=replay):
+                    replay.fn = fn
+                    session.replay(block, replay)
+
+                try:
+                    fit = fit_blocks(block.shell, shell, adapter, [inner], source, reduce=reduce, memory=fit_memory)
+                finally:
+                    replay.close()
                 fits[block.name] = fit[inner]
             if writer is not None:
                 writer.write(block.state(shell))

@@ -376,7 +376,7 @@ class Session:
         return self.stats
 
     def replay(self, block: Block, passes) -> None:
-        """``block`` (its original shell, hooked by ``fit._Passes``) on every held batch again."""
+        """``block`` (its original shell, hooked by ``fit.Replay``: ``passes``) on every held batch again."""
         for batch, hidden, _ in self.inputs:
             passes.mask = batch["attention_mask"][:, 1:].reshape(-1).bool().to(self.blocks.device)
             block.forward(batch["input_ids"], batch["attention_mask"], hidden)
