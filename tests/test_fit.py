@@ -212,16 +212,19 @@ def test_auto_merge_reasons():
         model, _ = build_tiny(family)
         return SimpleNamespace(model=model, adapter=ADAPTERS[family], quantized=None)
 
-    opts = SimpleNamespace(merge="auto", device_map=None, dequantize=False)
+    opts = SimpleNamespace(merge="auto", method="ean", device_map=None, dequantize=False)
     mixtral = loaded("mixtral")
     assert fit_refused(opts, mixtral, layerwise=True) is None and merge_used(opts, mixtral, True) == ("fit", None)
     assert "post_expert_norm" in fit_refused(opts, loaded("muse_spark"), layerwise=True)
-    mapped = SimpleNamespace(merge="auto", device_map="auto", dequantize=False)
+    mapped = SimpleNamespace(merge="auto", method="ean", device_map="auto", dequantize=False)
     assert "--device-map" in fit_refused(mapped, mixtral, layerwise=False)
     assert fit_refused(mapped, mixtral, layerwise=True) is None
     assert merge_used(mapped, mixtral, False)[0] == "aligned"
-    assert merge_used(SimpleNamespace(merge="auto,select", device_map=None, dequantize=False), mixtral,
+    assert merge_used(SimpleNamespace(merge="auto,select", method="ean", device_map=None, dequantize=False), mixtral,
                       False) == ("fit,select", None)
+    free = SimpleNamespace(merge="auto", method="aimer", device_map=None, dequantize=False)  # no calibration text
+    assert "weights alone" in fit_refused(free, mixtral, layerwise=True)
+    assert merge_used(free, mixtral, True)[0] == "aligned"
 
 
 def _fitted_down(model, tok, adapter, plans, **kw):

@@ -111,7 +111,7 @@ def deepseek_v3_with_mtp(folder: Path) -> Path:
     embed_tokens), which transformers ignores on load and vLLM's deepseek_mtp serves."""
     from safetensors.torch import save_file
 
-    layers = ADAPTERS["deepseek_v3"].tiny["num_hidden_layers"]
+    layers = MTP_LAYER  # the real repo's index: transformers ignores the MTP block only there
     model, tokenizer = build_tiny("deepseek_v3", seed=0, **MLA, num_hidden_layers=layers + 1)
     model.save_pretrained(folder)  # written as the repo is (per-expert tensors); then layer N becomes MTP
     tokenizer.save_pretrained(folder)
@@ -134,11 +134,12 @@ def deepseek_v3_with_mtp(folder: Path) -> Path:
 
 
 MTP = {"method": "deepseek_mtp", "num_speculative_tokens": 1}
+MTP_LAYER = 61  # DeepSeek-V3's 61 decoder layers, so its MTP block is model.layers.61 as on the Hub
 SERVED = [served_tiny(f) for f in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "deepseek_v3", "gpt_oss",
                                     "hunyuan_v1_moe", "ernie4_5_moe")]
 # Not minimax_m2: vLLM's CPU router runs sigmoid scoring only with grouped top-k (README).
 SERVED.append(Served("deepseek_v3+mtp", deepseek_v3_with_mtp, speculative=MTP, engine=NATIVE_ROPE,
-                     mtp_layer=ADAPTERS["deepseek_v3"].tiny["num_hidden_layers"]))
+                     mtp_layer=MTP_LAYER))
 # More tiny families to try (comma-separated model types): what README's list of the families
 # vLLM's CPU build refuses was found with.
 SERVED += [served_tiny(f) for f in os.environ.get("UNCURL_VLLM_TRY", "").split(",") if f]
