@@ -44,9 +44,9 @@ FIT_EVIDENCE = ("Chosen by the fit study on RTE (README, 'Does it beat pruning?'
                 "-0.006 +- 0.004 at K=4 (within noise), and +0.011 +- 0.002 at K=6, where it loses: there EAN alone "
                 "scores below the unpruned model and the fit restores the original layers' output. It costs one more "
                 "sweep of each MoE block's calibration inputs in its layer's visit (the normal equations; one more "
-                "for the step size when it solves per expert): about 2x the time of select (CPU time 1.5-2.4x, "
-                "make bench, part fit, 470 MB Mixtral) and a peak of 1.39x the weights against 1.25x; aligned is "
-                "the cheap choice")
+                "for the step size when it solves per expert): 2.1x the time of select (2.1-2.8x over 3 rounds, "
+                "make bench, part fit, 470 MB Mixtral, idle machine; 3.7x before 8 Dec 2026) and a peak of 1.38x "
+                "the weights against 1.25x; aligned is the cheap choice")
 STUDY_EVIDENCE = ("Defaults from the methods studies (README, 'Which method wins'): no method won everywhere; EAN "
                   "was in the top three on every measure. Task loss gained, mean over tasks and K=6,4,2: "
                   "pretrained test bed EAN 0.096 nats (EAN-mean 0.144, REAP 0.165, frequency 0.409); trained test "
