@@ -13,7 +13,7 @@ from conftest import representatives
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from uncurl.adapters import ADAPTERS, expert_count, find_moe_layers, routing_groups, top_k
+from uncurl.adapters import ADAPTERS, expert_count, find_moe_layers, installed, routing_groups, top_k
 from uncurl.cli import app
 from uncurl.cluster import plan_layer
 from uncurl.layerwise import prune_layer_by_layer
@@ -429,3 +429,41 @@ def test_recover_local_under_torchrun_is_refused_before_the_work(data_dir, monke
         check_options(opts, evaluating=False)
     monkeypatch.setattr(distributed, "world", lambda: None)
     check_options(opts, evaluating=False)
+
+
+def test_looped_layers_come_from_the_adapters_config_keys():
+    """A looped stack's layers first..end-1 run ``passes`` times; one pass, or a family with no
+    loop keys, loops nothing."""
+    from transformers import PretrainedConfig
+
+    from uncurl.adapters import looped_layers
+
+    loop = ADAPTERS["inkling2_loop_text"]
+    config = PretrainedConfig(loop_layer_index_start=1, loop_layer_index_end=3, loop_num_passes=2)
+    assert looped_layers(config, loop) == range(1, 3)
+    assert looped_layers(PretrainedConfig(loop_layer_index_start=1, loop_layer_index_end=3, loop_num_passes=1),
+                         loop) == range(0)
+    assert looped_layers(config, ADAPTERS["mixtral"]) == range(0)
+
+
+@pytest.mark.skipif(not installed("inkling2_loop_text"), reason="transformers has no inkling2_loop (5.25+)")
+def test_a_looped_stack_is_profiled_whole_then_merged(data_dir, tmp_path):
+    """Its looped layer runs twice per forward, so it cannot be pruned on its first visit: auto fits
+    on the whole model; --pipeline sequential profiles layer by layer (visiting the looped layer
+    twice) and merges after, to the same checkpoint as --pipeline whole; the options only a
+    layer-by-layer prune runs are refused before anything is written."""
+    base = ["prune", "--model", "builtin:inkling2_loop_text", "--task", "superglue-rte", "--data-dir", data_dir,
+            "--samples", 8, "--max-length", 32, "--keep", 4, "--no-plots"]
+    res = _run(*base, "--out", tmp_path / "auto")
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "auto" / "report" / "report.json").read_text())
+    assert report["merge"] == "fit" and report["pipeline"]["layer_by_layer"] is False
+    for pipeline in ("whole", "sequential"):
+        res = _run(*base, "--merge", "aligned", "--pipeline", pipeline, "--out", tmp_path / pipeline)
+        assert res.exit_code == 0, res.output
+    whole, sequential = _tensors(tmp_path / "whole"), _tensors(tmp_path / "sequential")
+    assert whole.keys() == sequential.keys()
+    assert all(torch.allclose(whole[k], sequential[k], atol=1e-5) for k in whole)
+    res = _run(*base, "--recover-local", 2, "--out", tmp_path / "local")
+    assert res.exit_code == 2 and "looped stack" in res.output and "--recover-local" in res.output, res.output
+    assert not (tmp_path / "local").exists()

@@ -127,6 +127,10 @@ class MoEAdapter:
     # learned router beside the hash ones) has none to rewrite
     expert_ids: tuple[str, ...] = ()
     mtp: MtpBlocks = MtpBlocks()  # next-token-prediction blocks its checkpoints may keep (mtp.py)
+    # a looped stack (inkling2_loop_text): the config keys (first, end, passes) of the decoder layers
+    # first..end-1 that run ``passes`` times in one forward. Such layers cannot be pruned on their
+    # first visit, so the prune merges after a full profile (``looped_layers``)
+    loop_keys: tuple[str, str, str] | None = None
 
     def expert_axis(self, name: str) -> int:
         """The axis of tensor ``name`` (a short name or a full state-dict key) that holds the experts."""
@@ -278,7 +282,8 @@ ADAPTERS.update({
                    tiny=dict(n_routed_experts=8, head_dim=16, swa_head_dim=16, swa_num_attention_heads=4,
                              swa_num_key_value_heads=2, unpadded_vocab_size=320, n_layers_per_attn_res_block=1,
                              loop_layer_index_start=1, loop_layer_index_end=2, loop_num_passes=2, loop_gate_rank=4,
-                             layer_types=["hybrid_sliding", "hybrid"])),
+                             layer_types=["hybrid_sliding", "hybrid"]),
+                   loop_keys=("loop_layer_index_start", "loop_layer_index_end", "loop_num_passes")),
         MoEAdapter("inkling2_text", "n_routed_experts", router_tensors=_ECB,
                    tiny=dict(n_routed_experts=8, head_dim=16, swa_head_dim=16, swa_num_attention_heads=4,
                              swa_num_key_value_heads=2, unpadded_vocab_size=320, rel_extent=64,
@@ -657,6 +662,15 @@ def set_mtp_count(config, adapter: MoEAdapter, count: int) -> None:
         for key in adapter.mtp.count_keys:
             if getattr(cfg, key, None) is not None:
                 setattr(cfg, key, count)
+
+
+def looped_layers(config, adapter: MoEAdapter) -> range:
+    """The decoder layers a looped stack runs more than once per forward (see ``MoEAdapter.loop_keys``);
+    empty for every other family, or a loop of one pass."""
+    if adapter.loop_keys is None:
+        return range(0)
+    first, end, passes = (getattr(moe_config(config), key, None) for key in adapter.loop_keys)
+    return range(int(first), int(end)) if first is not None and end is not None and (passes or 1) > 1 else range(0)
 
 
 def tail_rows(config, adapter: MoEAdapter) -> int:

@@ -24,7 +24,7 @@ import torch
 
 from . import distributed
 from . import tasks as T
-from .adapters import expert_count, find_moe_layers, routing_groups, set_mtp_count, top_k
+from .adapters import expert_count, find_moe_layers, looped_layers, routing_groups, set_mtp_count, top_k
 from .card import CARD, parent_card, render as render_card
 from .cluster import (METHODS, SUPER_FRACTION, SUPER_LAYERS, SUPER_QUANTILE, LayerPlan, check_protected, get_method,
                       needs_calibration, plan_layer, super_experts, validate_keep)
@@ -437,9 +437,26 @@ def pipeline_for(opts, loaded: Loaded) -> str:
     not with --profile or --recover, nor in a sweep, whose fits run whole), else whole."""
     fitting = any(MERGE_RULES[m].fit for m in getattr(opts, "merge", "").split(",") if m in MERGE_RULES)
     asked = (getattr(opts, "calibrate_through", "original") == "pruned" or bool(getattr(opts, "recover_local", 0))
-             or (fitting and can_go_layer_by_layer(opts)))
+             or (fitting and can_go_layer_by_layer(opts) and not looped(loaded)))
     return "sequential" if _sequential(loaded.model, loaded.adapter, getattr(opts, "pipeline", "whole"), asked) \
         else "whole"
+
+
+def looped(loaded: Loaded) -> range:
+    """The decoder layers ``loaded``'s stack runs more than once per forward (adapters.looped_layers)."""
+    return looped_layers(loaded.model.config, loaded.adapter) if loaded.adapter is not None else range(0)
+
+
+def check_looped(opts, loaded: Loaded) -> None:
+    """A looped stack's layers run again after their first visit, so they cannot be pruned on it:
+    the options only a layer-by-layer prune runs are refused there (exit 2), before profiling."""
+    layers = looped(loaded)
+    through, local = getattr(opts, "calibrate_through", "original"), getattr(opts, "recover_local", 0)
+    if layers and (through == "pruned" or local):
+        flag = "--calibrate-through pruned" if through == "pruned" else "--recover-local"
+        raise UncurlError(f"{loaded.model.config.model_type}: decoder layers {layers.start}-{layers.stop - 1} run more "
+                          f"than once in one forward (a looped stack), so they cannot be pruned layer by layer, "
+                          f"which {flag} needs; leave it out (the prune then profiles the whole stack first)")
 
 
 def _sequential(model, adapter, pipeline: str, asked: bool = False) -> bool:
@@ -973,7 +990,7 @@ def resolved(opts, loaded: Loaded):
     if AUTO_MERGE not in opts.merge.split(","):
         return opts, pipeline_for(opts, loaded), {}
     trial = replace(opts, merge=",".join("fit" if m == AUTO_MERGE else m for m in opts.merge.split(",")))
-    layerwise = isinstance(opts, PruneOptions) and layer_by_layer(trial, pipeline_for(trial, loaded))
+    layerwise = isinstance(opts, PruneOptions) and layer_by_layer(trial, pipeline_for(trial, loaded), loaded)
     merge, why = merge_used(opts, loaded, layerwise)
     record = {"merge_requested": opts.merge, **({"merge_reason": f"not fit: {why}"} if why else {})}
     opts = replace(opts, merge=merge)
@@ -1115,7 +1132,7 @@ def follow_prune(opts: PruneOptions, shard_size: int) -> None:
     (the statistics gathered per layer) and write nothing."""
     prep = prepare(opts, [opts.keep], Timings(), profiling=False)
     opts, pipeline, _ = resolved(opts, prep.loaded)
-    if layer_by_layer(opts, pipeline):
+    if layer_by_layer(opts, pipeline, prep.loaded):
         _prune_layerwise(opts, prep, None, shard_size, Timings())
     elif not opts.profile:
         run_profile(prep.loaded, opts, opts.seed)
@@ -1173,13 +1190,14 @@ def prune(opts: PruneOptions) -> PruneResult | None:
         return _prune(opts, output, shard_size, evaluating)
 
 
-def layer_by_layer(opts: PruneOptions, pipeline: str) -> bool:
+def layer_by_layer(opts: PruneOptions, pipeline: str, loaded: Loaded | None = None) -> bool:
     """Whether ``prune`` profiles, merges and writes each layer in one visit (``layerwise.py``): when
-    the pipeline run is sequential (``pipeline_for``), unless a profile file is given or --recover
-    needs the original model after the merge. Under torchrun every rank
+    the pipeline run is sequential (``pipeline_for``), unless a profile file is given, --recover
+    needs the original model after the merge, or ``loaded`` is a looped stack (``looped``: a layer
+    runs again after its visit). Under torchrun every rank
     takes its share of the batches through each layer (``distributed.gather_layer``)."""
     return (pipeline == "sequential" and not opts.profile and not opts.recover and not opts.protect_super_experts
-            and needs_calibration(opts.method.split(",")))
+            and needs_calibration(opts.method.split(",")) and not (loaded is not None and looped(loaded)))
 
 
 def _plan_one(prep: Prepared, keep: int, method: str, seed: int, used: set):
@@ -1199,6 +1217,7 @@ def _prune(opts: PruneOptions, output: Claim, shard_size: int, evaluating: bool)
     def check_loaded(loaded: Loaded) -> None:
         checks(loaded)
         check_changes_stored(opts, loaded)
+        check_looped(opts, loaded)
 
     prep = prepare(opts, [opts.keep], timings, check_loaded=check_loaded, profiling=False)  # profiled below
     opts, pipeline, auto = resolved(opts, prep.loaded)
@@ -1208,7 +1227,7 @@ def _prune(opts: PruneOptions, output: Claim, shard_size: int, evaluating: bool)
 
 def _pruned(opts: PruneOptions, output: Claim, shard_size: int, evaluating: bool, timings: Timings, prep: Prepared,
             pipeline: str, auto: dict | None = None) -> PruneResult:
-    layerwise = layer_by_layer(opts, pipeline)
+    layerwise = layer_by_layer(opts, pipeline, prep.loaded)
     out = output.path
     loaded, adapter = prep.loaded, prep.loaded.adapter
     if layerwise and loaded.quantized is not None and not opts.dequantize:
