@@ -156,7 +156,6 @@ class _Layer:
         self.a = self.c = None
         self.sums = {"ee": 0.0, "ed": 0.0, "dd": 0.0, "yy": 0.0, "tokens": 0}
         self.cache: list[_Routed] = []  # the calls' routing and residual, when the source keeps them
-        self._scratch = None  # a block's float32 products in A's packed layout (per expert solve)
 
     def bytes_per_expert(self) -> int:
         """A_k's upper triangle (packed) and C_k, float64."""
@@ -185,12 +184,6 @@ class _Layer:
             r1 = min(r0 + FIT_BAND, self.inter)
             yield r0, r1, offset
             offset += (r1 - r0) * (self.inter - r0)
-
-    def scratch(self, dtype) -> torch.Tensor:
-        """A reused buffer [packed()] of ``dtype`` for a block's products of A's upper triangle."""
-        if self._scratch is None or self._scratch.dtype != dtype:
-            self._scratch = torch.empty(self.packed(), dtype=dtype, device=self.device)
-        return self._scratch
 
     def packed(self) -> int:
         return sum((r1 - r0) * (self.inter - r0) for r0, r1, _ in self.bands())
@@ -297,11 +290,12 @@ class _Layer:
                 # converted first: the same sums as an add across dtypes, which casts element by element (18x
                 # slower on one core, measured) and, a band at a time, would be three ops a band where each op
                 # costs a barrier of torch's threads on a busy machine
-                packed = self.scratch(z.dtype)
+                products = torch.empty(self.packed(), dtype=z.dtype, device=self.device)  # freed before the next
                 for r0, r1, offset in self.bands():  # sum g^2 h h^T
-                    torch.mm(z[:, r0:r1].T, z[:, r0:], out=packed[offset:offset + (r1 - r0) * (i - r0)].view(r1 - r0, i - r0))
-                self.a[j].add_(packed.double())
-                del packed
+                    band = products[offset:offset + (r1 - r0) * (i - r0)].view(r1 - r0, i - r0)
+                    torch.mm(z[:, r0:r1].T, z[:, r0:], out=band)
+                self.a[j].add_(products.double())
+                del products, band
                 product = z.T @ (call.e[local] * (g / call.total[local])[:, None])  # sum (g^2 / G) h e^T
                 self.c[j].add_(product.double())
                 del product
@@ -367,7 +361,7 @@ class _Layer:
                         a[r0:r1, r0:] = packed[offset:offset + (r1 - r0) * (i - r0)].view(r1 - r0, i - r0)
                     del packed
                     self.delta[k] = solve(a, c, ridge, inplace=True, upper=True).float()
-            self.a = self.c = self._scratch = None
+            self.a = self.c = None
             return
         keep = [k for k in range(self.keep) if self.enough(k)]
         for k in range(self.keep):  # G from its upper blocks
