@@ -583,11 +583,14 @@ def fit_cost(hidden: int, repeats: int) -> dict:
              "default_fit": {"merge": "auto"}}
     with mixtral_on_disk(hidden) as (folder, checkpoint, *_):
         runs = {name: [] for name in [*cells, "floor"]}
+        load = []  # the 1-minute load average as each round starts, and at the end (the machine is shared)
         for _ in range(repeats):
+            load.append(round(os.getloadavg()[0], 2))
             for name, extra in cells.items():
                 # batch 8, no --max-memory, no --method, then the options
                 runs[name].append(child("--prune-memory-child", f"{folder}::8::::::{json.dumps(extra)}"))
             runs["floor"].append(child("--floor-child", f"{folder}::8"))
+        load.append(round(os.getloadavg()[0], 2))
     weight_mb = checkpoint / 2**20
     rows = {name: {"seconds": spread([r["seconds"] for r in rs]),
                    **({"cpu_seconds": spread([r["cpu_seconds"] for r in rs])} if "cpu_seconds" in rs[0] else {}),
@@ -604,6 +607,7 @@ def fit_cost(hidden: int, repeats: int) -> dict:
     return {"model": f"mixtral hidden {hidden}, 4 layers, 8 experts, keep {PRUNE_ARGS['keep']}",
             "weight_mb": round(weight_mb, 1), "prune_args": PRUNE_ARGS, "runs": runs, "rows": rows,
             "merge_used": fitted.get("merge"), "goal": "default <= 1.3x select, peak <= 1.4x the weights",
+            "load_average": load, "cores": os.cpu_count(),
             "default_over": {over: {"seconds": ratio("seconds", over), "cpu_seconds": ratio("cpu_seconds", over)}
                              for over in ("select", "aligned", "aligned_layer_by_layer")}}
 

@@ -285,15 +285,20 @@ class _Layer:
                 h = hs.pop(k) if k in hs else intermediate(self.experts, k, call.x[rows])
                 z = h.float() * g[:, None]  # g h
                 del h
-                # float32 products over at most FIT_ROWS rows (the block's), added into float64 a band of
-                # rows at a time: only A's upper triangle is computed (about half the products), and an add
-                # across dtypes copies its operand (a band's, not the whole)
+                # float32 products over at most FIT_ROWS rows (the block's), written in A's packed layout (only
+                # its upper triangle is computed: about half the products), then added into float64 in one op,
+                # converted first: the same sums as an add across dtypes, which casts element by element (18x
+                # slower on one core, measured) and, a band at a time, would be three ops a band where each op
+                # costs a barrier of torch's threads on a busy machine
+                products = torch.empty(self.packed(), dtype=z.dtype, device=self.device)  # freed before the next
                 for r0, r1, offset in self.bands():  # sum g^2 h h^T
-                    band = self.a[j][offset:offset + (r1 - r0) * (i - r0)].view(r1 - r0, i - r0)
-                    band.add_(z[:, r0:r1].T @ z[:, r0:])
+                    band = products[offset:offset + (r1 - r0) * (i - r0)].view(r1 - r0, i - r0)
+                    torch.mm(z[:, r0:r1].T, z[:, r0:], out=band)
+                self.a[j].add_(products.double())
+                del products, band
                 product = z.T @ (call.e[local] * (g / call.total[local])[:, None])  # sum (g^2 / G) h e^T
-                for r0, r1, _ in self.bands():
-                    self.c[j][r0:r1].add_(product[r0:r1])
+                self.c[j].add_(product.double())
+                del product
             return
         scaled = {}
         for k in self.chunk:
@@ -355,9 +360,7 @@ class _Layer:
                     for r0, r1, offset in self.bands():
                         a[r0:r1, r0:] = packed[offset:offset + (r1 - r0) * (i - r0)].view(r1 - r0, i - r0)
                     del packed
-                    a = a.triu_()
-                    a += a.triu(1).T
-                    self.delta[k] = solve(a, c, ridge, inplace=True).float()
+                    self.delta[k] = solve(a, c, ridge, inplace=True, upper=True).float()
             self.a = self.c = None
             return
         keep = [k for k in range(self.keep) if self.enough(k)]
@@ -402,18 +405,24 @@ def plan_chunks(layers: list[_Layer], memory: int | None, device: torch.device) 
     return out
 
 
-def solve(a: torch.Tensor, c: torch.Tensor, ridge: float = FIT_RIDGE, inplace: bool = False) -> torch.Tensor:
+def solve(a: torch.Tensor, c: torch.Tensor, ridge: float = FIT_RIDGE, inplace: bool = False,
+          upper: bool = False) -> torch.Tensor:
     """(A + r I)^-1 C with r = ``ridge`` x mean diagonal of A: the change of D^T [I, H]. By Cholesky
     (A + r I is symmetric positive definite; LU where rounding says otherwise). ``inplace``: A's
-    diagonal gains r in place."""
+    diagonal gains r in place. ``upper``: only A's upper triangle is given (what lies below is not
+    read; the Cholesky factor is taken from the upper triangle, so no symmetric copy is built unless
+    LU is needed)."""
     r = ridge * float(a.diagonal().mean())
     if not inplace:
         a = a.clone()
     a.diagonal().add_(r)
-    factor, info = torch.linalg.cholesky_ex(a)
+    factor, info = torch.linalg.cholesky_ex(a, upper=upper)
     if int(info) == 0:
-        return torch.cholesky_solve(c, factor)
+        return torch.cholesky_solve(c, factor, upper=upper)
     del factor
+    if upper:
+        a = a.triu_()
+        a += a.triu(1).T
     return torch.linalg.solve(a, c)
 
 
