@@ -221,8 +221,12 @@ def main() -> None:
     parser.add_argument("--recover", type=int, default=60, help="recovery steps (uncurl prune --recover)")
     parser.add_argument("--recover-keeps", default="6,4,2")
     parser.add_argument("--recover-others", type=int, default=1, help="labels besides the default to recover")
+    parser.add_argument("--recover-labels", default=None,
+                        help="the labels to recover (comma-separated); default: the default and --recover-others best")
     parser.add_argument("--recover-batch-size", type=int, default=None, help="default: --batch-size")
     parser.add_argument("--recover-max-length", type=int, default=None, help="default: --max-length")
+    parser.add_argument("--combine", nargs="+", type=Path, default=None,
+                        help="only gather these runs' results.json (e.g. one process per text kind) into OUT")
     args = parser.parse_args()
     if args.model is None:
         args.model = str(BEDS[args.bed or "pretrained"])
@@ -240,6 +244,20 @@ def main() -> None:
     tasks = args.tasks.split(",")
     import json
 
+    if args.combine:  # rows and meta of several runs (each a text kind) in one results.json/.md
+        for part in args.combine:
+            got = json.loads((part / "results.json").read_text())
+            for key in ("super_experts",):
+                meta.setdefault(key, {}).update(got.get(key, {}))
+            meta.setdefault("recovered", got.get("recovered"))
+            meta.setdefault("commands", []).append(got["command"])
+            for row in got["rows"]:
+                results.add(row, meta)
+        meta["command"] = " ; ".join(meta.pop("commands"))
+        results.add(results.rows[-1], meta)
+        print(f"combined {len(results.rows)} rows: {args.out / 'results.md'}", flush=True)
+        return
+
     if results.path.is_file():  # a resumed run keeps what earlier stages recorded
         old = json.loads(results.path.read_text())
         meta.update({k: old[k] for k in ("super_experts", "recovered") if k in old})
@@ -252,6 +270,8 @@ def main() -> None:
             elif stage == "protect":
                 sweep_labels(args, results, meta, task, [DEFAULT], suffix="+protect", protect_super_experts=True)
             elif stage == "recover":
+                if args.recover_labels:
+                    meta["recovered"] = args.recover_labels.split(",")
                 meta.setdefault("recovered", [DEFAULT, *best_other(results.rows, args.recover_others)])
                 recover_cells(args, results, meta, task, meta["recovered"])
             elif stage == "rest":

@@ -208,8 +208,8 @@ def run_sweep(args, results, meta, task, calibration, methods, merges, routers, 
         return (not keep_cell(method, merge, router)
                 or results.has(name_of, calibration, label(method, merge, router) + suffix, keep))
 
-    if all(skip(m, mg, r, k) for m in methods for mg in (["-"] if METHODS[m].kind == "criterion" else merges)
-           for r in (["-"] if METHODS[m].kind == "criterion" else routers) for k in args.keeps):
+    if all(skip(m, mg, r, k) for m in methods for mg in (["-", *merges] if METHODS[m].kind == "criterion" else merges)
+           for r in (["-"] if METHODS[m].kind == "criterion" else routers) for k in args.keeps):  # a criterion: alone or fit
         return
     started = [time.perf_counter()]
 
