@@ -201,6 +201,32 @@ def markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def summary(files: list[Path], labels: list[str], keeps=(6, 4, 2)) -> str:
+    """The README's table: per bed and text kind, each label's acceptance ± SE at each K and its paired
+    difference from the default (± SE); a cell not measured is blank."""
+    import json
+
+    lines = ["| bed, text | label | " + " | ".join(f"K={k} acceptance | Δ vs {DEFAULT}" for k in keeps) + " |",
+             "|---|---|" + "---|---|" * len(keeps)]
+    for file in files:
+        got = json.loads(Path(file).read_text())
+        bed = "pretrained" if "smol-moe" in got["model"] else "trained" if "smoe-mixtral" in got["model"] else got["model"]
+        for task in dict.fromkeys(r["task"] for r in got["rows"]):
+            at = {(r["label"], r["keep"]): r for r in got["rows"] if r["task"] == task}
+            for name in labels:
+                if not any((name, k) in at for k in keeps):
+                    continue
+                ref_name = name.split("+")[0] if "+" in name else DEFAULT
+                cells = []
+                for k in keeps:
+                    c, ref = at.get((name, k)), at.get((ref_name, k))
+                    cells.append(fmt(c["acceptance"], c["acceptance_stderr"]) if c else "")
+                    cells.append(fmt(*paired(ref, c, "acceptance"), sign=True) if c and ref and ref is not c else
+                                 ("-" if c else ""))
+                lines.append(f"| {bed}, {task} | {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bed", choices=sorted(BEDS), default=None, help="a test bed: its model and output folder")
@@ -227,7 +253,12 @@ def main() -> None:
     parser.add_argument("--recover-max-length", type=int, default=None, help="default: --max-length")
     parser.add_argument("--combine", nargs="+", type=Path, default=None,
                         help="only gather these runs' results.json (e.g. one process per text kind) into OUT")
+    parser.add_argument("--summary", nargs="+", type=Path, default=None,
+                        help="only print the README table of these results.json files (the key labels)")
     args = parser.parse_args()
+    if args.summary:
+        print(summary(args.summary, [*KEY, f"{DEFAULT}+protect", f"{DEFAULT}+recover{args.recover}"]))
+        return
     if args.model is None:
         args.model = str(BEDS[args.bed or "pretrained"])
     if args.out is None:
@@ -264,8 +295,12 @@ def main() -> None:
     for stage in args.stages.split(","):
         started = time.perf_counter()
         for task in tasks:
-            if stage == "key":
-                sweep_labels(args, results, meta, task, list(KEY))
+            if stage == "key":  # K by K in --keeps' order, so that a run cut off has every key label at its first K
+                keeps = args.keeps
+                for keep in keeps:
+                    args.keeps = [keep]
+                    sweep_labels(args, results, meta, task, list(KEY))
+                args.keeps = keeps
                 record_super_experts(args, meta, task)
             elif stage == "protect":
                 sweep_labels(args, results, meta, task, [DEFAULT], suffix="+protect", protect_super_experts=True)

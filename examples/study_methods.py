@@ -170,7 +170,9 @@ def prepared(args, task: str, calibration: str):
     from uncurl.fidelity import Reference
 
     key = f"{task_key(task)}-{calibration}"
-    profile, ref_file = args.out / "profiles" / f"{key}.safetensors", args.out / "profiles" / f"{key}-reference.pt"
+    settings = f"n{args.eval_limit}-g{getattr(args, 'gen_tokens', None)}-L{getattr(args, 'eval_max_length', None) or args.max_length}"
+    profile = args.out / "profiles" / f"{key}.safetensors"
+    ref_file = args.out / "profiles" / f"{key}-reference-{settings}.pt"  # made on these evaluation settings only
     fidelity = args.metric in FIDELITY
     if not profile.is_file() or (fidelity and not ref_file.is_file()):
         import torch
