@@ -26,6 +26,11 @@ test bed (``examples/train_smoe.py``)::
         --metric loss --tasks superglue-rte,superglue-cb,superglue-copa --out runs/study-trained/glue3
 
 (README, "Both test beds by task loss", has the exact commands of the recorded run.)
+
+``--metric acceptance`` (or ``agreement``) ranks by generation fidelity against the unpruned model
+(``--gen-tokens`` of its greedy continuation per prompt; uncurl/fidelity.py): each row keeps its
+per-prompt figures, so two rows of one task and K compare prompt by prompt
+(``examples/study_generation.py`` runs that study on a generative task file and the corpus).
 """
 
 from __future__ import annotations
@@ -57,7 +62,8 @@ def wanted(method: str, merge: str, router: str) -> bool:
 
 
 class Results:
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, render=None):
+        self.render = render or markdown  # rows, meta -> results.md
         self.path = out / "results.json"
         self.rows = json.loads(self.path.read_text())["rows"] if self.path.is_file() else []
 
@@ -71,7 +77,7 @@ class Results:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps({**meta, "rows": self.rows}, indent=1) + "\n")
         tmp.replace(self.path)
-        (self.path.parent / "results.md").write_text(markdown(self.rows, meta))
+        (self.path.parent / "results.md").write_text(self.render(self.rows, meta))
 
 
 def row_of(task, calibration, r: dict, seconds: float | None = None) -> dict:
@@ -81,9 +87,28 @@ def row_of(task, calibration, r: dict, seconds: float | None = None) -> dict:
     for metric in ("acc", "acc_norm"):
         if metric in r:
             out[metric], out[f"{metric}_stderr"] = r[metric], stderr(r[metric], r["n"])
+    for metric in ("exact_match", *FIDELITY):
+        if metric in r:
+            out[metric], out[f"{metric}_stderr"] = r[metric], r.get(f"{metric}_stderr")
+    if "fidelity" in r:  # per prompt, for paired differences between rows (agreement and acceptance only: small)
+        out["per_prompt"] = {m: r["fidelity"]["per_prompt"][m] for m in FIDELITY[:2]}
+        out["gen_tokens"], out["fidelity_tokens"] = r["fidelity"]["gen_tokens"], r["fidelity"]["tokens"]
     if seconds is not None:
         out["seconds"] = round(seconds, 1)
     return out
+
+
+FIDELITY = ("acceptance", "agreement", "kl", "nll")  # fidelity.MEASURES, the ranking ones first
+
+
+def fidelity_table(name: str):
+    """TABLES' entry for a fidelity metric: the mean ± standard error over prompts, then the other measure."""
+    other = "agreement" if name == "acceptance" else "acceptance"
+    return (f"{name} against the unpruned model (mean ± standard error over prompts; higher is better), every model "
+            "on the parent's same continuations",
+            lambda b: f"unpruned loss {b['loss']:.4f}" + (f", exact_match {b['exact_match']:.3f}" if "exact_match" in b else ""),
+            ((name, lambda c: f"{c[name]:.3f} ± {c[name + '_stderr']:.3f}"), (other, lambda c: f"{c[other]:.3f}"),
+             ("loss", lambda c: f"{c['loss']:.4f}")))
 
 
 # metric -> (what the tables show, the unpruned model's figures, the column groups: key and cell text)
@@ -95,6 +120,8 @@ TABLES = {
              "on the same examples",
              lambda b: f"unpruned loss {b['loss']:.4f}" + (f", acc {b['acc']:.3f}" if "acc" in b else ""),
              (("loss", lambda c: f"{c['loss']:.4f}"), ("acc", lambda c: f"{c['acc']:.3f}"))),
+    "acceptance": fidelity_table("acceptance"),
+    "agreement": fidelity_table("agreement"),
 }
 
 
@@ -121,39 +148,87 @@ def markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
-def run_sweep(args, results, meta, task, calibration, methods, merges, routers, keep_cell) -> None:
-    profile = args.out / "profiles" / f"{task}-{calibration}.safetensors"
-    common = dict(model=str(args.model), task=task, data_dir=str(args.data_dir), samples=args.samples,
-                  max_length=args.max_length, batch_size=args.batch_size, seed=args.seed, device=args.device,
-                  calibrate_on="corpus" if calibration == "corpus" else None,
-                  eval_limit=args.eval_limit)  # a seeded subset; all of a smaller split (COPA: 100)
-    if not profile.is_file():  # profiled once per (task, calibration); a resumed run reads the file
-        from uncurl.load import load_model
-        from uncurl.pipeline import RunOptions, run_profile
+def task_key(task: str) -> str:
+    """A task's name in files and rows: a task file's stem (examples/tasks/arc_easy_qa.yaml -> arc_easy_qa)."""
+    return Path(task).stem if task.endswith((".yaml", ".yml", ".json")) else task
 
-        opts = RunOptions(**common)
+
+def common_options(args, task: str, calibration: str) -> dict:
+    """The options every sweep, profile and reference of one (task, calibration) share."""
+    fidelity = args.metric in FIDELITY
+    return dict(model=str(args.model), task=task, data_dir=str(args.data_dir), samples=args.samples,
+                max_length=args.max_length, batch_size=args.batch_size, seed=args.seed, device=args.device,
+                calibrate_on="corpus" if calibration == "corpus" else None,
+                eval_limit=args.eval_limit,  # a seeded subset; all of a smaller split (COPA: 100)
+                **({"metric": args.metric, "gen_tokens": getattr(args, "gen_tokens", None),
+                    "eval_max_length": getattr(args, "eval_max_length", None) or args.max_length} if fidelity else {}))
+
+
+def prepared(args, task: str, calibration: str):
+    """(profile file, the parent's Reference or None): made once per (task, calibration) with one load of
+    the model and kept in OUT (a resumed run reads them); the reference only for a fidelity --metric."""
+    from uncurl.fidelity import Reference
+
+    key = f"{task_key(task)}-{calibration}"
+    settings = f"n{args.eval_limit}-g{getattr(args, 'gen_tokens', None)}-L{getattr(args, 'eval_max_length', None) or args.max_length}"
+    profile = args.out / "profiles" / f"{key}.safetensors"
+    ref_file = args.out / "profiles" / f"{key}-reference-{settings}.pt"  # made on these evaluation settings only
+    fidelity = args.metric in FIDELITY
+    if not profile.is_file() or (fidelity and not ref_file.is_file()):
+        import torch
+
+        from uncurl.load import load_model
+        from uncurl.pipeline import RunOptions, parent_reference, run_profile
+
+        opts = RunOptions(**common_options(args, task, calibration))
         loaded = load_model(opts.model, device=opts.device, seed=opts.seed)
-        run_profile(loaded, opts, opts.seed).save(profile)
+        if not profile.is_file():
+            run_profile(loaded, opts, opts.seed).save(profile)
+        if fidelity and not ref_file.is_file():
+            started = time.perf_counter()
+            ref = parent_reference(loaded.model, loaded.tokenizer, opts, opts.eval_limit, opts.seed)
+            print(f"{key}: the parent's continuations in {time.perf_counter() - started:.0f} s", flush=True)
+            torch.save(vars(ref), ref_file.with_suffix(".tmp"))
+            ref_file.with_suffix(".tmp").replace(ref_file)
         del loaded
+    if not fidelity:
+        return profile, None
+    import torch
+
+    return profile, Reference(**torch.load(ref_file, weights_only=True))
+
+
+def run_sweep(args, results, meta, task, calibration, methods, merges, routers, keep_cell, *, suffix="",
+              **options) -> None:
+    """One sweep of ``task`` over the cells ``keep_cell`` wants that ``results`` lacks; rows are labelled
+    ``label + suffix`` (``options``: more SweepOptions, e.g. protect_super_experts=True with suffix "+protect")."""
+    name_of = task_key(task)
+    profile, reference = prepared(args, task, calibration)
+    common = common_options(args, task, calibration)
 
     def skip(method, merge, router, keep):
-        return not keep_cell(method, merge, router) or results.has(task, calibration, label(method, merge, router), keep)
+        return (not keep_cell(method, merge, router)
+                or results.has(name_of, calibration, label(method, merge, router) + suffix, keep))
 
-    if all(skip(m, mg, r, k) for m in methods for mg in (["-"] if METHODS[m].kind == "criterion" else merges)
-           for r in (["-"] if METHODS[m].kind == "criterion" else routers) for k in args.keeps):
+    if all(skip(m, mg, r, k) for m in methods for mg in (["-", *merges] if METHODS[m].kind == "criterion" else merges)
+           for r in (["-"] if METHODS[m].kind == "criterion" else routers) for k in args.keeps):  # a criterion: alone or fit
         return
     started = [time.perf_counter()]
 
     def on_row(r, base):
-        if not results.has(task, calibration, "unpruned", base["keep"]):
-            results.add(row_of(task, calibration, base), meta)
-        results.add(row_of(task, calibration, r, time.perf_counter() - started[0]), meta)
+        if not results.has(name_of, calibration, "unpruned", base["keep"]):
+            results.add(row_of(name_of, calibration, base), meta)
+        row = row_of(name_of, calibration, r, time.perf_counter() - started[0])
+        row["label"] += suffix
+        results.add(row, meta)
         started[0] = time.perf_counter()
-        print(f"{task} {calibration} {r['label']} K={r['keep']}: acc {r.get('acc')} loss {r['loss']:.4f}", flush=True)
+        print(f"{name_of} {calibration} {row['label']} K={r['keep']}: acc {r.get('acc')} loss {r['loss']:.4f}"
+              + (f" {args.metric} {r[args.metric]:.4f}" if args.metric in FIDELITY else ""), flush=True)
 
-    sweep(SweepOptions(**common, keeps=tuple(args.keeps), methods=tuple(methods), merges=tuple(merges),
-                       routers=tuple(routers), profile=str(profile), out=str(args.out / "sweeps" / f"{task}-{calibration}"),
-                       overwrite=True, extra={"command": meta["command"]}), on_row=on_row, skip=skip)
+    sweep(SweepOptions(**common, **options, keeps=tuple(args.keeps), methods=tuple(methods), merges=tuple(merges),
+                       routers=tuple(routers), profile=str(profile),
+                       out=str(args.out / "sweeps" / f"{name_of}-{calibration}{suffix}"),
+                       overwrite=True, extra={"command": meta["command"]}), on_row=on_row, skip=skip, reference=reference)
 
 
 def best_labels(rows: list[dict], n: int = 2, metric: str = "acc") -> list[str]:
@@ -162,7 +237,7 @@ def best_labels(rows: list[dict], n: int = 2, metric: str = "acc") -> list[str]:
     scores = {}
     for r in rows:
         if r["calibration"] == "task" and r["label"] != "unpruned" and metric in r:
-            scores.setdefault(r["label"], []).append(r[metric] if metric == "loss" else -r[metric])
+            scores.setdefault(r["label"], []).append(r[metric] if metric == "loss" else -r[metric])  # lowest first
     return sorted(scores, key=lambda k: sum(scores[k]) / len(scores[k]))[:n]
 
 
@@ -182,8 +257,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--metric", choices=["acc", "loss"], default="acc",
-                        help="what ranks the methods (the two best get the corpus rerun): accuracy, or task loss")
+    parser.add_argument("--metric", choices=["acc", "loss", "acceptance", "agreement"], default="acc",
+                        help="what ranks the methods (the two best get the corpus rerun): accuracy, task loss, or "
+                             "generation fidelity against the unpruned model (see --gen-tokens)")
+    parser.add_argument("--gen-tokens", type=int, default=None,
+                        help="with --metric acceptance/agreement: tokens of the parent's greedy continuation per prompt")
     parser.add_argument("--no-corpus", action="store_true", help="skip the corpus-calibration comparison")
     parser.add_argument("--every-router", action="store_true",
                         help="every grouping x merge x router cell, not only aligned merges under every router")

@@ -118,10 +118,12 @@ def cell_model(prep, model, method: str, merge: str, router: str, keep: int, see
     return pruned, plans
 
 
-def sweep(opts: SweepOptions, on_row=None, skip=None) -> dict | None:
+def sweep(opts: SweepOptions, on_row=None, skip=None, reference=None) -> dict | None:
     """Run the sweep. ``on_row(row, unpruned)`` is called as each cell finishes (e.g. to save
     results as they come); ``skip(method, merge, router, keep)`` -> True leaves a cell out (e.g.
-    one a resumed study already has)."""
+    one a resumed study already has); ``reference``: the parent's continuations made earlier
+    (``pipeline.parent_reference`` on the same evaluation examples), so that several sweeps of one
+    study generate them once."""
     if not opts.keeps or not opts.methods or not opts.merges or not opts.routers:
         raise UncurlError("--keep, --method, --merge and --router each need at least one value, "
                           "e.g. --keep 6,4,2 --method uncurl")
@@ -131,10 +133,10 @@ def sweep(opts: SweepOptions, on_row=None, skip=None) -> dict | None:
         with library_caches():  # this rank writes nothing: its caches in a folder removed after
             return follow(opts, list(opts.keeps))
     with claim(opts.out, overwrite=opts.overwrite, inputs=run_inputs(opts)) as output:  # held to the end
-        return _sweep(opts, output, on_row, skip)
+        return _sweep(opts, output, on_row, skip, reference)
 
 
-def _sweep(opts: SweepOptions, output, on_row, skip) -> dict:
+def _sweep(opts: SweepOptions, output, on_row, skip, reference=None) -> dict:
     timings, out = Timings(), output.path
     copies = len(cells(opts)) if opts.keep_checkpoints else 0  # every cell's checkpoints must fit
     prep = prepare(opts, list(opts.keeps), timings, check_loaded=loaded_check(output, sorted(set(opts.keeps)), copies))
@@ -142,7 +144,8 @@ def _sweep(opts: SweepOptions, output, on_row, skip) -> dict:
     opts, _, auto = resolved(opts, prep.loaded)  # --merge auto: fit where it applies, else aligned
     opts.merges = tuple(opts.merge.split(","))
     with timings.stage("eval_unpruned"):  # with a fidelity metric, the parent's continuations once for every cell
-        reference = parent_reference(model, tok, opts, opts.eval_limit, opts.seed)
+        if reference is None:
+            reference = parent_reference(model, tok, opts, opts.eval_limit, opts.seed)
         base = run_eval(model, tok, opts, opts.eval_limit, opts.seed, reference=reference)
     base = {"keep": prep.num_experts, "params": parameter_count(model), **base}
     rows = []

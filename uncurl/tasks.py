@@ -87,6 +87,7 @@ class Task:
     halve_docs: bool = False  # read_docs gives the same rows for both: a fixed seeded half for each
     generation: Any = None  # a generative task's generate.Generation (answers scored by exact match); None: not one
     answer_field: str | None = None  # a task file's reference answer field (with generation)
+    answer_index: str | None = None  # with a list answer_field: the field whose index picks the one reference
 
     @property
     def split_note(self) -> str:
@@ -121,6 +122,14 @@ class Task:
         prompt = fill_template(self.template, row, self.name)
         if self.answer_field:
             value = _field(row, self.answer_field)
+            if self.answer_index:  # e.g. ARC's choices[gold]: the gold choice's text is the one reference
+                if not isinstance(value, list):
+                    raise UncurlError(f"field {self.answer_field!r} must be a list to be indexed by "
+                                      f"{self.answer_index!r}, got {value!r}")
+                index = gold_index(_field(row, self.answer_index), row_choices(value, self.answer_field))
+                if index < 0:
+                    raise UncurlError(f"field {self.answer_index!r} gives no index into {self.answer_field!r}")
+                value = [value[index]]
             answers = tuple(str(v) for v in value) if isinstance(value, list) else (str(value),)
             if not answers:
                 raise UncurlError(f"field {self.answer_field!r} is an empty list; give a reference answer")
@@ -513,6 +522,7 @@ def task_from_file(path: str | Path, flag: str = "--task") -> Task:
     generate.py) names its reference answer instead of choices:
 
         answer_field: answer                # the reference (a list: any one matching)
+        label_field: gold                   # optional: answer_field is a list, the reference is its element here
         answer_regex: "(\\d+)"               # optional: the answer extracted from the generation
         group_select: 0                     # fallback: "[invalid]"   (lm-eval's regex filter)
         until: ["\n\n", "Question:"]          # stop strings; max_gen_toks: 256
@@ -581,7 +591,8 @@ def task_from_file(path: str | Path, flag: str = "--task") -> Task:
     if spec.get("description"):
         task = replace(task, description=str(spec["description"]))
     if "answer_field" in spec:
-        task = replace(task, answer_field=str(spec["answer_field"]), generation=_generation_from_file(spec, path))
+        task = replace(task, answer_field=str(spec["answer_field"]), generation=_generation_from_file(spec, path),
+                       answer_index=str(spec["label_field"]) if "label_field" in spec else None)
     return task
 
 
