@@ -266,9 +266,13 @@ main()
 def _start(tmp_path, phase, out, data_dir):
     """A real `uncurl prune` process, returned once it is saving (or profiling) and stays there."""
     flag = tmp_path / "flag"
+    # SIGINT at its default in the child, so Python raises KeyboardInterrupt: a test run started in the
+    # background of a shell without job control (`make test &`, nohup) inherits it ignored, and an
+    # ignored SIGINT rightly stays ignored (output.py)
     proc = subprocess.Popen([sys.executable, "-c", DRIVER, flag, phase, "prune", "--out", out, "--data-dir",
                              data_dir, *FAST], stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"})
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     while not flag.exists():
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "slow"
