@@ -221,7 +221,8 @@ class RunOptions(DataOptions):
              "option needs it: --calibrate-through pruned, --recover-local, --merge fit (fitted in each layer's "
              "visit, with no second model; unless --recover, which needs the parent model); else whole). Both "
              "give the same statistics, so the same plan and checkpoint; whole holds one batch's states at a "
-             "time, sequential every batch's (on the execution device).")
+             "time, sequential every batch's (on the execution device). A looped stack (a layer run more than once "
+             "per forward, inkling2_loop) is profiled layer by layer but merged after the whole profile.")
     extra: dict = field(default_factory=dict)  # merged into the report (e.g. the CLI's command line)
 
 
