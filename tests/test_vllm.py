@@ -44,11 +44,10 @@ not served, and why:
 - MiniMax-M2: its sigmoid router without expert groups; vLLM's CPU router asserts softmax scoring.
 - dots.llm1.inst: Dots1ForCausalLM was removed from vLLM in 0.23.
 - Ling-lite-1.5: uncurl refuses it (bailing_moe is remote code only; tests/test_twins.py).
-- Hunyuan-A13B-Instruct (vLLM serves hunyuan_v1_moe through its Transformers backend; the tiny family
-  passes) and LongCat-Flash-Chat: vLLM failed to load uncurl's pruned twin ("The size of tensor a (32)
-  must match the size of tensor b (64) at non-singleton dimension 1"; LongCat: "KeyError:
-  'layers.0.mlp.experts.4.gate_proj.weight'", expert 4 of K = 4 plus its 2 zero experts). Open: not
-  yet tried on the unpruned twins, so whether uncurl's output or vLLM is at fault is not known.
+- LongCat-Flash-Chat: vLLM fails to load the pruned twin ("KeyError:
+  'layers.0.mlp.experts.4.gate_proj.weight'", expert 4 of K = 4 plus its 2 zero experts). Open:
+  transformers' LongcatFlashExperts keeps gate/up rows for the zero experts, so the twin and uncurl's
+  output hold them as experts.E.. tensors, which vLLM does not build.
 """
 
 from __future__ import annotations
@@ -57,7 +56,6 @@ import json
 import os
 import platform
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,6 +203,7 @@ TWIN_SERVED = [
     served_twin("OLMoE-1B-7B-0924"),
     served_twin("granite-3.1-3b-a800m-instruct", tolerance=1e-5),
     served_twin("ERNIE-4.5-21B-A3B-PT"),
+    served_twin("Hunyuan-A13B-Instruct", options={"trust_remote_code": True}),
 ]
 SERVED += TWIN_SERVED
 # More tiny families to try (comma-separated model types): what README's list of the families

@@ -38,11 +38,9 @@ from __future__ import annotations
 
 import base64
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -545,7 +543,8 @@ TWINS: list[Twin] = [
          real_shards=9, mtp="ernie", licences=("LICENSE",), card_licence={"license": "apache-2.0"}),
     Twin("Hunyuan-A13B-Instruct", "tencent/Hunyuan-A13B-Instruct",
          "reconstructed: tencent/Hunyuan-A13B-Instruct model card", HUNYUAN,
-         {**_PLAIN_SHRINK, "head_dim": 64, "attention_head_dim": 64, "num_experts": 8, "moe_intermediate_size": [32] * 2,
+         # moe_intermediate_size equal to intermediate_size (64), as the real config has them (3072 both)
+         {**_PLAIN_SHRINK, "head_dim": 64, "attention_head_dim": 64, "num_experts": 8, "moe_intermediate_size": [64] * 2,
           "moe_topk": [2] * 2, "num_shared_expert": [1] * 2}, real_shards=4, tokenizer="tiktoken",
          tokenizer_code=("tokenization_hy", "HYTokenizer"), licences=("LICENSE",),
          card_licence={"license": "other", "license_name": "tencent-hunyuan-a13b"}),
