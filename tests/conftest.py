@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import fields
 from pathlib import Path
@@ -118,3 +119,30 @@ def texts():
         "Short.",
         "A somewhat longer sentence about mixtures of experts and their routers, for padding.",
     ]
+
+
+# The fault tests' checks (test_faults_inputs.py, test_faults_round2.py): a refusal, and an input left as it was
+def digest(*paths: Path) -> dict[str, str]:
+    """sha256 of every file under ``paths`` (folders walked): the input before and after a run."""
+    files = [f for p in paths for f in ([p] if p.is_file() else sorted(p.rglob("*"))) if f.is_file()]
+    return {str(f): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+
+def leftovers(out: Path) -> list[str]:
+    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
+
+
+def refused(res, out: Path | None, *needles: str, absent: tuple[str, ...] = ()) -> str:
+    """Exit 2, one line ``error: ...`` holding every needle (and none of ``absent``), no traceback,
+    nothing at --out nor beside it."""
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output and isinstance(res.exception, SystemExit), res.output
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    for needle in absent:
+        assert needle not in lines[0], lines[0]
+    if out is not None:
+        assert not out.exists() and not leftovers(out), leftovers(out)
+    return lines[0]

@@ -5,7 +5,6 @@ written to --out, the input byte-identical and no traceback."""
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import re
 import shutil
@@ -15,6 +14,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from conftest import digest, refused
 from typer.testing import CliRunner
 
 from uncurl import pipeline
@@ -27,25 +27,6 @@ PRUNE = [*FAST, "--no-plots"]  # prune's own: no matplotlib
 
 def run(*args):
     return runner.invoke(app, [str(a) for a in args])
-
-
-def digest(*paths: Path) -> dict[str, str]:
-    """sha256 of every file under ``paths`` (folders walked): the input before and after a run."""
-    files = [f for p in paths for f in ([p] if p.is_file() else sorted(p.rglob("*"))) if f.is_file()]
-    return {str(f): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
-
-
-def refused(res, out: Path | None, *needles: str) -> str:
-    """Exit 2, one line (``error: ...``) holding every needle, no traceback, nothing at --out."""
-    assert res.exit_code == 2, res.output
-    assert "Traceback" not in res.output and isinstance(res.exception, SystemExit), res.output
-    lines = [line for line in res.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.output
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    if out is not None:
-        assert not out.exists() and not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
-    return lines[0]
 
 
 @pytest.fixture

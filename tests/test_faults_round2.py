@@ -9,7 +9,6 @@ JSON type of the value), and a failing case prints its seed and value.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -23,6 +22,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from conftest import digest, leftovers, refused
 from typer.testing import CliRunner
 
 from uncurl import output, pipeline
@@ -41,31 +41,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run(*args):
     return runner.invoke(app, [str(a) for a in args])
-
-
-def digest(*paths: Path) -> dict[str, str]:
-    files = [f for p in paths for f in ([p] if p.is_file() else sorted(p.rglob("*"))) if f.is_file()]
-    return {str(f): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
-
-
-def leftovers(out: Path) -> list[str]:
-    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
-
-
-def refused(res, out: Path | None, *needles: str, absent: tuple[str, ...] = ()) -> str:
-    """Exit 2, one line ``error: ...`` holding every needle (and none of ``absent``), no traceback,
-    nothing at --out nor beside it."""
-    assert res.exit_code == 2, res.output
-    assert "Traceback" not in res.output and isinstance(res.exception, SystemExit), res.output
-    lines = [line for line in res.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.output
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    for needle in absent:
-        assert needle not in lines[0], lines[0]
-    if out is not None:
-        assert not out.exists() and not leftovers(out), leftovers(out)
-    return lines[0]
 
 
 @pytest.fixture
